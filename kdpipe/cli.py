@@ -1,0 +1,150 @@
+"""The `kdpipe` command line: one Typer command per pipeline stage, parameters from params.yaml.
+
+Outputs follow one naming rule, so DVC stages and users agree on paths: a run called NAME writes
+models/NAME.pt (checkpoint), logs/NAME.json (timings), metrics/NAME.json and plots/NAME.csv.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import config
+from .config import ParamsError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Knowledge distillation for CIFAR ResNets, driven by params.yaml.")
+
+ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="params file to read")
+DataOpt = typer.Option(Path("data/prepared"), "--data", help="prepared data folder (output of `kdpipe data`)")
+
+
+def fail(message: str, code: int = 1):
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def load(params: Path) -> config.Params:
+    try:
+        return config.load_params(params)
+    except ParamsError as e:
+        for line in e.lines:
+            typer.echo(f"error: {line}", err=True)
+        raise typer.Exit(2)
+
+
+def guarded(fn):
+    """Turn kdpipe's own errors into one clear line and a non-zero exit, not a traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .data import DataError
+        from .engine import CheckpointError, TrainingError
+
+        try:
+            return fn(*args, **kwargs)
+        except (DataError, CheckpointError, TrainingError) as e:
+            fail(str(e))
+        except ParamsError as e:
+            for line in e.lines:
+                typer.echo(f"error: {line}", err=True)
+            raise typer.Exit(2)
+        except KeyboardInterrupt:
+            typer.echo("interrupted: re-run the same command to resume from the last finished epoch", err=True)
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+@app.command()
+@guarded
+def data(params: Path = ParamsOpt, out: Path = typer.Option(Path("data/prepared"), help="output folder"),
+         raw: Path = typer.Option(Path("data/raw"), help="where downloaded archives are kept")):
+    """Download CIFAR (md5-checked) or draw the synthetic set, and write compact uint8 arrays."""
+    from .data import prepare
+
+    p = load(params)
+    manifest = prepare(p.data, out, raw)
+    typer.echo(f"{manifest['dataset']}: {manifest['train_size']} train / {manifest['test_size']} test images, "
+               f"{manifest['num_classes']} classes -> {out}")
+
+
+def _train(role: str, name: str, params: Path, data_dir: Path):
+    from . import data as data_mod
+    from . import engine, models
+
+    p = load(params)
+    cfg = getattr(p, role)
+    numerics = engine.Numerics.from_runtime(cfg.runtime)
+    prepared = data_mod.load(data_dir, numerics.device)
+    torch_seed(cfg.seed)
+    model = models.create(cfg.model, prepared.num_classes)
+    run = engine.Run(name=name, model=model, cfg=cfg, out=Path(f"models/{name}.pt"), log=Path(f"logs/{name}.json"),
+                     meta={"role": role})
+    engine.train(run, prepared)
+
+
+def torch_seed(seed: int):
+    import torch
+
+    torch.manual_seed(seed)
+
+
+@app.command()
+@guarded
+def teacher(params: Path = ParamsOpt, data_dir: Path = DataOpt, name: str = typer.Option("teacher", help="run name")):
+    """Train the teacher (params section `teacher`)."""
+    _train("teacher", name, params, data_dir)
+
+
+@app.command()
+@guarded
+def student(params: Path = ParamsOpt, data_dir: Path = DataOpt, name: str = typer.Option("student", help="run name")):
+    """Train the student baseline with plain cross-entropy (params section `student`)."""
+    _train("student", name, params, data_dir)
+
+
+@app.command("evaluate")
+@guarded
+def evaluate_cmd(name: str = typer.Argument(..., help="run name: evaluates models/NAME.pt"),
+                 params: Path = ParamsOpt, data_dir: Path = DataOpt):
+    """Test a trained model; write metrics/NAME.json and plots/NAME.csv."""
+    from . import evaluate
+
+    p = load(params)
+    m = evaluate.run(name, Path(f"models/{name}.pt"), Path(f"logs/{name}.json"), data_dir,
+                     Path(f"metrics/{name}.json"), Path(f"plots/{name}.csv"), p.evaluate)
+    typer.echo(f"{name}: top1 {m['top1']:.2f}% (epoch {m['best_epoch']}), top5 {m['top5']:.2f}%, "
+               f"last top1 {m['top1_last']:.2f}%")
+
+
+@app.command()
+@guarded
+def report(names: list[str] = typer.Argument(..., help="run names, in table order"),
+           data_dir: Path = DataOpt, out: Path = typer.Option(Path("reports"), help="output folder")):
+    """Write reports/results.md (published-format table) and reports/accuracy.png."""
+    import json
+
+    from . import report as report_mod
+
+    manifest_path = data_dir / "manifest.json"
+    if not manifest_path.is_file():
+        fail(f"{manifest_path}: not found (run `kdpipe data` first)")
+    missing = [n for n in names if not Path(f"metrics/{n}.json").is_file()]
+    if missing:
+        fail(f"no metrics for {', '.join(missing)} (run `kdpipe evaluate NAME` first)")
+    text = report_mod.write(names, json.loads(manifest_path.read_text()), Path("metrics"), Path("logs"),
+                            Path("plots"), out)
+    typer.echo(text)
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

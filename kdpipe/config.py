@@ -1,0 +1,162 @@
+"""Pydantic schemas for params.yaml: the one place where every key, its type and its range live.
+
+`load_params(path)` validates the whole file (unknown keys are errors, so a typo never silently
+falls back to a default) and raises `ParamsError` with one line per problem, naming the full key path.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .models import MODEL_NAMES
+
+ModelName = Literal[MODEL_NAMES]  # type: ignore[valid-type]
+METHODS = ("kd", "at", "nst", "fsp", "fitnets")
+
+
+class ParamsError(ValueError):
+    """A params file that does not validate; `lines` holds one message per problem."""
+
+    def __init__(self, lines: list[str]):
+        self.lines = lines
+        super().__init__("\n".join(lines))
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- data -----------------------------------------------------------------------------------------
+class Synthetic(Strict):
+    num_classes: int = Field(10, ge=2, le=100)
+    train_size: int = Field(5000, ge=10)
+    test_size: int = Field(1000, ge=10)
+    seed: int = Field(0, ge=0)
+
+
+class Data(Strict):
+    dataset: Literal["synthetic", "cifar10", "cifar100"] = "synthetic"
+    mirror: Optional[str] = None  # base URL of the CIFAR archives; env KDPIPE_CIFAR_MIRROR wins
+    synthetic: Synthetic = Synthetic()
+
+
+# --- training -------------------------------------------------------------------------------------
+class Optim(Strict):
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    nesterov: bool = False
+
+
+class Schedule(Strict):
+    milestones: list[float] = Field([0.5, 0.75], description="fractions of training where lr is multiplied by gamma")
+    gamma: float = Field(0.1, gt=0, le=1)
+    warmup_epochs: int = Field(0, ge=0)
+
+    @field_validator("milestones")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if any(not 0 < m < 1 for m in v) or v != sorted(v):
+            raise ValueError("must be increasing fractions of training strictly between 0 and 1")
+        return v
+
+
+class Runtime(Strict):
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    bf16: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA, off for CPU (exact fp32)
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    compile: bool = False
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda") and not (v.startswith("cuda:") and v[5:].isdigit()):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return v
+
+
+class Train(Strict):
+    model: ModelName = "resnet20"
+    seed: int = Field(0, ge=0)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=2)
+    optim: Optim = Optim()
+    schedule: Schedule = Schedule()
+    runtime: Runtime = Runtime()
+
+    @model_validator(mode="after")
+    def _warmup_fits(self):
+        if self.schedule.warmup_epochs >= self.epochs:
+            raise ValueError("schedule.warmup_epochs must be smaller than epochs")
+        return self
+
+
+# --- evaluation -----------------------------------------------------------------------------------
+class Evaluate(Strict):
+    batch_size: int = Field(1000, ge=1)
+    device: str = "auto"
+
+
+class Params(Strict):
+    data: Data = Data()
+    teacher: Train = Train(model="resnet56")
+    student: Train = Train(model="resnet20")
+    evaluate: Evaluate = Evaluate()
+
+
+# --- loading --------------------------------------------------------------------------------------
+def _key_path(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and p.startswith("function-after")))
+
+
+def _schema_at(model: type[BaseModel], loc: tuple) -> Optional[type[BaseModel]]:
+    """The schema class that holds the key at `loc`, to suggest valid keys for a typo."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def _describe(err: dict, root: type[BaseModel]) -> str:
+    loc = err["loc"]
+    path = _key_path(loc)
+    if err["type"] == "extra_forbidden":
+        parent = _schema_at(root, loc[:-1])
+        valid = list(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else (f" (valid keys: {', '.join(valid)})" if valid else "")
+        return f"{path}: unknown key{hint}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] not in ("missing",) and "input" in err and not isinstance(err["input"], dict):
+        msg += f" (got {err['input']!r})"
+    return f"{path}: {msg}" if path else msg
+
+
+def validate(raw: object, schema: type[BaseModel] = Params) -> BaseModel:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(["params file must be a mapping of sections (data, teacher, student, …)"])
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as e:
+        raise ParamsError([_describe(err, schema) for err in e.errors()]) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError([f"{path}: params file not found"])
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ParamsError([f"{path}: not valid YAML ({str(e).splitlines()[0]})"]) from None
+    return validate(raw)

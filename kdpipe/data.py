@@ -1,0 +1,185 @@
+"""`kdpipe data`: fetch CIFAR (or draw the embedded synthetic set) and write compact uint8 arrays.
+
+Output folder (a DVC output): train_x.npy (N x 3 x 32 x 32 uint8), train_y.npy (int64), test_x.npy,
+test_y.npy and manifest.json (dataset, classes, counts, per-channel mean/std, sha256 of each array).
+Everything is written to a temporary folder first and renamed into place, so a failure leaves nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import synthetic
+
+MIRROR_ENV = "KDPIPE_CIFAR_MIRROR"
+ARRAYS = ("train_x", "train_y", "test_x", "test_y")
+
+
+class DataError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Archive:
+    filename: str
+    md5: str
+    folder: str  # top folder inside the tarball
+    train: tuple[str, ...]
+    test: str
+    meta: str
+    label_key: bytes
+    names_key: bytes
+
+
+CIFAR = {
+    "cifar10": Archive("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a", "cifar-10-batches-py",
+                       tuple(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta",
+                       b"labels", b"label_names"),
+    "cifar100": Archive("cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85", "cifar-100-python",
+                        ("train",), "test", "meta", b"fine_labels", b"fine_label_names"),
+}
+OFFICIAL_MIRROR = "https://www.cs.toronto.edu/~kriz/"
+
+
+def mirror_url(mirror: str | None) -> str:
+    base = os.environ.get(MIRROR_ENV) or mirror or OFFICIAL_MIRROR
+    return base if base.endswith("/") else base + "/"
+
+
+def download(dataset: str, raw_dir: Path, mirror: str | None = None) -> Path:
+    """Download the archive with torchvision (skipped when a verified copy exists); md5-checked."""
+    from torchvision.datasets.utils import check_integrity, download_url
+
+    spec = CIFAR[dataset]
+    path = raw_dir / spec.filename
+    if check_integrity(str(path), spec.md5):
+        return path
+    url = mirror_url(mirror) + spec.filename
+    path.unlink(missing_ok=True)
+    try:
+        download_url(url, str(raw_dir), spec.filename, md5=None)
+    except Exception as e:  # network errors, 404s, refused connections
+        path.unlink(missing_ok=True)
+        raise DataError(f"{dataset}: download of {url} failed: {e}") from None
+    if not check_integrity(str(path), spec.md5):
+        got = hashlib.md5(path.read_bytes()).hexdigest()
+        path.unlink()
+        raise DataError(f"{dataset}: archive from {url} is corrupt (md5 {got}, expected {spec.md5}); removed it")
+    return path
+
+
+def _read_cifar(dataset: str, archive: Path):
+    spec = CIFAR[dataset]
+
+    def load(tar: tarfile.TarFile, name: str) -> dict:
+        member = tar.extractfile(f"{spec.folder}/{name}")
+        if member is None:
+            raise KeyError(name)
+        return pickle.load(member, encoding="bytes")
+
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            parts = [load(tar, n) for n in spec.train]
+            test = load(tar, spec.test)
+            classes = [c.decode() for c in load(tar, spec.meta)[spec.names_key]]
+    except (tarfile.TarError, KeyError, EOFError, pickle.UnpicklingError, OSError) as e:
+        raise DataError(f"{dataset}: cannot read {archive}: {e}") from None
+
+    def arrays(batches):
+        x = np.concatenate([np.asarray(b[b"data"], dtype=np.uint8) for b in batches]).reshape(-1, 3, 32, 32)
+        y = np.concatenate([np.asarray(b[spec.label_key], dtype=np.int64) for b in batches])
+        return x, y
+
+    return arrays(parts), arrays([test]), classes
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def prepare(cfg, out_dir: Path, raw_dir: Path = Path("data/raw")) -> dict:
+    """Build the prepared arrays for `cfg` (a config.Data) in `out_dir`; returns the manifest."""
+    if cfg.dataset == "synthetic":
+        s = cfg.synthetic
+        (tx, ty), (vx, vy) = synthetic.generate(s.num_classes, s.train_size, s.test_size, s.seed)
+        train, test = (tx.numpy(), ty.numpy()), (vx.numpy(), vy.numpy())
+        classes = [f"{synthetic.SHAPES[c % _side(s.num_classes)]}/{synthetic.TEXTURES[c // _side(s.num_classes)]}"
+                   for c in range(s.num_classes)]
+        source = f"kdpipe synthetic (seed {s.seed})"
+    else:
+        raw_dir.mkdir(parents=True, exist_ok=True)
+        archive = download(cfg.dataset, raw_dir, cfg.mirror)
+        train, test, classes = _read_cifar(cfg.dataset, archive)
+        source = mirror_url(cfg.mirror) + CIFAR[cfg.dataset].filename
+    if train[1].min() < 0 or max(train[1].max(), test[1].max()) >= len(classes):
+        raise DataError(f"{cfg.dataset}: labels outside 0..{len(classes) - 1}")
+
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, arr in zip(ARRAYS, (*train, *test)):
+        np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr))
+    pixels = torch.from_numpy(train[0]).float().div_(255)
+    manifest = {
+        "dataset": cfg.dataset,
+        "source": source,
+        "num_classes": len(classes),
+        "classes": classes,
+        "train_size": int(len(train[1])),
+        "test_size": int(len(test[1])),
+        "mean": [round(float(m), 6) for m in pixels.mean((0, 2, 3))],
+        "std": [round(float(s), 6) for s in pixels.std((0, 2, 3))],
+        "sha256": {name: _sha256(tmp / f"{name}.npy") for name in ARRAYS},
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return manifest
+
+
+def _side(num_classes: int) -> int:
+    import math
+    return math.ceil(math.sqrt(num_classes))
+
+
+@dataclass
+class Split:
+    x: torch.Tensor  # uint8 N x 3 x 32 x 32, on the training device
+    y: torch.Tensor  # int64 N
+
+
+@dataclass
+class Prepared:
+    train: Split
+    test: Split
+    manifest: dict
+
+    @property
+    def num_classes(self) -> int:
+        return self.manifest["num_classes"]
+
+
+def load(data_dir: str | Path, device: torch.device | str = "cpu") -> Prepared:
+    """Load prepared arrays onto `device`, checking them against the manifest's sha256."""
+    data_dir = Path(data_dir)
+    mf = data_dir / "manifest.json"
+    if not mf.is_file():
+        raise DataError(f"{data_dir}: no prepared data (run `kdpipe data` first)")
+    manifest = json.loads(mf.read_text())
+    arrays = {}
+    for name in ARRAYS:
+        path = data_dir / f"{name}.npy"
+        if not path.is_file() or _sha256(path) != manifest["sha256"][name]:
+            raise DataError(f"{path}: missing or does not match manifest.json (re-run `kdpipe data`)")
+        arrays[name] = torch.from_numpy(np.load(path)).to(device)
+    return Prepared(Split(arrays["train_x"], arrays["train_y"]), Split(arrays["test_x"], arrays["test_y"]), manifest)

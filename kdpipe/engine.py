@@ -1,0 +1,377 @@
+"""The one training loop shared by teachers, student baselines and distilled students.
+
+Design: the prepared uint8 arrays live on the training device; every batch is cropped, flipped and
+normalised there in a few batched tensor ops (no DataLoader, no worker processes). One
+`torch.Generator` on the device, seeded from the config, drives shuffling and augmentation, and
+`torch.manual_seed(seed)` drives initialisation, so a run is a pure function of its params: on the CPU
+two runs are bit-identical. After every epoch the full training state is written atomically to
+`<out>.resume`; re-running the same command resumes from it and ends bit-identical to an
+uninterrupted run. The final `<out>` holds weights, config and history, and no wall-clock times
+(those go to the separate log JSON), so reruns produce byte-identical checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Train
+from .data import Prepared, Split
+from .models import count_params_m
+
+FORMAT = "kdpipe-checkpoint/1"
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+# --- device and numerics --------------------------------------------------------------------------
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError(f"device {spec!r} requested but CUDA is not available")
+    return torch.device(spec)
+
+
+def _switch(value: str, device: torch.device) -> bool:
+    """`auto` means on for CUDA and off for CPU, so CPU results stay exact fp32 and comparable."""
+    return device.type == "cuda" if value == "auto" else value == "on"
+
+
+@dataclass(frozen=True)
+class Numerics:
+    device: torch.device
+    bf16: bool
+    channels_last: bool
+
+    @classmethod
+    def from_runtime(cls, runtime) -> "Numerics":
+        device = resolve_device(runtime.device)
+        return cls(device, _switch(runtime.bf16, device), _switch(runtime.channels_last, device))
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+
+def set_determinism(device: torch.device) -> None:
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True)
+    else:  # on CUDA we prefer cuDNN autotuning: fast, reproducible in distribution but not bitwise
+        torch.backends.cudnn.benchmark = True
+
+
+# --- batched augmentation on the device -----------------------------------------------------------
+class Pipeline:
+    """uint8 images -> normalised float batches, with random crop (pad 4) + flip for training."""
+
+    def __init__(self, manifest: dict, numerics: Numerics):
+        dev = numerics.device
+        self.mean = torch.tensor(manifest["mean"], device=dev).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(manifest["std"], device=dev).view(1, 3, 1, 1) * 255
+        self.numerics = numerics
+        self.offsets = torch.arange(32, device=dev)
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return self.numerics.layout((x.float() - self.mean) / self.std)
+
+    def augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        b, dev = x.shape[0], x.device
+        padded = F.pad(x, (4, 4, 4, 4))
+        dy = torch.randint(0, 9, (b, 1), generator=g, device=dev) + self.offsets
+        dx = torch.randint(0, 9, (b, 1), generator=g, device=dev) + self.offsets
+        flip = torch.rand(b, generator=g, device=dev) < 0.5
+        dx = torch.where(flip[:, None], dx.flip(1), dx)  # a flip is a reversed column index
+        rows = padded.gather(2, dy[:, None, :, None].expand(b, 3, 32, 40))
+        crop = rows.gather(3, dx[:, None, None, :].expand(b, 3, 32, 32))
+        return self.normalise(crop)
+
+
+# --- learning rate --------------------------------------------------------------------------------
+def learning_rate(cfg: Train, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """Multi-step decay at fractions of training, after an optional linear warm-up (per step)."""
+    s = cfg.schedule
+    lr = cfg.optim.lr * s.gamma ** sum(epoch >= round(m * cfg.epochs) for m in s.milestones)
+    if epoch < s.warmup_epochs:
+        lr *= (epoch * steps_per_epoch + step + 1) / (s.warmup_epochs * steps_per_epoch)
+    return lr
+
+
+def make_optimizer(params, cfg: Train, device: torch.device) -> torch.optim.SGD:
+    o = cfg.optim
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                           nesterov=o.nesterov and o.momentum > 0, **fast)
+
+
+# --- evaluation -----------------------------------------------------------------------------------
+def evaluate(model: nn.Module, split: Split, pipe: Pipeline, batch_size: int = 1000) -> dict:
+    """Test loss, Top-1 and Top-5 (%) in inference mode."""
+    was_training = model.training
+    model.eval()
+    loss = torch.zeros((), device=split.x.device)
+    top1 = torch.zeros((), device=split.x.device, dtype=torch.long)
+    top5 = torch.zeros_like(top1)
+    with torch.inference_mode(), pipe.numerics.autocast():
+        for i in range(0, len(split.y), batch_size):
+            x, y = pipe.normalise(split.x[i:i + batch_size]), split.y[i:i + batch_size]
+            logits = model(x).float()
+            loss += F.cross_entropy(logits, y, reduction="sum")
+            k = min(5, logits.shape[1])
+            hits = logits.topk(k, 1).indices == y[:, None]
+            top1 += hits[:, 0].sum()
+            top5 += hits.any(1).sum()
+    model.train(was_training)
+    n = len(split.y)
+    return {"test_loss": loss.item() / n, "test_top1": 100 * top1.item() / n, "test_top5": 100 * top5.item() / n}
+
+
+# --- objectives -----------------------------------------------------------------------------------
+class CrossEntropy(nn.Module):
+    """The plain objective of teachers and student baselines. Distillation objectives share this
+    interface: `forward(model, x, y, phase) -> (loss, logits)`; their own trainable modules (e.g. a
+    FitNets regressor) are submodules, so they are optimised and checkpointed with the model."""
+
+    phases = ("main",)
+
+    def forward(self, model, x, y, phase: str = "main"):
+        logits = model(x)
+        return F.cross_entropy(logits.float(), y), logits
+
+    def init_epochs(self) -> int:
+        return 0
+
+
+# --- checkpoints ----------------------------------------------------------------------------------
+def atomic_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_checkpoint(path: str | Path, model_name: Optional[str] = None, num_classes: Optional[int] = None) -> dict:
+    """Load a final kdpipe checkpoint safely (weights_only), checking it holds the expected model."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a kdpipe checkpoint")
+    got = (ckpt["model"], ckpt["num_classes"])
+    want = (model_name or got[0], num_classes or got[1])
+    if got != want:
+        raise CheckpointError(f"{path}: holds {got[0]} with {got[1]} classes, expected {want[0]} with {want[1]} classes")
+    return ckpt
+
+
+def restore_model(ckpt: dict) -> nn.Module:
+    from .models import create
+
+    model = create(ckpt["model"], ckpt["num_classes"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model
+
+
+# --- progress -------------------------------------------------------------------------------------
+class Reporter:
+    """rich progress bar on a terminal, one plain line per epoch otherwise (DVC logs, CI)."""
+
+    def __init__(self, name: str, total_epochs: int, steps: int, enabled: bool = True):
+        self.name, self.total = name, total_epochs
+        self.live = enabled and sys.stderr.isatty()
+        self.progress = None
+        if self.live:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
+            self.progress.start()
+            self.task = self.progress.add_task(name, total=total_epochs * steps, info="")
+
+    def step(self):
+        if self.progress:
+            self.progress.advance(self.task)
+
+    def epoch(self, row: dict, ips: float):
+        line = (f"epoch {row['epoch']}/{self.total} [{row['phase']}] lr {row['lr']:.4g} loss {row['train_loss']:.4f} "
+                f"train {row['train_top1']:.2f}% test {row.get('test_top1', float('nan')):.2f}% "
+                f"top5 {row.get('test_top5', float('nan')):.2f}% {ips:.0f} img/s")
+        if self.progress:
+            self.progress.update(self.task, info=f"loss {row['train_loss']:.3f} test {row.get('test_top1', 0):.1f}%")
+            self.progress.console.print(f"{self.name}: {line}")
+        else:
+            print(f"{self.name}: {line}", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.progress:
+            self.progress.stop()
+
+
+# --- the loop -------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """What to train and where the results go."""
+
+    name: str                      # shown in logs, e.g. "teacher"
+    model: nn.Module
+    cfg: Train
+    out: Path                      # final checkpoint
+    log: Path                      # timings JSON (kept out of the checkpoint)
+    objective: nn.Module = field(default_factory=CrossEntropy)
+    meta: dict = field(default_factory=dict)  # stored in the checkpoint and in the fingerprint
+    stop_after: Optional[int] = None          # testing hook: pretend an interruption after this epoch
+    progress: bool = True
+
+
+def train(run: Run, data: Prepared) -> dict:
+    cfg = run.cfg
+    numerics = Numerics.from_runtime(cfg.runtime)
+    dev = numerics.device
+    set_determinism(dev)
+    pipe = Pipeline(data.manifest, numerics)
+    model = numerics.prepare_model(run.model)
+    objective = run.objective.to(dev)
+    forward_model = torch.compile(model) if cfg.runtime.compile else model
+    params = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
+
+    n = len(data.train.y)
+    steps = math.ceil(n / cfg.batch_size)
+    init_epochs = objective.init_epochs()
+    total = init_epochs + cfg.epochs
+    resume_path = run.out.with_name(run.out.name + ".resume")
+    fp = fingerprint(cfg.model_dump(), run.meta, data.manifest["sha256"], str(dev), numerics.bf16, numerics.channels_last)
+
+    g = torch.Generator(device=dev).manual_seed(cfg.seed)
+    history: list[dict] = []
+    start, seconds, opt_phase = 0, 0.0, None
+    optimizer = None
+    state = _read_resume(resume_path, fp)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        objective.load_state_dict(state["objective"])
+        g.set_state(state["generator"])
+        history, start, seconds = state["history"], state["epoch"], state["seconds"]
+        opt_phase = state["opt_phase"]
+        optimizer = make_optimizer(params, cfg, dev)
+        optimizer.load_state_dict(state["optimizer"])
+        print(f"{run.name}: resuming after epoch {start}/{total} from {resume_path}", file=sys.stderr)
+
+    reporter = Reporter(run.name, total, steps, run.progress)
+    try:
+        for epoch in range(start, total):
+            phase = "init" if epoch < init_epochs else "main"
+            if opt_phase != phase:  # each phase starts with a fresh optimizer (FitNets/FSP stage 1 -> 2)
+                optimizer, opt_phase = make_optimizer(params, cfg, dev), phase
+            e = epoch - init_epochs if phase == "main" else epoch
+            t0 = time.perf_counter()
+            model.train()
+            objective.train()
+            perm = torch.randperm(n, generator=g, device=dev)
+            loss_sum = torch.zeros((), device=dev)
+            correct = torch.zeros((), device=dev, dtype=torch.long)
+            lr = cfg.optim.lr
+            for step in range(steps):
+                idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+                if len(idx) < 2:  # BatchNorm cannot train on a single image
+                    continue
+                x, y = pipe.augment(data.train.x[idx], g), data.train.y[idx]
+                lr = learning_rate(cfg, e, step, steps) if phase == "main" else cfg.optim.lr
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with numerics.autocast():
+                    loss, logits = objective(forward_model, x, y, phase)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.detach().float() * len(idx)
+                correct += (logits.detach().argmax(1) == y).sum()
+                reporter.step()
+            train_loss = loss_sum.item() / n
+            if not math.isfinite(train_loss):
+                raise TrainingError(f"{run.name}: loss became {train_loss} in epoch {epoch + 1}; "
+                                    "lower the learning rate or a loss weight")
+            row = {"epoch": epoch + 1, "phase": phase, "lr": lr, "train_loss": train_loss,
+                   "train_top1": 100 * correct.item() / n}
+            if phase == "main":
+                row.update(evaluate(model, data.test, pipe))
+            dt = time.perf_counter() - t0
+            seconds += dt
+            history.append(row)
+            reporter.epoch(row, n / dt)
+            atomic_save({"fingerprint": fp, "epoch": epoch + 1, "model": model.state_dict(),
+                         "objective": objective.state_dict(), "optimizer": optimizer.state_dict(),
+                         "opt_phase": opt_phase, "generator": g.get_state(), "history": history,
+                         "seconds": seconds}, resume_path)
+            if run.stop_after is not None and epoch + 1 >= run.stop_after and epoch + 1 < total:
+                raise KeyboardInterrupt(f"stopped after epoch {epoch + 1} (test hook)")
+    finally:
+        reporter.close()
+
+    # JSON round-trip: equal values pickle to equal bytes whether or not they came from a resume state
+    canonical = json.loads(json.dumps({"history": history, "meta": run.meta}))
+    final = {
+        "format": FORMAT,
+        "model": cfg.model,
+        "num_classes": data.num_classes,
+        "params_m": count_params_m(model),
+        "state_dict": {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()},
+        "config": cfg.model_dump(mode="json"),
+        "meta": canonical["meta"],
+        "dataset": data.manifest["dataset"],
+        "data_sha256": data.manifest["sha256"],
+        "history": canonical["history"],
+    }
+    atomic_save(final, run.out)
+    log = {"name": run.name, "model": cfg.model, **run.meta, "seconds": round(seconds, 3), "images_per_s": round(n * total / max(seconds, 1e-9), 1),
+           "device": str(dev), "bf16": numerics.bf16, "channels_last": numerics.channels_last,
+           "torch": torch.__version__}
+    run.log.parent.mkdir(parents=True, exist_ok=True)
+    run.log.write_text(json.dumps(log, indent=2) + "\n")
+    resume_path.unlink(missing_ok=True)
+    return final
+
+
+def _read_resume(path: Path, fp: str) -> Optional[dict]:
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        print(f"ignoring unreadable resume state {path}", file=sys.stderr)
+        return None
+    if state.get("fingerprint") != fp:
+        print(f"ignoring resume state {path}: it belongs to other params", file=sys.stderr)
+        return None
+    return state

@@ -1,0 +1,47 @@
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_TRAIN = {
+    "model": "resnet8", "seed": 0, "epochs": 2, "batch_size": 16,
+    "optim": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False},
+    "schedule": {"milestones": [0.5, 0.75], "gamma": 0.1, "warmup_epochs": 0},
+    "runtime": {"device": "cpu", "bf16": "auto", "channels_last": "auto", "compile": False},
+}
+TINY = {
+    "data": {"dataset": "synthetic", "mirror": None,
+             "synthetic": {"num_classes": 10, "train_size": 96, "test_size": 40, "seed": 0}},
+    "teacher": {**copy.deepcopy(_TRAIN), "model": "resnet14"},
+    "student": copy.deepcopy(_TRAIN),
+    "evaluate": {"batch_size": 64, "device": "cpu"},
+}
+
+
+def deep_update(d: dict, updates: dict) -> dict:
+    for k, v in updates.items():
+        if isinstance(v, dict) and isinstance(d.get(k), dict):
+            deep_update(d[k], v)
+        else:
+            d[k] = v
+    return d
+
+
+def tiny_params(**updates) -> dict:
+    return deep_update(copy.deepcopy(TINY), updates)
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A scratch project folder with tiny params.yaml, as the current directory."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+    return tmp_path
+
+
+def write_params(path: Path, params: dict) -> Path:
+    path.write_text(yaml.safe_dump(params))
+    return path

@@ -1,0 +1,63 @@
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from kdpipe import config
+from kdpipe.cli import app
+
+from .conftest import tiny_params, write_params
+
+
+def errors_for(params: dict) -> list[str]:
+    with pytest.raises(config.ParamsError) as e:
+        config.validate(params)
+    return e.value.lines
+
+
+def test_tiny_and_repo_params_are_valid():
+    config.validate(tiny_params())
+    config.load_params(__import__("pathlib").Path(__file__).parents[1] / "params.yaml")
+
+
+@pytest.mark.parametrize("updates, expected", [
+    ({"teacher": {"optim": {"lr": -0.1}}}, "teacher.optim.lr: Input should be greater than 0 (got -0.1)"),
+    ({"student": {"optim": {"momentum": 1.0}}}, "student.optim.momentum: Input should be less than 1 (got 1.0)"),
+    ({"teacher": {"epochs": 0}}, "teacher.epochs: Input should be greater than or equal to 1 (got 0)"),
+    ({"teacher": {"epochs": "many"}}, "teacher.epochs: Input should be a valid integer, unable to parse string as an integer (got 'many')"),
+    ({"data": {"dataset": "imagenet"}}, "data.dataset: Input should be 'synthetic', 'cifar10' or 'cifar100' (got 'imagenet')"),
+    ({"student": {"model": "resnet21"}}, "student.model: Input should be 'resnet8', 'resnet14', 'resnet20', 'resnet32', 'resnet44', 'resnet56' or 'resnet110' (got 'resnet21')"),
+    ({"student": {"optim": {"lrr": 0.1}}}, "student.optim.lrr: unknown key (did you mean 'lr'?)"),
+    ({"teacherr": {}}, "teacherr: unknown key (did you mean 'teacher'?)"),
+    ({"student": {"schedule": {"milestones": [0.75, 0.5]}}}, "student.schedule.milestones: must be increasing fractions"),
+    ({"student": {"runtime": {"device": "tpu"}}}, "student.runtime.device: must be auto, cpu, cuda or cuda:N (got 'tpu')"),
+    ({"student": {"schedule": {"warmup_epochs": 5}}}, "student: schedule.warmup_epochs must be smaller than epochs"),
+])
+def test_errors_name_the_full_key_path(updates, expected):
+    lines = errors_for(tiny_params(**updates))
+    assert len(lines) == 1
+    assert lines[0].startswith(expected)
+
+
+def test_one_line_per_problem():
+    lines = errors_for(tiny_params(teacher={"optim": {"lr": 0}, "batch_size": 1}, data={"synthetic": {"seed": -1}}))
+    assert sorted(l.split(":")[0] for l in lines) == ["data.synthetic.seed", "teacher.batch_size", "teacher.optim.lr"]
+
+
+def test_cli_bad_params_exit_2_and_write_nothing(workdir):
+    write_params(workdir / "params.yaml", tiny_params(teacher={"optim": {"lr": 0}}, student={"epochz": 3}))
+    for cmd in (["data"], ["teacher"], ["student"]):
+        result = CliRunner().invoke(app, cmd)
+        assert result.exit_code == 2
+        assert result.output.splitlines() == ["error: teacher.optim.lr: Input should be greater than 0 (got 0)",
+                                              "error: student.epochz: unknown key (did you mean 'epochs'?)"]
+    assert sorted(p.name for p in workdir.iterdir()) == ["params.yaml"]
+
+
+def test_cli_missing_and_malformed_params(workdir):
+    result = CliRunner().invoke(app, ["data", "--params", "nope.yaml"])
+    assert result.exit_code == 2 and "nope.yaml: params file not found" in result.output
+    (workdir / "bad.yaml").write_text("data: [unclosed\n")
+    result = CliRunner().invoke(app, ["data", "--params", "bad.yaml"])
+    assert result.exit_code == 2 and "not valid YAML" in result.output
+    (workdir / "list.yaml").write_text(yaml.safe_dump([1, 2]))
+    assert CliRunner().invoke(app, ["data", "--params", "list.yaml"]).exit_code == 2
