@@ -1,0 +1,70 @@
+"""Every stage through the CLI, in a scratch folder with tiny params."""
+
+import json
+
+from typer.testing import CliRunner
+
+from kdpipe.cli import app
+
+from .conftest import tiny_params, write_params
+
+METRIC_KEYS = {"top1", "top5", "top1_last", "best_epoch", "params_m", "epochs", "seconds"}
+
+
+def invoke(*args):
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_stages_end_to_end(workdir):
+    invoke("data")
+    invoke("teacher")
+    invoke("student")
+    for name in ("teacher", "student"):
+        invoke("evaluate", name)
+        m = json.loads((workdir / f"metrics/{name}.json").read_text())
+        assert set(m) == METRIC_KEYS
+        hist = (workdir / f"plots/{name}.csv").read_text().splitlines()
+        assert hist[0].startswith("epoch,") and len(hist) == 1 + m["epochs"]
+        best = max(float(row.split(",")[5]) for row in hist[1:])
+        assert m["top1"] == round(best, 2) and 1 <= m["best_epoch"] <= m["epochs"] == 2
+        assert m["top1_last"] == round(float(hist[-1].split(",")[5]), 2)
+        assert m["top5"] == round(float(hist[-1].split(",")[6]), 2)
+    assert json.loads((workdir / "metrics/teacher.json").read_text())["params_m"] == 0.18
+    out = invoke("report", "teacher", "student")
+    text = (workdir / "reports/results.md").read_text()
+    assert "| ResNet-14 (teacher) | 0.18 |" in text and "| ResNet-8 (student) | 0.08 |" in text
+    assert "Published" not in text  # synthetic data: nothing to compare with
+    assert (workdir / "reports/accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    assert "ResNet-14" in out
+
+
+def test_report_compares_with_published_on_cifar(workdir):
+    from kdpipe import report
+
+    rows = [{"name": "teacher", "role": "teacher", "model": "resnet56", "params_m": 0.86, "top1": 93.0,
+             "top5": 99.7, "top1_last": 92.9}]
+    text = report.table(rows, "cifar10")
+    assert "| ResNet-56 (teacher) | 0.86 | 93.00 | 99.70 | 92.90 |  | 93.63 / 99.75 |" in text
+    assert "71.09 / 91.56" in report.table(rows, "cifar100")
+
+
+def test_evaluate_rejects_checkpoint_for_other_data(workdir):
+    invoke("data")
+    invoke("student")
+    write_params(workdir / "params.yaml", tiny_params(data={"synthetic": {"num_classes": 5}}))
+    invoke("data")
+    result = CliRunner().invoke(app, ["evaluate", "student"])
+    assert result.exit_code == 1 and "trained on other data" in result.output
+
+
+def test_missing_inputs_give_one_line_errors(workdir):
+    result = CliRunner().invoke(app, ["teacher"])
+    assert result.exit_code == 1
+    assert result.output.strip() == "error: data/prepared: no prepared data (run `kdpipe data` first)"
+    invoke("data")
+    result = CliRunner().invoke(app, ["evaluate", "ghost"])
+    assert result.exit_code == 1 and result.output.strip() == "error: models/ghost.pt: checkpoint not found"
+    result = CliRunner().invoke(app, ["report", "ghost"])
+    assert result.exit_code == 1 and "no metrics for ghost" in result.output
