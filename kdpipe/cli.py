@@ -108,6 +108,44 @@ def student(params: Path = ParamsOpt, data_dir: Path = DataOpt, name: str = type
     _train("student", name, params, data_dir)
 
 
+@app.command()
+@guarded
+def distill(method: str = typer.Option(..., "--method", "-m", help="kd, at, nst, fsp, fitnets, or a combination like kd+at"),
+            params: Path = ParamsOpt, data_dir: Path = DataOpt,
+            teacher: Path = typer.Option(Path("models/teacher.pt"), help="teacher checkpoint (output of `kdpipe teacher`)"),
+            name: Optional[str] = typer.Option(None, help="run name (default: the method)")):
+    """Distil the teacher into the student (params `student` + `distill.<method>`)."""
+    import hashlib
+
+    from . import data as data_mod
+    from . import engine, models
+    from .distill import Distiller, feature_shapes
+
+    p = load(params)
+    methods = config.parse_methods(method)
+    cfg = p.student
+    numerics = engine.Numerics.from_runtime(cfg.runtime)
+    prepared = data_mod.load(data_dir, numerics.device)
+    ckpt = engine.load_checkpoint(teacher, num_classes=prepared.num_classes)
+    if ckpt["data_sha256"] != prepared.manifest["sha256"]:
+        fail(f"{teacher}: the teacher was trained on other data than {data_dir}")
+    teacher_model = numerics.prepare_model(engine.restore_model(ckpt))
+    torch_seed(cfg.seed)
+    student_model = models.create(cfg.model, prepared.num_classes)
+    try:
+        objective = Distiller(teacher_model, methods, p.distill, feature_shapes(student_model),
+                              feature_shapes(teacher_model, numerics.device))
+    except ValueError as e:  # an impossible teacher/student combination for this method
+        raise ParamsError([str(e)]) from None
+    name = name or "+".join(methods)
+    meta = {"role": "distill", "method": "+".join(methods), "teacher": ckpt["model"],
+            "teacher_sha256": hashlib.sha256(teacher.read_bytes()).hexdigest(),
+            "distill": {m: getattr(p.distill, m).model_dump() for m in methods}}
+    run = engine.Run(name=name, model=student_model, cfg=cfg, out=Path(f"models/{name}.pt"),
+                     log=Path(f"logs/{name}.json"), objective=objective, meta=meta)
+    engine.train(run, prepared)
+
+
 @app.command("evaluate")
 @guarded
 def evaluate_cmd(name: str = typer.Argument(..., help="run name: evaluates models/NAME.pt"),

@@ -102,10 +102,69 @@ class Evaluate(Strict):
     device: str = "auto"
 
 
+# --- distillation ---------------------------------------------------------------------------------
+# loss = gamma * CE(student, labels) + alpha * KD(T) + beta * (feature term); defaults are the common
+# CIFAR conventions (RepDistiller). A combination (`--method kd+at`) takes gamma from its first method,
+# alpha and T from `kd` when it is included (else from the first method), and each method's beta.
+class KDParams(Strict):
+    gamma: float = Field(0.1, ge=0)
+    alpha: float = Field(0.9, ge=0)
+    temperature: float = Field(4.0, gt=0)
+
+
+class FeatureParams(Strict):
+    gamma: float = Field(1.0, ge=0)
+    alpha: float = Field(0.0, ge=0)
+    temperature: float = Field(4.0, gt=0)
+    beta: float = Field(1.0, ge=0)
+
+
+class ATParams(FeatureParams):
+    beta: float = Field(1000.0, ge=0)
+    p: float = Field(2.0, gt=0)
+
+
+class NSTParams(FeatureParams):
+    beta: float = Field(50.0, ge=0)
+
+
+class FSPParams(FeatureParams):
+    beta: float = Field(1.0, ge=0)
+    init_epochs: int = Field(0, ge=0, description="> 0: the paper's two-stage procedure (FSP pre-training first)")
+
+
+class FitNetsParams(FeatureParams):
+    beta: float = Field(100.0, ge=0)
+    hint_layer: int = Field(2, ge=0, le=3, description="tap index f0..f3 of the hint (and guided) layer")
+    regressor_kernel: Literal[1, 3] = 3
+    init_epochs: int = Field(0, ge=0, description="> 0: the paper's two-stage procedure (hint training first)")
+
+
+class Distill(Strict):
+    kd: KDParams = KDParams()
+    at: ATParams = ATParams()
+    nst: NSTParams = NSTParams()
+    fsp: FSPParams = FSPParams()
+    fitnets: FitNetsParams = FitNetsParams()
+
+
+def parse_methods(spec: str) -> list[str]:
+    """`kd+at` -> ["kd", "at"], with a clear error for unknown or repeated names."""
+    names = [m.strip() for m in spec.split("+") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if not names or unknown:
+        raise ParamsError([f"--method: unknown method {', '.join(map(repr, unknown)) or repr(spec)}; "
+                           f"valid: {', '.join(METHODS)} (combine with +, e.g. kd+at)"])
+    if len(set(names)) != len(names):
+        raise ParamsError([f"--method: {spec!r} names a method twice"])
+    return names
+
+
 class Params(Strict):
     data: Data = Data()
     teacher: Train = Train(model="resnet56")
     student: Train = Train(model="resnet20")
+    distill: Distill = Distill()
     evaluate: Evaluate = Evaluate()
 
 

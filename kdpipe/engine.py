@@ -13,6 +13,7 @@ uninterrupted run. The final `<out>` holds weights, config and history, and no w
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -170,7 +171,9 @@ class CrossEntropy(nn.Module):
 def atomic_save(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
+    buf = io.BytesIO()  # torch.save names the archive after a file; a buffer keeps bytes path-independent
+    torch.save(obj, buf)
+    tmp.write_bytes(buf.getvalue())
     os.replace(tmp, path)
 
 

@@ -1,0 +1,23 @@
+"""FSP: Yim et al. 2017, flow-of-solution-procedure matrices of consecutive taps (f0,f1), (f1,f2), (f2,f3)."""
+
+from torch import nn
+
+from . import functional as Fd
+from . import register
+
+
+def check_channels(s_shapes, t_shapes) -> None:
+    """FSP compares G matrices elementwise, so each tap needs equal teacher and student channels."""
+    bad = [f"f{i}: student {s[0]} vs teacher {t[0]}" for i, (s, t) in enumerate(zip(s_shapes, t_shapes)) if s[0] != t[0]]
+    if bad:
+        raise ValueError(f"fsp needs equal channel counts per tap; {'; '.join(bad)}")
+
+
+@register("fsp")
+class FSP(nn.Module):
+    def __init__(self, cfg, s_shapes, t_shapes):
+        super().__init__()
+        check_channels(s_shapes, t_shapes)
+
+    def forward(self, s_logits, s_feats, t_logits, t_feats):
+        return Fd.fsp(s_feats, t_feats)

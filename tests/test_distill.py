@@ -1,0 +1,158 @@
+"""The distillation objective: frozen teacher, gradients, weights of combined terms, two-stage training."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from kdpipe import config, data, engine, models
+from kdpipe.cli import app
+from kdpipe.distill import Distiller, feature_shapes
+from kdpipe.distill import functional as Fd
+from kdpipe.distill.fitnets import regressor
+from kdpipe.distill.fsp import check_channels
+
+from .conftest import tiny_params, write_params
+
+
+def build(methods, **distill_updates):
+    p = config.validate(tiny_params(distill=distill_updates))
+    torch.manual_seed(0)
+    teacher, student = models.create("resnet14", 10), models.create("resnet8", 10)
+    obj = Distiller(teacher, methods, p.distill, feature_shapes(student), feature_shapes(teacher))
+    return obj, teacher, student
+
+
+def test_teacher_frozen_and_gradients_reach_only_student_and_regressor():
+    obj, teacher, student = build(["fitnets", "kd", "at"])
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    params = list(student.parameters()) + list(obj.parameters())
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    student.train()
+    obj.train()  # must not put the teacher in training mode
+    for _ in range(3):
+        x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+        loss, _ = obj(student, x, y)
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is not None for p in student.parameters())
+        assert all(p.grad is not None for p in obj.terms["fitnets"].regressor.parameters())
+        opt.step()
+    assert not teacher.training
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    for k, v in teacher.state_dict().items():  # weights and BN running stats untouched
+        assert torch.equal(v, before[k]), k
+    # the teacher is not part of the objective's parameters or checkpoint
+    assert not any(k.startswith("teacher") or "_teacher" in k for k in obj.state_dict())
+    assert set(obj.state_dict()) == {f"terms.fitnets.regressor.{k}" for k in obj.terms["fitnets"].regressor.state_dict()}
+
+
+def test_loss_is_the_documented_weighted_sum():
+    obj, teacher, student = build(["kd", "at", "nst"], at={"beta": 10.0}, nst={"beta": 3.0})
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    loss, logits = obj(student, x, y)
+    teacher.eval()
+    with torch.no_grad():
+        tl, tf = teacher(x, features=True)
+    sl, sf = student(x, features=True)
+    expected = (0.1 * F.cross_entropy(sl, y) + 0.9 * Fd.kd(sl, tl, 4.0)
+                + 10.0 * sum(Fd.attention(sf[i], tf[i]) for i in (1, 2, 3))
+                + 3.0 * sum(Fd.nst(sf[i], tf[i]) for i in (1, 2, 3)))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(logits, sl)
+
+
+def test_combination_rules():
+    obj, _, _ = build(["kd", "at"])
+    assert (obj.gamma, obj.alpha, obj.weights) == (0.1, 0.9, {"kd": 0.9, "at": 1000.0})
+    obj, _, _ = build(["at"])
+    assert (obj.gamma, obj.alpha, obj.weights) == (1.0, 0.0, {"at": 1000.0})  # no KD term at alpha = 0
+    obj, _, _ = build(["at", "kd"], kd={"temperature": 8.0})
+    assert (obj.gamma, obj.alpha, obj.terms["kd"].temperature) == (1.0, 0.9, 8.0)
+    obj, _, _ = build(["nst"], nst={"alpha": 0.5, "temperature": 2.0})
+    assert obj.weights == {"kd": 0.5, "nst": 50.0} and obj.terms["kd"].temperature == 2.0
+
+
+def test_default_hyper_parameters():
+    d = config.Distill()
+    assert (d.kd.temperature, d.kd.gamma, d.kd.alpha) == (4.0, 0.1, 0.9)
+    assert [getattr(d, m).beta for m in ("at", "nst", "fsp", "fitnets")] == [1000, 50, 1, 100]
+    assert all((getattr(d, m).gamma, getattr(d, m).alpha) == (1.0, 0.0) for m in ("at", "nst", "fsp", "fitnets"))
+
+
+def test_two_stage_phases():
+    obj, teacher, student = build(["fitnets"], fitnets={"init_epochs": 2, "alpha": 0.9})
+    assert obj.init_epochs() == 2
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    loss, _ = obj(student, x, y, "init")
+    with torch.no_grad():
+        tf = teacher(x, features=True)[1]
+    sf = student(x, features=True)[1]
+    expected = 100.0 * Fd.hint(obj.terms["fitnets"].regressor(sf[2]), tf[2])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    loss.backward()  # stage 1 trains the student only up to the hint layer, plus the regressor
+    assert student.stage3[0].conv1.weight.grad is None and student.fc.weight.grad is None
+    assert student.stage2[0].conv1.weight.grad is not None
+    student.zero_grad()
+    loss, logits = obj(student, x, y, "main")  # stage 2: gamma * CE + alpha * KD, no hint term
+    with torch.no_grad():
+        tl = teacher(x)
+    assert loss.item() == pytest.approx((F.cross_entropy(logits, y) + 0.9 * Fd.kd(logits, tl, 4.0)).item(), rel=1e-5)
+
+
+def test_regressor_shapes():
+    r = regressor((16, 32, 32), (32, 16, 16))
+    assert r(torch.randn(2, 16, 32, 32)).shape == (2, 32, 16, 16)
+    assert regressor((32, 16, 16), (64, 16, 16), kernel=1)[0].kernel_size == (1, 1)
+    with pytest.raises(ValueError, match="no regressor from a 8x8 student hint to a 16x16"):
+        regressor((64, 8, 8), (32, 16, 16))
+
+
+def test_fsp_rejects_mismatched_channels():
+    check_channels([(16, 32, 32)] * 2, [(16, 32, 32)] * 2)
+    with pytest.raises(ValueError, match="fsp needs equal channel counts per tap; f1: student 16 vs teacher 32"):
+        check_channels([(16, 32, 32), (16, 32, 32)], [(16, 32, 32), (32, 32, 32)])
+
+
+def test_bad_method_and_params_fail_at_validation(workdir):
+    result = CliRunner().invoke(app, ["distill", "--method", "kd+foo"])
+    assert result.exit_code == 2 and "unknown method 'foo'; valid: kd, at, nst, fsp, fitnets" in result.output
+    assert CliRunner().invoke(app, ["distill", "--method", "kd+kd"]).exit_code == 2
+    write_params(workdir / "params.yaml", tiny_params(distill={"fitnets": {"hint_layer": 4}, "at": {"betta": 1}}))
+    result = CliRunner().invoke(app, ["distill", "--method", "fitnets"])
+    assert result.exit_code == 2
+    assert "distill.fitnets.hint_layer: Input should be less than or equal to 3 (got 4)" in result.output
+    assert "distill.at.betta: unknown key (did you mean 'beta'?)" in result.output
+    assert not (workdir / "models").exists()
+
+
+def test_distill_needs_a_teacher_for_the_same_data(workdir):
+    assert CliRunner().invoke(app, ["data"]).exit_code == 0
+    result = CliRunner().invoke(app, ["distill", "-m", "kd"])
+    assert result.exit_code == 1 and "models/teacher.pt: checkpoint not found" in result.output
+
+
+def test_two_stage_distillation_resumes_across_the_stage_boundary(tmp_path):
+    p = config.validate(tiny_params(student={"epochs": 2}, distill={"fitnets": {"init_epochs": 2}}))
+    data.prepare(p.data, tmp_path / "prepared")
+    prepared = data.load(tmp_path / "prepared")
+    torch.manual_seed(5)
+    teacher = models.create("resnet14", 10)
+
+    def run(out, stop_after=None):
+        torch.manual_seed(p.student.seed)
+        student = models.create("resnet8", 10)
+        obj = Distiller(teacher, ["fitnets"], p.distill, feature_shapes(student), feature_shapes(teacher))
+        return engine.Run(name="fitnets", model=student, cfg=p.student, out=out, log=tmp_path / "log.json",
+                          objective=obj, meta={"role": "distill"}, stop_after=stop_after, progress=False)
+
+    full = engine.train(run(tmp_path / "full.pt"), prepared)
+    assert [r["phase"] for r in full["history"]] == ["init", "init", "main", "main"]
+    for stop in (1, 2, 3):  # inside stage 1, at the boundary, inside stage 2
+        out = tmp_path / f"cut{stop}.pt"
+        with pytest.raises(KeyboardInterrupt):
+            engine.train(run(out, stop), prepared)
+        engine.train(run(out), prepared)
+        assert out.read_bytes() == (tmp_path / "full.pt").read_bytes(), stop
+    # the exported student is the student alone: no regressor weights
+    assert not any("regressor" in k for k in full["state_dict"])

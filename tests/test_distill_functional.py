@@ -1,0 +1,127 @@
+"""Each loss against an independent computation: explicit loops over samples/channels or closed forms."""
+
+import math
+
+import pytest
+import torch
+
+from kdpipe.distill import functional as Fd
+
+torch.manual_seed(0)
+
+
+def test_kd_hand_value():
+    # p_t = (0.75, 0.25), p_s = (0.5, 0.5): KL = 0.75 ln 1.5 + 0.25 ln 0.5
+    s, t = torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(3), 0.0]])
+    expected = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+    assert Fd.kd(s, t, 1.0).item() == pytest.approx(expected, rel=1e-6)
+    # the same distributions at T = 2 (logits doubled) cost T^2 = 4 times as much
+    assert Fd.kd(2 * s, 2 * t, 2.0).item() == pytest.approx(4 * expected, rel=1e-6)
+
+
+def test_kd_matches_loop():
+    s, t, T = torch.randn(5, 7), torch.randn(5, 7), 3.0
+    total = 0.0
+    for b in range(5):
+        ps = [math.exp(v / T) for v in s[b].tolist()]
+        pt = [math.exp(v / T) for v in t[b].tolist()]
+        ps = [v / sum(ps) for v in ps]
+        pt = [v / sum(pt) for v in pt]
+        total += sum(q * (math.log(q) - math.log(p)) for p, q in zip(ps, pt))
+    assert Fd.kd(s, t, T).item() == pytest.approx(total / 5 * T * T, rel=1e-5)
+    assert Fd.kd(t, t, T).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def _attention_loop(fs, ft, p):
+    B, _, H, W = fs.shape
+    total = 0.0
+    for b in range(B):
+        maps = []
+        for f in (fs, ft):
+            a = [sum(float(f[b, c, i, j]) ** p for c in range(f.shape[1])) / f.shape[1]
+                 for i in range(H) for j in range(W)]
+            norm = math.sqrt(sum(v * v for v in a))
+            maps.append([v / norm for v in a])
+        total += sum((x - y) ** 2 for x, y in zip(*maps))
+    return total / (B * H * W)
+
+
+@pytest.mark.parametrize("p", [2.0, 1.0, 4.0])
+def test_attention_matches_loop(p):
+    fs, ft = torch.rand(2, 3, 4, 4), torch.rand(2, 5, 4, 4)  # channel counts may differ
+    assert Fd.attention(fs, ft, p).item() == pytest.approx(_attention_loop(fs, ft, p), rel=1e-5)
+
+
+def test_attention_pools_the_larger_map():
+    fs, ft = torch.rand(2, 3, 8, 8), torch.rand(2, 4, 4, 4)
+    pooled = fs.view(2, 3, 4, 2, 4, 2).mean((3, 5))  # 2x2 average pooling, written out
+    assert Fd.attention(fs, ft).item() == pytest.approx(_attention_loop(pooled, ft, 2), rel=1e-5)
+    assert Fd.attention(ft, fs).item() == pytest.approx(_attention_loop(ft, pooled, 2), rel=1e-5)
+
+
+def test_attention_properties():
+    f = torch.rand(3, 4, 5, 5)
+    assert Fd.attention(f, f).item() == pytest.approx(0, abs=1e-7)
+    assert Fd.attention(f, 7 * f).item() == pytest.approx(0, abs=1e-7)  # scale-invariant (normalised maps)
+    # orthogonal maps (disjoint supports) give the maximum: ||a - b||^2 = 2 per sample, over H*W positions
+    a, b = torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2)
+    a[0, 0, 0, 0], b[0, 0, 1, 1] = 1, 1
+    assert Fd.attention(a, b).item() == pytest.approx(2 / 4)
+
+
+def _nst_loop(fs, ft):
+    def rows(f, b):
+        r = [f[b, c].flatten().tolist() for c in range(f.shape[1])]
+        return [[v / math.sqrt(sum(x * x for x in row)) for v in row] for row in r]
+
+    def kmean(x, y):
+        return sum(sum(p * q for p, q in zip(u, v)) ** 2 for u in x for v in y) / (len(x) * len(y))
+
+    B = fs.shape[0]
+    return sum(kmean(rows(ft, b), rows(ft, b)) + kmean(rows(fs, b), rows(fs, b)) - 2 * kmean(rows(fs, b), rows(ft, b))
+               for b in range(B)) / B
+
+
+def test_nst_matches_loop():
+    fs, ft = torch.rand(2, 3, 3, 3), torch.rand(2, 4, 3, 3)
+    assert Fd.nst(fs, ft).item() == pytest.approx(_nst_loop(fs, ft), rel=1e-5)
+
+
+def test_nst_hand_value_and_properties():
+    s, t = torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2)
+    s[..., 0], t[..., 1] = 1, 1  # orthogonal single channels: K(t,t) = K(s,s) = 1, K(s,t) = 0
+    assert Fd.nst(s, t).item() == pytest.approx(2.0)
+    f = torch.rand(2, 4, 3, 3)
+    assert Fd.nst(f, f).item() == pytest.approx(0, abs=1e-6)
+    assert Fd.nst(f, 3 * f).item() == pytest.approx(0, abs=1e-6)  # rows are normalised
+    big = torch.rand(2, 4, 6, 6)
+    pooled = big.view(2, 4, 3, 2, 3, 2).mean((3, 5))
+    assert Fd.nst(big, f).item() == pytest.approx(_nst_loop(pooled, f), rel=1e-5)
+
+
+def test_fsp_matrix_hand_value_and_loop():
+    bottom = torch.ones(1, 1, 2, 2)
+    top = torch.cat([torch.ones(1, 1, 2, 2), 2 * torch.ones(1, 1, 2, 2)], 1)
+    torch.testing.assert_close(Fd.fsp_matrix(bottom, top), torch.tensor([[[1.0], [2.0]]]))
+    bottom, top = torch.rand(2, 3, 4, 4), torch.rand(2, 5, 2, 2)
+    G = Fd.fsp_matrix(bottom, top)
+    assert G.shape == (2, 5, 3)
+    pooled = bottom.view(2, 3, 2, 2, 2, 2).mean((3, 5))
+    for b in range(2):
+        for i in range(5):
+            for j in range(3):
+                ref = (top[b, i] * pooled[b, j]).mean().item()
+                assert G[b, i, j].item() == pytest.approx(ref, rel=1e-5)
+
+
+def test_fsp_sums_consecutive_pairs():
+    s = [torch.rand(2, 4, 8, 8), torch.rand(2, 4, 8, 8), torch.rand(2, 6, 4, 4), torch.rand(2, 8, 2, 2)]
+    t = [torch.rand_like(f) for f in s]
+    expected = sum(((Fd.fsp_matrix(s[i], s[i + 1]) - Fd.fsp_matrix(t[i], t[i + 1])) ** 2).mean() for i in range(3))
+    assert Fd.fsp(s, t).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert Fd.fsp(s, s).item() == 0.0
+
+
+def test_hint_is_mse():
+    a, b = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[1.0, 0.0], [0.0, 4.0]])
+    assert Fd.hint(a, b).item() == pytest.approx((0 + 4 + 9 + 0) / 4)
