@@ -73,12 +73,26 @@ def data(params: Path = ParamsOpt, out: Path = typer.Option(Path("data/prepared"
                f"{manifest['num_classes']} classes -> {out}")
 
 
-def _train(role: str, name: str, params: Path, data_dir: Path):
+ModelOpt = typer.Option(None, "--model", help="override the section's model (the full pipelines' matrix uses this)")
+SeedOpt = typer.Option(None, "--seed", help="override the section's seed")
+
+
+def with_overrides(cfg: config.Train, model: Optional[str], seed: Optional[int]) -> config.Train:
+    updates = {k: v for k, v in (("model", model), ("seed", seed)) if v is not None}
+    if not updates:
+        return cfg
+    try:
+        return config.validate({**cfg.model_dump(), **updates}, config.Train)
+    except ParamsError as e:
+        raise ParamsError([f"--{line}" for line in e.lines]) from None
+
+
+def _train(role: str, name: str, params: Path, data_dir: Path, model: Optional[str], seed: Optional[int]):
     from . import data as data_mod
     from . import engine, models
 
     p = load(params)
-    cfg = getattr(p, role)
+    cfg = with_overrides(getattr(p, role), model, seed)
     numerics = engine.Numerics.from_runtime(cfg.runtime)
     prepared = data_mod.load(data_dir, numerics.device)
     torch_seed(cfg.seed)
@@ -96,16 +110,18 @@ def torch_seed(seed: int):
 
 @app.command()
 @guarded
-def teacher(params: Path = ParamsOpt, data_dir: Path = DataOpt, name: str = typer.Option("teacher", help="run name")):
+def teacher(params: Path = ParamsOpt, data_dir: Path = DataOpt, name: str = typer.Option("teacher", help="run name"),
+            model: Optional[str] = ModelOpt, seed: Optional[int] = SeedOpt):
     """Train the teacher (params section `teacher`)."""
-    _train("teacher", name, params, data_dir)
+    _train("teacher", name, params, data_dir, model, seed)
 
 
 @app.command()
 @guarded
-def student(params: Path = ParamsOpt, data_dir: Path = DataOpt, name: str = typer.Option("student", help="run name")):
+def student(params: Path = ParamsOpt, data_dir: Path = DataOpt, name: str = typer.Option("student", help="run name"),
+            model: Optional[str] = ModelOpt, seed: Optional[int] = SeedOpt):
     """Train the student baseline with plain cross-entropy (params section `student`)."""
-    _train("student", name, params, data_dir)
+    _train("student", name, params, data_dir, model, seed)
 
 
 @app.command()
@@ -113,7 +129,8 @@ def student(params: Path = ParamsOpt, data_dir: Path = DataOpt, name: str = type
 def distill(method: str = typer.Option(..., "--method", "-m", help="kd, at, nst, fsp, fitnets, or a combination like kd+at"),
             params: Path = ParamsOpt, data_dir: Path = DataOpt,
             teacher: Path = typer.Option(Path("models/teacher.pt"), help="teacher checkpoint (output of `kdpipe teacher`)"),
-            name: Optional[str] = typer.Option(None, help="run name (default: the method)")):
+            name: Optional[str] = typer.Option(None, help="run name (default: the method)"),
+            model: Optional[str] = ModelOpt, seed: Optional[int] = SeedOpt):
     """Distil the teacher into the student (params `student` + `distill.<method>`)."""
     import hashlib
 
@@ -123,7 +140,7 @@ def distill(method: str = typer.Option(..., "--method", "-m", help="kd, at, nst,
 
     p = load(params)
     methods = config.parse_methods(method)
-    cfg = p.student
+    cfg = with_overrides(p.student, model, seed)
     numerics = engine.Numerics.from_runtime(cfg.runtime)
     prepared = data_mod.load(data_dir, numerics.device)
     ckpt = engine.load_checkpoint(teacher, num_classes=prepared.num_classes)
@@ -162,8 +179,10 @@ def evaluate_cmd(name: str = typer.Argument(..., help="run name: evaluates model
 
 @app.command()
 @guarded
-def report(names: list[str] = typer.Argument(..., help="run names, in table order"),
-           data_dir: Path = DataOpt, out: Path = typer.Option(Path("reports"), help="output folder")):
+def report(names: Optional[list[str]] = typer.Argument(None, help="run names, in table order; none: the "
+                                                         "full pipelines' grid (teachers, pairs, methods, seeds)"),
+           params: Path = ParamsOpt, data_dir: Path = DataOpt,
+           out: Path = typer.Option(Path("reports"), help="output folder")):
     """Write reports/results.md (published-format table) and reports/accuracy.png."""
     import json
 
@@ -172,6 +191,12 @@ def report(names: list[str] = typer.Argument(..., help="run names, in table orde
     manifest_path = data_dir / "manifest.json"
     if not manifest_path.is_file():
         fail(f"{manifest_path}: not found (run `kdpipe data` first)")
+    if not names:
+        p = load(params)
+        if not p.teachers:
+            fail("no run names given and no `teachers` grid in params")
+        typer.echo(report_mod.grid(p, json.loads(manifest_path.read_text()), Path("metrics"), Path("plots"), out))
+        return
     missing = [n for n in names if not Path(f"metrics/{n}.json").is_file()]
     if missing:
         fail(f"no metrics for {', '.join(missing)} (run `kdpipe evaluate NAME` first)")

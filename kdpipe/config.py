@@ -80,7 +80,18 @@ class Runtime(Strict):
         return v
 
 
+class Recipe(Strict):
+    """A named training recipe (e.g. he2016); a `teacher`/`student` section picks one with
+    `recipe: NAME`, and any key the section sets itself overrides the recipe's."""
+
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=2)
+    optim: Optim
+    schedule: Schedule
+
+
 class Train(Strict):
+    recipe: Optional[str] = None  # the recipe this section was built from (already merged in)
     model: ModelName = "resnet20"
     seed: int = Field(0, ge=0)
     epochs: int = Field(10, ge=1)
@@ -160,12 +171,55 @@ def parse_methods(spec: str) -> list[str]:
     return names
 
 
+class Pair(Strict):
+    teacher: ModelName
+    student: ModelName
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 class Params(Strict):
     data: Data = Data()
+    recipes: dict[str, Recipe] = {}
     teacher: Train = Train(model="resnet56")
     student: Train = Train(model="resnet20")
     distill: Distill = Distill()
     evaluate: Evaluate = Evaluate()
+    # the grid of the full pipelines (pipelines/cifar10, pipelines/cifar100)
+    teachers: list[ModelName] = []
+    seeds: list[int] = [0]
+    methods: list[Literal[METHODS]] = list(METHODS)  # type: ignore[valid-type]
+    pairs: list[Pair] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_recipes(cls, raw):
+        if not isinstance(raw, dict):
+            return raw
+        recipes = raw.get("recipes") or {}
+        out = dict(raw)
+        for role in ("teacher", "student"):
+            section = raw.get(role)
+            if isinstance(section, dict) and section.get("recipe") is not None:
+                name = section["recipe"]
+                if not isinstance(recipes, dict) or name not in recipes:
+                    defined = ", ".join(recipes) if isinstance(recipes, dict) and recipes else "none"
+                    raise ValueError(f"{role}.recipe: unknown recipe {name!r} (defined in recipes: {defined})")
+                if isinstance(recipes[name], dict):
+                    out[role] = _deep_merge(recipes[name], section)
+        return out
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if not v or len(set(v)) != len(v) or min(v) < 0:
+            raise ValueError("must be a non-empty list of distinct seeds >= 0")
+        return v
 
 
 # --- loading --------------------------------------------------------------------------------------

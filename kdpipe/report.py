@@ -66,6 +66,8 @@ def plot(rows: list[dict], plots_dir: Path, out: Path) -> None:
         with (plots_dir / f"{r['name']}.csv").open() as f:
             hist = list(csv.DictReader(f))
         ax.plot([int(h["epoch"]) for h in hist], [float(h["test_top1"]) for h in hist], label=r["name"])
+    if len(rows) > 10:
+        ax.legend(fontsize=6, ncol=2)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test Top-1 (%)")
     ax.grid(alpha=0.3)
@@ -87,3 +89,119 @@ def write(names: list[str], manifest: dict, metrics_dir: Path, logs_dir: Path, p
     (out_dir / "results.md").write_text(text)
     plot(rows, plots_dir, out_dir / "accuracy.png")
     return text
+
+
+# --- the full pipelines: a grid of models x seeds and methods x pairs x seeds -----------------------
+# CIFAR-100 Top-1 published by Tian et al. (CRD, ICLR 2020), Table 1, for the standard ResNet pairs.
+CRD = {
+    ("resnet56", "resnet20"): {"teacher": 72.34, "student": 69.06, "kd": 70.66, "fitnets": 69.21, "at": 70.55, "nst": 69.60, "fsp": 69.95},
+    ("resnet110", "resnet20"): {"teacher": 74.31, "student": 69.06, "kd": 70.67, "fitnets": 68.99, "at": 70.22, "nst": 69.53, "fsp": 70.11},
+    ("resnet110", "resnet32"): {"teacher": 74.31, "student": 71.14, "kd": 73.08, "fitnets": 71.06, "at": 72.31, "nst": 71.96, "fsp": 71.89},
+}
+METHOD_LABELS = {"kd": "KD", "at": "AT", "nst": "NST", "fsp": "FSP", "fitnets": "FitNets"}
+
+
+def teacher_run(model: str, seed: int) -> str:
+    return f"teacher-{model}-s{seed}"
+
+
+def distill_run(method: str, teacher: str, student: str, seed: int) -> str:
+    return f"{method}-{teacher}-{student}-s{seed}"
+
+
+def stats(values: list[float]) -> tuple[float, float, int] | None:
+    if not values:
+        return None
+    n = len(values)
+    mean = sum(values) / n
+    std = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    return mean, std, n
+
+
+def fmt(s) -> str:
+    return "–" if s is None else f"{s[0]:.2f} ± {s[1]:.2f} (n={s[2]})"
+
+
+def grid(p, manifest: dict, metrics_dir: Path, plots_dir: Path, out_dir: Path) -> str:
+    dataset = manifest["dataset"]
+
+    def metric(name: str, key: str) -> list[float]:
+        f = metrics_dir / f"{name}.json"
+        return [json.loads(f.read_text())[key]] if f.is_file() else []
+
+    def over_seeds(fn, key):
+        return stats([v for s in p.seeds for v in metric(fn(s), key)])
+
+    lines = [f"# kdpipe results — {dataset}", "",
+             f"Data: {manifest['train_size']} train / {manifest['test_size']} test images, {manifest['num_classes']} "
+             f"classes ({manifest['source']}). Seeds: {', '.join(map(str, p.seeds))}. Cells: mean ± sample std (n).",
+             "Top1 = best epoch's test Top-1, Top5 = last epoch's test Top-5 (the published convention); "
+             "Top1 last = last epoch's Top-1.", "", "## Models (the published table)", ""]
+    head = ["Model", "Param (M)", "Top1 (%)", "Top5 (%)", "Top1 last (%)"]
+    if dataset in ("cifar10", "cifar100"):
+        head += ["Published Top1 / Top5", "Δ Top1"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for model in p.teachers:
+        top1 = over_seeds(lambda s: teacher_run(model, s), "top1")
+        params = metric(teacher_run(model, p.seeds[0]), "params_m")
+        cells = [pretty(model), f"{params[0]:.2f}" if params else "–", fmt(top1),
+                 fmt(over_seeds(lambda s: teacher_run(model, s), "top5")),
+                 fmt(over_seeds(lambda s: teacher_run(model, s), "top1_last"))]
+        if dataset in ("cifar10", "cifar100"):
+            pub = published(model, dataset)
+            cells += [f"{pub[0]:.2f} / {pub[1]:.2f}" if pub else "–",
+                      f"{top1[0] - pub[0]:+.2f}" if pub and top1 else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+
+    pairs = [(pr.teacher, pr.student) for pr in p.pairs]
+    crd = dataset == "cifar100"
+    lines += ["", "## Distillation (Top-1 %, best epoch)", ""]
+    if crd:
+        lines.append("In brackets: CIFAR-100 figures published by Tian et al. (CRD, ICLR 2020) for the same pair.")
+        lines.append("")
+    cols = [f"{pretty(t)} → {pretty(s)}" for t, s in pairs]
+    lines += ["| Method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    deltas: dict[str, list[float]] = {}
+    row_specs = [("Teacher", "teacher", lambda m, t, s, seed: teacher_run(t, seed)),
+                 ("Student (baseline)", "student", lambda m, t, s, seed: teacher_run(s, seed))]
+    row_specs += [(METHOD_LABELS[m], m, lambda m, t, s, seed: distill_run(m, t, s, seed)) for m in p.methods]
+    for label, key, name_of in row_specs:
+        cells = []
+        for t, s in pairs:
+            st = over_seeds(lambda seed: name_of(key, t, s, seed), "top1")
+            ref = CRD.get((t, s), {}).get(key) if crd else None
+            cells.append(fmt(st) + (f" [{ref:.2f}]" if ref is not None else ""))
+            base = over_seeds(lambda seed: teacher_run(s, seed), "top1")
+            if key in p.methods and st and base:
+                deltas.setdefault(key, []).append(st[0] - base[0])
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "![test accuracy per epoch](accuracy.png)", "", "![Δ Top-1 over the student baseline](delta.png)", ""]
+    text = "\n".join(lines)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.md").write_text(text)
+    curves = [teacher_run(m, p.seeds[0]) for m in p.teachers]
+    curves += [distill_run(m, t, s, p.seeds[0]) for m in p.methods for t, s in pairs]
+    plot([{"name": n} for n in curves if (plots_dir / f"{n}.csv").is_file()], plots_dir, out_dir / "accuracy.png")
+    bar_chart(deltas, cols, out_dir / "delta.png")
+    return text
+
+
+def bar_chart(deltas: dict[str, list[float]], pair_labels: list[str], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(len(pair_labels), 1)
+    for j, label in enumerate(pair_labels):
+        xs = [i + j * width for i in range(len(deltas))]
+        ax.bar(xs, [v[j] if j < len(v) else 0 for v in deltas.values()], width, label=label)
+    ax.set_xticks([i + width * (len(pair_labels) - 1) / 2 for i in range(len(deltas))])
+    ax.set_xticklabels([METHOD_LABELS[m] for m in deltas])
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_ylabel("Δ Top-1 over student baseline (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100, metadata={"Software": None})
+    plt.close(fig)

@@ -17,6 +17,12 @@ TINY = {
              "synthetic": {"num_classes": 10, "train_size": 96, "test_size": 40, "seed": 0}},
     "teacher": {**copy.deepcopy(_TRAIN), "model": "resnet14"},
     "student": copy.deepcopy(_TRAIN),
+    "distill": {"kd": {"gamma": 0.1, "alpha": 0.9, "temperature": 4.0},
+                "at": {"gamma": 1.0, "alpha": 0.0, "temperature": 4.0, "beta": 1000.0, "p": 2.0},
+                "nst": {"gamma": 1.0, "alpha": 0.0, "temperature": 4.0, "beta": 50.0},
+                "fsp": {"gamma": 1.0, "alpha": 0.0, "temperature": 4.0, "beta": 1.0, "init_epochs": 0},
+                "fitnets": {"gamma": 1.0, "alpha": 0.0, "temperature": 4.0, "beta": 100.0, "hint_layer": 2,
+                            "regressor_kernel": 3, "init_epochs": 0}},
     "evaluate": {"batch_size": 64, "device": "cpu"},
 }
 

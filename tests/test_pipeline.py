@@ -18,7 +18,9 @@ DVC = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
 
 def sh(*args, cwd):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    return subprocess.run(args, cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
 
 
 @pytest.fixture(scope="module")
@@ -60,18 +62,28 @@ def rerun_after(repo, edit) -> set[str]:
         sh(DVC, "repro", "-q", cwd=repo)  # back to the original outputs (from the run cache)
 
 
-def test_student_key_reruns_only_student_chain(repo):
+METHODS = ("kd", "at", "nst", "fsp", "fitnets")
+DISTILL = {f"distill@{m}" for m in METHODS} | {f"evaluate@{m}" for m in METHODS}
+
+
+def test_student_key_reruns_student_and_distilled_students(repo):
     stale = rerun_after(repo, lambda p: p["student"]["optim"].update(lr=0.02))
-    assert stale == {"student", "evaluate@student", "report"}
+    assert stale == {"student", "evaluate@student", "report"} | DISTILL
+
+
+def test_one_method_key_reruns_only_that_method(repo):
+    stale = rerun_after(repo, lambda p: p["distill"]["at"].update(beta=10.0))
+    assert stale == {"distill@at", "evaluate@at", "report"}
 
 
 def test_teacher_key_reruns_only_teacher_chain(repo):
-    assert rerun_after(repo, lambda p: p["teacher"].update(epochs=3)) == {"teacher", "evaluate@teacher", "report"}
+    stale = rerun_after(repo, lambda p: p["teacher"].update(epochs=3))
+    assert stale == {"teacher", "evaluate@teacher", "report"} | DISTILL
 
 
 def test_evaluate_key_reruns_only_evaluation(repo):
     stale = rerun_after(repo, lambda p: p["evaluate"].update(batch_size=7))
-    assert stale == {"evaluate@teacher", "evaluate@student"}  # same metrics, so the report is unchanged
+    assert stale == {"evaluate@teacher", "evaluate@student"} | {f"evaluate@{m}" for m in METHODS}  # same metrics, so the report is unchanged
 
 
 def test_data_key_reruns_everything(repo):
