@@ -71,6 +71,7 @@ class Runtime(Strict):
     bf16: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA, off for CPU (exact fp32)
     channels_last: Literal["auto", "on", "off"] = "auto"
     compile: bool = False
+    sync_bn: bool = False  # under torchrun: SyncBatchNorm instead of per-rank BN statistics (CUDA only)
 
     @field_validator("device")
     @classmethod

@@ -64,8 +64,10 @@ class Numerics:
     channels_last: bool
 
     @classmethod
-    def from_runtime(cls, runtime) -> "Numerics":
+    def from_runtime(cls, runtime, local_rank: int = 0) -> "Numerics":
         device = resolve_device(runtime.device)
+        if device.type == "cuda" and device.index is None and local_rank:  # one GPU per DDP rank
+            device = torch.device("cuda", local_rank)
         return cls(device, _switch(runtime.bf16, device), _switch(runtime.channels_last, device))
 
     def autocast(self):
@@ -110,6 +112,62 @@ class Pipeline:
         rows = padded.gather(2, dy[:, None, :, None].expand(b, 3, 32, 40))
         crop = rows.gather(3, dx[:, None, None, :].expand(b, 3, 32, 32))
         return self.normalise(crop)
+
+
+# --- multi-GPU: DistributedDataParallel under torchrun -----------------------------------------------
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; one process (the default) needs nothing."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def all_sum(t: torch.Tensor, ddp: Dist) -> torch.Tensor:
+    if ddp.world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(t)
+    return t
+
+
+def barrier(ddp: Dist) -> None:
+    if ddp.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def train_step(objective: nn.Module, model: nn.Module, optimizer, x, y, phase: str, numerics: "Numerics",
+               lr: float, ddp: Dist = Dist()):
+    """One optimisation step (shared by `train` and `kdpipe bench`)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with numerics.autocast():
+        loss, logits = objective(model, x, y, phase)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if ddp.world > 1:  # DDP syncs the model's gradients; the objective's own (regressor) ones we sync here
+        for p in objective.parameters():
+            if p.grad is not None:
+                all_sum(p.grad, ddp).div_(ddp.world)
+    optimizer.step()
+    return loss, logits
 
 
 # --- learning rate --------------------------------------------------------------------------------
@@ -255,18 +313,35 @@ class Run:
     objective: nn.Module = field(default_factory=CrossEntropy)
     meta: dict = field(default_factory=dict)  # stored in the checkpoint and in the fingerprint
     stop_after: Optional[int] = None          # testing hook: pretend an interruption after this epoch
+    # (also settable as env KDPIPE_STOP_AFTER, to interrupt whole processes, e.g. under torchrun)
     progress: bool = True
 
 
 def train(run: Run, data: Prepared) -> dict:
     cfg = run.cfg
-    numerics = Numerics.from_runtime(cfg.runtime)
+    ddp = init_distributed()
+    numerics = Numerics.from_runtime(cfg.runtime, ddp.local_rank)
     dev = numerics.device
     set_determinism(dev)
+    if data.train.x.device != dev:
+        data = type(data)(type(data.train)(data.train.x.to(dev), data.train.y.to(dev)),
+                          type(data.test)(data.test.x.to(dev), data.test.y.to(dev)), data.manifest)
     pipe = Pipeline(data.manifest, numerics)
-    model = numerics.prepare_model(run.model)
+    model = run.model
+    if ddp.world > 1 and cfg.runtime.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = numerics.prepare_model(model)
     objective = run.objective.to(dev)
-    forward_model = torch.compile(model) if cfg.runtime.compile else model
+    forward_model = model
+    if ddp.world > 1:
+        if cfg.batch_size % ddp.world:
+            raise TrainingError(f"batch_size {cfg.batch_size} is not divisible by the {ddp.world} processes")
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward_model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                                find_unused_parameters=objective.init_epochs() > 0)
+    if cfg.runtime.compile:
+        forward_model = torch.compile(forward_model)
     params = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
 
     n = len(data.train.y)
@@ -274,7 +349,8 @@ def train(run: Run, data: Prepared) -> dict:
     init_epochs = objective.init_epochs()
     total = init_epochs + cfg.epochs
     resume_path = run.out.with_name(run.out.name + ".resume")
-    fp = fingerprint(cfg.model_dump(), run.meta, data.manifest["sha256"], str(dev), numerics.bf16, numerics.channels_last)
+    fp = fingerprint(cfg.model_dump(), run.meta, data.manifest["sha256"], dev.type, numerics.bf16,
+                     numerics.channels_last, ddp.world)
 
     g = torch.Generator(device=dev).manual_seed(cfg.seed)
     history: list[dict] = []
@@ -289,9 +365,10 @@ def train(run: Run, data: Prepared) -> dict:
         opt_phase = state["opt_phase"]
         optimizer = make_optimizer(params, cfg, dev)
         optimizer.load_state_dict(state["optimizer"])
-        print(f"{run.name}: resuming after epoch {start}/{total} from {resume_path}", file=sys.stderr)
+        if ddp.main:
+            print(f"{run.name}: resuming after epoch {start}/{total} from {resume_path}", file=sys.stderr)
 
-    reporter = Reporter(run.name, total, steps, run.progress)
+    reporter = Reporter(run.name, total, steps, run.progress and ddp.main)
     try:
         for epoch in range(start, total):
             phase = "init" if epoch < init_epochs else "main"
@@ -309,18 +386,18 @@ def train(run: Run, data: Prepared) -> dict:
                 idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 if len(idx) < 2:  # BatchNorm cannot train on a single image
                     continue
+                # every rank augments the whole global batch with the shared generator, then takes its
+                # shard: the random streams stay in step and the augmentation equals a single process's
                 x, y = pipe.augment(data.train.x[idx], g), data.train.y[idx]
+                if ddp.world > 1:
+                    x, y = x[ddp.rank::ddp.world], y[ddp.rank::ddp.world]
                 lr = learning_rate(cfg, e, step, steps) if phase == "main" else cfg.optim.lr
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                with numerics.autocast():
-                    loss, logits = objective(forward_model, x, y, phase)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.detach().float() * len(idx)
+                loss, logits = train_step(objective, forward_model, optimizer, x, y, phase, numerics, lr, ddp)
+                loss_sum += loss.detach().float() * len(y)
                 correct += (logits.detach().argmax(1) == y).sum()
                 reporter.step()
+            all_sum(loss_sum, ddp)
+            all_sum(correct, ddp)
             train_loss = loss_sum.item() / n
             if not math.isfinite(train_loss):
                 raise TrainingError(f"{run.name}: loss became {train_loss} in epoch {epoch + 1}; "
@@ -332,12 +409,15 @@ def train(run: Run, data: Prepared) -> dict:
             dt = time.perf_counter() - t0
             seconds += dt
             history.append(row)
-            reporter.epoch(row, n / dt)
-            atomic_save({"fingerprint": fp, "epoch": epoch + 1, "model": model.state_dict(),
-                         "objective": objective.state_dict(), "optimizer": optimizer.state_dict(),
-                         "opt_phase": opt_phase, "generator": g.get_state(), "history": history,
-                         "seconds": seconds}, resume_path)
-            if run.stop_after is not None and epoch + 1 >= run.stop_after and epoch + 1 < total:
+            if ddp.main:
+                reporter.epoch(row, n / dt)
+                atomic_save({"fingerprint": fp, "epoch": epoch + 1, "model": model.state_dict(),
+                             "objective": objective.state_dict(), "optimizer": optimizer.state_dict(),
+                             "opt_phase": opt_phase, "generator": g.get_state(), "history": history,
+                             "seconds": seconds}, resume_path)
+            barrier(ddp)  # the other ranks wait until the epoch's checkpoint is safely written
+            stop_after = run.stop_after or int(os.environ.get("KDPIPE_STOP_AFTER", "0")) or None
+            if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < total:
                 raise KeyboardInterrupt(f"stopped after epoch {epoch + 1} (test hook)")
     finally:
         reporter.close()
@@ -356,13 +436,17 @@ def train(run: Run, data: Prepared) -> dict:
         "data_sha256": data.manifest["sha256"],
         "history": canonical["history"],
     }
+    if not ddp.main:  # only rank 0 writes checkpoints, metrics and logs
+        barrier(ddp)
+        return final
     atomic_save(final, run.out)
     log = {"name": run.name, "model": cfg.model, **run.meta, "seconds": round(seconds, 3), "images_per_s": round(n * total / max(seconds, 1e-9), 1),
            "device": str(dev), "bf16": numerics.bf16, "channels_last": numerics.channels_last,
-           "torch": torch.__version__}
+           "torch": torch.__version__, "world_size": ddp.world}
     run.log.parent.mkdir(parents=True, exist_ok=True)
     run.log.write_text(json.dumps(log, indent=2) + "\n")
     resume_path.unlink(missing_ok=True)
+    barrier(ddp)
     return final
 
 

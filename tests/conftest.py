@@ -10,7 +10,7 @@ _TRAIN = {
     "model": "resnet8", "seed": 0, "epochs": 2, "batch_size": 16,
     "optim": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False},
     "schedule": {"milestones": [0.5, 0.75], "gamma": 0.1, "warmup_epochs": 0},
-    "runtime": {"device": "cpu", "bf16": "auto", "channels_last": "auto", "compile": False},
+    "runtime": {"device": "cpu", "bf16": "auto", "channels_last": "auto", "compile": False, "sync_bn": False},
 }
 TINY = {
     "data": {"dataset": "synthetic", "mirror": None,
