@@ -205,6 +205,44 @@ def report(names: Optional[list[str]] = typer.Argument(None, help="run names, in
     typer.echo(text)
 
 
+@app.command()
+@guarded
+def bench(model: str = typer.Option("resnet20", help="student model"),
+          teacher: str = typer.Option("resnet56", help="teacher model"),
+          batch_size: int = typer.Option(128, min=2), steps: int = typer.Option(10, min=1, help="timed steps per repeat"),
+          warmup: int = typer.Option(3, min=0), repeats: int = typer.Option(3, min=1),
+          workers: int = typer.Option(2, min=0, help="DataLoader workers of the baseline"),
+          device: str = typer.Option("auto"), methods: str = typer.Option(",".join(config.METHODS)),
+          as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")):
+    """Benchmark kdpipe's engine against a peer-style DataLoader baseline, side by side."""
+    import json
+
+    from . import bench as bench_mod
+    from . import models as models_mod
+
+    for m in (model, teacher):
+        if m not in models_mod.MODEL_NAMES:
+            fail(f"unknown model {m!r}; valid models: {', '.join(models_mod.MODEL_NAMES)}", 2)
+    chosen = tuple(m for m in methods.split(",") if m)
+    config.parse_methods("+".join(chosen)) if chosen else None
+    out = bench_mod.run(model, teacher, batch_size, steps, warmup, repeats, workers, device, chosen)
+    if as_json:
+        typer.echo(json.dumps(out, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"kdpipe bench — {out['device']}, torch {out['torch']}, batch {batch_size}, "
+                        f"median of {repeats} x {steps} steps")
+    for col in ("case", "kdpipe img/s", "baseline img/s", "speed-up", "÷ (student step + teacher fwd)"):
+        table.add_column(col, justify="left" if col == "case" else "right")
+    for r in out["results"]:
+        table.add_row(r["case"], f"{r['images_per_s']:.0f}", f"{r.get('baseline_images_per_s', 0):.0f}" if "speedup" in r else "",
+                      f"{r['speedup']:.2f}x" if "speedup" in r else "",
+                      f"{r['vs_student_plus_teacher_forward']:.2f}" if "vs_student_plus_teacher_forward" in r else "")
+    Console().print(table)
+
+
 def main():
     app()
 

@@ -68,3 +68,17 @@ def test_missing_inputs_give_one_line_errors(workdir):
     assert result.exit_code == 1 and result.output.strip() == "error: models/ghost.pt: checkpoint not found"
     result = CliRunner().invoke(app, ["report", "ghost"])
     assert result.exit_code == 1 and "no metrics for ghost" in result.output
+
+
+def test_bench_json_reports_every_case(workdir):
+    out = invoke("bench", "--model", "resnet8", "--teacher", "resnet8", "--batch-size", "8", "--steps", "1",
+                 "--warmup", "0", "--repeats", "1", "--workers", "0", "--device", "cpu", "--json")
+    report = json.loads(out)
+    cases = [r["case"] for r in report["results"]]
+    assert cases[:3] == ["train resnet8 (teacher)", "train resnet8 (student)", "resnet8 inference forward"]
+    assert [c.split(":")[0] for c in cases[3:]] == [f"distill {m}" for m in ("kd", "at", "nst", "fsp", "fitnets")]
+    assert all(r["images_per_s"] > 0 for r in report["results"])
+    assert report["results"][0]["speedup"] > 0 and "baseline_images_per_s" in report["results"][1]
+    assert report["bf16"] is False and report["channels_last"] is False  # CPU default: exact fp32
+    result = CliRunner().invoke(app, ["bench", "--model", "resnet9"])
+    assert result.exit_code == 2 and "unknown model 'resnet9'" in result.output

@@ -1,0 +1,160 @@
+"""`kdpipe bench`: kdpipe's engine against the way peer repositories train, side by side in one run.
+
+Baseline (RepDistiller/torchdistill style): a torchvision Dataset of PIL images with RandomCrop(32, 4),
+RandomHorizontalFlip, ToTensor, Normalize, a DataLoader with worker processes, fp32, default memory
+format. kdpipe: uint8 data on the device, batched on-device augmentation, the device's defaults
+(fp32 on CPU; bf16 + channels_last on CUDA). Same model, data, batch size and step count; warm-up
+steps excluded; repeats interleaved (baseline, kdpipe, baseline, ...) and the median reported.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from . import models, synthetic
+from .config import METHODS, Distill, Runtime
+from .distill import Distiller, feature_shapes
+from .engine import CrossEntropy, Numerics, Pipeline, make_optimizer, set_determinism, train_step
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(step, n_steps: int, device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n_steps):
+        step()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+class PILDataset(torch.utils.data.Dataset):
+    """CIFAR as the peers feed it: one PIL image at a time through torchvision transforms."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, mean, std):
+        import torchvision.transforms as T
+
+        self.images = x.permute(0, 2, 3, 1).contiguous().numpy()  # HWC uint8, like torchvision.CIFAR10
+        self.labels = y.tolist()
+        self.transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                                    T.Normalize(mean, std)])
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
+
+
+def _train_cfg(model: str, batch_size: int, device: str):
+    from .config import Train
+
+    return Train(model=model, batch_size=batch_size, epochs=1, runtime=Runtime(device=device))
+
+
+def run(model: str = "resnet20", teacher: str = "resnet56", batch_size: int = 128, steps: int = 10,
+        warmup: int = 3, repeats: int = 3, workers: int = 2, device: str = "auto",
+        methods: tuple[str, ...] = METHODS, images: int = 4096) -> dict:
+    numerics = Numerics.from_runtime(Runtime(device=device))
+    dev = numerics.device
+    set_determinism(dev)
+    (x, y), _ = synthetic.generate(10, max(images, batch_size * 4), 10, seed=0)
+    mean = (x.float() / 255).mean((0, 2, 3)).tolist()
+    std = (x.float() / 255).std((0, 2, 3)).tolist()
+    manifest = {"mean": mean, "std": std}
+    x_dev, y_dev = x.to(dev), y.to(dev)
+    pipe = Pipeline(manifest, numerics)
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def kdpipe_batch():
+        idx = torch.randint(0, len(y_dev), (batch_size,), generator=g, device=dev)
+        return pipe.augment(x_dev[idx], g), y_dev[idx]
+
+    def make(name):
+        torch.manual_seed(0)
+        return models.create(name, 10)
+
+    results, timings = [], {}
+
+    def measure(label, step, baseline_step=None):
+        for _ in range(warmup):
+            step()
+            if baseline_step:
+                baseline_step()
+        ours, base = [], []
+        for _ in range(repeats):
+            if baseline_step:
+                base.append(batch_size * steps / _timed(baseline_step, steps, dev))
+            ours.append(batch_size * steps / _timed(step, steps, dev))
+        row = {"case": label, "images_per_s": round(statistics.median(ours), 1)}
+        if base:
+            row["baseline_images_per_s"] = round(statistics.median(base), 1)
+            row["speedup"] = round(row["images_per_s"] / row["baseline_images_per_s"], 2)
+        timings[label] = batch_size / row["images_per_s"]  # seconds per step
+        results.append(row)
+
+    def baseline_trainer(name):
+        m = make(name).to(dev)
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        loader = torch.utils.data.DataLoader(PILDataset(x, y, mean, std), batch_size=batch_size, shuffle=True,
+                                             num_workers=workers, drop_last=True, persistent_workers=workers > 0,
+                                             pin_memory=dev.type == "cuda")
+        it = iter(loader)
+
+        def step():
+            nonlocal it
+            try:
+                xb, yb = next(it)
+            except StopIteration:
+                it = iter(loader)
+                xb, yb = next(it)
+            xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
+            loss = F.cross_entropy(m(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return step
+
+    def kdpipe_trainer(name, objective=None):
+        m = numerics.prepare_model(make(name))
+        objective = (objective or CrossEntropy()).to(dev)
+        opt = make_optimizer(list(m.parameters()) + list(objective.parameters()), _train_cfg(name, batch_size, device), dev)
+
+        def step():
+            xb, yb = kdpipe_batch()
+            train_step(objective, m, opt, xb, yb, "main", numerics, 0.1)
+        return step, m
+
+    # teacher training, plain student training: baseline vs kdpipe
+    measure(f"train {teacher} (teacher)", kdpipe_trainer(teacher)[0], baseline_trainer(teacher))
+    student_step, student = kdpipe_trainer(model)
+    measure(f"train {model} (student)", student_step, baseline_trainer(model))
+
+    # the teacher's inference forward alone: the only extra work a distillation step should have
+    t_model = numerics.prepare_model(make(teacher)).eval().requires_grad_(False)
+
+    def teacher_forward():
+        xb, _ = kdpipe_batch()
+        with torch.inference_mode(), numerics.autocast():
+            t_model(xb, features=True)
+    measure(f"{teacher} inference forward", teacher_forward)
+    floor = timings[f"train {model} (student)"] + timings[f"{teacher} inference forward"]
+    for method in methods:
+        s = make(model)
+        objective = Distiller(t_model, [method], Distill(), feature_shapes(s), feature_shapes(t_model, dev))
+        step, _ = kdpipe_trainer(model, objective)
+        measure(f"distill {method}: {teacher} -> {model}", step)
+        results[-1]["vs_student_plus_teacher_forward"] = round(timings[results[-1]["case"]] / floor, 2)
+    return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+            "torch": torch.__version__, "bf16": numerics.bf16, "channels_last": numerics.channels_last,
+            "batch_size": batch_size, "steps": steps, "warmup": warmup, "repeats": repeats, "workers": workers,
+            "results": results}
