@@ -168,6 +168,12 @@ class Prepared:
     def num_classes(self) -> int:
         return self.manifest["num_classes"]
 
+    def to(self, device) -> "Prepared":
+        if self.train.x.device == torch.device(device):
+            return self
+        move = lambda s: Split(s.x.to(device), s.y.to(device))  # noqa: E731
+        return Prepared(move(self.train), move(self.test), self.manifest)
+
 
 def load(data_dir: str | Path, device: torch.device | str = "cpu") -> Prepared:
     """Load prepared arrays onto `device`, checking them against the manifest's sha256."""

@@ -323,9 +323,7 @@ def train(run: Run, data: Prepared) -> dict:
     numerics = Numerics.from_runtime(cfg.runtime, ddp.local_rank)
     dev = numerics.device
     set_determinism(dev)
-    if data.train.x.device != dev:
-        data = type(data)(type(data.train)(data.train.x.to(dev), data.train.y.to(dev)),
-                          type(data.test)(data.test.x.to(dev), data.test.y.to(dev)), data.manifest)
+    data = data.to(dev)
     pipe = Pipeline(data.manifest, numerics)
     model = run.model
     if ddp.world > 1 and cfg.runtime.sync_bn:
@@ -385,11 +383,13 @@ def train(run: Run, data: Prepared) -> dict:
             perm = torch.randperm(n, generator=g, device=dev)
             loss_sum = torch.zeros((), device=dev)
             correct = torch.zeros((), device=dev, dtype=torch.long)
-            lr = cfg.optim.lr
+            lr, seen = cfg.optim.lr, 0
             for step in range(steps):
                 idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-                if len(idx) < 2:  # BatchNorm cannot train on a single image
+                idx = idx[:len(idx) - len(idx) % ddp.world]  # equal shards for every rank
+                if len(idx) < 2 * ddp.world:  # BatchNorm cannot train on a single image
                     continue
+                seen += len(idx)
                 # every rank augments the whole global batch with the shared generator, then takes its
                 # shard: the random streams stay in step and the augmentation equals a single process's
                 x, y = pipe.augment(data.train.x[idx], g), data.train.y[idx]
@@ -402,12 +402,12 @@ def train(run: Run, data: Prepared) -> dict:
                 reporter.step()
             all_sum(loss_sum, ddp)
             all_sum(correct, ddp)
-            train_loss = loss_sum.item() / n
+            train_loss = loss_sum.item() / seen
             if not math.isfinite(train_loss):
                 raise TrainingError(f"{run.name}: loss became {train_loss} in epoch {epoch + 1}; "
                                     "lower the learning rate or a loss weight")
             row = {"epoch": epoch + 1, "phase": phase, "lr": lr, "train_loss": train_loss,
-                   "train_top1": 100 * correct.item() / n}
+                   "train_top1": 100 * correct.item() / seen}
             if phase == "main":
                 row.update(evaluate(model, data.test, pipe))
             dt = time.perf_counter() - t0
