@@ -1,0 +1,52 @@
+"""The full pipelines' report: mean ± sample std (n) over seeds, published and CRD figures beside ours."""
+
+import csv
+import json
+
+import yaml
+
+from kdpipe import config, report
+
+from .conftest import ROOT
+
+
+def fake_run(tmp_path, name, top1, epochs=2):
+    (tmp_path / "metrics").mkdir(exist_ok=True)
+    (tmp_path / "plots").mkdir(exist_ok=True)
+    m = {"top1": top1, "top5": 90.0, "top1_last": top1 - 1, "best_epoch": 1, "params_m": 0.27, "epochs": epochs,
+         "seconds": 1.0}
+    (tmp_path / f"metrics/{name}.json").write_text(json.dumps(m))
+    with (tmp_path / f"plots/{name}.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["epoch", "test_top1"])
+        for e in range(1, epochs + 1):
+            w.writerow([e, top1 - epochs + e])
+
+
+def test_grid_report(tmp_path):
+    raw = yaml.safe_load((ROOT / "pipelines/cifar100/params.yaml").read_text())
+    raw.update(seeds=[0, 1], methods=["kd", "fsp"], teachers=["resnet20", "resnet56"],
+               pairs=[{"teacher": "resnet56", "student": "resnet20"}])
+    p = config.validate(raw)
+    for seed, (t, s, kd) in enumerate([(72.0, 68.0, 70.0), (74.0, 70.0, 71.0)]):
+        fake_run(tmp_path, f"teacher-resnet56-s{seed}", t)
+        fake_run(tmp_path, f"teacher-resnet20-s{seed}", s)
+        fake_run(tmp_path, f"kd-resnet56-resnet20-s{seed}", kd)
+    fake_run(tmp_path, "fsp-resnet56-resnet20-s0", 69.5)  # one seed missing: n=1
+    manifest = {"dataset": "cifar100", "train_size": 50000, "test_size": 10000, "num_classes": 100, "source": "x"}
+    text = report.grid(p, manifest, tmp_path / "metrics", tmp_path / "plots", tmp_path / "reports")
+    # published table: ResNet-56 mean 73 ± sqrt(2) over 2 seeds, published CIFAR-100 71.09 / 91.56
+    assert "| ResNet-56 | 0.27 | 73.00 ± 1.41 (n=2) | 90.00 ± 0.00 (n=2) | 72.00 ± 1.41 (n=2) | 71.09 / 91.56 | +1.91 |" in text
+    assert "| Teacher | 73.00 ± 1.41 (n=2) [72.34] |" in text
+    assert "| Student (baseline) | 69.00 ± 1.41 (n=2) [69.06] |" in text
+    assert "| KD | 70.50 ± 0.71 (n=2) [70.66] |" in text
+    assert "| FSP | 69.50 ± 0.00 (n=1) [69.95] |" in text
+    for f in ("results.md", "accuracy.png", "delta.png"):
+        assert (tmp_path / "reports" / f).stat().st_size > 0
+
+
+def test_stats():
+    assert report.stats([]) is None
+    assert report.stats([5.0]) == (5.0, 0.0, 1)
+    mean, std, n = report.stats([1.0, 2.0, 3.0, 4.0])
+    assert (mean, n) == (2.5, 4) and abs(std - (5 / 3) ** 0.5) < 1e-12  # sample std (n - 1)
