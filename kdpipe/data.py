@@ -113,8 +113,7 @@ def prepare(cfg, out_dir: Path, raw_dir: Path = Path("data/raw")) -> dict:
         s = cfg.synthetic
         (tx, ty), (vx, vy) = synthetic.generate(s.num_classes, s.train_size, s.test_size, s.seed)
         train, test = (tx.numpy(), ty.numpy()), (vx.numpy(), vy.numpy())
-        classes = [f"{synthetic.SHAPES[c % _side(s.num_classes)]}/{synthetic.TEXTURES[c // _side(s.num_classes)]}"
-                   for c in range(s.num_classes)]
+        classes = synthetic.class_names(s.num_classes)
         source = f"kdpipe synthetic (seed {s.seed})"
     else:
         raw_dir.mkdir(parents=True, exist_ok=True)
@@ -145,11 +144,6 @@ def prepare(cfg, out_dir: Path, raw_dir: Path = Path("data/raw")) -> dict:
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return manifest
-
-
-def _side(num_classes: int) -> int:
-    import math
-    return math.ceil(math.sqrt(num_classes))
 
 
 @dataclass

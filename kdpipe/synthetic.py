@@ -76,10 +76,20 @@ def _local_coords(g: torch.Generator, n: int, size: int, scale_range, rot: float
     return c * dx + si * dy, -si * dx + c * dy
 
 
+def grid_side(num_classes: int) -> int:
+    """Shapes per texture: class c is shape c % side, texture c // side."""
+    return math.ceil(math.sqrt(num_classes))
+
+
+def class_names(num_classes: int) -> list[str]:
+    side = grid_side(num_classes)
+    return [f"{SHAPES[c % side]}/{TEXTURES[c // side]}" for c in range(num_classes)]
+
+
 def _draw(labels: torch.Tensor, num_classes: int, g: torch.Generator, size: int = 32) -> torch.Tensor:
     n = len(labels)
-    per_side = math.ceil(math.sqrt(num_classes))
-    shape, texture = labels % per_side, labels // per_side
+    side = grid_side(num_classes)
+    shape, texture = labels % side, labels // side
     # background: a random colour with a random linear gradient
     bg = torch.rand(n, 3, generator=g) * 0.45
     grad_dir = torch.rand(n, 2, generator=g) * 2 - 1
