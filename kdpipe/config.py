@@ -141,14 +141,15 @@ class NSTParams(FeatureParams):
 
 
 class FSPParams(FeatureParams):
-    beta: float = Field(1.0, ge=0)
-    init_epochs: int = Field(0, ge=0, description="> 0: the paper's two-stage procedure (FSP pre-training first)")
+    beta: float = Field(1.0, ge=0, description="weight of the FSP term in single-stage mode (init_epochs: 0)")
+    init_epochs: int = Field(30, ge=0, description="RepDistiller: 30 epochs of FSP pre-training, then CE alone; "
+                                                   "0: kdpipe's single-stage variant, gamma*CE + beta*FSP")
 
 
 class FitNetsParams(FeatureParams):
     beta: float = Field(100.0, ge=0)
     hint_layer: int = Field(2, ge=0, le=3, description="tap index f0..f3 of the hint (and guided) layer")
-    regressor_kernel: Literal[1, 3] = 3
+    regressor_kernel: Literal[1, 3] = Field(1, description="1: RepDistiller's ConvReg (1x1 for equal sizes); 3: 3x3")
     init_epochs: int = Field(0, ge=0, description="> 0: the paper's two-stage procedure (hint training first)")
 
 

@@ -78,6 +78,8 @@ def test_default_hyper_parameters():
     assert (d.kd.temperature, d.kd.gamma, d.kd.alpha) == (4.0, 0.1, 0.9)
     assert [getattr(d, m).beta for m in ("at", "nst", "fsp", "fitnets")] == [1000, 50, 1, 100]
     assert all((getattr(d, m).gamma, getattr(d, m).alpha) == (1.0, 0.0) for m in ("at", "nst", "fsp", "fitnets"))
+    # RepDistiller's procedures: FSP as 30 epochs of pre-training then CE; FitNets with a 1x1 ConvReg
+    assert (d.fsp.init_epochs, d.fitnets.regressor_kernel, d.fitnets.init_epochs) == (30, 1, 0)
 
 
 def test_two_stage_phases():
@@ -88,7 +90,8 @@ def test_two_stage_phases():
     with torch.no_grad():
         tf = teacher(x, features=True)[1]
     sf = student(x, features=True)[1]
-    expected = 100.0 * Fd.hint(obj.terms["fitnets"].regressor(sf[2]), tf[2])
+    # stage 1 is RepDistiller's init(): the method's own loss, unweighted (beta applies in single-stage mode)
+    expected = Fd.hint(obj.terms["fitnets"].regressor(sf[2]), tf[2])
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     loss.backward()  # stage 1 trains the student only up to the hint layer, plus the regressor
     assert student.stage3[0].conv1.weight.grad is None and student.fc.weight.grad is None
@@ -100,12 +103,24 @@ def test_two_stage_phases():
     assert loss.item() == pytest.approx((F.cross_entropy(logits, y) + 0.9 * Fd.kd(logits, tl, 4.0)).item(), rel=1e-5)
 
 
-def test_regressor_shapes():
-    r = regressor((16, 32, 32), (32, 16, 16))
+def n_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_regressor_is_repdistillers_convreg():
+    # equal sizes: 1x1 conv with bias + BN + ReLU; 32 -> 32 channels = 32*32 + 32 + 2*32 = 1,120 parameters
+    r = regressor((32, 16, 16), (32, 16, 16))
+    assert r[0].kernel_size == (1, 1) and r[0].bias is not None and n_params(r) == 1120
+    assert n_params(regressor((32, 16, 16), (32, 16, 16), kernel=3)) == 32 * 32 * 9 + 32 + 64  # the 3x3 variant
+    r = regressor((16, 32, 32), (32, 16, 16))  # student map twice as large: 3x3 stride 2
+    assert r[0].kernel_size == (3, 3) and r[0].stride == (2, 2)
     assert r(torch.randn(2, 16, 32, 32)).shape == (2, 32, 16, 16)
-    assert regressor((32, 16, 16), (64, 16, 16), kernel=1)[0].kernel_size == (1, 1)
-    with pytest.raises(ValueError, match="no regressor from a 8x8 student hint to a 16x16"):
-        regressor((64, 8, 8), (32, 16, 16))
+    r = regressor((64, 8, 8), (32, 16, 16))  # half as large: 4x4 transposed conv, stride 2
+    assert isinstance(r[0], torch.nn.ConvTranspose2d) and r(torch.randn(2, 64, 8, 8)).shape == (2, 32, 16, 16)
+    r = regressor((16, 10, 10), (8, 8, 8))  # otherwise: a (1 + Hs - Ht) kernel
+    assert r[0].kernel_size == (3, 3) and r(torch.randn(2, 16, 10, 10)).shape == (2, 8, 8, 8)
+    with pytest.raises(ValueError, match="no regressor from a 4x4 student hint to a 16x16"):
+        regressor((64, 4, 4), (32, 16, 16))
 
 
 def test_fsp_rejects_mismatched_channels():

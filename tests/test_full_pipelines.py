@@ -16,12 +16,19 @@ def test_params_validate_with_recipes(name):
     p = config.load_params(ROOT / "pipelines" / name / "params.yaml")
     assert p.data.dataset == name and p.data.synthetic.num_classes == EXPECTED[name]
     assert p.teachers == ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]
-    he = p.teacher  # he2016: batch 128, SGD 0.9, wd 1e-4, lr 0.1 /10 at 50 % and 75 %, 164 epochs
+    he = p.recipes["he2016"]  # batch 128, SGD 0.9, wd 1e-4, lr 0.1 /10 at 50 % and 75 %, 164 epochs
     assert (he.epochs, he.batch_size, he.optim.lr, he.optim.momentum, he.optim.weight_decay) == (164, 128, 0.1, 0.9, 1e-4)
     assert he.schedule.milestones == [0.5, 0.75]
     rd = p.recipes["repdistiller"]
     assert [round(m * rd.epochs) for m in rd.schedule.milestones] == [150, 180, 210] and rd.epochs == 240
     assert (rd.batch_size, rd.optim.lr, rd.optim.weight_decay) == (64, 0.05, 5e-4)
+    # CIFAR-100 compares with CRD's figures, which come from RepDistiller's recipe; CIFAR-10 keeps He et al.'s
+    recipe = {"cifar10": "he2016", "cifar100": "repdistiller"}[name]
+    assert p.teacher.recipe == p.student.recipe == recipe
+    assert p.teacher.model_dump(exclude={"recipe", "model", "seed", "runtime"}) == \
+        p.student.model_dump(exclude={"recipe", "model", "seed", "runtime"}) == p.recipes[recipe].model_dump()
+    # FSP and FitNets as RepDistiller runs them
+    assert p.distill.fsp.init_epochs == 30 and p.distill.fitnets.regressor_kernel == 1
 
 
 def test_recipe_overrides_and_errors():

@@ -37,10 +37,17 @@ def test_grid_report(tmp_path):
     text = report.grid(p, manifest, tmp_path / "metrics", tmp_path / "plots", tmp_path / "reports")
     # published table: ResNet-56 mean 73 ± sqrt(2) over 2 seeds, published CIFAR-100 71.09 / 91.56
     assert "| ResNet-56 | 0.27 | 73.00 ± 1.41 (n=2) | 90.00 ± 0.00 (n=2) | 72.00 ± 1.41 (n=2) | 71.09 / 91.56 | +1.91 |" in text
-    assert "| Teacher | 73.00 ± 1.41 (n=2) [72.34] |" in text
-    assert "| Student (baseline) | 69.00 ± 1.41 (n=2) [69.06] |" in text
-    assert "| KD | 70.50 ± 0.71 (n=2) [70.66] |" in text
-    assert "| FSP | 69.50 ± 0.00 (n=1) [69.95] |" in text
+    # the distillation grid compares like with like: our last epoch (top1_last = top1 - 1 here) with CRD's last epoch
+    assert "| Teacher | 72.00 ± 1.41 (n=2) [72.34] |" in text
+    assert "| Student (baseline) | 68.00 ± 1.41 (n=2) [69.06] |" in text
+    assert "| KD | 69.50 ± 0.71 (n=2) [70.66] |" in text
+    assert "| FSP | 68.50 ± 0.00 (n=1) [69.95] |" in text
+    # each table says which recipe produced our numbers and which convention it uses
+    recipe = "`repdistiller` (240 epochs, batch 64, SGD lr 0.05 x0.1 at epochs 150/180/210, wd 0.0005)"
+    models_part, distill_part = text.split("## Distillation")
+    assert f"Our numbers: recipe {recipe}. Top1 = best epoch's test Top-1, Top5 = last epoch's" in models_part
+    assert f"Our numbers: recipe {recipe} for the students" in distill_part
+    assert "**last** epoch (`top1_last`), the convention of CRD and RepDistiller" in distill_part
     for f in ("results.md", "accuracy.png", "delta.png"):
         assert (tmp_path / "reports" / f).stat().st_size > 0
 

@@ -8,7 +8,6 @@ returns the unweighted loss; trainable parts (the FitNets regressor) are its sub
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 REGISTRY: dict[str, type[nn.Module]] = {}
@@ -23,6 +22,7 @@ def register(name: str):
 
 
 from . import at, fitnets, fsp, kd, nst  # noqa: E402,F401  (fill the registry)
+from . import functional as Fd  # noqa: E402
 
 
 @torch.no_grad()
@@ -77,12 +77,12 @@ class Distiller(nn.Module):
             t_logits, t_feats = self.teacher(x, features=True)
         t_logits, t_feats = t_logits.clone(), [f.clone() for f in t_feats]
         s_logits, s_feats = model(x, features=True)
-        if phase == "init":  # stage 1 of the two-stage methods: their feature terms alone
-            names = list(self.two_stage)
+        if phase == "init":  # stage 1 (RepDistiller's init()): the two-stage methods' own losses, unweighted
+            weights = {n: 1.0 for n in self.two_stage}
             loss = 0.0
         else:
-            names = [n for n in self.terms if n not in self.two_stage]
-            loss = self.gamma * F.cross_entropy(s_logits.float(), y)
-        for n in names:
-            loss = loss + self.weights[n] * self.terms[n](s_logits, s_feats, t_logits, t_feats)
+            weights = {n: w for n, w in self.weights.items() if n not in self.two_stage}
+            loss = self.gamma * Fd.cross_entropy(s_logits, y)
+        for n, w in weights.items():
+            loss = loss + w * self.terms[n](s_logits, s_feats, t_logits, t_feats)
         return loss, s_logits

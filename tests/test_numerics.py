@@ -1,0 +1,111 @@
+"""fp32 losses under bf16 autocast (the fidelity issue): every loss computes in fp32 whatever autocast
+region it is called from, and the per-epoch test evaluation never runs in bf16."""
+
+import inspect
+
+import pytest
+import torch
+
+from kdpipe import config, data, engine, models
+from kdpipe.distill import Distiller, feature_shapes
+from kdpipe.distill import functional as Fd
+
+from .conftest import tiny_params
+
+HELPERS = {"match_spatial"}  # public functions of `functional` that are not losses
+
+
+def near_equal(shape, seed=0):
+    """A teacher feature map and a student one within ~5 % of it (what training converges to)."""
+    g = torch.Generator().manual_seed(seed)
+    ft = torch.relu(torch.randn(shape, generator=g))
+    return ft * (1 + 0.05 * torch.randn(shape, generator=g)), ft
+
+
+def cases():
+    fs, ft = near_equal((8, 16, 8, 8))
+    taps = [near_equal((8, c, h, h), seed=i) for i, (c, h) in enumerate([(16, 32), (16, 32), (32, 16), (64, 8)])]
+    s_logits, t_logits = near_equal((8, 100), seed=7)
+    return {
+        "cross_entropy": (s_logits, torch.arange(8)),
+        "kd": (s_logits, t_logits, 4.0),
+        "attention_map": (fs,),
+        "attention": (fs, ft),
+        "nst": (fs, ft),
+        "fsp_matrix": (fs, ft),
+        "fsp": ([s for s, _ in taps], [t for _, t in taps]),
+        "hint": (fs, ft),
+    }
+
+
+def public_functions():
+    own = [n for n, f in vars(Fd).items()
+           if inspect.isfunction(f) and not n.startswith("_") and f.__module__ == Fd.__name__ and n not in HELPERS]
+    return sorted(own + ["cross_entropy"])  # the CE term (kdpipe/losses.py) is public in `functional` too
+
+
+def test_every_loss_is_declared_fp32_and_tested_here():
+    # a new loss without @fp32, or without a case below, fails here
+    assert public_functions() == sorted(cases())
+    assert all(getattr(getattr(Fd, n), "fp32", False) for n in public_functions())
+
+
+@pytest.mark.parametrize("name", sorted(cases()))
+def test_loss_under_bf16_autocast_equals_fp32(name):
+    fn, args = getattr(Fd, name), cases()[name]
+    ref = fn(*args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fn(*args)
+        bf16_args = [a.bfloat16() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+        from_bf16 = fn(*bf16_args)  # bf16 inputs (what autocast convs produce) are computed in fp32 too
+    assert got.dtype == torch.float32 and from_bf16.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-2, atol=0)
+
+
+def test_the_check_would_catch_bf16_matmuls():
+    # without the decorator, NST of near-equal maps under autocast is far off (bmm in bf16): the tests above can fail
+    fs, ft = near_equal((8, 16, 8, 8))
+    ref = Fd.nst(fs, ft).item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        raw = Fd.nst.__wrapped__(fs, ft).item()
+    assert abs(raw - ref) > 0.1 * ref
+
+
+@pytest.mark.parametrize("name", ["nst", "fsp_matrix", "hint"])
+def test_gradients_under_autocast_match_fp32(name):
+    fs, ft = near_equal((8, 16, 8, 8))
+
+    def grad(autocast: bool):
+        x = fs.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = getattr(Fd, name)(x, ft)
+        (out.sum() if out.dim() else out).backward()  # as in engine.train_step: backward outside autocast
+        return x.grad
+
+    torch.testing.assert_close(grad(True), grad(False), rtol=1e-2, atol=1e-9)
+
+
+@pytest.mark.parametrize("methods", [["kd"], ["at"], ["nst"], ["fsp"], ["fitnets"]])
+def test_distiller_step_under_autocast_matches_fp32(methods):
+    p = config.validate(tiny_params())
+    torch.manual_seed(0)
+    teacher, student = models.create("resnet14", 10), models.create("resnet8", 10)
+    obj = Distiller(teacher, methods, p.distill, feature_shapes(student), feature_shapes(teacher))
+    student.eval()  # BN in eval mode: both calls see the same statistics
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    ref, _ = obj(student, x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = obj(student, x, y)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(ref.item(), rel=1e-2)
+
+
+def test_test_evaluation_is_fp32_whatever_the_training_numerics(tmp_path):
+    p = config.validate(tiny_params())
+    data.prepare(p.data, tmp_path / "prepared")
+    prepared = data.load(tmp_path / "prepared")
+    torch.manual_seed(0)
+    model = models.create("resnet8", 10)
+    fp32 = engine.evaluate(model, prepared.test, engine.Pipeline(prepared.manifest, engine.Numerics(torch.device("cpu"), False, False)))
+    bf16 = engine.evaluate(model, prepared.test, engine.Pipeline(prepared.manifest, engine.Numerics(torch.device("cpu"), True, False)))
+    assert bf16 == fp32  # bit-equal: no autocast in the evaluation that picks the best epoch
