@@ -8,9 +8,11 @@ export PATH := $(BIN):$(PATH)
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
+	@echo "kdpipe: creating $(VENV) and installing kdpipe with torch, torchvision and DVC (about 1.5 min) ..."
 	python3 -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
+	@echo "kdpipe: installed ($$($(BIN)/kdpipe --version))"
 	touch $@
 
 quickstart: install
@@ -20,5 +22,7 @@ quickstart: install
 test: install
 	pytest -q
 
+# removes what the pipeline produced (git-ignored files only); tracked files (dvc.lock, committed
+# metrics, the folders' .gitignore) stay
 clean:
-	rm -rf data models logs metrics plots reports dvc.lock
+	git clean -fdX -- data models logs metrics plots reports dvc_plots

@@ -18,6 +18,20 @@ from .config import ParamsError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Knowledge distillation for CIFAR ResNets, driven by params.yaml.")
 
+def _version(value: bool):
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"kdpipe {version('kdpipe')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print kdpipe's version and exit")):
+    """Knowledge distillation for CIFAR ResNets, driven by params.yaml."""
+
+
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="params file to read")
 DataOpt = typer.Option(Path("data/prepared"), "--data", help="prepared data folder (output of `kdpipe data`)")
 
@@ -27,9 +41,9 @@ def fail(message: str, code: int = 1):
     raise typer.Exit(code)
 
 
-def load(params: Path) -> config.Params:
+def load(params: Path, *require: str) -> config.Params:
     try:
-        return config.load_params(params)
+        return config.load_params(params, require)
     except ParamsError as e:
         for line in e.lines:
             typer.echo(f"error: {line}", err=True)
@@ -53,6 +67,9 @@ def guarded(fn):
             for line in e.lines:
                 typer.echo(f"error: {line}", err=True)
             raise typer.Exit(2)
+        except OSError as e:  # e.g. a full disk or a read-only folder while writing outputs
+            where = f"{e.filename}: " if e.filename else ""
+            fail(f"{where}{e.strerror or e}")
         except KeyboardInterrupt:
             typer.echo("interrupted: re-run the same command to resume from the last finished epoch", err=True)
             raise typer.Exit(130)
@@ -67,7 +84,7 @@ def data(params: Path = ParamsOpt, out: Path = typer.Option(Path("data/prepared"
     """Download CIFAR (md5-checked) or draw the synthetic set, and write compact uint8 arrays."""
     from .data import prepare
 
-    p = load(params)
+    p = load(params, "data")
     manifest = prepare(p.data, out, raw)
     typer.echo(f"{manifest['dataset']}: {manifest['train_size']} train / {manifest['test_size']} test images, "
                f"{manifest['num_classes']} classes -> {out}")
@@ -91,8 +108,9 @@ def _train(role: str, name: str, params: Path, data_dir: Path, model: Optional[s
     from . import data as data_mod
     from . import engine, models
 
-    p = load(params)
+    p = load(params, role)
     cfg = with_overrides(getattr(p, role), model, seed)
+    engine.pin_cpu(cfg.runtime)
     numerics = engine.Numerics.from_runtime(cfg.runtime)
     prepared = data_mod.load(data_dir, numerics.device)
     torch_seed(cfg.seed)
@@ -138,9 +156,10 @@ def distill(method: str = typer.Option(..., "--method", "-m", help="kd, at, nst,
     from . import engine, models
     from .distill import Distiller, feature_shapes
 
-    p = load(params)
+    p = load(params, "student", "distill")
     methods = config.parse_methods(method)
     cfg = with_overrides(p.student, model, seed)
+    engine.pin_cpu(cfg.runtime)
     numerics = engine.Numerics.from_runtime(cfg.runtime)
     prepared = data_mod.load(data_dir, numerics.device)
     ckpt = engine.load_checkpoint(teacher, num_classes=prepared.num_classes)
@@ -168,10 +187,11 @@ def distill(method: str = typer.Option(..., "--method", "-m", help="kd, at, nst,
 def evaluate_cmd(name: str = typer.Argument(..., help="run name: evaluates models/NAME.pt"),
                  params: Path = ParamsOpt, data_dir: Path = DataOpt):
     """Test a trained model; write metrics/NAME.json and plots/NAME.csv."""
-    from . import evaluate
+    from . import engine, evaluate
 
-    p = load(params)
-    m = evaluate.run(name, Path(f"models/{name}.pt"), Path(f"logs/{name}.json"), data_dir,
+    p = load(params, "evaluate")
+    engine.pin_cpu(p.evaluate)
+    m = evaluate.run(name, Path(f"models/{name}.pt"), data_dir,
                      Path(f"metrics/{name}.json"), Path(f"plots/{name}.csv"), p.evaluate)
     typer.echo(f"{name}: top1 {m['top1']:.2f}% (epoch {m['best_epoch']}), top5 {m['top5']:.2f}%, "
                f"last top1 {m['top1_last']:.2f}%")
@@ -194,7 +214,9 @@ def report(names: Optional[list[str]] = typer.Argument(None, help="run names, in
     if not names:
         p = load(params)
         if not p.teachers:
-            fail("no run names given and no `teachers` grid in params")
+            found = sorted(f.stem for f in Path("metrics").glob("*.json"))
+            fail("no run names given and no `teachers` grid in params; runs with metrics: "
+                 + (", ".join(found) if found else "none (run `kdpipe evaluate NAME` first)"))
         typer.echo(report_mod.grid(p, json.loads(manifest_path.read_text()), Path("metrics"), Path("plots"), out))
         return
     missing = [n for n in names if not Path(f"metrics/{n}.json").is_file()]

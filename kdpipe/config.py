@@ -28,7 +28,8 @@ class ParamsError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: YAML's '12' (a string) is not an int; ints stay valid where a float is expected
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -66,7 +67,15 @@ class Schedule(Strict):
         return v
 
 
-class Runtime(Strict):
+class CpuPin(Strict):
+    """Same bits on every x86-64 machine: torch picks CPU kernels by instruction set (ATen's vectorised
+    code, oneDNN's convolutions), and reductions split by thread count; both change the rounding."""
+
+    cpu_isa: Literal["native", "avx2"] = "native"  # avx2: pin ATen and oneDNN to AVX2 kernels
+    cpu_threads: Optional[int] = Field(None, ge=1)  # null: torch's default (the number of cores)
+
+
+class Runtime(CpuPin):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     bf16: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA, off for CPU (exact fp32)
     channels_last: Literal["auto", "on", "off"] = "auto"
@@ -109,7 +118,7 @@ class Train(Strict):
 
 
 # --- evaluation -----------------------------------------------------------------------------------
-class Evaluate(Strict):
+class Evaluate(CpuPin):
     batch_size: int = Field(1000, ge=1)
     device: str = "auto"
 
@@ -163,9 +172,11 @@ class Distill(Strict):
 
 def parse_methods(spec: str) -> list[str]:
     """`kd+at` -> ["kd", "at"], with a clear error for unknown or repeated names."""
-    names = [m.strip() for m in spec.split("+") if m.strip()]
+    names = [m.strip() for m in spec.split("+")]
+    if "" in names:
+        raise ParamsError([f"--method: {spec!r} has an empty term; valid: {', '.join(METHODS)} (combine with +, e.g. kd+at)"])
     unknown = [m for m in names if m not in METHODS]
-    if not names or unknown:
+    if unknown:
         raise ParamsError([f"--method: unknown method {', '.join(map(repr, unknown)) or repr(spec)}; "
                            f"valid: {', '.join(METHODS)} (combine with +, e.g. kd+at)"])
     if len(set(names)) != len(names):
@@ -266,12 +277,20 @@ def validate(raw: object, schema: type[BaseModel] = Params) -> BaseModel:
         raise ParamsError([_describe(err, schema) for err in e.errors()]) from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def load_params(path: str | Path = "params.yaml", require: tuple[str, ...] = ()) -> Params:
+    """Validate the params file; every section in `require` (the ones the command reads) must be present,
+    so an empty or truncated file never silently trains a built-in default."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError([f"{path}: params file not found"])
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ParamsError([f"{path}: not valid YAML ({str(e).splitlines()[0]})"]) from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ParamsError([f"{path}: not valid YAML{where}: {what}"]) from None
+    missing = [s for s in require if not (isinstance(raw, dict) and s in raw)]
+    if missing:
+        raise ParamsError([f"{path}: missing section {s!r} (this command reads it)" for s in missing])
     return validate(raw)

@@ -17,7 +17,9 @@ import io
 import json
 import math
 import os
+import platform
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -80,6 +82,25 @@ class Numerics:
     def prepare_model(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device)
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "DNNL_MAX_CPU_ISA": "AVX2"}
+
+
+def pin_cpu(cfg) -> None:
+    """Apply `runtime.cpu_isa` / `cpu_threads` (config.CpuPin). Must run before the process's first
+    torch op: ATen and oneDNN read their instruction-set limits once, at first use."""
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
+    if cfg.cpu_isa == "native":
+        return
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        raise TrainingError(f"cpu_isa: {cfg.cpu_isa} needs an x86-64 CPU (this is {platform.machine()}); use native")
+    os.environ.update(AVX2_ENV)
+    got = torch.backends.cpu.get_cpu_capability()
+    if got != "AVX2":
+        raise TrainingError(f"cpu_isa: avx2 requested but torch runs {got} kernels in this process "
+                            "(a CPU without AVX2, or torch ops ran before kdpipe could pin the ISA)")
 
 
 def set_determinism(device: torch.device) -> None:
@@ -228,13 +249,38 @@ class CrossEntropy(nn.Module):
 
 
 # --- checkpoints ----------------------------------------------------------------------------------
-def atomic_save(obj, path: Path) -> None:
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write a file completely or not at all (a temporary file renamed into place)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_save(obj, path: Path) -> None:
     buf = io.BytesIO()  # torch.save names the archive after a file; a buffer keeps bytes path-independent
     torch.save(obj, buf)
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
+    atomic_write(path, buf.getvalue())
+
+
+def check_writable(*folders: Path) -> None:
+    """Fail before training, not after the first epoch, when an output folder cannot be written."""
+    for d in folders:
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=d):
+                pass
+        except OSError as e:
+            raise TrainingError(f"{d}: cannot write outputs there ({e.strerror or type(e).__name__})") from None
+
+
+def timing_path(log: Path) -> Path:
+    """logs/NAME.timing.json: wall-clock figures, kept out of DVC-tracked outputs so that re-running a
+    stage by hand leaves `dvc status` clean (logs/NAME.json itself is deterministic)."""
+    return log.with_name(log.stem + ".timing.json")
 
 
 def fingerprint(*parts) -> str:
@@ -344,6 +390,8 @@ def train(run: Run, data: Prepared) -> dict:
         forward_model = torch.compile(forward_model)
     params = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
 
+    if ddp.main:
+        check_writable(run.out.parent, run.log.parent)
     n = len(data.train.y)
     steps = math.ceil(n / cfg.batch_size)
     init_epochs = objective.init_epochs()
@@ -440,17 +488,20 @@ def train(run: Run, data: Prepared) -> dict:
         "meta": canonical["meta"],
         "dataset": data.manifest["dataset"],
         "data_sha256": data.manifest["sha256"],
+        # input normalisation (RGB, images scaled to 0..1): a checkpoint alone is enough to run the model
+        "normalization": {"mean": data.manifest["mean"], "std": data.manifest["std"]},
         "history": canonical["history"],
     }
     if not ddp.main:  # only rank 0 writes checkpoints, metrics and logs
         barrier(ddp)
         return final
     atomic_save(final, run.out)
-    log = {"name": run.name, "model": cfg.model, **run.meta, "seconds": round(seconds, 3), "images_per_s": round(n * total / max(seconds, 1e-9), 1),
-           "device": str(dev), "bf16": numerics.bf16, "channels_last": numerics.channels_last,
-           "torch": torch.__version__, "world_size": ddp.world, "compile_seconds": round(compile_seconds, 3)}
-    run.log.parent.mkdir(parents=True, exist_ok=True)
-    run.log.write_text(json.dumps(log, indent=2) + "\n")
+    log = {"name": run.name, "model": cfg.model, **run.meta, "device": str(dev), "bf16": numerics.bf16,
+           "channels_last": numerics.channels_last, "torch": torch.__version__, "world_size": ddp.world}
+    timing = {"seconds": round(seconds, 3), "images_per_s": round(n * total / max(seconds, 1e-9), 1),
+              "compile_seconds": round(compile_seconds, 3)}
+    atomic_write(run.log, json.dumps(log, indent=2) + "\n")
+    atomic_write(timing_path(run.log), json.dumps(timing, indent=2) + "\n")
     resume_path.unlink(missing_ok=True)
     barrier(ddp)
     return final

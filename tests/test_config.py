@@ -23,7 +23,11 @@ def test_tiny_and_repo_params_are_valid():
     ({"teacher": {"optim": {"lr": -0.1}}}, "teacher.optim.lr: Input should be greater than 0 (got -0.1)"),
     ({"student": {"optim": {"momentum": 1.0}}}, "student.optim.momentum: Input should be less than 1 (got 1.0)"),
     ({"teacher": {"epochs": 0}}, "teacher.epochs: Input should be greater than or equal to 1 (got 0)"),
-    ({"teacher": {"epochs": "many"}}, "teacher.epochs: Input should be a valid integer, unable to parse string as an integer (got 'many')"),
+    ({"teacher": {"epochs": "many"}}, "teacher.epochs: Input should be a valid integer (got 'many')"),
+    ({"teacher": {"epochs": "12"}}, "teacher.epochs: Input should be a valid integer (got '12')"),  # strict types
+    ({"teacher": {"optim": {"lr": "0.1"}}}, "teacher.optim.lr: Input should be a valid number (got '0.1')"),
+    ({"teacher": {"optim": {"nesterov": "yes"}}}, "teacher.optim.nesterov: Input should be a valid boolean (got 'yes')"),
+    ({"teacher": {"runtime": {"cpu_isa": "avx512"}}}, "teacher.runtime.cpu_isa: Input should be 'native' or 'avx2'"),
     ({"data": {"dataset": "imagenet"}}, "data.dataset: Input should be 'synthetic', 'cifar10' or 'cifar100' (got 'imagenet')"),
     ({"student": {"model": "resnet21"}}, "student.model: Input should be 'resnet8', 'resnet14', 'resnet20', 'resnet32', 'resnet44', 'resnet56' or 'resnet110' (got 'resnet21')"),
     ({"student": {"optim": {"lrr": 0.1}}}, "student.optim.lrr: unknown key (did you mean 'lr'?)"),
@@ -56,8 +60,34 @@ def test_cli_bad_params_exit_2_and_write_nothing(workdir):
 def test_cli_missing_and_malformed_params(workdir):
     result = CliRunner().invoke(app, ["data", "--params", "nope.yaml"])
     assert result.exit_code == 2 and "nope.yaml: params file not found" in result.output
-    (workdir / "bad.yaml").write_text("data: [unclosed\n")
+    (workdir / "bad.yaml").write_text("data:\n  dataset: synthetic\n  mirror: a: b\n")
     result = CliRunner().invoke(app, ["data", "--params", "bad.yaml"])
-    assert result.exit_code == 2 and "not valid YAML" in result.output
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: bad.yaml: not valid YAML at line 3, column 12: mapping values are not allowed here"
     (workdir / "list.yaml").write_text(yaml.safe_dump([1, 2]))
     assert CliRunner().invoke(app, ["data", "--params", "list.yaml"]).exit_code == 2
+
+
+def test_ints_stay_valid_for_floats():
+    assert config.validate(tiny_params(teacher={"optim": {"lr": 1}})).teacher.optim.lr == 1.0
+
+
+@pytest.mark.parametrize("cmd, section", [(["data"], "data"), (["teacher"], "teacher"), (["student"], "student"),
+                                          (["distill", "-m", "kd"], "student"), (["evaluate", "x"], "evaluate")])
+def test_a_command_needs_the_sections_it_reads(workdir, cmd, section):
+    raw = tiny_params()
+    del raw[section]
+    write_params(workdir / "params.yaml", raw)
+    result = CliRunner().invoke(app, cmd)
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: params.yaml: missing section '{section}' (this command reads it)"
+    (workdir / "params.yaml").write_text("")  # an empty file trains no built-in default either
+    result = CliRunner().invoke(app, cmd)
+    assert result.exit_code == 2 and "missing section" in result.output
+    assert sorted(p.name for p in workdir.iterdir()) == ["params.yaml"]
+
+
+def test_empty_method_term_is_an_error():
+    for spec in ("kd+", "+kd", "kd++at", ""):
+        with pytest.raises(config.ParamsError, match="empty term"):
+            config.parse_methods(spec)

@@ -58,3 +58,13 @@ def test_stage_graph(name):
         assert edge in edges, edge
     # each distilled student depends on the teacher of its own pair and seed, and on no other
     assert {a for a, b in edges if b == "distill@at-pair1-2"} == {"data", "teacher@resnet110-2"}
+
+
+def test_root_dvc_project_is_the_quickstart_alone():
+    # pipelines/cifar10 and pipelines/cifar100 are DVC projects of their own (`dvc init --subdir`), so DVC
+    # commands at the root see only the quickstart's stages
+    for name in EXPECTED:
+        assert (ROOT / "pipelines" / name / ".dvc" / "config").is_file()
+    stages = {line.split()[0] for line in sh(DVC, "stage", "list", cwd=ROOT).splitlines()}
+    assert "teacher" in stages and "report" in stages
+    assert not any("pair" in s or s.startswith("evaluate-") for s in stages), stages

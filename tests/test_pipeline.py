@@ -29,6 +29,7 @@ def repo(tmp_path_factory):
     d = tmp_path_factory.mktemp("repo")
     shutil.copytree(ROOT / "kdpipe", d / "kdpipe", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", d)
+    shutil.copy(ROOT / ".gitignore", d)
     (d / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
     sh("git", "init", "-q", cwd=d)
     sh(DVC, "init", "-q", cwd=d)
@@ -118,3 +119,21 @@ def test_metrics_readable_by_dvc(repo):
     shown = json.loads(sh(DVC, "metrics", "show", "--json", cwd=repo))
     text = json.dumps(shown)
     assert "metrics/teacher.json" in text and "top1_last" in text
+
+
+def test_hand_runs_and_ad_hoc_runs_leave_the_pipeline_up_to_date(repo):
+    # the exact command of a stage, run by hand, reproduces its outputs byte for byte (timings live in
+    # untracked logs/NAME.timing.json)
+    sh("kdpipe", "distill", "--method", "fitnets", cwd=repo)
+    assert json.loads(sh(DVC, "status", "--json", cwd=repo)) == {}
+    # an ad-hoc run touches no file the report reads, and its outputs are git-ignored
+    sh("kdpipe", "distill", "--method", "kd+at", "--name", "kd_at", cwd=repo)
+    sh("kdpipe", "evaluate", "kd_at", cwd=repo)
+    assert json.loads(sh(DVC, "status", "--json", cwd=repo)) == {}
+    adhoc = ["models/kd_at.pt", "logs/kd_at.json", "logs/kd_at.timing.json", "metrics/kd_at.json", "plots/kd_at.csv"]
+    assert sh("git", "check-ignore", *adhoc, cwd=repo).split() == adhoc
+
+
+def test_one_comparison_plot(repo):
+    shown = json.loads(sh(DVC, "plots", "show", "--json", "--split", cwd=repo))
+    assert list(shown) == ["test_top1"] or set(shown.get("data", shown)) == {"test_top1"}
