@@ -154,7 +154,7 @@ def distill(method: str = typer.Option(..., "--method", "-m", help="kd, at, nst,
 
     from . import data as data_mod
     from . import engine, models
-    from .distill import Distiller, feature_shapes
+    from .distill import Distiller, TrainData, feature_shapes
 
     p = load(params, "student", "distill")
     methods = config.parse_methods(method)
@@ -170,7 +170,7 @@ def distill(method: str = typer.Option(..., "--method", "-m", help="kd, at, nst,
     student_model = models.create(cfg.model, prepared.num_classes)
     try:
         objective = Distiller(teacher_model, methods, p.distill, feature_shapes(student_model),
-                              feature_shapes(teacher_model, numerics.device))
+                              feature_shapes(teacher_model, numerics.device), TrainData(prepared.train.y))
     except ValueError as e:  # an impossible teacher/student combination for this method
         raise ParamsError([str(e)]) from None
     name = name or "+".join(methods)

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .models import MODEL_NAMES
 
 ModelName = Literal[MODEL_NAMES]  # type: ignore[valid-type]
-METHODS = ("kd", "at", "nst", "fsp", "fitnets")
+METHODS = ("kd", "at", "nst", "fsp", "fitnets", "sp", "cc", "vid", "rkd", "pkt", "crd", "dkd")
 
 
 class ParamsError(ValueError):
@@ -162,12 +162,57 @@ class FitNetsParams(FeatureParams):
     init_epochs: int = Field(0, ge=0, description="> 0: the paper's two-stage procedure (hint training first)")
 
 
+# The methods RepDistiller benchmarks (defaults: its scripts/run_cifar_distill.sh) and DKD (mdistiller).
+class SPParams(FeatureParams):
+    beta: float = Field(3000.0, ge=0)
+
+
+class CCParams(FeatureParams):
+    beta: float = Field(0.02, ge=0)
+    feat_dim: int = Field(128, ge=1, description="size of the linear embeddings")
+
+
+class VIDParams(FeatureParams):
+    beta: float = Field(1.0, ge=0)
+
+
+class RKDParams(FeatureParams):
+    beta: float = Field(1.0, ge=0)
+    w_dist: float = Field(25.0, ge=0)
+    w_angle: float = Field(50.0, ge=0)
+
+
+class PKTParams(FeatureParams):
+    beta: float = Field(30000.0, ge=0)
+
+
+class CRDParams(FeatureParams):
+    beta: float = Field(0.8, ge=0)
+    feat_dim: int = Field(128, ge=1, description="size of the L2-normalised embeddings")
+    nce_k: int = Field(16384, ge=1, description="negatives per sample")
+    nce_t: float = Field(0.07, gt=0, description="temperature")
+    nce_m: float = Field(0.5, ge=0, lt=1, description="momentum of the memory-bank update")
+
+
+class DKDParams(FeatureParams):
+    beta: float = Field(8.0, ge=0, description="weight of NCKD (mdistiller's BETA; per pair in its configs)")
+    tckd: float = Field(1.0, ge=0, description="weight of TCKD (mdistiller's ALPHA)")
+    warmup_epochs: int = Field(20, ge=0, description="DKD's weight ramps up linearly over these epochs")
+
+
 class Distill(Strict):
     kd: KDParams = KDParams()
     at: ATParams = ATParams()
     nst: NSTParams = NSTParams()
     fsp: FSPParams = FSPParams()
     fitnets: FitNetsParams = FitNetsParams()
+    sp: SPParams = SPParams()
+    cc: CCParams = CCParams()
+    vid: VIDParams = VIDParams()
+    rkd: RKDParams = RKDParams()
+    pkt: PKTParams = PKTParams()
+    crd: CRDParams = CRDParams()
+    dkd: DKDParams = DKDParams()
 
 
 def parse_methods(spec: str) -> list[str]:

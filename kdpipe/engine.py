@@ -176,12 +176,13 @@ def barrier(ddp: Dist) -> None:
 
 
 def train_step(objective: nn.Module, model: nn.Module, optimizer, x, y, phase: str, numerics: "Numerics",
-               lr: float, ddp: Dist = Dist()):
-    """One optimisation step (shared by `train` and `kdpipe bench`)."""
+               lr: float, ddp: Dist = Dist(), index=None, epoch: int = 0):
+    """One optimisation step (shared by `train` and `kdpipe bench`). `index` (each sample's position in
+    the training set) and `epoch` (of the phase, from 0) reach the objective for methods that use them."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     with numerics.autocast():
-        loss, logits = objective(model, x, y, phase)
+        loss, logits = objective(model, x, y, phase, index=index, epoch=epoch)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if ddp.world > 1:  # DDP syncs the model's gradients; the objective's own (regressor) ones we sync here
@@ -240,7 +241,7 @@ class CrossEntropy(nn.Module):
 
     phases = ("main",)
 
-    def forward(self, model, x, y, phase: str = "main"):
+    def forward(self, model, x, y, phase: str = "main", index=None, epoch: int = 0):
         logits = model(x)
         return cross_entropy(logits, y), logits
 
@@ -442,11 +443,12 @@ def train(run: Run, data: Prepared) -> dict:
                 seen += len(idx)
                 # every rank augments the whole global batch with the shared generator, then takes its
                 # shard: the random streams stay in step and the augmentation equals a single process's
-                x, y = pipe.augment(data.train.x[idx], g), data.train.y[idx]
+                x, y, index = pipe.augment(data.train.x[idx], g), data.train.y[idx], idx
                 if ddp.world > 1:
-                    x, y = x[ddp.rank::ddp.world], y[ddp.rank::ddp.world]
+                    x, y, index = x[ddp.rank::ddp.world], y[ddp.rank::ddp.world], index[ddp.rank::ddp.world]
                 lr = learning_rate(cfg, e, step, steps) if phase == "main" else cfg.optim.lr
-                loss, logits = train_step(objective, forward_model, optimizer, x, y, phase, numerics, lr, ddp)
+                loss, logits = train_step(objective, forward_model, optimizer, x, y, phase, numerics, lr, ddp,
+                                          index=index, epoch=e)
                 loss_sum += loss.detach().float() * len(y)
                 correct += (logits.detach().argmax(1) == y).sum()
                 reporter.step()
@@ -520,7 +522,7 @@ def _compile_warmup(objective, forward_model, model, data, pipe, cfg, init_phase
     objective.train()
     for phase in (("init", "main") if init_phase else ("main",)):
         with pipe.numerics.autocast():
-            loss, _ = objective(forward_model, pipe.augment(data.train.x[idx], g), data.train.y[idx], phase)
+            loss, _ = objective(forward_model, pipe.augment(data.train.x[idx], g), data.train.y[idx], phase, index=idx)
         loss.backward()
     model.load_state_dict(saved)
     objective.load_state_dict(saved_obj)

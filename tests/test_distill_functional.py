@@ -125,3 +125,109 @@ def test_fsp_sums_consecutive_pairs():
 def test_hint_is_mse():
     a, b = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[1.0, 0.0], [0.0, 4.0]])
     assert Fd.hint(a, b).item() == pytest.approx((0 + 4 + 9 + 0) / 4)
+
+
+# --- the methods RepDistiller benchmarks, and DKD ------------------------------------------------------
+def _normalize(v):
+    n = math.sqrt(sum(x * x for x in v))
+    return [x / n for x in v]
+
+
+def test_sp_matches_loop():
+    fs, ft = torch.randn(4, 3, 2, 2), torch.randn(4, 5, 2, 2)  # channels may differ: Gram is B x B
+    B = 4
+    total = 0.0
+    gs = [_normalize([float((fs[i] * fs[j]).sum()) for j in range(B)]) for i in range(B)]
+    gt = [_normalize([float((ft[i] * ft[j]).sum()) for j in range(B)]) for i in range(B)]
+    total = sum((gt[i][j] - gs[i][j]) ** 2 for i in range(B) for j in range(B)) / B ** 2
+    assert Fd.sp(fs, ft).item() == pytest.approx(total, rel=1e-5)
+    assert Fd.sp(ft, ft).item() == 0.0
+
+
+def test_pkt_matches_loop():
+    es, et = torch.randn(5, 4), torch.randn(5, 6)
+    def probs(e):
+        e = [_normalize(row) for row in e.tolist()]
+        sim = [[(sum(a * b for a, b in zip(e[i], e[j])) + 1) / 2 for j in range(5)] for i in range(5)]
+        return [[v / sum(row) for v in row] for row in sim]
+    ps, pt = probs(es), probs(et)
+    expected = sum(pt[i][j] * math.log(pt[i][j] / ps[i][j]) for i in range(5) for j in range(5)) / 25
+    assert Fd.pkt(es, et).item() == pytest.approx(expected, rel=1e-4)
+
+
+def _huber(a, b):
+    d = abs(a - b)
+    return 0.5 * d * d if d < 1 else d - 0.5
+
+
+def test_rkd_matches_loop():
+    es, et = torch.randn(4, 3), torch.randn(4, 5)
+    def dists(e):
+        e = e.tolist()
+        d = [[math.dist(e[i], e[j]) for j in range(4)] for i in range(4)]
+        mean = sum(d[i][j] for i in range(4) for j in range(4) if i != j) / 12
+        return [[v / mean for v in row] for row in d]
+    def angles(e):
+        e = e.tolist()
+        out = []
+        for a in range(4):
+            for b in range(4):
+                for c in range(4):
+                    u = [x - y for x, y in zip(e[b], e[a])]
+                    v = [x - y for x, y in zip(e[c], e[a])]
+                    nu, nv = math.sqrt(sum(x * x for x in u)), math.sqrt(sum(x * x for x in v))
+                    out.append(0.0 if nu == 0 or nv == 0 else sum(x * y for x, y in zip(u, v)) / (nu * nv))
+        return out
+    ds, dt = dists(es), dists(et)
+    loss_d = sum(_huber(ds[i][j], dt[i][j]) for i in range(4) for j in range(4)) / 16
+    loss_a = sum(_huber(a, b) for a, b in zip(angles(es), angles(et))) / 64
+    assert Fd.rkd(es, et).item() == pytest.approx(25 * loss_d + 50 * loss_a, rel=1e-4)
+    assert Fd.rkd(es, et, w_dist=1.0, w_angle=0.0).item() == pytest.approx(loss_d, rel=1e-4)
+
+
+def test_cc_hand_value():
+    es = torch.tensor([[1.0, 2.0], [0.0, 1.0], [3.0, 0.0]])
+    et = torch.zeros(3, 2)
+    # d = |es|: rows (1,2), (0,1), (3,0): pairs (0,1) -> 0*1 + 2*1 = 2, (1,2) -> 0*3 + 1*0 = 0; mean = 1
+    assert Fd.cc(es, et).item() == pytest.approx(1.0)
+
+
+def test_dkd_matches_its_definition():
+    s, t, y, T = torch.randn(6, 5), torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 4, 0]), 2.0
+    tckd = nckd = 0.0
+    for b in range(6):
+        ps = [math.exp(v / T) for v in s[b].tolist()]
+        pt = [math.exp(v / T) for v in t[b].tolist()]
+        ps, pt = [v / sum(ps) for v in ps], [v / sum(pt) for v in pt]
+        g = int(y[b])
+        bs, bt = [ps[g], 1 - ps[g]], [pt[g], 1 - pt[g]]
+        tckd += sum(q * math.log(q / p) for p, q in zip(bs, bt))
+        qs = [v / (1 - ps[g]) for i, v in enumerate(ps) if i != g]
+        qt = [v / (1 - pt[g]) for i, v in enumerate(pt) if i != g]
+        nckd += sum(q * math.log(q / p) for p, q in zip(qs, qt))
+    expected = (1.5 * tckd + 8.0 * nckd) / 6 * T * T
+    assert Fd.dkd(s, t, y, alpha=1.5, beta=8.0, temperature=T).item() == pytest.approx(expected, rel=1e-4)
+    # the paper's identity: KD = TCKD + (1 - p_t) NCKD, per sample; check it on one sample
+    one = Fd.dkd(s[:1], t[:1], y[:1], 1.0, 0.0, T) + (1 - torch.softmax(t[:1] / T, 1)[0, y[0]]) * Fd.dkd(s[:1], t[:1], y[:1], 0.0, 1.0, T)
+    assert one.item() == pytest.approx(Fd.kd(s[:1], t[:1], T).item(), rel=1e-4)
+
+
+def test_vid_hand_value():
+    mean, target = torch.zeros(1, 2, 1, 1), torch.tensor([[[[1.0]], [[2.0]]]])
+    log_scale = torch.log(torch.expm1(torch.tensor([1.0, 4.0])))  # variances 1 and 4 (eps 0)
+    expected = (0.5 * (1 / 1 + math.log(1)) + 0.5 * (4 / 4 + math.log(4))) / 2
+    assert Fd.vid(mean, target, log_scale, eps=0.0).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_nce_and_contrast_scores_hand_values():
+    # n_data 4, K = 2 negatives: m = K / N = 0.5; h(x) = x / (x + m)
+    scores = torch.tensor([[1.0, 0.5, 1.5]])
+    expected = -(math.log(1 / 1.5) + math.log(0.5 / 1.0) + math.log(0.5 / 2.0))
+    assert Fd.nce(scores, 4, eps=0.0).item() == pytest.approx(expected, rel=1e-6)
+    anchor, rows = torch.tensor([[1.0, 0.0]]), torch.tensor([[[0.5, 9.0], [-1.0, 3.0]]])
+    torch.testing.assert_close(Fd.contrast_scores(anchor, rows, 0.5), torch.tensor([[math.exp(1.0), math.exp(-2.0)]]))
+
+
+def test_embedding_is_the_global_average():
+    f = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(Fd.embedding(f), f.mean((2, 3)))

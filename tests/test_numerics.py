@@ -5,6 +5,7 @@ import inspect
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kdpipe import config, data, engine, models
 from kdpipe.distill import Distiller, feature_shapes
@@ -12,7 +13,7 @@ from kdpipe.distill import functional as Fd
 
 from .conftest import tiny_params
 
-HELPERS = {"match_spatial"}  # public functions of `functional` that are not losses
+HELPERS = {"match_spatial", "embedding"}  # public functions of `functional` that are not losses
 
 
 def near_equal(shape, seed=0):
@@ -35,6 +36,14 @@ def cases():
         "fsp_matrix": (fs, ft),
         "fsp": ([s for s, _ in taps], [t for _, t in taps]),
         "hint": (fs, ft),
+        "sp": (fs, ft),
+        "pkt": (fs.mean((2, 3)), ft.mean((2, 3))),
+        "rkd": (fs.mean((2, 3)), ft.mean((2, 3))),
+        "cc": (fs.mean((2, 3)), ft.mean((2, 3))),
+        "dkd": (s_logits, t_logits, torch.arange(8)),
+        "vid": (fs, ft, torch.zeros(16)),
+        "nce": (torch.exp(near_equal((8, 17), seed=3)[0]), 1000),
+        "contrast_scores": (F.normalize(fs.mean((2, 3)), dim=1), F.normalize(ft.flatten(2).transpose(1, 2)[:, :5], dim=2), 0.07),
     }
 
 

@@ -1,11 +1,16 @@
 """Distillation methods behind a registry: one file per method, one objective that combines them.
 
-loss = gamma * CE(student, labels) + alpha * KD(T) + sum over feature methods of beta * term.
-Each method file registers an `nn.Module` term whose `forward(s_logits, s_feats, t_logits, t_feats)`
-returns the unweighted loss; trainable parts (the FitNets regressor) are its submodules.
+loss = gamma * CE(student, labels) + alpha * KD(T) + sum over the other methods of beta * term.
+Each method file registers an `nn.Module` built as `Term(cfg, s_shapes, t_shapes, data)` whose
+`forward(b: Batch)` returns its unweighted loss; its trainable parts (regressors, embeddings, CRD's
+memory) are its submodules and buffers, optimised and checkpointed with the student's run, never
+exported with the student. A term may fix its own weight (`weight = 1.0`: DKD weighs its parts inside).
 """
 
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -21,8 +26,33 @@ def register(name: str):
     return wrap
 
 
-from . import at, fitnets, fsp, kd, nst  # noqa: E402,F401  (fill the registry)
+from . import at, cc, crd, dkd, fitnets, fsp, kd, nst, pkt, rkd, sp, vid  # noqa: E402,F401  (fill the registry)
 from . import functional as Fd  # noqa: E402
+
+
+@dataclass
+class TrainData:
+    """What a term may need to know about the training set (CRD: its size and each sample's class)."""
+
+    train_labels: torch.Tensor
+
+
+class Batch:
+    """Everything a term sees of one step. `epoch` counts the main phase's epochs from 0 (DKD's warm-up);
+    `index` holds each sample's position in the training set (CRD's memory bank); the embeddings are the
+    pooled pre-classifier vectors, computed on first use."""
+
+    def __init__(self, s_logits, s_feats, t_logits, t_feats, y, index=None, epoch: int = 0):
+        self.s_logits, self.s_feats, self.t_logits, self.t_feats = s_logits, s_feats, t_logits, t_feats
+        self.y, self.index, self.epoch = y, index, epoch
+
+    @functools.cached_property
+    def s_embedding(self):
+        return Fd.embedding(self.s_feats[-1])
+
+    @functools.cached_property
+    def t_embedding(self):
+        return Fd.embedding(self.t_feats[-1])
 
 
 @torch.no_grad()
@@ -43,7 +73,8 @@ class Distiller(nn.Module):
     into ordinary tensors because autograd may save them for the backward pass (e.g. KD's target).
     """
 
-    def __init__(self, teacher: nn.Module, methods: list[str], params, s_shapes, t_shapes):
+    def __init__(self, teacher: nn.Module, methods: list[str], params, s_shapes, t_shapes,
+                 data: TrainData | None = None):
         super().__init__()
         first = getattr(params, methods[0])
         kd_src = params.kd if "kd" in methods else first
@@ -54,14 +85,14 @@ class Distiller(nn.Module):
         self.weights: dict[str, float] = {}
         self.two_stage: dict[str, int] = {}
         if self.alpha > 0:
-            self.terms["kd"] = REGISTRY["kd"](kd_src.temperature)
+            self.terms["kd"] = REGISTRY["kd"](kd_src)
             self.weights["kd"] = self.alpha
         for m in methods:
             if m == "kd":
                 continue
             cfg = getattr(params, m)
-            self.terms[m] = REGISTRY[m](cfg, s_shapes, t_shapes)
-            self.weights[m] = cfg.beta
+            self.terms[m] = REGISTRY[m](cfg, s_shapes, t_shapes, data)
+            self.weights[m] = getattr(self.terms[m], "weight", cfg.beta)
             if getattr(cfg, "init_epochs", 0) > 0:
                 self.two_stage[m] = cfg.init_epochs
 
@@ -72,11 +103,12 @@ class Distiller(nn.Module):
     def init_epochs(self) -> int:
         return max(self.two_stage.values(), default=0)
 
-    def forward(self, model, x, y, phase: str = "main"):
+    def forward(self, model, x, y, phase: str = "main", index=None, epoch: int = 0):
         with torch.inference_mode():
             t_logits, t_feats = self.teacher(x, features=True)
         t_logits, t_feats = t_logits.clone(), [f.clone() for f in t_feats]
         s_logits, s_feats = model(x, features=True)
+        b = Batch(s_logits, s_feats, t_logits, t_feats, y, index, epoch)
         if phase == "init":  # stage 1 (RepDistiller's init()): the two-stage methods' own losses, unweighted
             weights = {n: 1.0 for n in self.two_stage}
             loss = 0.0
@@ -84,5 +116,5 @@ class Distiller(nn.Module):
             weights = {n: w for n, w in self.weights.items() if n not in self.two_stage}
             loss = self.gamma * Fd.cross_entropy(s_logits, y)
         for n, w in weights.items():
-            loss = loss + w * self.terms[n](s_logits, s_feats, t_logits, t_feats)
+            loss = loss + w * self.terms[n](b)
         return loss, s_logits

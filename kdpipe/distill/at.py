@@ -10,9 +10,9 @@ TAPS = (1, 2, 3)
 
 @register("at")
 class AttentionTransfer(nn.Module):
-    def __init__(self, cfg, s_shapes, t_shapes):
+    def __init__(self, cfg, s_shapes, t_shapes, data):
         super().__init__()
         self.p = cfg.p
 
-    def forward(self, s_logits, s_feats, t_logits, t_feats):
-        return sum(Fd.attention(s_feats[i], t_feats[i], self.p) for i in TAPS)
+    def forward(self, b):
+        return sum(Fd.attention(b.s_feats[i], b.t_feats[i], self.p) for i in TAPS)

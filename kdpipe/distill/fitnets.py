@@ -27,10 +27,10 @@ def regressor(s_shape, t_shape, kernel: int = 1) -> nn.Sequential:
 
 @register("fitnets")
 class FitNets(nn.Module):
-    def __init__(self, cfg, s_shapes, t_shapes):
+    def __init__(self, cfg, s_shapes, t_shapes, data):
         super().__init__()
         self.layer = cfg.hint_layer
         self.regressor = regressor(s_shapes[self.layer], t_shapes[self.layer], cfg.regressor_kernel)
 
-    def forward(self, s_logits, s_feats, t_logits, t_feats):
-        return Fd.hint(self.regressor(s_feats[self.layer]), t_feats[self.layer])
+    def forward(self, b):
+        return Fd.hint(self.regressor(b.s_feats[self.layer]), b.t_feats[self.layer])

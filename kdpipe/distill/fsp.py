@@ -15,9 +15,9 @@ def check_channels(s_shapes, t_shapes) -> None:
 
 @register("fsp")
 class FSP(nn.Module):
-    def __init__(self, cfg, s_shapes, t_shapes):
+    def __init__(self, cfg, s_shapes, t_shapes, data):
         super().__init__()
         check_channels(s_shapes, t_shapes)
 
-    def forward(self, s_logits, s_feats, t_logits, t_feats):
-        return Fd.fsp(s_feats, t_feats)
+    def forward(self, b):
+        return Fd.fsp(b.s_feats, b.t_feats)

@@ -82,3 +82,108 @@ def fsp(s_feats: list[Tensor], t_feats: list[Tensor]) -> Tensor:
 def hint(fs_regressed: Tensor, ft: Tensor) -> Tensor:
     """Romero et al. 2015 (FitNets): mean squared error between the regressed student hint and the teacher's."""
     return F.mse_loss(fs_regressed, ft)
+
+
+# --- relational and embedding methods (RepDistiller's distiller_zoo; mdistiller's DKD) -------------------
+def embedding(f: Tensor) -> Tensor:
+    """The pooled pre-classifier embedding of a final feature map: global average pool, flatten."""
+    return torch.flatten(F.adaptive_avg_pool2d(f, 1), 1) if f.dim() == 4 else f.flatten(1)
+
+
+@fp32
+def sp(fs: Tensor, ft: Tensor) -> Tensor:
+    """Tung & Mori 2019, similarity-preserving: the batch Gram matrices G = f f^T of the flattened maps,
+    each row L2-normalised; sum of squared differences / B^2."""
+    b = fs.shape[0]
+    gs = F.normalize(fs.reshape(b, -1) @ fs.reshape(b, -1).t(), dim=1)
+    gt = F.normalize(ft.reshape(b, -1) @ ft.reshape(b, -1).t(), dim=1)
+    return (gt - gs).pow(2).sum() / (b * b)
+
+
+@fp32
+def pkt(es: Tensor, et: Tensor, eps: float = 1e-7) -> Tensor:
+    """Passalis & Tefas 2018, probabilistic knowledge transfer: cosine similarities mapped to [0, 1] and
+    row-normalised into conditional probabilities; mean over all B^2 entries of p_t log(p_t / p_s)."""
+    def probabilities(e):
+        e = e / (e.norm(dim=1, keepdim=True) + eps)
+        e = torch.nan_to_num(e, nan=0.0)
+        sim = (e @ e.t() + 1.0) / 2.0
+        return sim / sim.sum(dim=1, keepdim=True)
+
+    ps, pt = probabilities(es), probabilities(et)
+    return (pt * torch.log((pt + eps) / (ps + eps))).mean()
+
+
+def _pairwise_distances(e: Tensor, eps: float = 1e-12) -> Tensor:
+    sq = e.pow(2).sum(1)
+    d = (sq[:, None] + sq[None, :] - 2 * e @ e.t()).clamp(min=eps).sqrt()
+    return d * (1 - torch.eye(len(e), device=e.device, dtype=e.dtype))  # exact zeros on the diagonal
+
+
+def _angles(e: Tensor) -> Tensor:
+    """cos of the angle at j between i and k, for all (j, i, k): <e_i - e_j, e_k - e_j> normalised."""
+    diff = F.normalize(e[None, :, :] - e[:, None, :], dim=2)
+    return torch.bmm(diff, diff.transpose(1, 2)).flatten()
+
+
+@fp32
+def rkd(es: Tensor, et: Tensor, w_dist: float = 25.0, w_angle: float = 50.0) -> Tensor:
+    """Park et al. 2019, relational KD: Huber (smooth L1) between the students' and teachers' pairwise
+    distances (each divided by its mean non-zero distance) times w_dist, plus between their angle
+    cosines of all triplets times w_angle. The teacher side carries no gradient."""
+    es, et = es.flatten(1), et.flatten(1).detach()
+    ds, dt = _pairwise_distances(es), _pairwise_distances(et)
+    ds, dt = ds / ds[ds > 0].mean(), dt / dt[dt > 0].mean()
+    return w_dist * F.smooth_l1_loss(ds, dt) + w_angle * F.smooth_l1_loss(_angles(es), _angles(et))
+
+
+@fp32
+def cc(es: Tensor, et: Tensor) -> Tensor:
+    """Peng et al. 2019, correlation congruence as RepDistiller implements it (the authors' code): with
+    d = |e_s - e_t|, the mean over consecutive sample pairs (i, i+1) of sum_k d_ik d_(i+1)k."""
+    d = (es - et).abs()
+    return (d[:-1] * d[1:]).sum(1).mean()
+
+
+@fp32
+def dkd(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alpha: float = 1.0, beta: float = 8.0,
+        temperature: float = 4.0) -> Tensor:
+    """Zhao et al. 2022, decoupled KD: alpha * TCKD + beta * NCKD, each a KL divergence times T^2, batch
+    mean. TCKD: binary (target vs all non-target) probabilities; NCKD: the distribution over the
+    non-target classes alone (target logit removed)."""
+    t = temperature
+    gt = F.one_hot(target, student_logits.shape[1]).bool()
+    ps, pt = F.softmax(student_logits / t, 1), F.softmax(teacher_logits / t, 1)
+    bs = torch.stack([ps[gt], ps.masked_fill(gt, 0).sum(1)], 1)
+    bt = torch.stack([pt[gt], pt.masked_fill(gt, 0).sum(1)], 1)
+    tckd = F.kl_div(bs.log(), bt, reduction="batchmean")
+    # as mdistiller: subtracting 1000 from the target logit removes it from the softmax (exp(-1000) = 0)
+    log_qs = F.log_softmax(student_logits / t - 1000.0 * gt, 1)
+    qt = F.softmax(teacher_logits / t - 1000.0 * gt, 1)
+    nckd = F.kl_div(log_qs, qt, reduction="batchmean")
+    return (alpha * tckd + beta * nckd) * t * t
+
+
+@fp32
+def vid(mean: Tensor, target: Tensor, log_scale: Tensor, eps: float = 1e-5) -> Tensor:
+    """Ahn et al. 2019: Gaussian negative log-likelihood (without the constant) of the teacher's map under
+    the predicted mean and per-channel variance softplus(log_scale) + eps, mean over all elements."""
+    var = (F.softplus(log_scale) + eps).view(1, -1, 1, 1)
+    return (0.5 * ((mean - target).pow(2) / var + var.log())).mean()
+
+
+@fp32
+def nce(scores: Tensor, n_data: int, eps: float = 1e-7) -> Tensor:
+    """CRD's contrastive (NCE) loss, Eq. 18: `scores` (B, 1 + K) are exp(<u, v> / T) / Z with the positive
+    first; with noise probability P_n = 1 / n_data, -(sum log h(pos) + sum log(1 - h(neg))) / B where
+    h(x) = x / (x + K P_n)."""
+    k = scores.shape[1] - 1
+    m = k / n_data
+    pos, neg = scores[:, 0], scores[:, 1:]
+    return -((pos / (pos + m + eps)).log().sum() + (m / (neg + m + eps)).log().sum()) / scores.shape[0]
+
+
+@fp32
+def contrast_scores(anchor: Tensor, rows: Tensor, temperature: float) -> Tensor:
+    """CRD's unnormalised scores exp(<row, anchor> / T) for memory rows (B, 1 + K, D) and anchors (B, D)."""
+    return torch.exp(torch.bmm(rows, anchor[:, :, None]).squeeze(2) / temperature)

@@ -8,9 +8,9 @@ from . import register
 
 @register("kd")
 class KD(nn.Module):
-    def __init__(self, temperature: float):
+    def __init__(self, cfg, s_shapes=None, t_shapes=None, data=None):
         super().__init__()
-        self.temperature = temperature
+        self.temperature = cfg.temperature
 
-    def forward(self, s_logits, s_feats, t_logits, t_feats):
-        return Fd.kd(s_logits, t_logits, self.temperature)
+    def forward(self, b):
+        return Fd.kd(b.s_logits, b.t_logits, self.temperature)

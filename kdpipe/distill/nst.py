@@ -10,8 +10,8 @@ TAPS = (1, 2, 3)
 
 @register("nst")
 class NeuralSelectivityTransfer(nn.Module):
-    def __init__(self, cfg, s_shapes, t_shapes):
+    def __init__(self, cfg, s_shapes, t_shapes, data):
         super().__init__()
 
-    def forward(self, s_logits, s_feats, t_logits, t_feats):
-        return sum(Fd.nst(s_feats[i], t_feats[i]) for i in TAPS)
+    def forward(self, b):
+        return sum(Fd.nst(b.s_feats[i], b.t_feats[i]) for i in TAPS)

@@ -1,0 +1,96 @@
+"""CRD: Tian et al. 2020, contrastive representation distillation (RepDistiller's `crd/`).
+
+Student and teacher embeddings (linear to feat_dim, L2-normalised; both trained with the student) are
+contrasted against a memory bank of every training sample's past embeddings: for each sample, its own
+memory entry is the positive and `nce_k` entries of samples of *other classes* are negatives (RepDistiller's
+default 'exact' mode). Both directions (teacher anchor vs student memory, student anchor vs teacher
+memory) add up. After each step the anchors' memory rows move to momentum * old + (1 - momentum) * new,
+re-normalised. Memory, normalisation constants Z and the sampling counter are buffers, so they are
+checkpointed with the resume state and a resumed run ends bit-identical.
+
+Differences from RepDistiller: negatives are drawn with replacement (RepDistiller: without, unless
+nce_k exceeds a class's negatives), from a counter-seeded generator so sampling is reproducible.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import functional as Fd
+from . import register
+
+
+class Embed(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.linear = nn.Linear(dim_in, dim_out)
+
+    def forward(self, x):
+        return F.normalize(self.linear(x), dim=1)
+
+
+class NegativeSampler(nn.Module):
+    """Indices of samples of other classes, uniformly, vectorised: with the training set sorted by class
+    (class c at positions [start_c, start_c + n_c)), draw r in [0, N - n_c) and skip the class's block."""
+
+    def __init__(self, labels: torch.Tensor, seed: int):
+        super().__init__()
+        labels = labels.long().cpu()
+        counts = torch.bincount(labels)
+        self.register_buffer("order", torch.argsort(labels, stable=True))
+        self.register_buffer("start", torch.cumsum(counts, 0) - counts)
+        self.register_buffer("count", counts)
+        self.register_buffer("labels", labels)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # resumable: the draw counter
+        self.seed = seed
+
+    def forward(self, index: torch.Tensor, k: int) -> torch.Tensor:
+        dev = index.device
+        g = torch.Generator(device=dev).manual_seed(self.seed * 1_000_003 + int(self.step))
+        self.step += 1
+        c = self.labels[index]
+        n_other = (len(self.labels) - self.count[c])[:, None]
+        r = (torch.rand(len(index), k, generator=g, device=dev) * n_other).long().clamp_max(n_other - 1)
+        r = r + (r >= self.start[c][:, None]) * self.count[c][:, None]
+        return self.order[r]
+
+
+@register("crd")
+class ContrastiveRepresentation(nn.Module):
+    def __init__(self, cfg, s_shapes, t_shapes, data):
+        super().__init__()
+        if data is None:
+            raise ValueError("crd needs the training labels (the engine passes them)")
+        self.k, self.t, self.momentum = cfg.nce_k, cfg.nce_t, cfg.nce_m
+        self.embed_s = Embed(s_shapes[-1][0], cfg.feat_dim)
+        self.embed_t = Embed(t_shapes[-1][0], cfg.feat_dim)
+        n = len(data.train_labels)
+        self.n_data = n
+        seed = int(torch.randint(2**31 - 1, ()))  # from the run's seeded global generator
+        g = torch.Generator().manual_seed(seed)
+        stdv = 1.0 / math.sqrt(cfg.feat_dim / 3)
+        self.register_buffer("memory_s", torch.rand(n, cfg.feat_dim, generator=g) * 2 * stdv - stdv)
+        self.register_buffer("memory_t", torch.rand(n, cfg.feat_dim, generator=g) * 2 * stdv - stdv)
+        self.register_buffer("z", torch.full((2,), -1.0))  # normalisation constants, set at the first step
+        self.sampler = NegativeSampler(data.train_labels, seed)
+
+    def forward(self, b):
+        if b.index is None:
+            raise ValueError("crd needs each sample's dataset index")
+        vs, vt = self.embed_s(b.s_embedding).float(), self.embed_t(b.t_embedding).float()
+        idx = torch.cat([b.index[:, None], self.sampler(b.index, self.k)], 1)  # positive first
+        with torch.no_grad():
+            ws, wt = self.memory_s[idx], self.memory_t[idx]  # (B, 1 + K, D)
+        out_t = Fd.contrast_scores(vt, ws, self.t)  # teacher anchor against the student memory
+        out_s = Fd.contrast_scores(vs, wt, self.t)  # student anchor against the teacher memory
+        if self.z[0] < 0:  # RepDistiller: Z = mean score x N, fixed from the first batch on
+            self.z.copy_(torch.stack([out_s.detach().mean(), out_t.detach().mean()]) * self.n_data)
+        loss = Fd.nce(out_s / self.z[0], self.n_data) + Fd.nce(out_t / self.z[1], self.n_data)
+        if self.training:
+            with torch.no_grad():
+                for memory, v in ((self.memory_s, vs), (self.memory_t, vt)):
+                    new = F.normalize(memory[b.index] * self.momentum + v.detach() * (1 - self.momentum), dim=1)
+                    memory.index_copy_(0, b.index, new)
+        return loss

@@ -1,0 +1,21 @@
+"""DKD: Zhao et al. 2022, decoupled KD (mdistiller): tckd * TCKD + beta * NCKD, times T^2, scaled by a
+linear warm-up min(epoch / warmup_epochs, 1) with epochs counted from 1, as mdistiller does."""
+
+from torch import nn
+
+from . import functional as Fd
+from . import register
+
+
+@register("dkd")
+class DecoupledKD(nn.Module):
+    weight = 1.0  # alpha (tckd) and beta weigh the two parts inside the loss
+
+    def __init__(self, cfg, s_shapes, t_shapes, data):
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, b):
+        c = self.cfg
+        warm = min((b.epoch + 1) / c.warmup_epochs, 1.0) if c.warmup_epochs else 1.0
+        return warm * Fd.dkd(b.s_logits, b.t_logits, b.y, c.tckd, c.beta, c.temperature)

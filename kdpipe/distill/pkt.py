@@ -1,0 +1,15 @@
+"""PKT: Passalis & Tefas 2018, probabilistic knowledge transfer on the pooled embedding."""
+
+from torch import nn
+
+from . import functional as Fd
+from . import register
+
+
+@register("pkt")
+class ProbabilisticTransfer(nn.Module):
+    def __init__(self, cfg, s_shapes, t_shapes, data):
+        super().__init__()
+
+    def forward(self, b):
+        return Fd.pkt(b.s_embedding, b.t_embedding)

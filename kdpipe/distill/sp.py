@@ -1,0 +1,15 @@
+"""SP: Tung & Mori 2019, similarity-preserving KD on the last stage's feature map."""
+
+from torch import nn
+
+from . import functional as Fd
+from . import register
+
+
+@register("sp")
+class SimilarityPreserving(nn.Module):
+    def __init__(self, cfg, s_shapes, t_shapes, data):
+        super().__init__()
+
+    def forward(self, b):
+        return Fd.sp(b.s_feats[-1], b.t_feats[-1])

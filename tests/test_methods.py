@@ -1,0 +1,149 @@
+"""The methods RepDistiller benchmarks beyond the first five, and DKD: wiring, trainable parts, CRD's
+memory bank and negative sampling, DKD's warm-up, and bit-identical resume."""
+
+import pytest
+import torch
+
+from kdpipe import config, data, engine, models
+from kdpipe.distill import Batch, Distiller, TrainData, feature_shapes
+from kdpipe.distill import functional as Fd
+from kdpipe.distill.crd import NegativeSampler
+
+from .conftest import tiny_params
+
+NEW = ["sp", "cc", "vid", "rkd", "pkt", "crd", "dkd"]
+LABELS = torch.arange(96) % 10
+
+
+def build(methods, **distill_updates):
+    p = config.validate(tiny_params(distill={"crd": {"nce_k": 32}, **distill_updates}))
+    torch.manual_seed(0)
+    teacher, student = models.create("resnet14", 10), models.create("resnet8", 10)
+    obj = Distiller(teacher, methods, p.distill, feature_shapes(student), feature_shapes(teacher), TrainData(LABELS))
+    return obj, teacher, student, p
+
+
+def batch(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    index = torch.randperm(96, generator=g)[:n]
+    return torch.randn(n, 3, 32, 32, generator=g), LABELS[index], index
+
+
+@pytest.mark.parametrize("method", NEW)
+def test_gradients_reach_student_and_method_parts_only(method):
+    obj, teacher, student, _ = build([method])
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    opt = torch.optim.SGD(list(student.parameters()) + list(obj.parameters()), lr=0.01, momentum=0.9)
+    student.train()
+    obj.train()
+    for step in range(2):
+        x, y, index = batch(seed=step)
+        loss, _ = obj(student, x, y, index=index, epoch=5)
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        assert student.conv1.weight.grad is not None and student.conv1.weight.grad.abs().sum() > 0
+        for name, p in obj.named_parameters():  # embeddings, regressors, VID's variances: all trained
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        opt.step()
+    assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+
+
+def test_default_weights_are_repdistillers_and_mdistillers():
+    d = config.Distill()
+    assert [getattr(d, m).beta for m in ("sp", "cc", "vid", "rkd", "pkt", "crd")] == [3000, 0.02, 1, 1, 30000, 0.8]
+    assert (d.crd.feat_dim, d.crd.nce_k, d.crd.nce_t, d.crd.nce_m, d.cc.feat_dim) == (128, 16384, 0.07, 0.5, 128)
+    assert (d.rkd.w_dist, d.rkd.w_angle) == (25, 50)
+    assert (d.dkd.gamma, d.dkd.tckd, d.dkd.beta, d.dkd.temperature, d.dkd.warmup_epochs) == (1, 1, 8, 4, 20)
+    assert all((getattr(d, m).gamma, getattr(d, m).alpha) == (1.0, 0.0) for m in NEW)
+
+
+def test_terms_compute_the_documented_losses():
+    obj, teacher, student, p = build(["sp", "rkd", "pkt", "dkd"])
+    x, y, index = batch()
+    student.eval()  # same BN statistics in both calls
+    loss, logits = obj(student, x, y, index=index, epoch=4)
+    with torch.no_grad():
+        tl, tf = teacher(x, features=True)
+    sl, sf = student(x, features=True)
+    es, et = sf[-1].mean((2, 3)), tf[-1].mean((2, 3))
+    expected = (Fd.cross_entropy(sl, y) + 3000 * Fd.sp(sf[3], tf[3]) + Fd.rkd(es, et) + 30000 * Fd.pkt(es, et)
+                + 5 / 20 * Fd.dkd(sl, tl, y, 1.0, 8.0, 4.0))  # DKD warm-up: epoch 5 (counted from 1) of 20
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert obj.weights["dkd"] == 1.0  # DKD weighs TCKD and NCKD inside
+
+
+def test_dkd_warmup_is_linear_then_flat():
+    obj, _, student, _ = build(["dkd"], dkd={"gamma": 0.0})
+    student.eval()
+    x, y, index = batch()
+    full = obj(student, x, y, epoch=19)[0].item()
+    assert obj(student, x, y, epoch=0)[0].item() == pytest.approx(full / 20, rel=1e-5)
+    assert obj(student, x, y, epoch=9)[0].item() == pytest.approx(full / 2, rel=1e-5)
+    assert obj(student, x, y, epoch=100)[0].item() == pytest.approx(full, rel=1e-6)
+
+
+def test_negative_sampler_draws_only_other_classes_uniformly():
+    labels = torch.tensor([0, 1, 1, 2, 2, 2, 0, 1])
+    sampler = NegativeSampler(labels, seed=3)
+    index = torch.tensor([0, 3, 7])
+    neg = sampler(index, 4000)
+    for row, i in zip(neg, index):
+        assert (labels[row] != labels[i]).all()
+    counts = torch.bincount(neg[1], minlength=8).float()  # anchor of class 2: 5 other samples, ~800 each
+    assert set(torch.nonzero(counts).flatten().tolist()) == {0, 1, 2, 6, 7}
+    assert counts.max() / counts[counts > 0].min() < 1.2
+    assert not torch.equal(sampler(index, 8), sampler(index, 8))  # the counter moves on
+
+
+def test_crd_memory_update_and_normalisation_constants():
+    obj, _, student, p = build(["crd"])
+    crd = obj.terms["crd"]
+    assert crd.memory_s.shape == (96, 128) and (crd.z < 0).all()
+    x, y, index = batch()
+    student.train()
+    obj.train()
+    old_s = crd.memory_s[index].clone()
+    obj(student, x, y, index=index)
+    z = crd.z.clone()
+    assert (z > 0).all()
+    with torch.no_grad():
+        vs = crd.embed_s(Fd.embedding(student(x, features=True)[1][-1]))
+    # momentum 0.5 update, re-normalised (BN batch statistics make vs slightly differ: compare loosely)
+    expected = torch.nn.functional.normalize(0.5 * old_s + 0.5 * vs, dim=1)
+    torch.testing.assert_close(crd.memory_s[index], expected, rtol=0, atol=1e-2)
+    obj(student, x, y, index=index)
+    assert torch.equal(crd.z, z)  # Z is fixed after the first batch
+
+
+def test_crd_needs_indices():
+    obj, _, student, _ = build(["crd"])
+    x, y, _ = batch()
+    with pytest.raises(ValueError, match="index"):
+        obj(student, x, y)
+
+
+@pytest.mark.parametrize("methods", [["crd", "kd"], ["dkd"], ["vid"]])
+def test_resume_is_bit_identical(tmp_path, methods):
+    p = config.validate(tiny_params(student={"epochs": 3}, distill={"crd": {"nce_k": 32}, "dkd": {"warmup_epochs": 2}}))
+    data.prepare(p.data, tmp_path / "prepared")
+    prepared = data.load(tmp_path / "prepared")
+    torch.manual_seed(5)
+    teacher = models.create("resnet14", 10)
+
+    def run(out, stop_after=None):
+        torch.manual_seed(p.student.seed)
+        student = models.create("resnet8", 10)
+        obj = Distiller(teacher, methods, p.distill, feature_shapes(student), feature_shapes(teacher),
+                        TrainData(prepared.train.y))
+        return engine.Run(name="m", model=student, cfg=p.student, out=out, log=tmp_path / "log.json",
+                          objective=obj, meta={"role": "distill"}, stop_after=stop_after, progress=False)
+
+    full = engine.train(run(tmp_path / "full.pt"), prepared)
+    assert not any(k.startswith("terms") for k in full["state_dict"])  # the student alone
+    out = tmp_path / "cut.pt"
+    with pytest.raises(KeyboardInterrupt):
+        engine.train(run(out, 1), prepared)
+    engine.train(run(out), prepared)
+    assert out.read_bytes() == (tmp_path / "full.pt").read_bytes()
