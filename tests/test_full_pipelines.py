@@ -27,6 +27,7 @@ def test_params_validate_with_recipes(name):
     assert p.teacher.recipe == p.student.recipe == recipe
     assert p.teacher.model_dump(exclude={"recipe", "model", "seed", "runtime"}) == \
         p.student.model_dump(exclude={"recipe", "model", "seed", "runtime"}) == p.recipes[recipe].model_dump()
+    assert p.methods == list(config.METHODS)  # every method is staged for every pair
     # FSP and FitNets as RepDistiller runs them
     assert p.distill.fsp.init_epochs == 30 and p.distill.fitnets.regressor_kernel == 1
 
@@ -47,7 +48,7 @@ def test_recipe_overrides_and_errors():
 def test_stage_graph(name):
     folder = ROOT / "pipelines" / name
     stages = [line.split()[0] for line in sh(DVC, "stage", "list", cwd=folder).splitlines()]
-    n_teach, n_dist = 5 * 3, 5 * 3 * 3  # models x seeds, methods x pairs x seeds
+    n_teach, n_dist = 5 * 3, len(config.METHODS) * 3 * 3  # models x seeds, methods x pairs x seeds
     assert len(stages) == 1 + 2 * n_teach + 2 * n_dist + 1
     assert {"data", "teacher@resnet110-2", "distill@fitnets-pair2-1", "evaluate-distill@kd-pair0-0", "report"} <= set(stages)
     edges = dag_edges(folder)

@@ -25,7 +25,7 @@ def fake_run(tmp_path, name, top1, epochs=2):
 
 def test_grid_report(tmp_path):
     raw = yaml.safe_load((ROOT / "pipelines/cifar100/params.yaml").read_text())
-    raw.update(seeds=[0, 1], methods=["kd", "fsp"], teachers=["resnet20", "resnet56"],
+    raw.update(seeds=[0, 1], methods=["kd", "fsp", "dkd"], teachers=["resnet20", "resnet56"],
                pairs=[{"teacher": "resnet56", "student": "resnet20"}])
     p = config.validate(raw)
     for seed, (t, s, kd) in enumerate([(72.0, 68.0, 70.0), (74.0, 70.0, 71.0)]):
@@ -33,6 +33,7 @@ def test_grid_report(tmp_path):
         fake_run(tmp_path, f"teacher-resnet20-s{seed}", s)
         fake_run(tmp_path, f"kd-resnet56-resnet20-s{seed}", kd)
     fake_run(tmp_path, "fsp-resnet56-resnet20-s0", 69.5)  # one seed missing: n=1
+    fake_run(tmp_path, "dkd-resnet56-resnet20-s0", 71.0)
     manifest = {"dataset": "cifar100", "train_size": 50000, "test_size": 10000, "num_classes": 100, "source": "x"}
     text = report.grid(p, manifest, tmp_path / "metrics", tmp_path / "plots", tmp_path / "reports")
     # published table: ResNet-56 mean 73 ± sqrt(2) over 2 seeds, published CIFAR-100 71.09 / 91.56
@@ -42,6 +43,8 @@ def test_grid_report(tmp_path):
     assert "| Student (baseline) | 68.00 ± 1.41 (n=2) [69.06] |" in text
     assert "| KD | 69.50 ± 0.71 (n=2) [70.66] |" in text
     assert "| FSP | 68.50 ± 0.00 (n=1) [69.95] |" in text
+    # DKD's published figure (mdistiller) does not say best or last: compared with our best epoch, marked †
+    assert "| DKD † | 71.00 ± 0.00 (n=1) [71.97] |" in text and "† DKD:" in text
     # each table says which recipe produced our numbers and which convention it uses
     recipe = "`repdistiller` (240 epochs, batch 64, SGD lr 0.05 x0.1 at epochs 150/180/210, wd 0.0005)"
     models_part, distill_part = text.split("## Distillation")
