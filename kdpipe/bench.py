@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from . import models, synthetic
 from .config import METHODS, Distill, Runtime
-from .distill import Distiller, feature_shapes
+from .distill import Batch, Distiller, TrainData, feature_shapes
 from .engine import CrossEntropy, Numerics, Pipeline, make_optimizer, set_determinism, train_step
 
 
@@ -76,8 +76,8 @@ def run(model: str = "resnet20", teacher: str = "resnet56", batch_size: int = 12
     g = torch.Generator(device=dev).manual_seed(0)
 
     def kdpipe_batch():
-        idx = torch.randint(0, len(y_dev), (batch_size,), generator=g, device=dev)
-        return pipe.augment(x_dev[idx], g), y_dev[idx]
+        idx = torch.randperm(len(y_dev), generator=g, device=dev)[:batch_size]
+        return pipe.augment(x_dev[idx], g), y_dev[idx], idx
 
     def make(name):
         torch.manual_seed(0)
@@ -130,8 +130,8 @@ def run(model: str = "resnet20", teacher: str = "resnet56", batch_size: int = 12
         opt = make_optimizer(list(m.parameters()) + list(objective.parameters()), _train_cfg(name, batch_size, device), dev)
 
         def step():
-            xb, yb = kdpipe_batch()
-            train_step(objective, m, opt, xb, yb, "main", numerics, 0.1)
+            xb, yb, idx = kdpipe_batch()
+            train_step(objective, m, opt, xb, yb, "main", numerics, 0.1, index=idx, epoch=100)
         return step, m
 
     # teacher training, plain student training: baseline vs kdpipe
@@ -143,17 +143,29 @@ def run(model: str = "resnet20", teacher: str = "resnet56", batch_size: int = 12
     t_model = numerics.prepare_model(make(teacher)).eval().requires_grad_(False)
 
     def teacher_forward():
-        xb, _ = kdpipe_batch()
+        xb, _, _ = kdpipe_batch()
         with torch.inference_mode(), numerics.autocast():
             t_model(xb, features=True)
     measure(f"{teacher} inference forward", teacher_forward)
     floor = timings[f"train {model} (student)"] + timings[f"{teacher} inference forward"]
     for method in methods:
         s = make(model)
-        objective = Distiller(t_model, [method], Distill(), feature_shapes(s), feature_shapes(t_model, dev))
+        objective = Distiller(t_model, [method], Distill(), feature_shapes(s), feature_shapes(t_model, dev),
+                              TrainData(y_dev))
         step, _ = kdpipe_trainer(model, objective)
         measure(f"distill {method}: {teacher} -> {model}", step)
         results[-1]["vs_student_plus_teacher_forward"] = round(timings[results[-1]["case"]] / floor, 2)
+        if method == "crd":  # the memory bank alone: negative sampling, gathers, scores, momentum update
+            crd, dims = objective.terms["crd"].train(), feature_shapes(s)[-1]
+            t_dim = feature_shapes(t_model, dev)[-1][0]
+
+            def memory_step():
+                _, _, idx = kdpipe_batch()
+                with torch.no_grad():
+                    crd(Batch(None, [torch.randn(batch_size, dims[0], device=dev)], None,
+                              [torch.randn(batch_size, t_dim, device=dev)], None, idx))
+            measure("crd memory bank: sample + gather + update", memory_step)
+            results[-1]["share_of_crd_step"] = round(timings[results[-1]["case"]] / timings[f"distill crd: {teacher} -> {model}"], 2)
     return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
             "torch": torch.__version__, "bf16": numerics.bf16, "channels_last": numerics.channels_last,
             "batch_size": batch_size, "steps": steps, "warmup": warmup, "repeats": repeats, "workers": workers,

@@ -41,9 +41,16 @@ class Synthetic(Strict):
 
 
 class Data(Strict):
-    dataset: Literal["synthetic", "cifar10", "cifar100"] = "synthetic"
+    dataset: Literal["synthetic", "cifar10", "cifar100", "folder"] = "synthetic"
     mirror: Optional[str] = None  # base URL of the CIFAR archives; env KDPIPE_CIFAR_MIRROR wins
+    path: Optional[str] = None  # dataset folder: an image folder with train/<class>/* and test/<class>/*
     synthetic: Synthetic = Synthetic()
+
+    @model_validator(mode="after")
+    def _folder_needs_path(self):
+        if (self.dataset == "folder") != (self.path is not None):
+            raise ValueError("path is required for dataset: folder (and only used there)")
+        return self
 
 
 # --- training -------------------------------------------------------------------------------------

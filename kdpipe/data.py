@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import shutil
+import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,51 @@ def _read_cifar(dataset: str, archive: Path):
     return arrays(parts), arrays([test]), classes
 
 
+def _read_image(path: str) -> tuple[np.ndarray, bool]:
+    """An image file as RGB uint8 (3, 32, 32); other sizes are resized with PIL's bilinear filter
+    (antialiased when shrinking, aspect ratio not kept). Returns (pixels, resized)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            resized = im.size != (32, 32)
+            if resized:
+                im = im.resize((32, 32), Image.Resampling.BILINEAR)
+            return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1), resized
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+
+
+def _read_folder(root: Path):
+    """`root/train/<class>/*` and `root/test/<class>/*`, with torchvision's ImageFolder discovery (class
+    names = sorted folder names, its image extensions)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder not found")
+    splits, classes, resized = [], None, 0
+    for split in ("train", "test"):
+        d = root / split
+        try:
+            names, index = find_classes(str(d))
+            samples = make_dataset(str(d), index, extensions=IMG_EXTENSIONS)
+        except (FileNotFoundError, OSError) as e:
+            raise DataError(f"{d}: {e}") from None
+        if classes is None:
+            classes = names
+        elif names != classes:
+            raise DataError(f"{d}: classes {names} differ from train's {classes}")
+        images = []
+        for path, _ in samples:
+            x, r = _read_image(path)
+            images.append(x)
+            resized += r
+        y = np.asarray([label for _, label in samples], dtype=np.int64)
+        splits.append((np.stack(images), y))
+    return splits[0], splits[1], classes, resized
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -115,6 +161,11 @@ def prepare(cfg, out_dir: Path, raw_dir: Path = Path("data/raw")) -> dict:
         train, test = (tx.numpy(), ty.numpy()), (vx.numpy(), vy.numpy())
         classes = synthetic.class_names(s.num_classes)
         source = f"kdpipe synthetic (seed {s.seed})"
+    elif cfg.dataset == "folder":
+        train, test, classes, resized = _read_folder(Path(cfg.path))
+        source = cfg.path
+        if resized:
+            print(f"{cfg.path}: resized {resized} images to 32x32 (PIL bilinear)", file=sys.stderr)
     else:
         raw_dir.mkdir(parents=True, exist_ok=True)
         archive = download(cfg.dataset, raw_dir, cfg.mirror)
@@ -140,6 +191,10 @@ def prepare(cfg, out_dir: Path, raw_dir: Path = Path("data/raw")) -> dict:
         "std": [round(float(s), 6) for s in pixels.std((0, 2, 3))],
         "sha256": {name: _sha256(tmp / f"{name}.npy") for name in ARRAYS},
     }
+    if cfg.dataset == "folder":
+        manifest["class_counts"] = {split: dict(zip(classes, np.bincount(y, minlength=len(classes)).tolist()))
+                                    for split, y in (("train", train[1]), ("test", test[1]))}
+        manifest["resized"] = resized
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)

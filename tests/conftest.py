@@ -22,7 +22,8 @@ TINY = {
                 "nst": {"gamma": 1.0, "alpha": 0.0, "temperature": 4.0, "beta": 50.0},
                 "fsp": {"gamma": 1.0, "alpha": 0.0, "temperature": 4.0, "beta": 1.0, "init_epochs": 0},
                 "fitnets": {"gamma": 1.0, "alpha": 0.0, "temperature": 4.0, "beta": 100.0, "hint_layer": 2,
-                            "regressor_kernel": 1, "init_epochs": 0}},
+                            "regressor_kernel": 1, "init_epochs": 0},
+                "crd": {"nce_k": 64}, "dkd": {"warmup_epochs": 1}},
     "evaluate": {"batch_size": 64, "device": "cpu"},
 }
 

@@ -63,7 +63,7 @@ def rerun_after(repo, edit) -> set[str]:
         sh(DVC, "repro", "-q", cwd=repo)  # back to the original outputs (from the run cache)
 
 
-METHODS = ("kd", "at", "nst", "fsp", "fitnets")
+METHODS = ("kd", "at", "nst", "fsp", "fitnets", "crd", "dkd")
 DISTILL = {f"distill@{m}" for m in METHODS} | {f"evaluate@{m}" for m in METHODS}
 
 
