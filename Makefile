@@ -8,10 +8,10 @@ export PATH := $(BIN):$(PATH)
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
-	@echo "kdpipe: creating $(VENV) and installing kdpipe with torch, torchvision and DVC (about 1.5 min) ..."
+	@echo "kdpipe: creating $(VENV) and installing kdpipe with torch, torchvision, DVC and ONNX (about 2 min) ..."
 	python3 -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,export]'
 	@echo "kdpipe: installed ($$($(BIN)/kdpipe --version))"
 	touch $@
 

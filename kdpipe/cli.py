@@ -58,10 +58,11 @@ def guarded(fn):
     def wrapper(*args, **kwargs):
         from .data import DataError
         from .engine import CheckpointError, TrainingError
+        from .export import ExportError
 
         try:
             return fn(*args, **kwargs)
-        except (DataError, CheckpointError, TrainingError) as e:
+        except (DataError, CheckpointError, TrainingError, ExportError) as e:
             fail(str(e))
         except ParamsError as e:
             for line in e.lines:
@@ -225,6 +226,37 @@ def report(names: Optional[list[str]] = typer.Argument(None, help="run names, in
     text = report_mod.write(names, json.loads(manifest_path.read_text()), Path("metrics"), Path("logs"),
                             Path("plots"), out)
     typer.echo(text)
+
+
+@app.command("export")
+@guarded
+def export_cmd(names: list[str] = typer.Argument(..., help="run name (models/NAME.pt); with --best, several"),
+               fmt: str = typer.Option("onnx", "--format", help="onnx or torchscript"),
+               opset: Optional[int] = typer.Option(None, help="ONNX opset (default: the exporter's)"),
+               best: bool = typer.Option(False, "--best", help="export the run with the highest metrics top1"),
+               out: Optional[Path] = typer.Option(None, help="output file (default models/NAME.onnx)"),
+               data_dir: Path = DataOpt):
+    """Export a trained student (ONNX or TorchScript) and check it against PyTorch on test images."""
+    import json
+
+    from .export import export
+
+    if fmt not in ("onnx", "torchscript"):
+        fail(f"--format: {fmt!r} is not onnx or torchscript", 2)
+    if len(names) > 1 and not best:
+        fail("several names need --best (export the one with the highest top1)", 2)
+    name = names[0]
+    if best:
+        missing = [n for n in names if not Path(f"metrics/{n}.json").is_file()]
+        if missing:
+            fail(f"no metrics for {', '.join(missing)} (run `kdpipe evaluate NAME` first)")
+        top1 = {n: json.loads(Path(f"metrics/{n}.json").read_text())["top1"] for n in names}
+        name = max(names, key=lambda n: top1[n])  # the first of equals
+    suffix = ".onnx" if fmt == "onnx" else ".torchscript.pt"
+    out = out or Path(f"models/{name}{suffix}")
+    r = export(Path(f"models/{name}.pt"), out, data_dir, fmt, opset)
+    typer.echo(f"{name} -> {out}: max |logit difference| {r['max_abs_diff']:.2e}, top-1 agreement "
+               f"{r['top1_agreement']:.2f}% on {r['images']} test images")
 
 
 @app.command()

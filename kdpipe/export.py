@@ -1,0 +1,101 @@
+"""`kdpipe export`: a trained student as a portable model (ONNX by default, or TorchScript).
+
+What is exported: the model alone (no regressors, embeddings or other method parts), eval mode, fp32,
+a dynamic batch dimension, and the input normalisation **folded into the graph**: the input is
+`image`, float32 RGB in [0, 1] (uint8 pixels / 255), shape (N, 3, 32, 32); the output is `logits`
+(N, classes). The mean/std, class names and the source checkpoint are also written to the ONNX
+metadata. After exporting, the file is run (onnxruntime / torch.jit.load) on a batch of the prepared
+test set and compared with PyTorch; a max |logit difference| above `tolerance` is an error and removes
+the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import data as data_mod
+from .engine import CheckpointError, load_checkpoint, restore_model
+
+TOLERANCE = 1e-4
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+class Normalized(nn.Module):
+    """model((x - mean) / std) for x in [0, 1]: the exported graph takes plain RGB floats."""
+
+    def __init__(self, model: nn.Module, mean, std):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, image):
+        return self.model((image - self.mean) / self.std)
+
+
+def _onnx(module: nn.Module, path: Path, opset: int | None, metadata: dict) -> None:
+    try:
+        import onnx
+    except ImportError:
+        raise ExportError("ONNX export needs the export extra: pip install -e '.[export]'") from None
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.onnx.export(module, (torch.rand(2, 3, 32, 32),), input_names=["image"], output_names=["logits"],
+                                dynamic_shapes={"image": {0: batch}}, opset_version=opset, dynamo=True,
+                                verbose=False)
+    program.save(str(path))
+    proto = onnx.load(str(path))
+    for k, v in metadata.items():
+        proto.metadata_props.add(key=k, value=v)
+    onnx.save(proto, str(path))
+
+
+def _run_onnx(path: Path, x: torch.Tensor) -> torch.Tensor:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(["logits"], {"image": x.numpy()})[0])
+
+
+def export(ckpt_path: Path, out: Path, data_dir: Path, fmt: str = "onnx", opset: int | None = None,
+           tolerance: float | None = None, n_check: int = 256) -> dict:
+    tolerance = TOLERANCE if tolerance is None else tolerance
+    ckpt = load_checkpoint(ckpt_path)
+    prepared = data_mod.load(data_dir)
+    if ckpt["num_classes"] != prepared.num_classes:
+        raise CheckpointError(f"{ckpt_path}: {ckpt['num_classes']} classes, but {data_dir} has {prepared.num_classes}")
+    norm = ckpt.get("normalization") or {"mean": prepared.manifest["mean"], "std": prepared.manifest["std"]}
+    module = Normalized(restore_model(ckpt), norm["mean"], norm["std"]).eval()
+    x = prepared.test.x[:n_check].float() / 255
+    with torch.inference_mode():
+        expected = module(x)
+    metadata = {"kdpipe.model": ckpt["model"], "kdpipe.input": "float32 RGB in [0, 1] (uint8 / 255), NCHW, 32x32; "
+                "normalisation is folded into the graph", "kdpipe.mean": json.dumps(norm["mean"]),
+                "kdpipe.std": json.dumps(norm["std"]), "kdpipe.classes": json.dumps(prepared.manifest["classes"]),
+                "kdpipe.checkpoint": str(ckpt_path)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        if fmt == "onnx":
+            _onnx(module, tmp, opset, metadata)
+            got = _run_onnx(tmp, x)
+        else:
+            traced = torch.jit.trace(module, (x[:2],))
+            torch.jit.save(traced, str(tmp), _extra_files={k: v.encode() for k, v in metadata.items()})
+            with torch.inference_mode():
+                got = torch.jit.load(str(tmp))(x)
+        diff = (got - expected).abs().max().item()
+        agree = (got.argmax(1) == expected.argmax(1)).float().mean().item() * 100
+        if not diff <= tolerance:
+            raise ExportError(f"{out}: exported model differs from PyTorch by {diff:.2e} > {tolerance:g} (max |logit|)")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"path": str(out), "format": fmt, "max_abs_diff": diff, "top1_agreement": agree, "images": len(x)}

@@ -1,0 +1,80 @@
+"""`kdpipe export`: ONNX (and TorchScript) with folded normalisation, checked against PyTorch."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from kdpipe import engine, export
+from kdpipe.cli import app
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+
+def invoke(*args, code=0):
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == code, result.output
+    return result.output
+
+
+@pytest.fixture
+def trained(workdir):
+    invoke("data")
+    invoke("student")
+    invoke("teacher")
+    return workdir
+
+
+def reference_logits(workdir, name, x_uint8):
+    """The model by hand: normalise uint8 pixels with the manifest's mean/std, run the checkpoint's model."""
+    manifest = json.loads((workdir / "data/prepared/manifest.json").read_text())
+    mean = torch.tensor(manifest["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(manifest["std"]).view(1, 3, 1, 1)
+    model = engine.restore_model(engine.load_checkpoint(workdir / f"models/{name}.pt")).eval()
+    with torch.no_grad():
+        return model((x_uint8.float() / 255 - mean) / std)
+
+
+def test_onnx_export_matches_pytorch_with_a_dynamic_batch(trained):
+    out = invoke("export", "student")
+    assert "student -> models/student.onnx: max |logit difference|" in out and "top-1 agreement 100.00%" in out
+    proto = onnx.load(trained / "models/student.onnx")
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert "normalisation is folded" in meta["kdpipe.input"] and meta["kdpipe.model"] == "resnet8"
+    x = torch.from_numpy(np.load(trained / "data/prepared/test_x.npy")[:5])
+    session = ort.InferenceSession(str(trained / "models/student.onnx"), providers=["CPUExecutionProvider"])
+    for n in (1, 5):  # any batch size
+        got = session.run(["logits"], {"image": (x[:n].float() / 255).numpy()})[0]
+        np.testing.assert_allclose(got, reference_logits(trained, "student", x[:n]).numpy(), atol=1e-4, rtol=0)
+
+
+def test_torchscript_export(trained):
+    invoke("export", "student", "--format", "torchscript")
+    x = torch.from_numpy(np.load(trained / "data/prepared/test_x.npy")[:4])
+    module = torch.jit.load(str(trained / "models/student.torchscript.pt"))
+    torch.testing.assert_close(module(x.float() / 255), reference_logits(trained, "student", x), atol=1e-5, rtol=0)
+
+
+def test_best_of_several_runs(trained):
+    for n in ("student", "teacher"):
+        invoke("evaluate", n)
+    top1 = {n: json.loads((trained / f"metrics/{n}.json").read_text())["top1"] for n in ("student", "teacher")}
+    best = max(top1, key=top1.get)
+    out = invoke("export", "student", "teacher", "--best", "--out", "models/best.onnx")
+    assert out.startswith(f"{best} -> models/best.onnx")
+    assert invoke("export", "student", "teacher", code=2)  # several names need --best
+
+
+def test_a_mismatch_beyond_tolerance_fails_and_leaves_nothing(trained, monkeypatch):
+    monkeypatch.setattr(export, "TOLERANCE", 0.0)  # ONNX Runtime's kernels round differently from PyTorch's
+    result = CliRunner().invoke(app, ["export", "student"])
+    assert result.exit_code == 1 and "exported model differs from PyTorch by" in result.output
+    assert not list((trained / "models").glob("*.onnx")) and not list((trained / "models").glob(".*tmp*"))
+
+
+def test_missing_checkpoint_is_one_line(trained):
+    result = CliRunner().invoke(app, ["export", "ghost"])
+    assert result.exit_code == 1 and result.output.strip() == "error: models/ghost.pt: checkpoint not found"
