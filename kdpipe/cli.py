@@ -6,7 +6,6 @@ models/NAME.pt (checkpoint), logs/NAME.json (timings), metrics/NAME.json and plo
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 

@@ -52,3 +52,27 @@ def workdir(tmp_path, monkeypatch):
 def write_params(path: Path, params: dict) -> Path:
     path.write_text(yaml.safe_dump(params))
     return path
+
+
+def distill_runs(tmp_path: Path, p, methods: list[str]):
+    """Prepared tiny data and a factory of identical distillation runs (a fixed teacher, the student
+    seeded from `p.student.seed`), for resume tests: `make(out, stop_after=None) -> engine.Run`."""
+    import torch
+
+    from kdpipe import data, engine, models
+    from kdpipe.distill import Distiller, TrainData, feature_shapes
+
+    data.prepare(p.data, tmp_path / "prepared")
+    prepared = data.load(tmp_path / "prepared")
+    torch.manual_seed(5)
+    teacher = models.create("resnet14", 10)
+
+    def make(out, stop_after=None):
+        torch.manual_seed(p.student.seed)
+        student = models.create("resnet8", 10)
+        obj = Distiller(teacher, methods, p.distill, feature_shapes(student), feature_shapes(teacher),
+                        TrainData(prepared.train.y))
+        return engine.Run(name="+".join(methods), model=student, cfg=p.student, out=out, log=tmp_path / "log.json",
+                          objective=obj, meta={"role": "distill"}, stop_after=stop_after, progress=False)
+
+    return prepared, make

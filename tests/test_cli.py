@@ -76,7 +76,13 @@ def test_bench_json_reports_every_case(workdir):
     report = json.loads(out)
     cases = [r["case"] for r in report["results"]]
     assert cases[:3] == ["train resnet8 (teacher)", "train resnet8 (student)", "resnet8 inference forward"]
-    assert [c.split(":")[0] for c in cases[3:]] == [f"distill {m}" for m in ("kd", "at", "nst", "fsp", "fitnets")]
+    from kdpipe.config import METHODS
+
+    expected = [f"distill {m}" for m in METHODS]
+    expected.insert(expected.index("distill crd") + 1, "crd memory bank")  # CRD's memory bank timed alone
+    assert [c.split(":")[0] for c in cases[3:]] == expected
+    crd = next(r for r in report["results"] if r["case"].startswith("crd memory bank"))
+    assert 0 < crd["share_of_crd_step"]
     assert all(r["images_per_s"] > 0 for r in report["results"])
     assert report["results"][0]["speedup"] > 0 and "baseline_images_per_s" in report["results"][1]
     assert report["bf16"] is False and report["channels_last"] is False  # CPU default: exact fp32

@@ -28,7 +28,7 @@ def test_tiny_and_repo_params_are_valid():
     ({"teacher": {"optim": {"lr": "0.1"}}}, "teacher.optim.lr: Input should be a valid number (got '0.1')"),
     ({"teacher": {"optim": {"nesterov": "yes"}}}, "teacher.optim.nesterov: Input should be a valid boolean (got 'yes')"),
     ({"teacher": {"runtime": {"cpu_isa": "avx512"}}}, "teacher.runtime.cpu_isa: Input should be 'native' or 'avx2'"),
-    ({"data": {"dataset": "imagenet"}}, "data.dataset: Input should be 'synthetic', 'cifar10' or 'cifar100' (got 'imagenet')"),
+    ({"data": {"dataset": "imagenet"}}, "data.dataset: Input should be 'synthetic', 'cifar10', 'cifar100' or 'folder' (got 'imagenet')"),
     ({"student": {"model": "resnet21"}}, "student.model: Input should be 'resnet8', 'resnet14', 'resnet20', 'resnet32', 'resnet44', 'resnet56' or 'resnet110' (got 'resnet21')"),
     ({"student": {"optim": {"lrr": 0.1}}}, "student.optim.lrr: unknown key (did you mean 'lr'?)"),
     ({"teacherr": {}}, "teacherr: unknown key (did you mean 'teacher'?)"),

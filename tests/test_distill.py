@@ -5,14 +5,14 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from kdpipe import config, data, engine, models
+from kdpipe import config, engine, models
 from kdpipe.cli import app
 from kdpipe.distill import Distiller, feature_shapes
 from kdpipe.distill import functional as Fd
 from kdpipe.distill.fitnets import regressor
 from kdpipe.distill.fsp import check_channels
 
-from .conftest import tiny_params, write_params
+from .conftest import distill_runs, tiny_params, write_params
 
 
 def build(methods, **distill_updates):
@@ -149,18 +149,7 @@ def test_distill_needs_a_teacher_for_the_same_data(workdir):
 
 def test_two_stage_distillation_resumes_across_the_stage_boundary(tmp_path):
     p = config.validate(tiny_params(student={"epochs": 2}, distill={"fitnets": {"init_epochs": 2}}))
-    data.prepare(p.data, tmp_path / "prepared")
-    prepared = data.load(tmp_path / "prepared")
-    torch.manual_seed(5)
-    teacher = models.create("resnet14", 10)
-
-    def run(out, stop_after=None):
-        torch.manual_seed(p.student.seed)
-        student = models.create("resnet8", 10)
-        obj = Distiller(teacher, ["fitnets"], p.distill, feature_shapes(student), feature_shapes(teacher))
-        return engine.Run(name="fitnets", model=student, cfg=p.student, out=out, log=tmp_path / "log.json",
-                          objective=obj, meta={"role": "distill"}, stop_after=stop_after, progress=False)
-
+    prepared, run = distill_runs(tmp_path, p, ["fitnets"])
     full = engine.train(run(tmp_path / "full.pt"), prepared)
     assert [r["phase"] for r in full["history"]] == ["init", "init", "main", "main"]
     for stop in (1, 2, 3):  # inside stage 1, at the boundary, inside stage 2

@@ -131,4 +131,4 @@ def test_compile_warmup_leaves_the_run_unchanged(tmp_path, prepared, monkeypatch
     for k, v in plain["state_dict"].items():
         assert torch.equal(v, compiled["state_dict"][k]), k
     assert plain["history"] == compiled["history"]
-    assert json.loads((tmp_path / "b/s.json").read_text())["compile_seconds"] > 0
+    assert json.loads((tmp_path / "b/s.timing.json").read_text())["compile_seconds"] > 0

@@ -4,19 +4,20 @@ memory bank and negative sampling, DKD's warm-up, and bit-identical resume."""
 import pytest
 import torch
 
-from kdpipe import config, data, engine, models
-from kdpipe.distill import Batch, Distiller, TrainData, feature_shapes
+from kdpipe import config, engine, models
+from kdpipe.distill import Distiller, TrainData, feature_shapes
 from kdpipe.distill import functional as Fd
 from kdpipe.distill.crd import NegativeSampler
 
-from .conftest import tiny_params
+from .conftest import distill_runs, tiny_params
 
 NEW = ["sp", "cc", "vid", "rkd", "pkt", "crd", "dkd"]
 LABELS = torch.arange(96) % 10
 
 
 def build(methods, **distill_updates):
-    p = config.validate(tiny_params(distill={"crd": {"nce_k": 32}, **distill_updates}))
+    distill = {"crd": {"nce_k": 32}, "dkd": {"warmup_epochs": 20}}  # DKD's default warm-up (tiny params: 1)
+    p = config.validate(tiny_params(distill={**distill, **distill_updates}))
     torch.manual_seed(0)
     teacher, student = models.create("resnet14", 10), models.create("resnet8", 10)
     obj = Distiller(teacher, methods, p.distill, feature_shapes(student), feature_shapes(teacher), TrainData(LABELS))
@@ -75,7 +76,7 @@ def test_terms_compute_the_documented_losses():
 
 
 def test_dkd_warmup_is_linear_then_flat():
-    obj, _, student, _ = build(["dkd"], dkd={"gamma": 0.0})
+    obj, _, student, _ = build(["dkd"], dkd={"gamma": 0.0, "warmup_epochs": 20})
     student.eval()
     x, y, index = batch()
     full = obj(student, x, y, epoch=19)[0].item()
@@ -127,19 +128,7 @@ def test_crd_needs_indices():
 @pytest.mark.parametrize("methods", [["crd", "kd"], ["dkd"], ["vid"]])
 def test_resume_is_bit_identical(tmp_path, methods):
     p = config.validate(tiny_params(student={"epochs": 3}, distill={"crd": {"nce_k": 32}, "dkd": {"warmup_epochs": 2}}))
-    data.prepare(p.data, tmp_path / "prepared")
-    prepared = data.load(tmp_path / "prepared")
-    torch.manual_seed(5)
-    teacher = models.create("resnet14", 10)
-
-    def run(out, stop_after=None):
-        torch.manual_seed(p.student.seed)
-        student = models.create("resnet8", 10)
-        obj = Distiller(teacher, methods, p.distill, feature_shapes(student), feature_shapes(teacher),
-                        TrainData(prepared.train.y))
-        return engine.Run(name="m", model=student, cfg=p.student, out=out, log=tmp_path / "log.json",
-                          objective=obj, meta={"role": "distill"}, stop_after=stop_after, progress=False)
-
+    prepared, run = distill_runs(tmp_path, p, methods)
     full = engine.train(run(tmp_path / "full.pt"), prepared)
     assert not any(k.startswith("terms") for k in full["state_dict"])  # the student alone
     out = tmp_path / "cut.pt"

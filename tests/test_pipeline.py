@@ -69,17 +69,17 @@ DISTILL = {f"distill@{m}" for m in METHODS} | {f"evaluate@{m}" for m in METHODS}
 
 def test_student_key_reruns_student_and_distilled_students(repo):
     stale = rerun_after(repo, lambda p: p["student"]["optim"].update(lr=0.02))
-    assert stale == {"student", "evaluate@student", "report"} | DISTILL
+    assert stale == {"student", "evaluate@student", "report", "export"} | DISTILL
 
 
 def test_one_method_key_reruns_only_that_method(repo):
     stale = rerun_after(repo, lambda p: p["distill"]["at"].update(beta=10.0))
-    assert stale == {"distill@at", "evaluate@at", "report"}
+    assert stale == {"distill@at", "evaluate@at", "report", "export"}  # export picks the best student again
 
 
 def test_teacher_key_reruns_only_teacher_chain(repo):
     stale = rerun_after(repo, lambda p: p["teacher"].update(epochs=3))
-    assert stale == {"teacher", "evaluate@teacher", "report"} | DISTILL
+    assert stale == {"teacher", "evaluate@teacher", "report", "export"} | DISTILL
 
 
 def test_evaluate_key_reruns_only_evaluation(repo):
@@ -137,3 +137,29 @@ def test_hand_runs_and_ad_hoc_runs_leave_the_pipeline_up_to_date(repo):
 def test_one_comparison_plot(repo):
     shown = json.loads(sh(DVC, "plots", "show", "--json", "--split", cwd=repo))
     assert list(shown) == ["test_top1"] or set(shown.get("data", shown)) == {"test_top1"}
+
+
+def test_teachers_are_shared_through_a_dvc_remote(tmp_path):
+    """Machine A trains the teacher and pushes (outputs and run-cache) to a shared remote; machine B,
+    a fresh clone, pulls instead of retraining: same bytes, and `dvc repro` there does not run it."""
+    a, b, remote = tmp_path / "a", tmp_path / "b", tmp_path / "remote"
+    a.mkdir()
+    shutil.copytree(ROOT / "kdpipe", a / "kdpipe", ignore=shutil.ignore_patterns("__pycache__"))
+    for f in ("dvc.yaml", ".gitignore"):
+        shutil.copy(ROOT / f, a)
+    (a / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+    sh("git", "init", "-q", cwd=a)
+    sh("git", "config", "user.email", "a@kdpipe.invalid", cwd=a)
+    sh("git", "config", "user.name", "a", cwd=a)
+    sh(DVC, "init", "-q", cwd=a)
+    sh(DVC, "remote", "add", "-d", "shared", str(remote), cwd=a)
+    sh(DVC, "repro", "teacher", cwd=a)
+    sh("git", "add", "-A", cwd=a)
+    sh("git", "commit", "-qm", "teacher", cwd=a)
+    sh(DVC, "push", "--run-cache", cwd=a)
+
+    sh("git", "clone", "-q", str(a), str(b), cwd=tmp_path)
+    out = sh(DVC, "repro", "--pull", "teacher", cwd=b)
+    assert "Running stage 'teacher'" not in out and "Running stage 'data'" not in out, out
+    assert (b / "models/teacher.pt").read_bytes() == (a / "models/teacher.pt").read_bytes()
+    assert json.loads(sh(DVC, "status", "--json", "teacher", cwd=b)) == {}
