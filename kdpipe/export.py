@@ -52,6 +52,10 @@ def _onnx(module: nn.Module, path: Path, opset: int | None, metadata: dict) -> N
                                 verbose=False)
     program.save(str(path))
     proto = onnx.load(str(path))
+    for node in proto.graph.node:  # the exporter's stack traces hold absolute source paths: bytes would
+        keep = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]  # depend on the folder
+        del node.metadata_props[:]
+        node.metadata_props.extend(keep)
     for k, v in metadata.items():
         proto.metadata_props.add(key=k, value=v)
     onnx.save(proto, str(path))
