@@ -6,6 +6,7 @@ models/NAME.pt (checkpoint), logs/NAME.json (timings), metrics/NAME.json and plo
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -158,6 +159,9 @@ def distill(method: str = typer.Option(..., "--method", "-m", help="kd, at, nst,
 
     p = load(params, "student", "distill")
     methods = config.parse_methods(method)
+    if "crd" in methods and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would update its own bank
+        fail("crd under torchrun is not supported yet (the memory bank is not shared across processes); "
+             "run it in one process", 2)
     cfg = with_overrides(p.student, model, seed)
     engine.pin_cpu(cfg.runtime)
     numerics = engine.Numerics.from_runtime(cfg.runtime)

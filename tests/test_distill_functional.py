@@ -224,8 +224,10 @@ def test_nce_and_contrast_scores_hand_values():
     scores = torch.tensor([[1.0, 0.5, 1.5]])
     expected = -(math.log(1 / 1.5) + math.log(0.5 / 1.0) + math.log(0.5 / 2.0))
     assert Fd.nce(scores, 4, eps=0.0).item() == pytest.approx(expected, rel=1e-6)
-    anchor, rows = torch.tensor([[1.0, 0.0]]), torch.tensor([[[0.5, 9.0], [-1.0, 3.0]]])
-    torch.testing.assert_close(Fd.contrast_scores(anchor, rows, 0.5), torch.tensor([[math.exp(1.0), math.exp(-2.0)]]))
+    anchor, memory = torch.tensor([[1.0, 0.0]]), torch.tensor([[7.0, 1.0], [0.5, 9.0], [-1.0, 3.0]])
+    idx = torch.tensor([[1, 2, 1]])  # rows may repeat (negatives drawn with replacement)
+    expected = torch.tensor([[math.exp(1.0), math.exp(-2.0), math.exp(1.0)]])
+    torch.testing.assert_close(Fd.contrast_scores(anchor, memory, idx, 0.5), expected)
 
 
 def test_embedding_is_the_global_average():

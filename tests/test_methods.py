@@ -136,3 +136,12 @@ def test_resume_is_bit_identical(tmp_path, methods):
         engine.train(run(out, 1), prepared)
     engine.train(run(out), prepared)
     assert out.read_bytes() == (tmp_path / "full.pt").read_bytes()
+
+
+def test_crd_refuses_multi_process_runs(workdir):
+    from typer.testing import CliRunner
+
+    from kdpipe.cli import app
+
+    result = CliRunner().invoke(app, ["distill", "-m", "crd+kd"], env={"WORLD_SIZE": "2"})
+    assert result.exit_code == 2 and "crd under torchrun is not supported yet" in result.output

@@ -81,16 +81,17 @@ class ContrastiveRepresentation(nn.Module):
             raise ValueError("crd needs each sample's dataset index")
         vs, vt = self.embed_s(b.s_embedding).float(), self.embed_t(b.t_embedding).float()
         idx = torch.cat([b.index[:, None], self.sampler(b.index, self.k)], 1)  # positive first
-        with torch.no_grad():
-            ws, wt = self.memory_s[idx], self.memory_t[idx]  # (B, 1 + K, D)
-        out_t = Fd.contrast_scores(vt, ws, self.t)  # teacher anchor against the student memory
-        out_s = Fd.contrast_scores(vs, wt, self.t)  # student anchor against the teacher memory
+        out_t = Fd.contrast_scores(vt, self.memory_s, idx, self.t)  # teacher anchor against the student memory
+        out_s = Fd.contrast_scores(vs, self.memory_t, idx, self.t)  # student anchor against the teacher memory
         if self.z[0] < 0:  # RepDistiller: Z = mean score x N, fixed from the first batch on
             self.z.copy_(torch.stack([out_s.detach().mean(), out_t.detach().mean()]) * self.n_data)
         loss = Fd.nce(out_s / self.z[0], self.n_data) + Fd.nce(out_t / self.z[1], self.n_data)
         if self.training:
             with torch.no_grad():
-                for memory, v in ((self.memory_s, vs), (self.memory_t, vt)):
+                for name, v in (("memory_s", vs), ("memory_t", vt)):
+                    memory = getattr(self, name)
                     new = F.normalize(memory[b.index] * self.momentum + v.detach() * (1 - self.momentum), dim=1)
-                    memory.index_copy_(0, b.index, new)
+                    # out of place: the scores' backward still needs the bank as it was (one N x D copy,
+                    # far less traffic than gathering B x (1 + K) x D rows)
+                    setattr(self, name, memory.index_copy(0, b.index, new))
         return loss
