@@ -50,6 +50,13 @@ def load(params: Path, *require: str) -> config.Params:
         raise typer.Exit(2)
 
 
+def require_metrics(names: list[str]) -> None:
+    """Every run named must have been evaluated (metrics/NAME.json), else one line naming the missing ones."""
+    missing = [n for n in names if not Path(f"metrics/{n}.json").is_file()]
+    if missing:
+        fail(f"no metrics for {', '.join(missing)} (run `kdpipe evaluate NAME` first)")
+
+
 def guarded(fn):
     """Turn kdpipe's own errors into one clear line and a non-zero exit, not a traceback."""
     import functools
@@ -223,9 +230,7 @@ def report(names: Optional[list[str]] = typer.Argument(None, help="run names, in
                  + (", ".join(found) if found else "none (run `kdpipe evaluate NAME` first)"))
         typer.echo(report_mod.grid(p, json.loads(manifest_path.read_text()), Path("metrics"), Path("plots"), out))
         return
-    missing = [n for n in names if not Path(f"metrics/{n}.json").is_file()]
-    if missing:
-        fail(f"no metrics for {', '.join(missing)} (run `kdpipe evaluate NAME` first)")
+    require_metrics(names)
     text = report_mod.write(names, json.loads(manifest_path.read_text()), Path("metrics"), Path("logs"),
                             Path("plots"), out)
     typer.echo(text)
@@ -250,9 +255,7 @@ def export_cmd(names: list[str] = typer.Argument(..., help="run name (models/NAM
         fail("several names need --best (export the one with the highest top1)", 2)
     name = names[0]
     if best:
-        missing = [n for n in names if not Path(f"metrics/{n}.json").is_file()]
-        if missing:
-            fail(f"no metrics for {', '.join(missing)} (run `kdpipe evaluate NAME` first)")
+        require_metrics(names)
         top1 = {n: json.loads(Path(f"metrics/{n}.json").read_text())["top1"] for n in names}
         name = max(names, key=lambda n: top1[n])  # the first of equals
     suffix = ".onnx" if fmt == "onnx" else ".torchscript.pt"
