@@ -124,9 +124,13 @@ def test_regressor_is_repdistillers_convreg():
 
 
 def test_fsp_rejects_mismatched_channels():
-    check_channels([(16, 32, 32)] * 2, [(16, 32, 32)] * 2)
-    with pytest.raises(ValueError, match="fsp needs equal channel counts per tap; f1: student 16 vs teacher 32"):
-        check_channels([(16, 32, 32), (16, 32, 32)], [(16, 32, 32), (32, 32, 32)])
+    shapes = {n: feature_shapes(models.create(n, 100)) for n in ("resnet32x4", "resnet8x4", "shufflev1", "vgg8")}
+    check_channels(shapes["resnet8x4"], shapes["resnet32x4"])  # same widths per tap: fine
+    with pytest.raises(ValueError, match="fsp needs equal channel counts per tap .*f0: student 24 vs teacher 32; "
+                                         "f1: student 240 vs teacher 64"):
+        check_channels(shapes["shufflev1"], shapes["resnet32x4"])
+    with pytest.raises(ValueError, match="fsp pairs stages one to one, but the student has 5 feature taps and the teacher 4"):
+        check_channels(shapes["vgg8"], shapes["resnet32x4"])
 
 
 def test_bad_method_and_params_fail_at_validation(workdir):

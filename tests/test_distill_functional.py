@@ -228,8 +228,3 @@ def test_nce_and_contrast_scores_hand_values():
     idx = torch.tensor([[1, 2, 1]])  # rows may repeat (negatives drawn with replacement)
     expected = torch.tensor([[math.exp(1.0), math.exp(-2.0), math.exp(1.0)]])
     torch.testing.assert_close(Fd.contrast_scores(anchor, memory, idx, 0.5), expected)
-
-
-def test_embedding_is_the_global_average():
-    f = torch.randn(2, 3, 4, 4)
-    torch.testing.assert_close(Fd.embedding(f), f.mean((2, 3)))

@@ -45,3 +45,60 @@ def test_depth_and_blocks():
 def test_unknown_model_lists_valid_names():
     with pytest.raises(ValueError, match="unknown model 'resnet21'.*resnet20.*resnet110"):
         models.create("resnet21", 10)
+
+
+# RepDistiller's models/*.py built for 100 classes (the counts its code gives; CRD's table pairs them)
+REFERENCE_PARAMS = {
+    "resnet8x4": 1_233_540, "resnet32x4": 7_433_860, "wrn_16_1": 180_916, "wrn_16_2": 703_284,
+    "wrn_40_1": 569_780, "wrn_40_2": 2_255_156, "resnet50": 23_705_252, "vgg8": 3_965_028,
+    "vgg11": 9_277_284, "vgg13": 9_462_180, "vgg16": 14_774_436, "vgg19": 20_086_692,
+    "mobilenetv2": 812_836, "shufflev1": 949_258, "shufflev2": 1_355_528,
+}
+# (C, H, W) of each stage tap for a 32x32 input, and the embedding's width: RepDistiller's feature list
+STAGES = {
+    "resnet8x4": ([(32, 32, 32), (64, 32, 32), (128, 16, 16), (256, 8, 8)], 256),
+    "wrn_40_2": ([(16, 32, 32), (32, 32, 32), (64, 16, 16), (128, 8, 8)], 128),
+    "resnet50": ([(64, 32, 32), (256, 32, 32), (512, 16, 16), (1024, 8, 8), (2048, 4, 4)], 2048),
+    "vgg13": ([(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 4, 4)], 512),
+    "mobilenetv2": ([(16, 16, 16), (12, 16, 16), (16, 8, 8), (48, 4, 4), (160, 2, 2)], 1280),
+    "shufflev1": ([(24, 32, 32), (240, 16, 16), (480, 8, 8), (960, 4, 4)], 960),
+    "shufflev2": ([(24, 32, 32), (116, 16, 16), (232, 8, 8), (464, 4, 4)], 1024),
+}
+# a few keys of each reference state dict (RepDistiller's module names), after kdpipe's renames
+REFERENCE_KEYS = {
+    "resnet32x4": ["conv1.weight", "layer1.0.downsample.0.weight", "layer3.4.bn2.running_var", "fc.bias"],
+    "wrn_40_2": ["conv1.weight", "block1.layer.0.convShortcut.weight", "block3.layer.5.bn2.num_batches_tracked",
+                 "bn1.weight", "fc.weight"],
+    "resnet50": ["layer1.0.shortcut.1.weight", "layer4.2.conv3.weight", "linear.weight"],
+    "vgg13": ["block0.0.weight", "block0.1.running_mean", "block0.3.bias", "block4.4.weight", "classifier.weight"],
+    "mobilenetv2": ["conv1.0.weight", "blocks.0.0.conv.0.weight", "blocks.6.0.conv.7.running_var", "conv2.1.weight",
+                    "classifier.0.weight"],
+    "shufflev1": ["layer1.0.conv1.weight", "layer3.3.bn3.bias", "linear.weight"],
+    "shufflev2": ["layer1.0.conv5.weight", "layer2.7.conv3.weight", "conv2.weight", "bn2.bias", "linear.weight"],
+}
+
+
+@pytest.mark.parametrize("name", REFERENCE_PARAMS)
+def test_reference_param_counts_exact(name):
+    assert models.count_params(models.create(name, 100)) == REFERENCE_PARAMS[name]
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_features_contract(name):
+    torch.manual_seed(0)
+    model = models.create(name, 100).eval()
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x, features=True)
+    logits, stages = out  # unpacks as the seed's (logits, stages)
+    assert out.logits is logits and out.stages is stages
+    assert ([tuple(f.shape[1:]) for f in stages], out.embedding.shape[1]) == STAGES[name]
+    head = dict(model.named_children())[next(n for n in ("fc", "linear", "classifier") if hasattr(model, n))]
+    torch.testing.assert_close(head(out.embedding), logits)  # the embedding is what the classifier reads
+    torch.testing.assert_close(model(x), logits)
+
+
+@pytest.mark.parametrize("name", REFERENCE_KEYS)
+def test_reference_state_dict_layout(name):
+    keys = set(models.create(name, 100).state_dict())
+    assert {models.from_reference_key(name, k) for k in REFERENCE_KEYS[name]} <= keys
+    assert models.from_reference_key("resnet56", "layer2.0.downsample.1.weight") == "stage2.0.shortcut.1.weight"

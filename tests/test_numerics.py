@@ -13,7 +13,7 @@ from kdpipe.distill import functional as Fd
 
 from .conftest import tiny_params
 
-HELPERS = {"match_spatial", "embedding"}  # public functions of `functional` that are not losses
+HELPERS = {"match_spatial"}  # public functions of `functional` that are not losses
 
 
 def near_equal(shape, seed=0):

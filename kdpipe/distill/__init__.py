@@ -1,7 +1,8 @@
 """Distillation methods behind a registry: one file per method, one objective that combines them.
 
 loss = gamma * CE(student, labels) + alpha * KD(T) + sum over the other methods of beta * term.
-Each method file registers an `nn.Module` built as `Term(cfg, s_shapes, t_shapes, data)` whose
+Each method file registers an `nn.Module` built as `Term(cfg, s_shapes, t_shapes, data)` (the `Shapes`
+of the student's and the teacher's features) whose
 `forward(b: Batch)` returns its unweighted loss; its trainable parts (regressors, embeddings, CRD's
 memory) are its submodules and buffers, optimised and checkpointed with the student's run, never
 exported with the student. A term may fix its own weight (`weight = 1.0`: DKD weighs its parts inside).
@@ -9,11 +10,13 @@ exported with the student. A term may fix its own weight (`weight = 1.0`: DKD we
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from ..models import Features
 
 REGISTRY: dict[str, type[nn.Module]] = {}
 
@@ -26,8 +29,6 @@ def register(name: str):
     return wrap
 
 
-from . import at, cc, crd, dkd, fitnets, fsp, kd, nst, pkt, rkd, sp, vid  # noqa: E402,F401  (fill the registry)
-from . import functional as Fd  # noqa: E402
 
 
 @dataclass
@@ -38,31 +39,42 @@ class TrainData:
 
 
 class Batch:
-    """Everything a term sees of one step. `epoch` counts the main phase's epochs from 0 (DKD's warm-up);
-    `index` holds each sample's position in the training set (CRD's memory bank); the embeddings are the
-    pooled pre-classifier vectors, computed on first use."""
+    """Everything a term sees of one step: the models' `Features` (`s_feats`/`t_feats` are the stage maps,
+    `s_embedding`/`t_embedding` the pooled pre-classifier vectors). `epoch` counts the main phase's epochs
+    from 0 (DKD's warm-up); `index` holds each sample's position in the training set (CRD's memory bank)."""
 
-    def __init__(self, s_logits, s_feats, t_logits, t_feats, y, index=None, epoch: int = 0):
-        self.s_logits, self.s_feats, self.t_logits, self.t_feats = s_logits, s_feats, t_logits, t_feats
+    def __init__(self, s_out, t_out, y, index=None, epoch: int = 0):
+        self.s_logits, self.s_feats, self.s_embedding = s_out.logits, s_out.stages, s_out.embedding
+        self.t_logits, self.t_feats, self.t_embedding = t_out.logits, t_out.stages, t_out.embedding
         self.y, self.index, self.epoch = y, index, epoch
 
-    @functools.cached_property
-    def s_embedding(self):
-        return Fd.embedding(self.s_feats[-1])
 
-    @functools.cached_property
-    def t_embedding(self):
-        return Fd.embedding(self.t_feats[-1])
+class Shapes(NamedTuple):
+    """A model's feature shapes: (C, H, W) of each stage map, and the embedding's width."""
+
+    stages: list[tuple[int, int, int]]
+    embedding: int
 
 
 @torch.no_grad()
-def feature_shapes(model: nn.Module, device="cpu") -> list[tuple[int, int, int]]:
-    """(C, H, W) of each tap for a CIFAR-sized input, without touching BN statistics."""
+def feature_shapes(model: nn.Module, device="cpu") -> Shapes:
+    """The shapes of `model`'s features for a CIFAR-sized input, without touching BN statistics."""
     was_training = model.training
     model.eval()
-    _, feats = model(torch.zeros(1, 3, 32, 32, device=device), features=True)
+    out = model(torch.zeros(1, 3, 32, 32, device=device), features=True)
     model.train(was_training)
-    return [tuple(f.shape[1:]) for f in feats]
+    return Shapes([tuple(f.shape[1:]) for f in out.stages], out.embedding.shape[1])
+
+
+def check_paired_stages(method: str, s_shapes: Shapes, t_shapes: Shapes) -> None:
+    """Stage-wise methods pair the student's i-th stage with the teacher's: both need as many."""
+    if len(s_shapes.stages) != len(t_shapes.stages):
+        raise ValueError(f"{method} pairs stages one to one, but the student has {len(s_shapes.stages)} "
+                         f"feature taps and the teacher {len(t_shapes.stages)}")
+
+
+from . import at, cc, crd, dkd, fitnets, fsp, kd, nst, pkt, rkd, sp, vid  # noqa: E402,F401  (fill the registry)
+from . import functional as Fd  # noqa: E402
 
 
 class Distiller(nn.Module):
@@ -105,16 +117,16 @@ class Distiller(nn.Module):
 
     def forward(self, model, x, y, phase: str = "main", index=None, epoch: int = 0):
         with torch.inference_mode():
-            t_logits, t_feats = self.teacher(x, features=True)
-        t_logits, t_feats = t_logits.clone(), [f.clone() for f in t_feats]
-        s_logits, s_feats = model(x, features=True)
-        b = Batch(s_logits, s_feats, t_logits, t_feats, y, index, epoch)
+            t = self.teacher(x, features=True)
+        t = Features(t.logits.clone(), [f.clone() for f in t.stages], t.embedding.clone())
+        s = model(x, features=True)
+        b = Batch(s, t, y, index, epoch)
         if phase == "init":  # stage 1 (RepDistiller's init()): the two-stage methods' own losses, unweighted
             weights = {n: 1.0 for n in self.two_stage}
             loss = 0.0
         else:
             weights = {n: w for n, w in self.weights.items() if n not in self.two_stage}
-            loss = self.gamma * Fd.cross_entropy(s_logits, y)
+            loss = self.gamma * Fd.cross_entropy(s.logits, y)
         for n, w in weights.items():
             loss = loss + w * self.terms[n](b)
-        return loss, s_logits
+        return loss, s.logits

@@ -1,18 +1,18 @@
-"""AT: Zagoruyko & Komodakis 2017, attention transfer summed over the stage outputs f1, f2, f3."""
+"""AT: Zagoruyko & Komodakis 2017, attention transfer summed over the stage outputs (every tap but the stem's,
+as RepDistiller's `feat[1:-1]`: f1, f2, f3 for the CIFAR ResNets)."""
 
 from torch import nn
 
 from . import functional as Fd
-from . import register
-
-TAPS = (1, 2, 3)
+from . import check_paired_stages, register
 
 
 @register("at")
 class AttentionTransfer(nn.Module):
     def __init__(self, cfg, s_shapes, t_shapes, data):
         super().__init__()
+        check_paired_stages("at", s_shapes, t_shapes)
         self.p = cfg.p
 
     def forward(self, b):
-        return sum(Fd.attention(b.s_feats[i], b.t_feats[i], self.p) for i in TAPS)
+        return sum(Fd.attention(fs, ft, self.p) for fs, ft in zip(b.s_feats[1:], b.t_feats[1:]))

@@ -11,8 +11,8 @@ from . import register
 class CorrelationCongruence(nn.Module):
     def __init__(self, cfg, s_shapes, t_shapes, data):
         super().__init__()
-        self.embed_s = nn.Linear(s_shapes[-1][0], cfg.feat_dim)
-        self.embed_t = nn.Linear(t_shapes[-1][0], cfg.feat_dim)
+        self.embed_s = nn.Linear(s_shapes.embedding, cfg.feat_dim)
+        self.embed_t = nn.Linear(t_shapes.embedding, cfg.feat_dim)
 
     def forward(self, b):
         return Fd.cc(self.embed_s(b.s_embedding), self.embed_t(b.t_embedding))

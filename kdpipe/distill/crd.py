@@ -64,8 +64,8 @@ class ContrastiveRepresentation(nn.Module):
         if data is None:
             raise ValueError("crd needs the training labels (the engine passes them)")
         self.k, self.t, self.momentum = cfg.nce_k, cfg.nce_t, cfg.nce_m
-        self.embed_s = Embed(s_shapes[-1][0], cfg.feat_dim)
-        self.embed_t = Embed(t_shapes[-1][0], cfg.feat_dim)
+        self.embed_s = Embed(s_shapes.embedding, cfg.feat_dim)
+        self.embed_t = Embed(t_shapes.embedding, cfg.feat_dim)
         n = len(data.train_labels)
         self.n_data = n
         seed = int(torch.randint(2**31 - 1, ()))  # from the run's seeded global generator

@@ -3,14 +3,16 @@
 from torch import nn
 
 from . import functional as Fd
-from . import register
+from . import check_paired_stages, register
 
 
 def check_channels(s_shapes, t_shapes) -> None:
     """FSP compares G matrices elementwise, so each tap needs equal teacher and student channels."""
-    bad = [f"f{i}: student {s[0]} vs teacher {t[0]}" for i, (s, t) in enumerate(zip(s_shapes, t_shapes)) if s[0] != t[0]]
+    check_paired_stages("fsp", s_shapes, t_shapes)
+    bad = [f"f{i}: student {s[0]} vs teacher {t[0]}"
+           for i, (s, t) in enumerate(zip(s_shapes.stages, t_shapes.stages)) if s[0] != t[0]]
     if bad:
-        raise ValueError(f"fsp needs equal channel counts per tap; {'; '.join(bad)}")
+        raise ValueError(f"fsp needs equal channel counts per tap (RepDistiller: N/A for such pairs); {'; '.join(bad)}")
 
 
 @register("fsp")

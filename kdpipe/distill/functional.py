@@ -1,6 +1,6 @@
 """The distillation losses as pure functions (public API). Each returns a scalar tensor.
 
-Features are the taps `[f0, f1, f2, f3]` of `model(x, features=True)`. Conventions follow the papers
+Features are the stage maps (`stages`, e.g. `[f0, f1, f2, f3]`) and the pooled `embedding` of `model(x, features=True)`. Conventions follow the papers
 as implemented in the CIFAR distillation literature (RepDistiller), so results compare with its tables.
 
 Every loss is decorated with `@fp32` (kdpipe/losses.py): it computes in fp32 whatever autocast region
@@ -85,11 +85,6 @@ def hint(fs_regressed: Tensor, ft: Tensor) -> Tensor:
 
 
 # --- relational and embedding methods (RepDistiller's distiller_zoo; mdistiller's DKD) -------------------
-def embedding(f: Tensor) -> Tensor:
-    """The pooled pre-classifier embedding of a final feature map: global average pool, flatten."""
-    return torch.flatten(F.adaptive_avg_pool2d(f, 1), 1) if f.dim() == 4 else f.flatten(1)
-
-
 @fp32
 def sp(fs: Tensor, ft: Tensor) -> Tensor:
     """Tung & Mori 2019, similarity-preserving: the batch Gram matrices G = f f^T of the flattened maps,

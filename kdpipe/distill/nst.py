@@ -1,17 +1,17 @@
-"""NST: Huang & Wang 2017, MMD with a polynomial kernel, summed over the stage outputs f1, f2, f3."""
+"""NST: Huang & Wang 2017, MMD with a polynomial kernel, summed over the stage outputs (every tap but the
+stem's, as RepDistiller's `feat[1:-1]`)."""
 
 from torch import nn
 
 from . import functional as Fd
-from . import register
-
-TAPS = (1, 2, 3)
+from . import check_paired_stages, register
 
 
 @register("nst")
 class NeuralSelectivityTransfer(nn.Module):
     def __init__(self, cfg, s_shapes, t_shapes, data):
         super().__init__()
+        check_paired_stages("nst", s_shapes, t_shapes)
 
     def forward(self, b):
-        return sum(Fd.nst(b.s_feats[i], b.t_feats[i]) for i in TAPS)
+        return sum(Fd.nst(fs, ft) for fs, ft in zip(b.s_feats[1:], b.t_feats[1:]))

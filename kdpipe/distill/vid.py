@@ -1,4 +1,5 @@
-"""VID: Ahn et al. 2019, variational information distillation of f1, f2, f3 (RepDistiller's VIDLoss):
+"""VID: Ahn et al. 2019, variational information distillation of the stage outputs
+(every tap but the stem's; f1, f2, f3 for the CIFAR ResNets) (RepDistiller's VIDLoss):
 per tap a 1x1-conv regressor predicts the teacher's map as a Gaussian mean with a learned per-channel
 variance (softplus, initialised to 5); loss = mean of 0.5 (log var + (mu - t)^2 / var)."""
 
@@ -8,9 +9,8 @@ import torch
 from torch import nn
 
 from . import functional as Fd
-from . import register
+from . import check_paired_stages, register
 
-TAPS = (1, 2, 3)
 
 
 class VIDTap(nn.Module):
@@ -32,7 +32,8 @@ class VIDTap(nn.Module):
 class VariationalInformation(nn.Module):
     def __init__(self, cfg, s_shapes, t_shapes, data):
         super().__init__()
-        self.taps = nn.ModuleList(VIDTap(s_shapes[i][0], t_shapes[i][0]) for i in TAPS)
+        check_paired_stages("vid", s_shapes, t_shapes)
+        self.taps = nn.ModuleList(VIDTap(s[0], t[0]) for s, t in zip(s_shapes.stages[1:], t_shapes.stages[1:]))
 
     def forward(self, b):
-        return sum(tap(b.s_feats[i], b.t_feats[i]) for tap, i in zip(self.taps, TAPS))
+        return sum(tap(fs, ft) for tap, fs, ft in zip(self.taps, b.s_feats[1:], b.t_feats[1:]))

@@ -1,8 +1,8 @@
-"""CIFAR ResNets of He et al. (2016), depth 6n+2, with option-B shortcuts and feature taps.
+"""CIFAR ResNets of He et al. (2016), depth 6n+2, with option-B shortcuts (RepDistiller's `models/resnet.py`).
 
-`create("resnet20", 10)` builds a model whose `forward(x)` returns logits and whose
-`forward(x, features=True)` returns `(logits, [f0, f1, f2, f3])`: the stem output and the
-outputs of the three stages, all after their ReLU. The distillation methods use these taps.
+`resnet8` … `resnet110` have widths 16/16/32/64 (stem, stage 1, 2, 3); `resnet8x4` and `resnet32x4`
+are four times as wide (32/64/128/256). Stages: the stem's output and the three stages' outputs, all
+after their ReLU; embedding: the globally pooled last stage.
 """
 
 from __future__ import annotations
@@ -11,9 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import Features, register
+
 DEPTHS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
-MODEL_NAMES = tuple(DEPTHS)
-WIDTHS = (16, 32, 64)  # channels of the stem/stage 1, stage 2, stage 3
+WIDTHS = (16, 16, 32, 64)  # stem, stage 1, stage 2, stage 3
+WIDE = {"resnet8x4": 8, "resnet32x4": 32}
+WIDTHS_X4 = (32, 64, 128, 256)
+# RepDistiller's names -> kdpipe's (kdpipe keeps the seed's names so old checkpoints load)
+REFERENCE_KEYS = {"layer1": "stage1", "layer2": "stage2", "layer3": "stage3", "downsample": "shortcut"}
 
 
 class BasicBlock(nn.Module):
@@ -34,21 +39,21 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    def __init__(self, depth: int, num_classes: int):
+    def __init__(self, depth: int, num_classes: int, widths: tuple[int, int, int, int] = WIDTHS):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
         n = (depth - 2) // 6
         self.depth, self.num_classes = depth, num_classes
-        self.conv1 = nn.Conv2d(3, WIDTHS[0], 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(WIDTHS[0])
-        stages, c_in = [], WIDTHS[0]
-        for i, c_out in enumerate(WIDTHS):
+        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        stages, c_in = [], widths[0]
+        for i, c_out in enumerate(widths[1:]):
             blocks = [BasicBlock(c_in if j == 0 else c_out, c_out, 2 if (i > 0 and j == 0) else 1) for j in range(n)]
             stages.append(nn.Sequential(*blocks))
             c_in = c_out
         self.stage1, self.stage2, self.stage3 = stages
-        self.fc = nn.Linear(WIDTHS[-1], num_classes)
+        self.fc = nn.Linear(widths[-1], num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -61,17 +66,12 @@ class CifarResNet(nn.Module):
         f1 = self.stage1(f0)
         f2 = self.stage2(f1)
         f3 = self.stage3(f2)
-        logits = self.fc(torch.flatten(F.adaptive_avg_pool2d(f3, 1), 1))
-        return (logits, [f0, f1, f2, f3]) if features else logits
+        embedding = torch.flatten(F.adaptive_avg_pool2d(f3, 1), 1)
+        logits = self.fc(embedding)
+        return Features(logits, [f0, f1, f2, f3], embedding) if features else logits
 
 
-def create(name: str, num_classes: int) -> CifarResNet:
-    """Build a CIFAR ResNet by name (`resnet8` … `resnet110`) for `num_classes` classes."""
-    if name not in DEPTHS:
-        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODEL_NAMES)}")
-    return CifarResNet(DEPTHS[name], num_classes)
-
-
-def count_params_m(model: nn.Module) -> float:
-    """Parameters in millions, rounded to 2 decimals as in the published table."""
-    return round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+for _name, _depth in DEPTHS.items():
+    register(_name, "resnet", lambda num_classes, d=_depth: CifarResNet(d, num_classes))
+for _name, _depth in WIDE.items():
+    register(_name, "resnet", lambda num_classes, d=_depth: CifarResNet(d, num_classes, WIDTHS_X4))

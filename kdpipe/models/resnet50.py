@@ -1,0 +1,71 @@
+"""ResNet-50 at CIFAR scale (RepDistiller's `models/resnetv2.py` `ResNet50`, after Kuang Liu's pytorch-cifar):
+a 3x3 stride-1 stem of 64 channels, no max-pool, bottleneck stages of 3/4/6/3 blocks at 64/128/256/512
+(x4 expansion) with projection shortcuts where the shape changes. Stages: the stem's output and the four
+stages' outputs, after ReLU; embedding: the globally pooled last stage (2048).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import Features, register
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, c_in: int, planes: int, stride: int):
+        super().__init__()
+        c_out = planes * self.expansion
+        self.conv1 = nn.Conv2d(c_in, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, c_out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class BottleneckResNet(nn.Module):
+    def __init__(self, blocks: tuple[int, ...], num_classes: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        c_in, layers = 64, []
+        for i, (planes, n) in enumerate(zip((64, 128, 256, 512), blocks)):
+            stage = []
+            for j in range(n):
+                stage.append(Bottleneck(c_in, planes, 2 if (i > 0 and j == 0) else 1))
+                c_in = planes * Bottleneck.expansion
+            layers.append(nn.Sequential(*stage))
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.linear = nn.Linear(c_in, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x, features: bool = False):
+        f0 = F.relu(self.bn1(self.conv1(x)))
+        f1 = self.layer1(f0)
+        f2 = self.layer2(f1)
+        f3 = self.layer3(f2)
+        f4 = self.layer4(f3)
+        embedding = torch.flatten(F.adaptive_avg_pool2d(f4, 1), 1)
+        logits = self.linear(embedding)
+        return Features(logits, [f0, f1, f2, f3, f4], embedding) if features else logits
+
+
+register("resnet50", "resnet50", lambda num_classes: BottleneckResNet((3, 4, 6, 3), num_classes))

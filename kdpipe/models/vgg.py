@@ -1,0 +1,66 @@
+"""VGG with batch norm at CIFAR scale (RepDistiller's `models/vgg.py`, the `vggN_bn` variants it names `vggN`):
+five conv blocks (3x3 conv, BN, ReLU; the block's last ReLU applied outside it), max-pools between blocks
+(none before the last block on 32x32 inputs), global average pooling and one linear classifier (no FC stack).
+Stages: the five blocks' outputs after ReLU; embedding: the pooled last block (512).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import Features, register
+
+CONFIGS = {  # channels of each conv in each of the five blocks
+    "vgg8": ((64,), (128,), (256,), (512,), (512,)),
+    "vgg11": ((64,), (128,), (256, 256), (512, 512), (512, 512)),
+    "vgg13": ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512)),
+    "vgg16": ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512)),
+    "vgg19": ((64, 64), (128, 128), (256, 256, 256, 256), (512, 512, 512, 512), (512, 512, 512, 512)),
+}
+
+
+def conv_block(channels: tuple[int, ...], c_in: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for c in channels:
+        layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+        c_in = c
+    return nn.Sequential(*layers[:-1])  # the last ReLU is the forward's, so the stage before it is reachable
+
+
+class VGG(nn.Module):
+    def __init__(self, config: tuple[tuple[int, ...], ...], num_classes: int):
+        super().__init__()
+        c_ins = (3,) + tuple(block[-1] for block in config[:-1])
+        self.block0, self.block1, self.block2, self.block3, self.block4 = (
+            conv_block(block, c_in) for block, c_in in zip(config, c_ins))
+        self.classifier = nn.Linear(config[-1][-1], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x, features: bool = False):
+        h = x.shape[2]
+        f0 = F.relu(self.block0(x))
+        f1 = F.relu(self.block1(F.max_pool2d(f0, 2)))
+        f2 = F.relu(self.block2(F.max_pool2d(f1, 2)))
+        f3 = F.relu(self.block3(F.max_pool2d(f2, 2)))
+        f4 = F.relu(self.block4(F.max_pool2d(f3, 2) if h == 64 else f3))  # the reference pools here only for 64x64
+        embedding = torch.flatten(F.adaptive_avg_pool2d(f4, 1), 1)
+        logits = self.classifier(embedding)
+        return Features(logits, [f0, f1, f2, f3, f4], embedding) if features else logits
+
+
+for _name, _config in CONFIGS.items():
+    register(_name, "vgg", lambda num_classes, c=_config: VGG(c, num_classes))
