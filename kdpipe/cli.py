@@ -174,14 +174,23 @@ def distill(method: str = typer.Option(..., "--method", "-m", help="kd, at, nst,
     numerics = engine.Numerics.from_runtime(cfg.runtime)
     prepared = data_mod.load(data_dir, numerics.device)
     ckpt = engine.load_checkpoint(teacher, num_classes=prepared.num_classes)
-    if ckpt["data_sha256"] != prepared.manifest["sha256"]:
+    imported = ckpt["meta"].get("imported")
+    if imported:  # a published teacher: kdpipe never saw its training arrays
+        if ckpt["dataset"] != prepared.manifest["dataset"]:
+            fail(f"{teacher}: an imported {ckpt['dataset']} teacher, but {data_dir} holds {prepared.manifest['dataset']}")
+        typer.echo(f"{teacher}: imported teacher {ckpt['model']} ({imported['file']}, sha256 {imported['sha256'][:12]}); "
+                   f"checked the dataset name ({ckpt['dataset']}) and class count ({ckpt['num_classes']}), "
+                   "not the prepared arrays; it sees its own input normalisation", err=True)
+    elif ckpt["data_sha256"] != prepared.manifest["sha256"]:
         fail(f"{teacher}: the teacher was trained on other data than {data_dir}")
     teacher_model = numerics.prepare_model(engine.restore_model(ckpt))
+    teacher_input = engine.renormalisation(prepared.manifest, ckpt.get("normalization"), numerics.device)
     torch_seed(cfg.seed)
     student_model = models.create(cfg.model, prepared.num_classes)
     try:
         objective = Distiller(teacher_model, methods, p.distill, feature_shapes(student_model),
-                              feature_shapes(teacher_model, numerics.device), TrainData(prepared.train.y))
+                              feature_shapes(teacher_model, numerics.device), TrainData(prepared.train.y),
+                              teacher_input)
     except ValueError as e:  # an impossible teacher/student combination for this method
         raise ParamsError([str(e)]) from None
     name = name or "+".join(methods)
@@ -234,6 +243,46 @@ def report(names: Optional[list[str]] = typer.Argument(None, help="run names, in
     text = report_mod.write(names, json.loads(manifest_path.read_text()), Path("metrics"), Path("logs"),
                             Path("plots"), out)
     typer.echo(text)
+
+
+def parse_triple(option: str, value: Optional[str]) -> Optional[list[float]]:
+    if value is None:
+        return None
+    try:
+        triple = [float(v) for v in value.split(",")]
+    except ValueError:
+        triple = []
+    if len(triple) != 3:
+        fail(f"{option}: expected three comma-separated numbers (R,G,B), got {value!r}", 2)
+    return triple
+
+
+@app.command("import-teacher")
+@guarded
+def import_teacher_cmd(path: Path = typer.Argument(..., help="RepDistiller/mdistiller checkpoint (ckpt_epoch_240.pth) "
+                                                             "or a bare state dict"),
+                       model: str = typer.Option(..., "--model", help="kdpipe model name, e.g. resnet32x4"),
+                       num_classes: int = typer.Option(..., "--num-classes", min=2, help="classes of the checkpoint"),
+                       name: str = typer.Option(..., "--name", help="run name: writes models/NAME.pt"),
+                       dataset: str = typer.Option("cifar100", help="dataset the teacher was trained on"),
+                       mean: Optional[str] = typer.Option(None, help="input mean R,G,B (default: the reference's)"),
+                       std: Optional[str] = typer.Option(None, help="input std R,G,B (default: the reference's)")):
+    """Import a published teacher (RepDistiller / mdistiller checkpoint) as models/NAME.pt."""
+    from .import_teacher import ImportError_, import_teacher
+
+    mean_v, std_v = parse_triple("--mean", mean), parse_triple("--std", std)
+    if (mean_v is None) != (std_v is None):
+        fail("--mean and --std go together", 2)
+    out = Path(f"models/{name}.pt")
+    try:
+        ckpt = import_teacher(path, model, num_classes, out, dataset,
+                              {"mean": mean_v, "std": std_v} if mean_v else None)
+    except ImportError_ as e:
+        fail(str(e), 2)
+    src = ckpt["meta"]["imported"]
+    acc = f", source accuracy {src['accuracy']:.2f}%" if "accuracy" in src else ""
+    typer.echo(f"{path} -> {out}: {model}, {num_classes} classes, {ckpt['params_m']}M params, "
+               f"sha256 {src['sha256'][:12]}{acc}")
 
 
 @app.command("export")

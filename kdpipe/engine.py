@@ -306,6 +306,17 @@ def load_checkpoint(path: str | Path, model_name: Optional[str] = None, num_clas
     return ckpt
 
 
+def renormalisation(manifest: dict, normalization: Optional[dict], device) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(scale, shift) turning inputs normalised with the data's statistics into inputs normalised with a
+    checkpoint's own (an imported teacher's); None where they agree."""
+    if not normalization or (normalization["mean"], normalization["std"]) == (manifest["mean"], manifest["std"]):
+        return None
+    view = (1, 3, 1, 1)
+    md, sd = (torch.tensor(manifest[k], device=device).view(view) for k in ("mean", "std"))
+    mt, st = (torch.tensor(normalization[k], device=device).view(view) for k in ("mean", "std"))
+    return sd / st, (md - mt) / st
+
+
 def restore_model(ckpt: dict) -> nn.Module:
     from .models import create
 

@@ -2,7 +2,9 @@
 
 metrics/<name>.json has exactly: top1 (best epoch's test Top-1, the published tables' convention),
 top5 (last epoch's test Top-5), top1_last, best_epoch, params_m, epochs. All are deterministic, so a
-re-run gives the same file; training time lives in logs/<name>.timing.json.
+re-run gives the same file; training time lives in logs/<name>.timing.json. An imported teacher has no
+training history: its top1 is the test accuracy measured here (= top1_last), best_epoch and epochs are the
+source's epoch count where the source says it, else 0.
 plots/<name>.csv holds the per-epoch history for `dvc plots`.
 """
 
@@ -24,19 +26,28 @@ def run(name: str, ckpt_path: Path, data_dir: Path, metrics_path: Path, plots_pa
     ckpt = load_checkpoint(ckpt_path)
     numerics = Numerics(resolve_device(cfg.device), bf16=False, channels_last=False)  # exact fp32
     prepared = data_mod.load(data_dir, numerics.device)
-    if ckpt["num_classes"] != prepared.num_classes or ckpt["data_sha256"] != prepared.manifest["sha256"]:
+    imported = ckpt["meta"].get("imported")
+    same_data = (ckpt["dataset"] == prepared.manifest["dataset"]) if imported else \
+        ckpt["data_sha256"] == prepared.manifest["sha256"]
+    if ckpt["num_classes"] != prepared.num_classes or not same_data:
         raise data_mod.DataError(f"{ckpt_path}: trained on other data than {data_dir}")
     model = restore_model(ckpt).to(numerics.device)
-    final = evaluate(model, prepared.test, Pipeline(prepared.manifest, numerics), cfg.batch_size)
+    # the checkpoint's own input normalisation (an imported teacher's differs slightly from the data's)
+    norm = ckpt.get("normalization") or prepared.manifest
+    final = evaluate(model, prepared.test, Pipeline(norm, numerics), cfg.batch_size)
     main = [row for row in ckpt["history"] if row["phase"] == "main"]
-    best = max(main, key=lambda row: row["test_top1"])  # first of equals: the earliest best epoch
+    if main:
+        best = max(main, key=lambda row: row["test_top1"])  # first of equals: the earliest best epoch
+        top1, best_epoch = best["test_top1"], best["epoch"] - (len(ckpt["history"]) - len(main))
+    else:  # imported: no history
+        top1, best_epoch = final["test_top1"], int(imported.get("epoch", 0))
     metrics = {
-        "top1": round(best["test_top1"], 2),
+        "top1": round(top1, 2),
         "top5": round(final["test_top5"], 2),
         "top1_last": round(final["test_top1"], 2),
-        "best_epoch": best["epoch"] - (len(ckpt["history"]) - len(main)),
+        "best_epoch": best_epoch,
         "params_m": ckpt["params_m"],
-        "epochs": len(main),
+        "epochs": len(main) or best_epoch,
     }
     table = io.StringIO()
     w = csv.writer(table, lineterminator="\n")

@@ -86,8 +86,11 @@ class Distiller(nn.Module):
     """
 
     def __init__(self, teacher: nn.Module, methods: list[str], params, s_shapes, t_shapes,
-                 data: TrainData | None = None):
+                 data: TrainData | None = None, teacher_input: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
+        # (scale, shift) re-normalising the batch for a teacher trained with other input statistics
+        # (an imported one): x_teacher = x * scale + shift, per channel
+        self._teacher_input = teacher_input
         first = getattr(params, methods[0])
         kd_src = params.kd if "kd" in methods else first
         self.methods = methods
@@ -117,7 +120,8 @@ class Distiller(nn.Module):
 
     def forward(self, model, x, y, phase: str = "main", index=None, epoch: int = 0):
         with torch.inference_mode():
-            t = self.teacher(x, features=True)
+            xt = x if self._teacher_input is None else x * self._teacher_input[0] + self._teacher_input[1]
+            t = self.teacher(xt, features=True)
         t = Features(t.logits.clone(), [f.clone() for f in t.stages], t.embedding.clone())
         s = model(x, features=True)
         b = Batch(s, t, y, index, epoch)

@@ -1,0 +1,104 @@
+"""`kdpipe import-teacher`: a published teacher (RepDistiller's or mdistiller's checkpoint) as a kdpipe checkpoint.
+
+Training the teachers is half the GPU cost of the CRD table; RepDistiller and mdistiller publish theirs as
+`ckpt_epoch_240.pth`: a dict with `model` (the state dict), `epoch`, `accuracy` and `optimizer`. A bare state
+dict (or one saved from `nn.DataParallel`, keys prefixed `module.`) is read too. The file is read with
+`torch.load(weights_only=True)`: a checkpoint cannot run code. Keys are renamed onto kdpipe's model
+(`kdpipe.models.from_reference_key`), every tensor's shape is checked, and the result is a normal kdpipe
+checkpoint marked `imported` with the source file's sha256, so `kdpipe distill --teacher`, `kdpipe evaluate`
+and `kdpipe.load_model` take it like a trained one.
+
+Input normalisation: RepDistiller and mdistiller normalise CIFAR-100 with fixed constants (below), which
+differ slightly from the statistics `kdpipe data` computes; the imported checkpoint records the constants
+and `kdpipe distill` feeds the teacher exactly that normalisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from . import models
+from .engine import FORMAT, CheckpointError, atomic_save
+
+# RepDistiller's dataset/cifar100.py and mdistiller's: transforms.Normalize(mean, std)
+REFERENCE_NORMALIZATION = {"cifar100": {"mean": [0.5071, 0.4867, 0.4408], "std": [0.2675, 0.2565, 0.2761]}}
+
+
+class ImportError_(CheckpointError):  # noqa: N801  (a checkpoint that cannot be imported)
+    pass
+
+
+def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The state dict of a reference checkpoint, and what else it says (epoch, accuracy)."""
+    if not path.is_file():
+        raise ImportError_(f"{path}: file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ImportError_(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
+    info = {}
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        info = {k: obj[k] for k in ("epoch", "accuracy", "best_acc") if isinstance(obj.get(k), (int, float))}
+        obj = obj["model"]
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ImportError_(f"{path}: holds no state dict (expected a dict with 'model', or a bare state dict)")
+    if all(k.startswith("module.") for k in obj):  # saved from nn.DataParallel
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj, info
+
+
+def map_state_dict(source: dict[str, torch.Tensor], name: str, num_classes: int, path: Path) -> dict[str, torch.Tensor]:
+    """`source` renamed onto kdpipe's `name` model, every key present and every shape equal."""
+    target = models.create(name, num_classes).state_dict()
+    mapped = {models.from_reference_key(name, k): v for k, v in source.items()}
+    unexpected = sorted(set(mapped) - set(target))
+    # older checkpoints (torch < 0.4.1) have no BN batch counters; they only matter for momentum=None
+    missing = sorted(k for k in set(target) - set(mapped) if not k.endswith("num_batches_tracked"))
+    if unexpected or missing:
+        what = "; ".join(filter(None, [f"unexpected keys {', '.join(unexpected[:3])}" if unexpected else "",
+                                       f"missing keys {', '.join(missing[:3])}" if missing else ""]))
+        raise ImportError_(f"{path}: not a {name} checkpoint ({what})")
+    for k, v in target.items():
+        got = mapped.get(k, v)
+        if got.shape != v.shape:
+            hint = f" (a model for {got.shape[0]} classes?)" if got.dim() >= 1 and got.shape[1:] == v.shape[1:] \
+                and v.shape[0] == num_classes and k.endswith(("weight", "bias")) else ""
+            raise ImportError_(f"{path}: {k} has shape {tuple(got.shape)}, {name} with {num_classes} classes "
+                               f"needs {tuple(v.shape)}{hint}")
+        mapped[k] = got.to(v.dtype)
+    return {k: mapped[k].contiguous() for k in target}
+
+
+def import_teacher(path: Path, name: str, num_classes: int, out: Path, dataset: str = "cifar100",
+                   normalization: dict | None = None) -> dict:
+    """Write `out` as a kdpipe checkpoint of the reference checkpoint `path` (nothing written on error)."""
+    if name not in models.REGISTRY:
+        raise ImportError_(f"unknown model {name!r}; valid models: {', '.join(models.MODEL_NAMES)}")
+    normalization = normalization or REFERENCE_NORMALIZATION.get(dataset)
+    if normalization is None:
+        raise ImportError_(f"no reference normalisation known for {dataset!r}: pass --mean and --std")
+    source, info = read_state_dict(path)
+    state = map_state_dict(source, name, num_classes, path)
+    model = models.create(name, num_classes)
+    model.load_state_dict(state)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    ckpt = {
+        "format": FORMAT,
+        "model": name,
+        "num_classes": num_classes,
+        "params_m": models.count_params_m(model),
+        "state_dict": state,
+        "config": None,
+        "meta": {"role": "teacher", "imported": {"file": path.name, "sha256": sha, **info}},
+        "dataset": dataset,
+        "data_sha256": None,  # not trained by kdpipe: distill checks the dataset name and class count instead
+        "normalization": normalization,
+        "history": [],
+    }
+    atomic_save(ckpt, out)
+    return ckpt
