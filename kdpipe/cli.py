@@ -156,7 +156,9 @@ def distill(method: str = typer.Option(..., "--method", "-m", help="kd, at, nst,
             params: Path = ParamsOpt, data_dir: Path = DataOpt,
             teacher: Path = typer.Option(Path("models/teacher.pt"), help="teacher checkpoint (output of `kdpipe teacher`)"),
             name: Optional[str] = typer.Option(None, help="run name (default: the method)"),
-            model: Optional[str] = ModelOpt, seed: Optional[int] = SeedOpt):
+            model: Optional[str] = ModelOpt, seed: Optional[int] = SeedOpt,
+            na_ok: bool = typer.Option(False, "--na-ok", help="where the method cannot run on this teacher/student "
+                                       "pair (FSP across widths), record 'not applicable' and exit 0 (the pipelines' grid)")):
     """Distil the teacher into the student (params `student` + `distill.<method>`)."""
     import hashlib
 
@@ -187,16 +189,22 @@ def distill(method: str = typer.Option(..., "--method", "-m", help="kd, at, nst,
     teacher_input = engine.renormalisation(prepared.manifest, ckpt.get("normalization"), numerics.device)
     torch_seed(cfg.seed)
     student_model = models.create(cfg.model, prepared.num_classes)
-    try:
-        objective = Distiller(teacher_model, methods, p.distill, feature_shapes(student_model),
-                              feature_shapes(teacher_model, numerics.device), TrainData(prepared.train.y),
-                              teacher_input)
-    except ValueError as e:  # an impossible teacher/student combination for this method
-        raise ParamsError([str(e)]) from None
+    distill_params = p.distill.for_pair(ckpt["model"], cfg.model)
     name = name or "+".join(methods)
     meta = {"role": "distill", "method": "+".join(methods), "teacher": ckpt["model"],
             "teacher_sha256": hashlib.sha256(teacher.read_bytes()).hexdigest(),
-            "distill": {m: getattr(p.distill, m).model_dump() for m in methods}}
+            "distill": {m: getattr(distill_params, m).model_dump() for m in methods}}
+    try:
+        objective = Distiller(teacher_model, methods, distill_params, feature_shapes(student_model),
+                              feature_shapes(teacher_model, numerics.device), TrainData(prepared.train.y),
+                              teacher_input)
+    except ValueError as e:  # an impossible teacher/student combination for this method
+        if not na_ok:
+            raise ParamsError([str(e)]) from None
+        engine.write_not_applicable(Path(f"models/{name}.pt"), Path(f"logs/{name}.json"), cfg.model,
+                                    prepared.num_classes, str(e), meta)
+        typer.echo(f"{name}: not applicable: {e}", err=True)
+        return
     run = engine.Run(name=name, model=student_model, cfg=cfg, out=Path(f"models/{name}.pt"),
                      log=Path(f"logs/{name}.json"), objective=objective, meta=meta)
     engine.train(run, prepared)
@@ -213,6 +221,9 @@ def evaluate_cmd(name: str = typer.Argument(..., help="run name: evaluates model
     engine.pin_cpu(p.evaluate)
     m = evaluate.run(name, Path(f"models/{name}.pt"), data_dir,
                      Path(f"metrics/{name}.json"), Path(f"plots/{name}.csv"), p.evaluate)
+    if "not_applicable" in m:
+        typer.echo(f"{name}: not applicable ({m['not_applicable']})")
+        return
     typer.echo(f"{name}: top1 {m['top1']:.2f}% (epoch {m['best_epoch']}), top5 {m['top5']:.2f}%, "
                f"last top1 {m['top1_last']:.2f}%")
 
@@ -220,7 +231,7 @@ def evaluate_cmd(name: str = typer.Argument(..., help="run name: evaluates model
 @app.command()
 @guarded
 def report(names: Optional[list[str]] = typer.Argument(None, help="run names, in table order; none: the "
-                                                         "full pipelines' grid (teachers, pairs, methods, seeds)"),
+                                                         "full pipelines' grid (models, published, pairs, methods, seeds)"),
            params: Path = ParamsOpt, data_dir: Path = DataOpt,
            out: Path = typer.Option(Path("reports"), help="output folder")):
     """Write reports/results.md (published-format table) and reports/accuracy.png."""
@@ -233,9 +244,9 @@ def report(names: Optional[list[str]] = typer.Argument(None, help="run names, in
         fail(f"{manifest_path}: not found (run `kdpipe data` first)")
     if not names:
         p = load(params)
-        if not p.teachers:
+        if not p.models and not p.published:
             found = sorted(f.stem for f in Path("metrics").glob("*.json"))
-            fail("no run names given and no `teachers` grid in params; runs with metrics: "
+            fail("no run names given and no `models`/`published` grid in params; runs with metrics: "
                  + (", ".join(found) if found else "none (run `kdpipe evaluate NAME` first)"))
         typer.echo(report_mod.grid(p, json.loads(manifest_path.read_text()), Path("metrics"), Path("plots"), out))
         return
@@ -262,21 +273,39 @@ def parse_triple(option: str, value: Optional[str]) -> Optional[list[float]]:
 def import_teacher_cmd(path: Path = typer.Argument(..., help="RepDistiller/mdistiller checkpoint (ckpt_epoch_240.pth) "
                                                              "or a bare state dict"),
                        model: str = typer.Option(..., "--model", help="kdpipe model name, e.g. resnet32x4"),
-                       num_classes: int = typer.Option(..., "--num-classes", min=2, help="classes of the checkpoint"),
                        name: str = typer.Option(..., "--name", help="run name: writes models/NAME.pt"),
-                       dataset: str = typer.Option("cifar100", help="dataset the teacher was trained on"),
-                       mean: Optional[str] = typer.Option(None, help="input mean R,G,B (default: the reference's)"),
-                       std: Optional[str] = typer.Option(None, help="input std R,G,B (default: the reference's)")):
+                       data_dir: Optional[Path] = typer.Option(None, "--data", help="prepared data the teacher is for: "
+                                                               "its dataset name and class count (the pipelines)"),
+                       num_classes: Optional[int] = typer.Option(None, "--num-classes", min=2,
+                                                                 help="classes of the checkpoint (without --data)"),
+                       dataset: str = typer.Option("cifar100", help="dataset the teacher was trained on (without --data)"),
+                       mean: Optional[str] = typer.Option(None, help="input mean R,G,B (default: the reference's "
+                                                                     "for the dataset, else the prepared data's)"),
+                       std: Optional[str] = typer.Option(None, help="input std R,G,B (as --mean)")):
     """Import a published teacher (RepDistiller / mdistiller checkpoint) as models/NAME.pt."""
-    from .import_teacher import ImportError_, import_teacher
+    import json
+
+    from .import_teacher import REFERENCE_NORMALIZATION, ImportError_, import_teacher
 
     mean_v, std_v = parse_triple("--mean", mean), parse_triple("--std", std)
     if (mean_v is None) != (std_v is None):
         fail("--mean and --std go together", 2)
+    norm = {"mean": mean_v, "std": std_v} if mean_v else None
+    if data_dir is not None:
+        manifest_path = data_dir / "manifest.json"
+        if not manifest_path.is_file():
+            fail(f"{manifest_path}: not found (run `kdpipe data` first)", 2)
+        manifest = json.loads(manifest_path.read_text())
+        if num_classes is not None and num_classes != manifest["num_classes"]:
+            fail(f"--num-classes {num_classes} but {data_dir} has {manifest['num_classes']} classes", 2)
+        dataset, num_classes = manifest["dataset"], manifest["num_classes"]
+        if norm is None and dataset not in REFERENCE_NORMALIZATION:
+            norm = {"mean": manifest["mean"], "std": manifest["std"]}
+    if num_classes is None:
+        fail("give --num-classes (or --data, the prepared data the teacher is for)", 2)
     out = Path(f"models/{name}.pt")
     try:
-        ckpt = import_teacher(path, model, num_classes, out, dataset,
-                              {"mean": mean_v, "std": std_v} if mean_v else None)
+        ckpt = import_teacher(path, model, num_classes, out, dataset, norm)
     except ImportError_ as e:
         fail(str(e), 2)
     src = ckpt["meta"]["imported"]
@@ -305,7 +334,7 @@ def export_cmd(names: list[str] = typer.Argument(..., help="run name (models/NAM
     name = names[0]
     if best:
         require_metrics(names)
-        top1 = {n: json.loads(Path(f"metrics/{n}.json").read_text())["top1"] for n in names}
+        top1 = {n: json.loads(Path(f"metrics/{n}.json").read_text()).get("top1", float("-inf")) for n in names}
         name = max(names, key=lambda n: top1[n])  # the first of equals
     suffix = ".onnx" if fmt == "onnx" else ".torchscript.pt"
     out = out or Path(f"models/{name}{suffix}")

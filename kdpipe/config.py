@@ -59,6 +59,16 @@ class Optim(Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     nesterov: bool = False
+    # the lr of particular models, overriding `lr` (RepDistiller trains MobileNetV2 and the ShuffleNets,
+    # as teachers or students, at 0.01 instead of 0.05)
+    lr_by_model: dict[ModelName, float] = {}
+
+    @field_validator("lr_by_model")
+    @classmethod
+    def _positive(cls, v: dict) -> dict:
+        if any(lr <= 0 for lr in v.values()):
+            raise ValueError("learning rates must be > 0")
+        return v
 
 
 class Schedule(Strict):
@@ -122,6 +132,11 @@ class Train(Strict):
         if self.schedule.warmup_epochs >= self.epochs:
             raise ValueError("schedule.warmup_epochs must be smaller than epochs")
         return self
+
+    @property
+    def lr(self) -> float:
+        """The base learning rate of the model this section trains (`optim.lr_by_model` first)."""
+        return self.optim.lr_by_model.get(self.model, self.optim.lr)
 
 
 # --- evaluation -----------------------------------------------------------------------------------
@@ -205,6 +220,20 @@ class DKDParams(FeatureParams):
     beta: float = Field(8.0, ge=0, description="weight of NCKD (mdistiller's BETA; per pair in its configs)")
     tckd: float = Field(1.0, ge=0, description="weight of TCKD (mdistiller's ALPHA)")
     warmup_epochs: int = Field(20, ge=0, description="DKD's weight ramps up linearly over these epochs")
+    # mdistiller tunes BETA per pair (configs/cifar100/dkd/*.yaml): "teacher->student": beta, used
+    # instead of `beta` when distilling that pair
+    beta_by_pair: dict[str, float] = {}
+
+    @field_validator("beta_by_pair")
+    @classmethod
+    def _pairs(cls, v: dict[str, float]) -> dict[str, float]:
+        for key, beta in v.items():
+            t, _, s = key.partition("->")
+            if t not in MODEL_NAMES or s not in MODEL_NAMES:
+                raise ValueError(f"key {key!r} is not 'teacher->student' with two model names")
+            if beta < 0:
+                raise ValueError(f"{key}: beta must be >= 0")
+        return v
 
 
 class Distill(Strict):
@@ -220,6 +249,13 @@ class Distill(Strict):
     pkt: PKTParams = PKTParams()
     crd: CRDParams = CRDParams()
     dkd: DKDParams = DKDParams()
+
+    def for_pair(self, teacher: str, student: str) -> "Distill":
+        """These params with the per-pair settings of `teacher -> student` applied (DKD's beta)."""
+        beta = self.dkd.beta_by_pair.get(f"{teacher}->{student}")
+        if beta is None:
+            return self
+        return self.model_copy(update={"dkd": self.dkd.model_copy(update={"beta": beta})})
 
 
 def parse_methods(spec: str) -> list[str]:
@@ -256,7 +292,8 @@ class Params(Strict):
     distill: Distill = Distill()
     evaluate: Evaluate = Evaluate()
     # the grid of the full pipelines (pipelines/cifar10, pipelines/cifar100)
-    teachers: list[ModelName] = []
+    models: list[ModelName] = []  # trained from scratch: the models table (teachers and students' baselines)
+    published: list[ModelName] = []  # teachers imported from published/<model>.pth (RepDistiller/mdistiller)
     seeds: list[int] = [0]
     methods: list[Literal[METHODS]] = list(METHODS)  # type: ignore[valid-type]
     pairs: list[Pair] = []

@@ -197,7 +197,7 @@ def train_step(objective: nn.Module, model: nn.Module, optimizer, x, y, phase: s
 def learning_rate(cfg: Train, epoch: int, step: int, steps_per_epoch: int) -> float:
     """Multi-step decay at fractions of training, after an optional linear warm-up (per step)."""
     s = cfg.schedule
-    lr = cfg.optim.lr * s.gamma ** sum(epoch >= round(m * cfg.epochs) for m in s.milestones)
+    lr = cfg.lr * s.gamma ** sum(epoch >= round(m * cfg.epochs) for m in s.milestones)
     if epoch < s.warmup_epochs:
         lr *= (epoch * steps_per_epoch + step + 1) / (s.warmup_epochs * steps_per_epoch)
     return lr
@@ -206,7 +206,7 @@ def learning_rate(cfg: Train, epoch: int, step: int, steps_per_epoch: int) -> fl
 def make_optimizer(params, cfg: Train, device: torch.device) -> torch.optim.SGD:
     o = cfg.optim
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=o.momentum, weight_decay=o.weight_decay,
                            nesterov=o.nesterov and o.momentum > 0, **fast)
 
 
@@ -288,7 +288,16 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def load_checkpoint(path: str | Path, model_name: Optional[str] = None, num_classes: Optional[int] = None) -> dict:
+def write_not_applicable(out: Path, log: Path, model: str, num_classes: int, reason: str, meta: dict) -> None:
+    """The record of a run that cannot exist (a method a teacher/student pair does not admit, as RepDistiller's
+    N/A cells): a checkpoint without weights, so the pipelines' grid has its file and the report says N/A."""
+    atomic_save({"format": FORMAT, "model": model, "num_classes": num_classes, "not_applicable": reason,
+                 "meta": meta}, out)
+    atomic_write(log, json.dumps({"name": out.stem, "model": model, **meta, "not_applicable": reason}, indent=2) + "\n")
+
+
+def load_checkpoint(path: str | Path, model_name: Optional[str] = None, num_classes: Optional[int] = None,
+                    allow_not_applicable: bool = False) -> dict:
     """Load a final kdpipe checkpoint safely (weights_only), checking it holds the expected model."""
     path = Path(path)
     if not path.is_file():
@@ -299,6 +308,8 @@ def load_checkpoint(path: str | Path, model_name: Optional[str] = None, num_clas
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a kdpipe checkpoint")
+    if "not_applicable" in ckpt and not allow_not_applicable:
+        raise CheckpointError(f"{path}: holds no model (not applicable: {ckpt['not_applicable']})")
     got = (ckpt["model"], ckpt["num_classes"])
     want = (model_name or got[0], num_classes or got[1])
     if got != want:
@@ -445,7 +456,7 @@ def train(run: Run, data: Prepared) -> dict:
             perm = torch.randperm(n, generator=g, device=dev)
             loss_sum = torch.zeros((), device=dev)
             correct = torch.zeros((), device=dev, dtype=torch.long)
-            lr, seen = cfg.optim.lr, 0
+            lr, seen = cfg.lr, 0
             for step in range(steps):
                 idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 idx = idx[:len(idx) - len(idx) % ddp.world]  # equal shards for every rank
@@ -457,7 +468,7 @@ def train(run: Run, data: Prepared) -> dict:
                 x, y, index = pipe.augment(data.train.x[idx], g), data.train.y[idx], idx
                 if ddp.world > 1:
                     x, y, index = x[ddp.rank::ddp.world], y[ddp.rank::ddp.world], index[ddp.rank::ddp.world]
-                lr = learning_rate(cfg, e, step, steps) if phase == "main" else cfg.optim.lr
+                lr = learning_rate(cfg, e, step, steps) if phase == "main" else cfg.lr
                 loss, logits = train_step(objective, forward_model, optimizer, x, y, phase, numerics, lr, ddp,
                                           index=index, epoch=e)
                 loss_sum += loss.detach().float() * len(y)

@@ -23,7 +23,12 @@ PLOT_COLUMNS = ("epoch", "lr", "train_loss", "train_top1", "test_loss", "test_to
 
 def run(name: str, ckpt_path: Path, data_dir: Path, metrics_path: Path, plots_path: Path,
         cfg) -> dict:
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path, allow_not_applicable=True)
+    if "not_applicable" in ckpt:  # the pipelines' N/A cell: no model to test
+        metrics = {"not_applicable": ckpt["not_applicable"]}
+        atomic_write(metrics_path, json.dumps(metrics, indent=2) + "\n")
+        atomic_write(plots_path, ",".join(PLOT_COLUMNS) + "\n")
+        return metrics
     numerics = Numerics(resolve_device(cfg.device), bf16=False, channels_last=False)  # exact fp32
     prepared = data_mod.load(data_dir, numerics.device)
     imported = ckpt["meta"].get("imported")

@@ -52,6 +52,13 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return obj, info
 
 
+def to_reference(name: str, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A kdpipe state dict with the reference's key names (the inverse of the import's renames): to evaluate a
+    kdpipe model in RepDistiller or mdistiller, and to build reference-layout checkpoints in tests."""
+    back = {v: k for k, v in getattr(models.FAMILIES[models.FAMILY[name]], "REFERENCE_KEYS", {}).items()}
+    return {".".join(back.get(part, part) for part in k.split(".")): v for k, v in state_dict.items()}
+
+
 def map_state_dict(source: dict[str, torch.Tensor], name: str, num_classes: int, path: Path) -> dict[str, torch.Tensor]:
     """`source` renamed onto kdpipe's `name` model, every key present and every shape equal."""
     target = models.create(name, num_classes).state_dict()

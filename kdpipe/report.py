@@ -24,7 +24,17 @@ def published(model: str, dataset: str):
     return row[2:4] if dataset == "cifar10" else row[4:6]
 
 
+PRETTY = {"resnet8x4": "ResNet-8x4", "resnet32x4": "ResNet-32x4", "resnet50": "ResNet-50", "mobilenetv2": "MobileNetV2",
+          "shufflev1": "ShuffleNetV1", "shufflev2": "ShuffleNetV2"}
+
+
 def pretty(model: str) -> str:
+    if model in PRETTY:
+        return PRETTY[model]
+    if model.startswith("wrn_"):
+        return "WRN-" + model[4:].replace("_", "-")
+    if model.startswith("vgg"):
+        return "VGG-" + model[3:]
     return "ResNet-" + model.removeprefix("resnet")
 
 
@@ -32,6 +42,8 @@ def collect(names: list[str], metrics_dir: Path, logs_dir: Path) -> list[dict]:
     rows = []
     for name in names:
         m = json.loads((metrics_dir / f"{name}.json").read_text())
+        if "not_applicable" in m:
+            continue
         info = json.loads((logs_dir / f"{name}.json").read_text())
         rows.append({"name": name, **info, **m})
     return rows
@@ -92,23 +104,34 @@ def write(names: list[str], manifest: dict, metrics_dir: Path, logs_dir: Path, p
 
 
 # --- the full pipelines: a grid of models x seeds and methods x pairs x seeds -----------------------
-# CIFAR-100 Top-1 published by Tian et al. (CRD, ICLR 2020), Table 1, for the standard ResNet pairs: the
-# last epoch's accuracy (RepDistiller's README), so our side of the comparison is `top1_last` too.
+# CIFAR-100 Top-1 published by Tian et al. (CRD, ICLR 2020) for its 13 teacher/student pairs: RepDistiller's
+# README (HobbitLong/RepDistiller), the last epoch's accuracy, so our side of the comparison is `top1_last` too.
 DISTILL_METRIC = "top1_last"
-CRD = {  # RepDistiller's README (HobbitLong/RepDistiller), same-architecture table
-    ("resnet56", "resnet20"): {"teacher": 72.34, "student": 69.06, "kd": 70.66, "fitnets": 69.21, "at": 70.55,
-                               "sp": 69.67, "cc": 69.63, "vid": 70.38, "rkd": 69.61, "pkt": 70.34, "fsp": 69.95,
-                               "nst": 69.60, "crd": 71.16},
-    ("resnet110", "resnet20"): {"teacher": 74.31, "student": 69.06, "kd": 70.67, "fitnets": 68.99, "at": 70.22,
-                                "sp": 70.04, "cc": 69.48, "vid": 70.16, "rkd": 69.25, "pkt": 70.25, "fsp": 70.11,
-                                "nst": 69.53, "crd": 71.46},
-    ("resnet110", "resnet32"): {"teacher": 74.31, "student": 71.14, "kd": 73.08, "fitnets": 71.06, "at": 72.31,
-                                "sp": 72.69, "cc": 71.48, "vid": 72.61, "rkd": 71.82, "pkt": 72.61, "fsp": 71.89,
-                                "nst": 71.96, "crd": 73.48},
+_CRD_ROWS = ("teacher", "student", "kd", "fitnets", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "crd")
+_CRD_COLUMNS = {  # one column of the README's tables: the values of _CRD_ROWS (None: N/A there)
+    ("wrn_40_2", "wrn_16_2"): (75.61, 73.26, 74.92, 73.58, 74.08, 73.83, 73.56, 74.11, 73.35, 74.54, 72.50, 73.25, 72.91, 73.68, 75.48),
+    ("wrn_40_2", "wrn_40_1"): (75.61, 71.98, 73.54, 72.24, 72.77, 72.43, 72.21, 73.30, 72.22, 73.45, 72.38, 71.59, None, 72.24, 74.14),
+    ("resnet56", "resnet20"): (72.34, 69.06, 70.66, 69.21, 70.55, 69.67, 69.63, 70.38, 69.61, 70.34, 69.47, 69.84, 69.95, 69.60, 71.16),
+    ("resnet110", "resnet20"): (74.31, 69.06, 70.67, 68.99, 70.22, 70.04, 69.48, 70.16, 69.25, 70.25, 69.53, 70.22, 70.11, 69.53, 71.46),
+    ("resnet110", "resnet32"): (74.31, 71.14, 73.08, 71.06, 72.31, 72.69, 71.48, 72.61, 71.82, 72.61, 70.98, 72.37, 71.89, 71.96, 73.48),
+    ("resnet32x4", "resnet8x4"): (79.42, 72.50, 73.33, 73.50, 73.44, 72.94, 72.97, 73.09, 71.90, 73.64, 73.17, 72.86, 72.62, 73.30, 75.51),
+    ("vgg13", "vgg8"): (74.64, 70.36, 72.98, 71.02, 71.43, 72.68, 70.71, 71.23, 71.48, 72.88, 70.94, 70.58, 70.23, 71.53, 73.94),
+    ("vgg13", "mobilenetv2"): (74.64, 64.60, 67.37, 64.14, 59.40, 66.30, 64.86, 65.56, 64.52, 67.13, 66.06, 61.78, None, 58.16, 69.73),
+    ("resnet50", "mobilenetv2"): (79.34, 64.60, 67.35, 63.16, 58.58, 68.08, 65.43, 67.57, 64.43, 66.52, 67.20, 60.99, None, 64.96, 69.11),
+    ("resnet50", "vgg8"): (79.34, 70.36, 73.81, 70.69, 71.84, 73.34, 70.25, 70.30, 71.50, 73.01, 70.65, 70.29, None, 71.28, 74.30),
+    ("resnet32x4", "shufflev1"): (79.42, 70.50, 74.07, 73.59, 71.73, 73.48, 71.14, 73.38, 72.28, 74.10, 73.55, 71.75, None, 74.12, 75.11),
+    ("resnet32x4", "shufflev2"): (79.42, 71.82, 74.45, 73.54, 72.73, 74.56, 71.29, 73.40, 73.21, 74.69, 74.31, 72.50, None, 74.68, 75.65),
+    ("wrn_40_2", "shufflev1"): (75.61, 70.50, 74.83, 73.73, 73.32, 74.52, 71.38, 73.61, 72.21, 73.89, 73.34, 72.03, None, 74.89, 76.05),
 }
-# DKD (Zhao et al. 2022) as mdistiller's README reports it. The README does not say best or last epoch;
-# mdistiller's trainer tracks the best epoch, so the DKD row is our best-epoch Top-1 (marked in the report).
-DKD = {("resnet56", "resnet20"): 71.97, ("resnet110", "resnet32"): 74.11}
+CRD = {pair: {k: v for k, v in zip(_CRD_ROWS, col) if v is not None} for pair, col in _CRD_COLUMNS.items()}
+# DKD (Zhao et al. 2022) as mdistiller's README reports it (no figure for resnet110->resnet20, resnet50->vgg8; its
+# "ResNet32x4 -> MobileNet-V2" column, whose KD figure 74.45 is CRD's resnet32x4->ShuffleNetV2, is that pair, as in
+# the DKD paper). The README does not say best or last epoch; mdistiller's trainer tracks the best epoch, so the
+# DKD row is our best-epoch Top-1 (marked in the report).
+DKD = {("resnet56", "resnet20"): 71.97, ("resnet110", "resnet32"): 74.11, ("resnet32x4", "resnet8x4"): 76.32,
+       ("wrn_40_2", "wrn_16_2"): 76.23, ("wrn_40_2", "wrn_40_1"): 74.81, ("vgg13", "vgg8"): 74.68,
+       ("resnet32x4", "shufflev1"): 76.45, ("wrn_40_2", "shufflev1"): 76.70, ("vgg13", "mobilenetv2"): 69.71,
+       ("resnet50", "mobilenetv2"): 70.35, ("resnet32x4", "shufflev2"): 77.07}
 METHOD_LABELS = {"kd": "KD", "at": "AT", "nst": "NST", "fsp": "FSP", "fitnets": "FitNets", "sp": "SP", "cc": "CC",
                  "vid": "VID", "rkd": "RKD", "pkt": "PKT", "crd": "CRD", "dkd": "DKD"}
 
@@ -116,8 +139,11 @@ METHOD_LABELS = {"kd": "KD", "at": "AT", "nst": "NST", "fsp": "FSP", "fitnets": 
 def recipe_text(cfg) -> str:
     """One line saying how a section trains, e.g. `repdistiller` (240 epochs, batch 64, lr 0.05 x0.1 at 150/180/210)."""
     at = "/".join(str(round(m * cfg.epochs)) for m in cfg.schedule.milestones)
+    by_model = cfg.optim.lr_by_model
+    special = "".join(f"; lr {lr:g} for {', '.join(m for m, v in by_model.items() if v == lr)}"
+                      for lr in sorted(set(by_model.values())))
     return (f"`{cfg.recipe or 'custom'}` ({cfg.epochs} epochs, batch {cfg.batch_size}, SGD lr {cfg.optim.lr:g} "
-            f"x{cfg.schedule.gamma:g} at epochs {at}, wd {cfg.optim.weight_decay:g})")
+            f"x{cfg.schedule.gamma:g} at epochs {at}, wd {cfg.optim.weight_decay:g}{special})")
 
 
 def teacher_run(model: str, seed: int) -> str:
@@ -146,7 +172,12 @@ def grid(p, manifest: dict, metrics_dir: Path, plots_dir: Path, out_dir: Path) -
 
     def metric(name: str, key: str) -> list[float]:
         f = metrics_dir / f"{name}.json"
-        return [json.loads(f.read_text())[key]] if f.is_file() else []
+        m = json.loads(f.read_text()) if f.is_file() else {}
+        return [m[key]] if key in m else []
+
+    def not_applicable(fn) -> bool:  # every seed's run recorded as N/A (a method the pair does not admit)
+        files = [metrics_dir / f"{fn(s)}.json" for s in p.seeds]
+        return all(f.is_file() and "not_applicable" in json.loads(f.read_text()) for f in files)
 
     def over_seeds(fn, key):
         return stats([v for s in p.seeds for v in metric(fn(s), key)])
@@ -156,15 +187,18 @@ def grid(p, manifest: dict, metrics_dir: Path, plots_dir: Path, out_dir: Path) -
              f"classes ({manifest['source']}). Seeds: {', '.join(map(str, p.seeds))}. Cells: mean ± sample std (n).",
              "", "## Models (the published table)", "",
              f"Our numbers: recipe {recipe_text(p.teacher)}. Top1 = best epoch's test Top-1, Top5 = last epoch's "
-             "test Top-5, the convention of the published table; Top1 last = last epoch's Top-1.", ""]
+             "test Top-5, the convention of the published table; Top1 last = last epoch's Top-1."
+             + (" Published teachers (imported, not trained; the same file for every seed): Top1 = Top1 last = "
+                "their test accuracy here." if p.published else ""), ""]
     head = ["Model", "Param (M)", "Top1 (%)", "Top5 (%)", "Top1 last (%)"]
     if dataset in ("cifar10", "cifar100"):
         head += ["Published Top1 / Top5", "Δ Top1"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for model in p.teachers:
+    for model in p.models + p.published:
         top1 = over_seeds(lambda s: teacher_run(model, s), "top1")
         params = metric(teacher_run(model, p.seeds[0]), "params_m")
-        cells = [pretty(model), f"{params[0]:.2f}" if params else "–", fmt(top1),
+        label = pretty(model) + (" (published)" if model in p.published else "")
+        cells = [label, f"{params[0]:.2f}" if params else "–", fmt(top1),
                  fmt(over_seeds(lambda s: teacher_run(model, s), "top5")),
                  fmt(over_seeds(lambda s: teacher_run(model, s), "top1_last"))]
         if dataset in ("cifar10", "cifar100"):
@@ -182,21 +216,22 @@ def grid(p, manifest: dict, metrics_dir: Path, plots_dir: Path, out_dir: Path) -
                  "also last epoch." if crd else ""), ""]
     cols = [f"{pretty(t)} → {pretty(s)}" for t, s in pairs]
     lines += ["| Method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    deltas: dict[str, list[float]] = {}
+    deltas: dict[str, dict[int, float]] = {}
     row_specs = [("Teacher", "teacher", lambda m, t, s, seed: teacher_run(t, seed)),
                  ("Student (baseline)", "student", lambda m, t, s, seed: teacher_run(s, seed))]
     row_specs += [(METHOD_LABELS[m] + (" †" if m == "dkd" and crd else ""), m,
                    lambda m, t, s, seed: distill_run(m, t, s, seed)) for m in p.methods]
     for label, key, name_of in row_specs:
         cells = []
-        for t, s in pairs:
+        for j, (t, s) in enumerate(pairs):
             metric_key = "top1" if key == "dkd" and crd else DISTILL_METRIC
             st = over_seeds(lambda seed: name_of(key, t, s, seed), metric_key)
             ref = (DKD.get((t, s)) if key == "dkd" else CRD.get((t, s), {}).get(key)) if crd else None
-            cells.append(fmt(st) + (f" [{ref:.2f}]" if ref is not None else ""))
+            na = st is None and not_applicable(lambda seed: name_of(key, t, s, seed))
+            cells.append(("N/A" if na else fmt(st)) + (f" [{ref:.2f}]" if ref is not None else ""))
             base = over_seeds(lambda seed: teacher_run(s, seed), metric_key)
             if key in p.methods and st and base:
-                deltas.setdefault(key, []).append(st[0] - base[0])
+                deltas.setdefault(key, {})[j] = st[0] - base[0]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if crd and "dkd" in p.methods:
         lines += ["", "† DKD: in brackets mdistiller's README figure (DKD's authors); it does not say best or last "
@@ -205,14 +240,14 @@ def grid(p, manifest: dict, metrics_dir: Path, plots_dir: Path, out_dir: Path) -
     text = "\n".join(lines)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.md").write_text(text)
-    curves = [teacher_run(m, p.seeds[0]) for m in p.teachers]
+    curves = [teacher_run(m, p.seeds[0]) for m in p.models]
     curves += [distill_run(m, t, s, p.seeds[0]) for m in p.methods for t, s in pairs]
     plot([{"name": n} for n in curves if (plots_dir / f"{n}.csv").is_file()], plots_dir, out_dir / "accuracy.png")
     bar_chart(deltas, cols, out_dir / "delta.png")
     return text
 
 
-def bar_chart(deltas: dict[str, list[float]], pair_labels: list[str], out: Path) -> None:
+def bar_chart(deltas: dict[str, dict[int, float]], pair_labels: list[str], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -222,7 +257,7 @@ def bar_chart(deltas: dict[str, list[float]], pair_labels: list[str], out: Path)
     width = 0.8 / max(len(pair_labels), 1)
     for j, label in enumerate(pair_labels):
         xs = [i + j * width for i in range(len(deltas))]
-        ax.bar(xs, [v[j] if j < len(v) else 0 for v in deltas.values()], width, label=label)
+        ax.bar(xs, [v.get(j, 0.0) for v in deltas.values()], width, label=label)
     ax.set_xticks([i + width * (len(pair_labels) - 1) / 2 for i in range(len(deltas))])
     ax.set_xticklabels([METHOD_LABELS[m] for m in deltas])
     ax.axhline(0, color="black", lw=0.8)

@@ -9,13 +9,16 @@ from .conftest import ROOT
 from .test_pipeline import DVC, dag_edges, sh
 
 EXPECTED = {"cifar10": 10, "cifar100": 100}
+CRD_PAIRS = [("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"), ("resnet56", "resnet20"), ("resnet110", "resnet20"),
+             ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"), ("vgg13", "vgg8"), ("vgg13", "mobilenetv2"),
+             ("resnet50", "mobilenetv2"), ("resnet50", "vgg8"), ("resnet32x4", "shufflev1"),
+             ("resnet32x4", "shufflev2"), ("wrn_40_2", "shufflev1")]
 
 
 @pytest.mark.parametrize("name", EXPECTED)
 def test_params_validate_with_recipes(name):
     p = config.load_params(ROOT / "pipelines" / name / "params.yaml")
     assert p.data.dataset == name and p.data.synthetic.num_classes == EXPECTED[name]
-    assert p.teachers == ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]
     he = p.recipes["he2016"]  # batch 128, SGD 0.9, wd 1e-4, lr 0.1 /10 at 50 % and 75 %, 164 epochs
     assert (he.epochs, he.batch_size, he.optim.lr, he.optim.momentum, he.optim.weight_decay) == (164, 128, 0.1, 0.9, 1e-4)
     assert he.schedule.milestones == [0.5, 0.75]
@@ -30,6 +33,20 @@ def test_params_validate_with_recipes(name):
     assert p.methods == list(config.METHODS)  # every method is staged for every pair
     # FSP and FitNets as RepDistiller runs them
     assert p.distill.fsp.init_epochs == 30 and p.distill.fitnets.regressor_kernel == 1
+    if name == "cifar10":
+        assert p.models == ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"] and p.published == []
+        return
+    # CIFAR-100: CRD's 13 pairs, its teachers imported, every other model trained (the students' baselines)
+    assert [(pr.teacher, pr.student) for pr in p.pairs] == CRD_PAIRS
+    assert set(p.published) == {t for t, _ in CRD_PAIRS} and set(p.models) == {s for _, s in CRD_PAIRS}
+    # RepDistiller trains MobileNetV2 and the ShuffleNets at lr 0.01, as teachers or students
+    assert {m: p.student.model_copy(update={"model": m}).lr for m in ("mobilenetv2", "shufflev1", "shufflev2", "vgg8")} \
+        == {"mobilenetv2": 0.01, "shufflev1": 0.01, "shufflev2": 0.01, "vgg8": 0.05}
+    # DKD's beta per pair as mdistiller's configs/cifar100/dkd/*.yaml (8 where they do not set it)
+    betas = {pair: p.distill.for_pair(*pair).dkd.beta for pair in CRD_PAIRS}
+    assert betas[("resnet56", "resnet20")] == betas[("resnet110", "resnet32")] == 2.0
+    assert betas[("vgg13", "vgg8")] == betas[("wrn_40_2", "wrn_16_2")] == betas[("vgg13", "mobilenetv2")] == 6.0
+    assert betas[("resnet32x4", "resnet8x4")] == betas[("resnet50", "mobilenetv2")] == 8.0
 
 
 def test_recipe_overrides_and_errors():
@@ -44,7 +61,26 @@ def test_recipe_overrides_and_errors():
         config.validate(raw)
 
 
-@pytest.mark.parametrize("name", EXPECTED)
+def test_one_definition_for_both_datasets():
+    # pipelines/cifar10/dvc.yaml and pipelines/cifar100/dvc.yaml are links to pipelines/stages.yaml
+    for name in EXPECTED:
+        link = ROOT / "pipelines" / name / "dvc.yaml"
+        assert link.is_symlink() and link.resolve() == (ROOT / "pipelines" / "stages.yaml").resolve()
+
+
+def test_stage_graph_cifar100_published_teachers():
+    folder = ROOT / "pipelines" / "cifar100"
+    stages = [line.split()[0] for line in sh(DVC, "stage", "list", cwd=folder).splitlines()]
+    n_models, n_published, n_dist = 9 * 3, 6 * 3, len(config.METHODS) * 13 * 3
+    assert len(stages) == 1 + 2 * n_models + 2 * n_published + 2 * n_dist + 1
+    assert {"import-teacher@resnet32x4-0", "evaluate-published@resnet50-2", "teacher@shufflev2-1",
+            "distill@crd-pair12-2", "evaluate-distill@dkd-pair7-0"} <= set(stages)
+    edges = dag_edges(folder)
+    assert {a for a, b in edges if b == "distill@kd-pair11-1"} == {"data", "import-teacher@resnet32x4-1"}
+    assert ("import-teacher@resnet56-0", "evaluate-published@resnet56-0") in edges
+
+
+@pytest.mark.parametrize("name", ["cifar10"])
 def test_stage_graph(name):
     folder = ROOT / "pipelines" / name
     stages = [line.split()[0] for line in sh(DVC, "stage", "list", cwd=folder).splitlines()]

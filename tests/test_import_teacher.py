@@ -12,6 +12,7 @@ import kdpipe
 from kdpipe import models
 from kdpipe.cli import app
 from kdpipe.engine import renormalisation
+from kdpipe.import_teacher import to_reference
 
 # one model per family (resnet56: the family kdpipe renames keys for)
 FAMILY_MODELS = ["resnet56", "resnet8x4", "wrn_16_1", "vgg8", "mobilenetv2", "shufflev1", "shufflev2", "resnet50"]
@@ -29,8 +30,7 @@ def reference_checkpoint(name: str, num_classes: int, path: Path, seed: int = 0,
                 m.running_var.uniform_(0.5, 1.5)
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.normal_(0, 0.1)
-    back = {v: k for k, v in getattr(models.FAMILIES[models.FAMILY[name]], "REFERENCE_KEYS", {}).items()}
-    sd = {".".join(back.get(p, p) for p in k.split(".")): v for k, v in model.state_dict().items()}
+    sd = to_reference(name, model.state_dict())
     if dataparallel:
         sd = {f"module.{k}": v for k, v in sd.items()}
     torch.save({"model": sd, "epoch": 240, "accuracy": 71.5,
@@ -138,3 +138,38 @@ def test_distill_and_evaluate_take_an_imported_teacher(workdir):
     assert r.exit_code == 0, r.output
     m = json.loads(Path("metrics/teacher.json").read_text())
     assert m["top1"] == m["top1_last"] and m["best_epoch"] == m["epochs"] == 240
+
+
+def test_import_with_prepared_data_takes_its_dataset_and_classes(workdir):
+    runner = CliRunner()
+    assert runner.invoke(app, ["data"]).exit_code == 0
+    reference_checkpoint("resnet14", 10, workdir / "published.pth")
+    r = runner.invoke(app, ["import-teacher", "published.pth", "--model", "resnet14", "--data", "data/prepared",
+                            "--name", "teacher"])
+    assert r.exit_code == 0, r.output
+    ckpt = torch.load("models/teacher.pt", weights_only=True)
+    manifest = json.loads(Path("data/prepared/manifest.json").read_text())
+    assert (ckpt["dataset"], ckpt["num_classes"]) == ("synthetic", 10)
+    # no reference constants for this dataset: the prepared data's own statistics
+    assert ckpt["normalization"] == {"mean": manifest["mean"], "std": manifest["std"]}
+    r = runner.invoke(app, ["import-teacher", "published.pth", "--model", "resnet14", "--data", "data/prepared",
+                            "--num-classes", "100", "--name", "other"])
+    assert r.exit_code == 2 and "--num-classes 100 but data/prepared has 10 classes" in r.output
+    assert not Path("models/other.pt").exists()
+
+
+def test_na_ok_records_a_method_the_pair_does_not_admit(workdir):
+    runner = CliRunner()
+    assert runner.invoke(app, ["data"]).exit_code == 0
+    reference_checkpoint("resnet14", 10, workdir / "published.pth")
+    assert runner.invoke(app, ["import-teacher", "published.pth", "--model", "resnet14", "--data", "data/prepared",
+                               "--name", "teacher"]).exit_code == 0
+    r = runner.invoke(app, ["distill", "--method", "fsp", "--model", "vgg8"])
+    assert r.exit_code == 2 and "fsp pairs stages one to one, but the student has 5 feature taps" in r.output
+    assert not Path("models/fsp.pt").exists()
+    r = runner.invoke(app, ["distill", "--method", "fsp", "--model", "vgg8", "--na-ok"])
+    assert r.exit_code == 0 and "fsp: not applicable: fsp pairs stages one to one" in r.output
+    assert runner.invoke(app, ["evaluate", "fsp"]).exit_code == 0
+    assert "not_applicable" in json.loads(Path("metrics/fsp.json").read_text())
+    r = runner.invoke(app, ["export", "fsp"])
+    assert r.exit_code == 1 and "holds no model (not applicable" in r.output

@@ -145,3 +145,51 @@ def test_crd_refuses_multi_process_runs(workdir):
 
     result = CliRunner().invoke(app, ["distill", "-m", "crd+kd"], env={"WORLD_SIZE": "2"})
     assert result.exit_code == 2 and "crd under torchrun is not supported yet" in result.output
+
+
+# CRD's 13 pairs (RepDistiller's README): every method that the pair admits runs one step on it
+CRD_PAIRS = [("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"), ("resnet56", "resnet20"), ("resnet110", "resnet20"),
+             ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"), ("vgg13", "vgg8"), ("vgg13", "mobilenetv2"),
+             ("resnet50", "mobilenetv2"), ("resnet50", "vgg8"), ("resnet32x4", "shufflev1"),
+             ("resnet32x4", "shufflev2"), ("wrn_40_2", "shufflev1")]
+
+
+@pytest.mark.parametrize("teacher_name, student_name", CRD_PAIRS)
+def test_every_method_runs_on_every_crd_pair(teacher_name, student_name):
+    torch.manual_seed(0)
+    teacher, student = models.create(teacher_name, 100), models.create(student_name, 100)
+    s_shapes, t_shapes = feature_shapes(student), feature_shapes(teacher)
+    same_channels = [s[0] for s in s_shapes.stages] == [t[0] for t in t_shapes.stages]
+    methods = [m for m in config.METHODS if m != "fsp" or same_channels]  # RepDistiller: FSP N/A across widths
+    labels = torch.arange(200) % 100
+    p = config.validate(tiny_params(distill={"crd": {"nce_k": 16}}))
+    obj = Distiller(teacher, methods, p.distill, s_shapes, t_shapes, TrainData(labels))
+    index = torch.arange(0, 200, 50)
+    x = torch.randn(4, 3, 32, 32)
+    loss, logits = obj(student.train(), x, labels[index], index=index)
+    loss.backward()
+    assert torch.isfinite(loss) and logits.shape == (4, 100)
+    assert all(q.grad is not None for q in student.parameters())
+    assert all(q.grad is None for q in teacher.parameters())
+    if not same_channels:
+        with pytest.raises(ValueError, match="fsp needs equal channel counts per tap"):
+            Distiller(teacher, ["fsp"], p.distill, s_shapes, t_shapes)
+
+
+def test_dkd_beta_per_pair():
+    p = config.validate(tiny_params(distill={"dkd": {"beta": 8.0, "beta_by_pair": {"resnet56->resnet20": 2.0}}}))
+    assert p.distill.for_pair("resnet56", "resnet20").dkd.beta == 2.0
+    assert p.distill.for_pair("resnet110", "resnet20").dkd.beta == 8.0
+    assert p.distill.for_pair("resnet56", "resnet20").kd == p.distill.kd
+    with pytest.raises(config.ParamsError, match="beta_by_pair.*'resnet56-resnet20' is not 'teacher->student'"):
+        config.validate(tiny_params(distill={"dkd": {"beta_by_pair": {"resnet56-resnet20": 2.0}}}))
+
+
+def test_lr_by_model_applies_to_the_model_trained():
+    lrs = {"mobilenetv2": 0.01, "shufflev1": 0.01}
+    p = config.validate(tiny_params(student={"model": "shufflev1", "optim": {"lr": 0.05, "lr_by_model": lrs}},
+                                    teacher={"model": "resnet32x4", "optim": {"lr": 0.05, "lr_by_model": lrs}}))
+    assert p.student.lr == 0.01 and p.teacher.lr == 0.05
+    assert engine.learning_rate(p.student, 0, 0, 10) == 0.01
+    again = config.validate({**p.student.model_dump(), "model": "resnet8"}, config.Train)  # --model override
+    assert again.lr == 0.05

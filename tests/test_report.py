@@ -25,7 +25,7 @@ def fake_run(tmp_path, name, top1, epochs=2):
 
 def test_grid_report(tmp_path):
     raw = yaml.safe_load((ROOT / "pipelines/cifar100/params.yaml").read_text())
-    raw.update(seeds=[0, 1], methods=["kd", "fsp", "dkd"], teachers=["resnet20", "resnet56"],
+    raw.update(seeds=[0, 1], methods=["kd", "fsp", "dkd"], models=["resnet20", "resnet56"], published=[],
                pairs=[{"teacher": "resnet56", "student": "resnet20"}])
     p = config.validate(raw)
     for seed, (t, s, kd) in enumerate([(72.0, 68.0, 70.0), (74.0, 70.0, 71.0)]):
@@ -46,7 +46,8 @@ def test_grid_report(tmp_path):
     # DKD's published figure (mdistiller) does not say best or last: compared with our best epoch, marked †
     assert "| DKD † | 71.00 ± 0.00 (n=1) [71.97] |" in text and "† DKD:" in text
     # each table says which recipe produced our numbers and which convention it uses
-    recipe = "`repdistiller` (240 epochs, batch 64, SGD lr 0.05 x0.1 at epochs 150/180/210, wd 0.0005)"
+    recipe = ("`repdistiller` (240 epochs, batch 64, SGD lr 0.05 x0.1 at epochs 150/180/210, wd 0.0005; "
+              "lr 0.01 for mobilenetv2, shufflev1, shufflev2)")
     models_part, distill_part = text.split("## Distillation")
     assert f"Our numbers: recipe {recipe}. Top1 = best epoch's test Top-1, Top5 = last epoch's" in models_part
     assert f"Our numbers: recipe {recipe} for the students" in distill_part
@@ -60,3 +61,29 @@ def test_stats():
     assert report.stats([5.0]) == (5.0, 0.0, 1)
     mean, std, n = report.stats([1.0, 2.0, 3.0, 4.0])
     assert (mean, n) == (2.5, 4) and abs(std - (5 / 3) ** 0.5) < 1e-12  # sample std (n - 1)
+
+
+def test_grid_report_crd_pairs_published_teachers_and_na(tmp_path):
+    raw = yaml.safe_load((ROOT / "pipelines/cifar100/params.yaml").read_text())
+    raw.update(seeds=[0], methods=["kd", "fsp", "dkd"], models=["shufflev1"], published=["wrn_40_2"],
+               pairs=[{"teacher": "wrn_40_2", "student": "shufflev1"}])
+    p = config.validate(raw)
+    fake_run(tmp_path, "teacher-wrn_40_2-s0", 76.0)
+    fake_run(tmp_path, "teacher-shufflev1-s0", 71.0)
+    fake_run(tmp_path, "kd-wrn_40_2-shufflev1-s0", 75.0)
+    fake_run(tmp_path, "dkd-wrn_40_2-shufflev1-s0", 76.5)
+    (tmp_path / "metrics/fsp-wrn_40_2-shufflev1-s0.json").write_text(json.dumps({"not_applicable": "fsp needs ..."}))
+    manifest = {"dataset": "cifar100", "train_size": 50000, "test_size": 10000, "num_classes": 100, "source": "x"}
+    text = report.grid(p, manifest, tmp_path / "metrics", tmp_path / "plots", tmp_path / "reports")
+    assert "| WRN-40-2 (published) |" in text and "| ShuffleNetV1 |" in text
+    assert "| Method | WRN-40-2 → ShuffleNetV1 |" in text
+    assert "| Teacher | 75.00 ± 0.00 (n=1) [75.61] |" in text  # CRD's README, cross-family table
+    assert "| KD | 74.00 ± 0.00 (n=1) [74.83] |" in text
+    assert "| FSP | N/A |" in text  # RepDistiller: N/A across families; no CRD figure either
+    assert "| DKD † | 76.50 ± 0.00 (n=1) [76.70] |" in text  # mdistiller's README
+
+
+def test_crd_figures_cover_the_13_pairs():
+    assert len(report.CRD) == 13 and all(len(v) >= 14 for v in report.CRD.values())
+    assert report.CRD[("resnet32x4", "resnet8x4")]["crd"] == 75.51 and "fsp" not in report.CRD[("wrn_40_2", "wrn_40_1")]
+    assert set(report.DKD) <= set(report.CRD) and len(report.DKD) == 11
