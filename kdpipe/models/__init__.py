@@ -8,6 +8,8 @@ and also carries `.embedding`:
   returns them (its feature list without the last entry); spatial maps `(B, C, H, W)`.
 - `embedding`: the pooled pre-classifier vector `(B, D)` the classifier reads (RepDistiller's last
   feature); CRD, RKD, PKT and CC use it.
+- `preact`: the same taps before their last ReLU (RepDistiller's `preact=True`; AB uses them); the stem's
+  tap is post-ReLU as there, and a family without a pre-activation tap repeats `stages`.
 
 The architectures and state-dict layouts are RepDistiller's (`models/*.py`; mdistiller's
 `mdistiller/models/cifar/` are the same). Each family file names the reference's keys it renames
@@ -26,9 +28,11 @@ class Features(tuple):
     """What `model(x, features=True)` returns: a pair `(logits, stages)` with the embedding attached.
     A tuple subclass (not a 3-field NamedTuple) so that `logits, feats = model(x, features=True)` keeps working."""
 
-    def __new__(cls, logits: torch.Tensor, stages: list[torch.Tensor], embedding: torch.Tensor):
+    def __new__(cls, logits: torch.Tensor, stages: list[torch.Tensor], embedding: torch.Tensor,
+                preact: list[torch.Tensor] | None = None):
         self = super().__new__(cls, (logits, stages))
         self.embedding = embedding
+        self.preact = stages if preact is None else preact
         return self
 
     @property
@@ -38,6 +42,15 @@ class Features(tuple):
     @property
     def stages(self) -> list[torch.Tensor]:
         return self[1]
+
+
+def run_stage(stage: nn.Sequential, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stage of blocks that end in a ReLU, returning its output and its last block's input to that ReLU
+    (each such block has `preact(x)`; `forward(x) = relu(preact(x))`): the pre-activation tap at no cost."""
+    for block in stage[:-1]:
+        x = block(x)
+    pre = stage[-1].preact(x)
+    return torch.relu(pre), pre
 
 
 REGISTRY: dict[str, Callable[[int], nn.Module]] = {}

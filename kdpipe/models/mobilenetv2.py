@@ -2,7 +2,8 @@
 "Knowledge Distillation via Route Constrained Optimization"): a stride-2 3x3 stem, seven groups of inverted
 residuals (expansion 6, except 1 in the first), a 1x1 conv to 1280 channels, pooled, one linear classifier.
 Stages: the stem's output and the outputs of groups 2, 3, 5 and 7 (RepDistiller's f0..f4); embedding:
-the pooled 1280-channel conv output.
+the pooled 1280-channel conv output. No `preact` taps (the groups end in a linear projection; RepDistiller
+returns the same list for `preact=True`).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 `resnet8` … `resnet110` have widths 16/16/32/64 (stem, stage 1, 2, 3); `resnet8x4` and `resnet32x4`
 are four times as wide (32/64/128/256). Stages: the stem's output and the three stages' outputs, all
-after their ReLU; embedding: the globally pooled last stage.
+after their ReLU (`preact`: the stages' last blocks before it); embedding: the globally pooled last stage.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import Features, register
+from . import Features, register, run_stage
 
 DEPTHS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
 WIDTHS = (16, 16, 32, 64)  # stem, stage 1, stage 2, stage 3
@@ -32,10 +32,12 @@ class BasicBlock(nn.Module):
         if stride != 1 or c_in != c_out:  # option B: projection only where the shape changes
             self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
 
-    def forward(self, x):
+    def preact(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        return self.bn2(self.conv2(out)) + self.shortcut(x)
+
+    def forward(self, x):
+        return F.relu(self.preact(x))
 
 
 class CifarResNet(nn.Module):
@@ -63,12 +65,13 @@ class CifarResNet(nn.Module):
 
     def forward(self, x, features: bool = False):
         f0 = F.relu(self.bn1(self.conv1(x)))
-        f1 = self.stage1(f0)
-        f2 = self.stage2(f1)
-        f3 = self.stage3(f2)
+        if not features:
+            return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.stage3(self.stage2(self.stage1(f0))), 1), 1))
+        f1, p1 = run_stage(self.stage1, f0)
+        f2, p2 = run_stage(self.stage2, f1)
+        f3, p3 = run_stage(self.stage3, f2)
         embedding = torch.flatten(F.adaptive_avg_pool2d(f3, 1), 1)
-        logits = self.fc(embedding)
-        return Features(logits, [f0, f1, f2, f3], embedding) if features else logits
+        return Features(self.fc(embedding), [f0, f1, f2, f3], embedding, [f0, p1, p2, p3])
 
 
 for _name, _depth in DEPTHS.items():

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import Features, register
+from . import Features, register, run_stage
 
 
 class Bottleneck(nn.Module):
@@ -29,11 +29,13 @@ class Bottleneck(nn.Module):
         if stride != 1 or c_in != c_out:
             self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
 
-    def forward(self, x):
+    def preact(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return F.relu(out + self.shortcut(x))
+        return self.bn3(self.conv3(out)) + self.shortcut(x)
+
+    def forward(self, x):
+        return F.relu(self.preact(x))
 
 
 class BottleneckResNet(nn.Module):
@@ -59,13 +61,16 @@ class BottleneckResNet(nn.Module):
 
     def forward(self, x, features: bool = False):
         f0 = F.relu(self.bn1(self.conv1(x)))
-        f1 = self.layer1(f0)
-        f2 = self.layer2(f1)
-        f3 = self.layer3(f2)
-        f4 = self.layer4(f3)
-        embedding = torch.flatten(F.adaptive_avg_pool2d(f4, 1), 1)
-        logits = self.linear(embedding)
-        return Features(logits, [f0, f1, f2, f3, f4], embedding) if features else logits
+        if not features:
+            f4 = self.layer4(self.layer3(self.layer2(self.layer1(f0))))
+            return self.linear(torch.flatten(F.adaptive_avg_pool2d(f4, 1), 1))
+        stages, preact, out = [f0], [f0], f0
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            out, pre = run_stage(layer, out)
+            stages.append(out)
+            preact.append(pre)
+        embedding = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+        return Features(self.linear(embedding), stages, embedding, preact)
 
 
 register("resnet50", "resnet50", lambda num_classes: BottleneckResNet((3, 4, 6, 3), num_classes))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import Features, register
+from . import Features, register, run_stage
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -31,13 +31,14 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(mid, c_out, 1, groups=groups, bias=False)
         self.bn3 = nn.BatchNorm2d(c_out)
 
-    def forward(self, x):
+    def preact(self, x):
         out = channel_shuffle(F.relu(self.bn1(self.conv1(x))), self.g1)
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        if self.stride == 2:
-            return F.relu(torch.cat([out, F.avg_pool2d(x, 3, 2, 1)], 1))
-        return F.relu(out + x)
+        return torch.cat([out, F.avg_pool2d(x, 3, 2, 1)], 1) if self.stride == 2 else out + x
+
+    def forward(self, x):
+        return F.relu(self.preact(x))
 
 
 class ShuffleNetV1(nn.Module):
@@ -56,12 +57,13 @@ class ShuffleNetV1(nn.Module):
 
     def forward(self, x, features: bool = False):
         f0 = F.relu(self.bn1(self.conv1(x)))
-        f1 = self.layer1(f0)
-        f2 = self.layer2(f1)
-        f3 = self.layer3(f2)
+        if not features:
+            return self.linear(torch.flatten(F.adaptive_avg_pool2d(self.layer3(self.layer2(self.layer1(f0))), 1), 1))
+        f1, p1 = run_stage(self.layer1, f0)
+        f2, p2 = run_stage(self.layer2, f1)
+        f3, p3 = run_stage(self.layer3, f2)
         embedding = torch.flatten(F.adaptive_avg_pool2d(f3, 1), 1)
-        logits = self.linear(embedding)
-        return Features(logits, [f0, f1, f2, f3], embedding) if features else logits
+        return Features(self.linear(embedding), [f0, f1, f2, f3], embedding, [f0, p1, p2, p3])
 
 
 register("shufflev1", "shufflenetv1", lambda num_classes: ShuffleNetV1(num_classes))

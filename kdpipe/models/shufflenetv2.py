@@ -1,7 +1,8 @@
 """ShuffleNet V2 at CIFAR scale, width 1 (RepDistiller's `models/ShuffleNetv2.py` `ShuffleV2`): a 1x1 stem of 24
 channels, three stages (a stride-2 down-sampling unit, then 3/7/3 split-transform-concat-shuffle units) to
 116/232/464 channels, a 1x1 conv to 1024, pooled, one linear classifier.
-Stages: the stem's output and each stage's output; embedding: the pooled 1024-channel conv output.
+Stages: the stem's output and each stage's output (`preact`: RepDistiller's, see BasicBlock); embedding:
+the pooled 1024-channel conv output.
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ class BasicBlock(nn.Module):
         self.conv3 = nn.Conv2d(c, c, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(c)
 
-    def forward(self, x):
+    def forward(self, x, with_preact: bool = False):
         c = x.shape[1] // 2
         x1, x2 = x[:, :c], x[:, c:]
         out = F.relu(self.bn1(self.conv1(x2)))
-        out = F.relu(self.bn3(self.conv3(self.bn2(self.conv2(out)))))
-        return channel_shuffle(torch.cat([x1, out], 1), 2)
+        pre = self.bn3(self.conv3(self.bn2(self.conv2(out))))
+        out = channel_shuffle(torch.cat([x1, F.relu(pre)], 1), 2)
+        # RepDistiller's preact tap: the branch before its ReLU next to the passed-through half, not shuffled
+        return (out, torch.cat([x1, pre], 1)) if with_preact else out
 
 
 class DownBlock(nn.Module):
@@ -75,12 +78,16 @@ class ShuffleNetV2(nn.Module):
 
     def forward(self, x, features: bool = False):
         f0 = F.relu(self.bn1(self.conv1(x)))
-        f1 = self.layer1(f0)
-        f2 = self.layer2(f1)
-        f3 = self.layer3(f2)
-        embedding = torch.flatten(F.adaptive_avg_pool2d(F.relu(self.bn2(self.conv2(f3))), 1), 1)
-        logits = self.linear(embedding)
-        return Features(logits, [f0, f1, f2, f3], embedding) if features else logits
+        if not features:
+            f3 = self.layer3(self.layer2(self.layer1(f0)))
+            return self.linear(torch.flatten(F.adaptive_avg_pool2d(F.relu(self.bn2(self.conv2(f3))), 1), 1))
+        stages, preact, out = [f0], [f0], f0
+        for layer in (self.layer1, self.layer2, self.layer3):
+            out, pre = layer[-1](layer[:-1](out), with_preact=True)
+            stages.append(out)
+            preact.append(pre)
+        embedding = torch.flatten(F.adaptive_avg_pool2d(F.relu(self.bn2(self.conv2(out))), 1), 1)
+        return Features(self.linear(embedding), stages, embedding, preact)
 
 
 register("shufflev2", "shufflenetv2", lambda num_classes: ShuffleNetV2(num_classes))

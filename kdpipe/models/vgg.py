@@ -1,7 +1,8 @@
 """VGG with batch norm at CIFAR scale (RepDistiller's `models/vgg.py`, the `vggN_bn` variants it names `vggN`):
 five conv blocks (3x3 conv, BN, ReLU; the block's last ReLU applied outside it), max-pools between blocks
 (none before the last block on 32x32 inputs), global average pooling and one linear classifier (no FC stack).
-Stages: the five blocks' outputs after ReLU; embedding: the pooled last block (512).
+Stages: the five blocks' outputs after ReLU (`preact`: before it, except the first); embedding: the pooled
+last block (512).
 """
 
 from __future__ import annotations
@@ -53,13 +54,17 @@ class VGG(nn.Module):
     def forward(self, x, features: bool = False):
         h = x.shape[2]
         f0 = F.relu(self.block0(x))
-        f1 = F.relu(self.block1(F.max_pool2d(f0, 2)))
-        f2 = F.relu(self.block2(F.max_pool2d(f1, 2)))
-        f3 = F.relu(self.block3(F.max_pool2d(f2, 2)))
-        f4 = F.relu(self.block4(F.max_pool2d(f3, 2) if h == 64 else f3))  # the reference pools here only for 64x64
+        p1 = self.block1(F.max_pool2d(f0, 2))
+        f1 = F.relu(p1)
+        p2 = self.block2(F.max_pool2d(f1, 2))
+        f2 = F.relu(p2)
+        p3 = self.block3(F.max_pool2d(f2, 2))
+        f3 = F.relu(p3)
+        p4 = self.block4(F.max_pool2d(f3, 2) if h == 64 else f3)  # the reference pools here only for 64x64
+        f4 = F.relu(p4)
         embedding = torch.flatten(F.adaptive_avg_pool2d(f4, 1), 1)
         logits = self.classifier(embedding)
-        return Features(logits, [f0, f1, f2, f3, f4], embedding) if features else logits
+        return Features(logits, [f0, f1, f2, f3, f4], embedding, [f0, p1, p2, p3, p4]) if features else logits
 
 
 for _name, _config in CONFIGS.items():

@@ -26,8 +26,8 @@ class BasicBlock(nn.Module):
         self.equal_in_out = c_in == c_out
         self.convShortcut = None if self.equal_in_out else nn.Conv2d(c_in, c_out, 1, stride, bias=False)
 
-    def forward(self, x):
-        a = F.relu(self.bn1(x))
+    def forward(self, x, bn_x=None):  # bn_x: bn1(x) when the caller has it already (the preact taps)
+        a = F.relu(self.bn1(x) if bn_x is None else bn_x)
         out = self.conv2(F.relu(self.bn2(self.conv1(a))))
         # where the channels change, the shortcut also sees the pre-activated input (as the reference)
         return out + (x if self.equal_in_out else self.convShortcut(a))
@@ -70,12 +70,20 @@ class WideResNet(nn.Module):
 
     def forward(self, x, features: bool = False):
         f0 = self.conv1(x)
+        if not features:
+            f3 = self.block3(self.block2(self.block1(f0)))
+            return self.fc(torch.flatten(F.adaptive_avg_pool2d(F.relu(self.bn1(f3)), 1), 1))
+        # preact taps as RepDistiller's: each group's output through the BN that opens the next group (its
+        # first block's bn1, the final bn1), computed once and used by that block (RepDistiller runs those
+        # BNs a second time, which in training mode updates their running statistics twice per step)
         f1 = self.block1(f0)
-        f2 = self.block2(f1)
-        f3 = self.block3(f2)
-        embedding = torch.flatten(F.adaptive_avg_pool2d(F.relu(self.bn1(f3)), 1), 1)
-        logits = self.fc(embedding)
-        return Features(logits, [f0, f1, f2, f3], embedding) if features else logits
+        p1 = self.block2.layer[0].bn1(f1)
+        f2 = self.block2.layer[1:](self.block2.layer[0](f1, p1))
+        p2 = self.block3.layer[0].bn1(f2)
+        f3 = self.block3.layer[1:](self.block3.layer[0](f2, p2))
+        p3 = self.bn1(f3)
+        embedding = torch.flatten(F.adaptive_avg_pool2d(F.relu(p3), 1), 1)
+        return Features(self.fc(embedding), [f0, f1, f2, f3], embedding, [f0, p1, p2, p3])
 
 
 for _depth, _widen in ((16, 1), (16, 2), (40, 1), (40, 2)):
