@@ -169,5 +169,5 @@ def run(model: str = "resnet20", teacher: str = "resnet56", batch_size: int = 12
             results[-1]["share_of_crd_step"] = round(timings[results[-1]["case"]] / timings[f"distill crd: {teacher} -> {model}"], 2)
     return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
             "torch": torch.__version__, "bf16": numerics.bf16, "channels_last": numerics.channels_last,
-            "batch_size": batch_size, "steps": steps, "warmup": warmup, "repeats": repeats, "workers": workers,
+            "batch_size": batch_size, "images": len(y), "steps": steps, "warmup": warmup, "repeats": repeats, "workers": workers,
             "results": results}

@@ -351,6 +351,8 @@ def bench(model: str = typer.Option("resnet20", help="student model"),
           warmup: int = typer.Option(3, min=0), repeats: int = typer.Option(3, min=1),
           workers: int = typer.Option(2, min=0, help="DataLoader workers of the baseline"),
           device: str = typer.Option("auto"), methods: str = typer.Option(",".join(config.METHODS)),
+          images: int = typer.Option(4096, min=2, help="training images (CRD's memory bank has a row per image: "
+                                                       "50000 for CIFAR)"),
           as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")):
     """Benchmark kdpipe's engine against a peer-style DataLoader baseline, side by side."""
     import json
@@ -363,14 +365,14 @@ def bench(model: str = typer.Option("resnet20", help="student model"),
             fail(f"unknown model {m!r}; valid models: {', '.join(models_mod.MODEL_NAMES)}", 2)
     chosen = tuple(m for m in methods.split(",") if m)
     config.parse_methods("+".join(chosen)) if chosen else None
-    out = bench_mod.run(model, teacher, batch_size, steps, warmup, repeats, workers, device, chosen)
+    out = bench_mod.run(model, teacher, batch_size, steps, warmup, repeats, workers, device, chosen, images)
     if as_json:
         typer.echo(json.dumps(out, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"kdpipe bench — {out['device']}, torch {out['torch']}, batch {batch_size}, "
+    table = Table(title=f"kdpipe bench — {out['device']}, torch {out['torch']}, batch {batch_size}, {out['images']} images, "
                         f"median of {repeats} x {steps} steps")
     for col in ("case", "kdpipe img/s", "baseline img/s", "speed-up", "÷ (student step + teacher fwd)"):
         table.add_column(col, justify="left" if col == "case" else "right")

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .models import MODEL_NAMES
 
 ModelName = Literal[MODEL_NAMES]  # type: ignore[valid-type]
-METHODS = ("kd", "at", "nst", "fsp", "fitnets", "sp", "cc", "vid", "rkd", "pkt", "crd", "dkd")
+METHODS = ("kd", "at", "nst", "fsp", "fitnets", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "crd", "dkd")
 
 
 class ParamsError(ValueError):
@@ -179,7 +179,8 @@ class FSPParams(FeatureParams):
 
 class FitNetsParams(FeatureParams):
     beta: float = Field(100.0, ge=0)
-    hint_layer: int = Field(2, ge=0, le=3, description="tap index f0..f3 of the hint (and guided) layer")
+    hint_layer: int = Field(2, ge=0, le=4, description="stage tap index (f0..f3; f0..f4 for VGG, ResNet-50, "
+                                                        "MobileNetV2) of the hint (and guided) layer")
     regressor_kernel: Literal[1, 3] = Field(1, description="1: RepDistiller's ConvReg (1x1 for equal sizes); 3: 3x3")
     init_epochs: int = Field(0, ge=0, description="> 0: the paper's two-stage procedure (hint training first)")
 
@@ -206,6 +207,22 @@ class RKDParams(FeatureParams):
 
 class PKTParams(FeatureParams):
     beta: float = Field(30000.0, ge=0)
+
+
+class ABParams(FeatureParams):
+    beta: float = Field(1.0, ge=0, description="weight of the AB term in single-stage mode (init_epochs: 0)")
+    margin: float = Field(1.0, gt=0, description="the activation-boundary margin")
+    init_epochs: int = Field(30, ge=0, description="RepDistiller: 30 epochs of AB pre-training (connectors and "
+                                                   "the student's features), then CE alone; 0: single-stage variant")
+
+
+class FTParams(FeatureParams):
+    beta: float = Field(200.0, ge=0)
+    rate: float = Field(0.5, gt=0, le=1, description="factor channels = rate x the teacher's last-stage channels")
+    p1: float = Field(2.0, gt=0, description="factor: channel mean of |f|^p1")
+    p2: Literal[1, 2] = Field(1, description="1: mean absolute factor difference (the paper's L1); 2: squared")
+    init_epochs: int = Field(30, ge=1, description="epochs training the paraphraser on the teacher "
+                                                   "(RepDistiller: 30) before the student's main phase")
 
 
 class CRDParams(FeatureParams):
@@ -247,6 +264,8 @@ class Distill(Strict):
     vid: VIDParams = VIDParams()
     rkd: RKDParams = RKDParams()
     pkt: PKTParams = PKTParams()
+    ab: ABParams = ABParams()
+    ft: FTParams = FTParams()
     crd: CRDParams = CRDParams()
     dkd: DKDParams = DKDParams()
 

@@ -248,6 +248,9 @@ class CrossEntropy(nn.Module):
     def init_epochs(self) -> int:
         return 0
 
+    def trainable(self, model: nn.Module, phase: str) -> list[nn.Parameter]:
+        return list(model.parameters())
+
 
 # --- checkpoints ----------------------------------------------------------------------------------
 def atomic_write(path: Path, data: bytes | str) -> None:
@@ -411,7 +414,9 @@ def train(run: Run, data: Prepared) -> dict:
                                                 find_unused_parameters=objective.init_epochs() > 0)
     if cfg.runtime.compile:
         forward_model = torch.compile(forward_model)
-    params = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
+
+    def params(phase: str) -> list[nn.Parameter]:  # what the objective says trains in this phase
+        return [p for p in objective.trainable(model, phase) if p.requires_grad]
 
     if ddp.main:
         check_writable(run.out.parent, run.log.parent)
@@ -434,7 +439,7 @@ def train(run: Run, data: Prepared) -> dict:
         g.set_state(state["generator"])
         history, start, seconds = state["history"], state["epoch"], state["seconds"]
         opt_phase = state["opt_phase"]
-        optimizer = make_optimizer(params, cfg, dev)
+        optimizer = make_optimizer(params(opt_phase), cfg, dev)
         optimizer.load_state_dict(state["optimizer"])
         if ddp.main:
             print(f"{run.name}: resuming after epoch {start}/{total} from {resume_path}", file=sys.stderr)
@@ -448,7 +453,7 @@ def train(run: Run, data: Prepared) -> dict:
         for epoch in range(start, total):
             phase = "init" if epoch < init_epochs else "main"
             if opt_phase != phase:  # each phase starts with a fresh optimizer (FitNets/FSP stage 1 -> 2)
-                optimizer, opt_phase = make_optimizer(params, cfg, dev), phase
+                optimizer, opt_phase = make_optimizer(params(phase), cfg, dev), phase
             e = epoch - init_epochs if phase == "main" else epoch
             t0 = time.perf_counter()
             model.train()

@@ -133,7 +133,7 @@ DKD = {("resnet56", "resnet20"): 71.97, ("resnet110", "resnet32"): 74.11, ("resn
        ("resnet32x4", "shufflev1"): 76.45, ("wrn_40_2", "shufflev1"): 76.70, ("vgg13", "mobilenetv2"): 69.71,
        ("resnet50", "mobilenetv2"): 70.35, ("resnet32x4", "shufflev2"): 77.07}
 METHOD_LABELS = {"kd": "KD", "at": "AT", "nst": "NST", "fsp": "FSP", "fitnets": "FitNets", "sp": "SP", "cc": "CC",
-                 "vid": "VID", "rkd": "RKD", "pkt": "PKT", "crd": "CRD", "dkd": "DKD"}
+                 "vid": "VID", "rkd": "RKD", "pkt": "PKT", "ab": "AB", "ft": "FT", "crd": "CRD", "dkd": "DKD"}
 
 
 def recipe_text(cfg) -> str:

@@ -137,10 +137,10 @@ def test_bad_method_and_params_fail_at_validation(workdir):
     result = CliRunner().invoke(app, ["distill", "--method", "kd+foo"])
     assert result.exit_code == 2 and "unknown method 'foo'; valid: kd, at, nst, fsp, fitnets" in result.output
     assert CliRunner().invoke(app, ["distill", "--method", "kd+kd"]).exit_code == 2
-    write_params(workdir / "params.yaml", tiny_params(distill={"fitnets": {"hint_layer": 4}, "at": {"betta": 1}}))
+    write_params(workdir / "params.yaml", tiny_params(distill={"fitnets": {"hint_layer": 5}, "at": {"betta": 1}}))
     result = CliRunner().invoke(app, ["distill", "--method", "fitnets"])
     assert result.exit_code == 2
-    assert "distill.fitnets.hint_layer: Input should be less than or equal to 3 (got 4)" in result.output
+    assert "distill.fitnets.hint_layer: Input should be less than or equal to 4 (got 5)" in result.output
     assert "distill.at.betta: unknown key (did you mean 'beta'?)" in result.output
     assert not (workdir / "models").exists()
 

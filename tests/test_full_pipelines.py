@@ -33,6 +33,7 @@ def test_params_validate_with_recipes(name):
     assert p.methods == list(config.METHODS)  # every method is staged for every pair
     # FSP and FitNets as RepDistiller runs them
     assert p.distill.fsp.init_epochs == 30 and p.distill.fitnets.regressor_kernel == 1
+    assert (p.distill.ab.init_epochs, p.distill.ab.beta, p.distill.ft.init_epochs, p.distill.ft.beta) == (30, 1, 30, 200)
     if name == "cifar10":
         assert p.models == ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"] and p.published == []
         return

@@ -27,7 +27,13 @@ def cases():
     fs, ft = near_equal((8, 16, 8, 8))
     taps = [near_equal((8, c, h, h), seed=i) for i, (c, h) in enumerate([(16, 32), (16, 32), (32, 16), (64, 8)])]
     s_logits, t_logits = near_equal((8, 100), seed=7)
+    g = torch.Generator().manual_seed(11)
+    pre_t = [torch.randn(8, c, h, h, generator=g) for c, h in [(16, 32), (32, 16), (64, 8)]]  # pre-ReLU taps (AB)
+    pre_s = [t + 0.3 * torch.randn(t.shape, generator=g) for t in pre_t]
     return {
+        "ab": (pre_s, pre_t),
+        "factor": (fs,),
+        "ft": (fs, ft),
         "cross_entropy": (s_logits, torch.arange(8)),
         "kd": (s_logits, t_logits, 4.0),
         "attention_map": (fs,),

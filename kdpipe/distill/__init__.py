@@ -6,6 +6,17 @@ of the student's and the teacher's features) whose
 `forward(b: Batch)` returns its unweighted loss; its trainable parts (regressors, embeddings, CRD's
 memory) are its submodules and buffers, optimised and checkpointed with the student's run, never
 exported with the student. A term may fix its own weight (`weight = 1.0`: DKD weighs its parts inside).
+
+Init stage (RepDistiller's `init()`): a term whose params have `init_epochs > 0` first trains alone for that
+many epochs, unweighted, on `init_loss(b)` (default: `forward`). What trains there and after is the term's
+declaration, not a special case in the engine:
+- `init_trains_student` (default True): the student's layers train in the init stage (FSP, AB, FitNets);
+  False: the student is left untouched, run in eval mode without gradients (FT trains its paraphraser alone);
+- `loss_after_init` (default False): whether the term is still in the main phase's loss (FT: True; FSP and
+  AB: False, the student then trains with CE alone, as RepDistiller);
+- `trainable_parts(phase)` (default: all its parameters): its own parameters the optimiser updates in that
+  phase (AB's connectors train in the init stage only; FT's paraphraser there, its translator after).
+A term that reads the pre-ReLU taps sets `uses_preact = True` (AB).
 """
 
 from __future__ import annotations
@@ -46,6 +57,7 @@ class Batch:
     def __init__(self, s_out, t_out, y, index=None, epoch: int = 0):
         self.s_logits, self.s_feats, self.s_embedding = s_out.logits, s_out.stages, s_out.embedding
         self.t_logits, self.t_feats, self.t_embedding = t_out.logits, t_out.stages, t_out.embedding
+        self.s_preact, self.t_preact = s_out.preact, t_out.preact  # the taps before their last ReLU (AB)
         self.y, self.index, self.epoch = y, index, epoch
 
 
@@ -73,7 +85,7 @@ def check_paired_stages(method: str, s_shapes: Shapes, t_shapes: Shapes) -> None
                          f"feature taps and the teacher {len(t_shapes.stages)}")
 
 
-from . import at, cc, crd, dkd, fitnets, fsp, kd, nst, pkt, rkd, sp, vid  # noqa: E402,F401  (fill the registry)
+from . import ab, at, cc, crd, dkd, fitnets, fsp, ft, kd, nst, pkt, rkd, sp, vid  # noqa: E402,F401  (fill the registry)
 from . import functional as Fd  # noqa: E402
 
 
@@ -98,7 +110,7 @@ class Distiller(nn.Module):
         self._teacher = (teacher.eval().requires_grad_(False),)
         self.terms = nn.ModuleDict()
         self.weights: dict[str, float] = {}
-        self.two_stage: dict[str, int] = {}
+        self.init_stage: dict[str, int] = {}  # method -> its init epochs
         if self.alpha > 0:
             self.terms["kd"] = REGISTRY["kd"](kd_src)
             self.weights["kd"] = self.alpha
@@ -109,28 +121,46 @@ class Distiller(nn.Module):
             self.terms[m] = REGISTRY[m](cfg, s_shapes, t_shapes, data)
             self.weights[m] = getattr(self.terms[m], "weight", cfg.beta)
             if getattr(cfg, "init_epochs", 0) > 0:
-                self.two_stage[m] = cfg.init_epochs
+                self.init_stage[m] = cfg.init_epochs
+        self.init_trains_student = any(getattr(self.terms[m], "init_trains_student", True) for m in self.init_stage)
+        self.uses_preact = any(getattr(t, "uses_preact", False) for t in self.terms.values())
 
     @property
     def teacher(self) -> nn.Module:
         return self._teacher[0]
 
     def init_epochs(self) -> int:
-        return max(self.two_stage.values(), default=0)
+        return max(self.init_stage.values(), default=0)
+
+    def trainable(self, model: nn.Module, phase: str) -> list[nn.Parameter]:
+        """What the optimiser updates in `phase`: the student (unless no init term trains it) and the
+        terms' declared parts (in the init stage only the init terms')."""
+        params = list(model.parameters()) if phase == "main" or self.init_trains_student else []
+        for n, term in self.terms.items():
+            if phase == "main" or n in self.init_stage:
+                params += list(term.trainable_parts(phase)) if hasattr(term, "trainable_parts") else list(term.parameters())
+        return params
 
     def forward(self, model, x, y, phase: str = "main", index=None, epoch: int = 0):
         with torch.inference_mode():
             xt = x if self._teacher_input is None else x * self._teacher_input[0] + self._teacher_input[1]
             t = self.teacher(xt, features=True)
-        t = Features(t.logits.clone(), [f.clone() for f in t.stages], t.embedding.clone())
-        s = model(x, features=True)
-        b = Batch(s, t, y, index, epoch)
-        if phase == "init":  # stage 1 (RepDistiller's init()): the two-stage methods' own losses, unweighted
-            weights = {n: 1.0 for n in self.two_stage}
-            loss = 0.0
+        t = Features(t.logits.clone(), [f.clone() for f in t.stages], t.embedding.clone(),
+                     [f.clone() for f in t.preact] if self.uses_preact else None)
+        if phase == "init" and not self.init_trains_student:  # RepDistiller: model_s.eval(), not updated
+            was_training = model.training
+            model.eval()
+            with torch.no_grad():
+                s = model(x, features=True)
+            model.train(was_training)
         else:
-            weights = {n: w for n, w in self.weights.items() if n not in self.two_stage}
-            loss = self.gamma * Fd.cross_entropy(s.logits, y)
-        for n, w in weights.items():
-            loss = loss + w * self.terms[n](b)
+            s = model(x, features=True)
+        b = Batch(s, t, y, index, epoch)
+        if phase == "init":  # RepDistiller's init(): the init terms' own losses, unweighted
+            return sum(self.terms[n].init_loss(b) if hasattr(self.terms[n], "init_loss") else self.terms[n](b)
+                       for n in self.init_stage), s.logits
+        loss = self.gamma * Fd.cross_entropy(s.logits, y)
+        for n, w in self.weights.items():
+            if n not in self.init_stage or getattr(self.terms[n], "loss_after_init", False):
+                loss = loss + w * self.terms[n](b)
         return loss, s.logits

@@ -185,3 +185,34 @@ def contrast_scores(anchor: Tensor, memory: Tensor, idx: Tensor, temperature: fl
     gather of the sampled scores: a GEMM instead of gathering B x (1 + K) x D memory rows, which made
     the memory traffic dominate the step (same dot products)."""
     return torch.exp((anchor @ memory.t()).gather(1, idx) / temperature)
+
+
+@fp32
+def ab(gs: list[Tensor], gt: list[Tensor], margin: float = 1.0) -> Tensor:
+    """Heo et al. 2019 (AB), as RepDistiller's ABLoss: per layer, the alternative L2 loss on the (connected)
+    student pre-activation s and the teacher's t, sum over elements of
+    (s + m)^2 [s > -m and t <= 0] + (s - m)^2 [s <= m and t > 0];
+    layer i of n weighted 2^(i - n + 1) (the last layer 1), divided by the batch size, times 3 / 1000; summed."""
+    n, bsz = len(gs), gs[0].shape[0]
+    total = 0.0
+    for i, (s, t) in enumerate(zip(gs, gt)):
+        on, off = (t > 0).to(s.dtype), (t <= 0).to(s.dtype)
+        layer = ((s + margin).pow(2) * ((s > -margin).to(s.dtype) * off)
+                 + (s - margin).pow(2) * ((s <= margin).to(s.dtype) * on)).sum()
+        total = total + 2.0 ** (i - n + 1) * layer / bsz * 3 / 1000
+    return total
+
+
+@fp32
+def factor(f: Tensor, p1: float = 2.0) -> Tensor:
+    """Kim et al. 2018 (FT): a map's factor as RepDistiller computes it, the L2-normalised channel mean of f^p1."""
+    return F.normalize(f.pow(p1).mean(1).flatten(1), dim=1)
+
+
+@fp32
+def ft(factor_s: Tensor, factor_t: Tensor, p1: float = 2.0, p2: int = 1) -> Tensor:
+    """Kim et al. 2018 (FT), RepDistiller's FactorTransfer: the larger of the two factor maps (translator
+    output, paraphraser code) pooled to the smaller's size, then mean |F(s) - F(t)|^p2 of their factors."""
+    factor_s, factor_t = match_spatial(factor_s, factor_t)
+    diff = factor(factor_s, p1) - factor(factor_t, p1)
+    return diff.abs().mean() if p2 == 1 else diff.pow(p2).mean()
