@@ -291,6 +291,17 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def read_weights(path: Path, error: type[Exception] | None = None):
+    """`torch.load(path, weights_only=True)` on the CPU (a file cannot run code), failing with one line."""
+    error = error or CheckpointError
+    if not path.is_file():
+        raise error(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise error(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+
+
 def write_not_applicable(out: Path, log: Path, model: str, num_classes: int, reason: str, meta: dict) -> None:
     """The record of a run that cannot exist (a method a teacher/student pair does not admit, as RepDistiller's
     N/A cells): a checkpoint without weights, so the pipelines' grid has its file and the report says N/A."""
@@ -303,12 +314,7 @@ def load_checkpoint(path: str | Path, model_name: Optional[str] = None, num_clas
                     allow_not_applicable: bool = False) -> dict:
     """Load a final kdpipe checkpoint safely (weights_only), checking it holds the expected model."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+    ckpt = read_weights(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a kdpipe checkpoint")
     if "not_applicable" in ckpt and not allow_not_applicable:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from . import models
-from .engine import FORMAT, CheckpointError, atomic_save
+from .engine import FORMAT, CheckpointError, atomic_save, read_weights
 
 # RepDistiller's dataset/cifar100.py and mdistiller's: transforms.Normalize(mean, std)
 REFERENCE_NORMALIZATION = {"cifar100": {"mean": [0.5071, 0.4867, 0.4408], "std": [0.2675, 0.2565, 0.2761]}}
@@ -33,12 +33,7 @@ class ImportError_(CheckpointError):  # noqa: N801  (a checkpoint that cannot be
 
 def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """The state dict of a reference checkpoint, and what else it says (epoch, accuracy)."""
-    if not path.is_file():
-        raise ImportError_(f"{path}: file not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ImportError_(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
+    obj = read_weights(path, ImportError_)
     info = {}
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         info = {k: obj[k] for k in ("epoch", "accuracy", "best_acc") if isinstance(obj.get(k), (int, float))}

@@ -84,9 +84,9 @@ class NotWeights:
      "fc.weight has shape (100, 64), wrn_16_1 with 10 classes needs (10, 64) (a model for 100 classes?)"),
     ("wrn", ["--model", "wrn_16_2", "--num-classes", 100],
      "not a wrn_16_2 checkpoint (missing keys block1.layer.0.convShortcut.weight)"),
-    ("garbage", ["--model", "wrn_16_1", "--num-classes", 100], "not a readable PyTorch checkpoint"),
-    ("pickle", ["--model", "wrn_16_1", "--num-classes", 100], "not a readable PyTorch checkpoint"),
-    ("missing", ["--model", "wrn_16_1", "--num-classes", 100], "file not found"),
+    ("garbage", ["--model", "wrn_16_1", "--num-classes", 100], "not a readable checkpoint"),
+    ("pickle", ["--model", "wrn_16_1", "--num-classes", 100], "not a readable checkpoint"),
+    ("missing", ["--model", "wrn_16_1", "--num-classes", 100], "checkpoint not found"),
     ("wrn", ["--model", "resnet21", "--num-classes", 100], "unknown model 'resnet21'"),
     ("wrn", ["--model", "wrn_16_1", "--num-classes", 100, "--dataset", "cifar10"], "no reference normalisation known"),
 ])

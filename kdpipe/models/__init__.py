@@ -53,6 +53,25 @@ def run_stage(stage: nn.Sequential, x: torch.Tensor) -> tuple[torch.Tensor, torc
     return torch.relu(pre), pre
 
 
+def init_weights(model: nn.Module, linear_std: float | None = None, linear_bias_zero: bool = False) -> None:
+    """RepDistiller's initialisations: convolutions He-normal over fan-out (its `normal_(0, sqrt(2 / n))`,
+    n = k * k * out_channels), their biases 0; BN weight 1, bias 0; linear layers: weights N(0, linear_std)
+    where given (VGG, MobileNetV2), biases 0 where asked (those and WRN), else PyTorch's default (ResNets)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            if linear_std is not None:
+                nn.init.normal_(m.weight, 0, linear_std)
+            if linear_bias_zero:
+                nn.init.zeros_(m.bias)
+
+
 REGISTRY: dict[str, Callable[[int], nn.Module]] = {}
 FAMILY: dict[str, str] = {}  # model name -> family module name
 

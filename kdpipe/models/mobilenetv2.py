@@ -8,13 +8,11 @@ returns the same list for `preact=True`).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import Features, register
+from . import Features, init_weights, register
 
 SETTING = (  # expansion t, channels c, blocks n, first stride s
     (1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
@@ -57,16 +55,7 @@ class MobileNetV2(nn.Module):
         last = int(1280 * width) if width > 1.0 else 1280
         self.conv2 = conv_bn_relu(c_in, last, 1, 1)
         self.classifier = nn.Sequential(nn.Linear(last, num_classes))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self, linear_std=0.01, linear_bias_zero=True)
 
     def forward(self, x, features: bool = False):
         out = self.conv1(x)

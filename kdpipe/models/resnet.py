@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import Features, register, run_stage
+from . import Features, init_weights, register, run_stage
 
 DEPTHS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
 WIDTHS = (16, 16, 32, 64)  # stem, stage 1, stage 2, stage 3
@@ -56,12 +56,7 @@ class CifarResNet(nn.Module):
             c_in = c_out
         self.stage1, self.stage2, self.stage3 = stages
         self.fc = nn.Linear(widths[-1], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x, features: bool = False):
         f0 = F.relu(self.bn1(self.conv1(x)))

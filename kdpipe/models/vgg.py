@@ -7,13 +7,11 @@ last block (512).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import Features, register
+from . import Features, init_weights, register
 
 CONFIGS = {  # channels of each conv in each of the five blocks
     "vgg8": ((64,), (128,), (256,), (512,), (512,)),
@@ -39,17 +37,7 @@ class VGG(nn.Module):
         self.block0, self.block1, self.block2, self.block3, self.block4 = (
             conv_block(block, c_in) for block, c_in in zip(config, c_ins))
         self.classifier = nn.Linear(config[-1][-1], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self, linear_std=0.01, linear_bias_zero=True)
 
     def forward(self, x, features: bool = False):
         h = x.shape[2]

@@ -7,13 +7,11 @@ network is pre-activation); embedding: the pooled final BN-ReLU output.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import Features, register
+from . import Features, init_weights, register
 
 
 class BasicBlock(nn.Module):
@@ -58,15 +56,7 @@ class WideResNet(nn.Module):
         self.block3 = NetworkBlock(n, widths[2], widths[3], 2)
         self.bn1 = nn.BatchNorm2d(widths[3])
         self.fc = nn.Linear(widths[3], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_weights(self, linear_bias_zero=True)
 
     def forward(self, x, features: bool = False):
         f0 = self.conv1(x)
