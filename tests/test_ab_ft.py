@@ -168,6 +168,7 @@ def test_resume_inside_and_across_the_init_stage_is_bit_identical(tmp_path, meth
     prepared, run = distill_runs(tmp_path, p, methods)
     full = engine.train(run(tmp_path / "full.pt"), prepared)
     assert [r["phase"] for r in full["history"]] == ["init", "init", "main", "main"]
+    assert not any(k.startswith(("terms", "paraphraser", "translator", "connectors")) for k in full["state_dict"])
     out = tmp_path / "cut.pt"
     with pytest.raises(KeyboardInterrupt):
         engine.train(run(out, stop), prepared)

@@ -102,3 +102,11 @@ def test_reference_state_dict_layout(name):
     keys = set(models.create(name, 100).state_dict())
     assert {models.from_reference_key(name, k) for k in REFERENCE_KEYS[name]} <= keys
     assert models.from_reference_key("resnet56", "layer2.0.downsample.1.weight") == "stage2.0.shortcut.1.weight"
+
+
+def test_seed_resnet_checkpoints_keep_their_keys():
+    # the seed's checkpoints (stage1..3, shortcut, fc) load unchanged; RepDistiller's names are mapped on import
+    keys = list(models.create("resnet20", 10).state_dict())
+    assert keys[:3] == ["conv1.weight", "bn1.weight", "bn1.bias"] and keys[-2:] == ["fc.weight", "fc.bias"]
+    assert "stage2.0.shortcut.0.weight" in keys and "stage3.2.bn2.running_var" in keys
+    assert not any(k.startswith("layer") or "downsample" in k for k in keys)
