@@ -1,7 +1,7 @@
 """Distillation methods behind a registry: one file per method, one objective that combines them.
 
 loss = gamma * CE(student, labels) + alpha * KD(T) + sum over the other methods of beta * term.
-Each method file registers an `nn.Module` built as `Term(cfg, s_shapes, t_shapes, data)` (the `Shapes`
+Each method file registers a `Term` (an `nn.Module`) built as `Term(cfg, s_shapes, t_shapes, data)` (the `Shapes`
 of the student's and the teacher's features) whose
 `forward(b: Batch)` returns its unweighted loss; its trainable parts (regressors, embeddings, CRD's
 memory) are its submodules and buffers, optimised and checkpointed with the student's run, never
@@ -40,6 +40,18 @@ def register(name: str):
     return wrap
 
 
+class Term(nn.Module):
+    """Base of every method term, with the defaults of the init-stage declarations described above."""
+
+    init_trains_student = True
+    loss_after_init = False
+    uses_preact = False
+
+    def init_loss(self, b):
+        return self(b)
+
+    def trainable_parts(self, phase: str):
+        return self.parameters()
 
 
 @dataclass
@@ -122,8 +134,8 @@ class Distiller(nn.Module):
             self.weights[m] = getattr(self.terms[m], "weight", cfg.beta)
             if getattr(cfg, "init_epochs", 0) > 0:
                 self.init_stage[m] = cfg.init_epochs
-        self.init_trains_student = any(getattr(self.terms[m], "init_trains_student", True) for m in self.init_stage)
-        self.uses_preact = any(getattr(t, "uses_preact", False) for t in self.terms.values())
+        self.init_trains_student = any(self.terms[m].init_trains_student for m in self.init_stage)
+        self.uses_preact = any(t.uses_preact for t in self.terms.values())
 
     @property
     def teacher(self) -> nn.Module:
@@ -138,7 +150,7 @@ class Distiller(nn.Module):
         params = list(model.parameters()) if phase == "main" or self.init_trains_student else []
         for n, term in self.terms.items():
             if phase == "main" or n in self.init_stage:
-                params += list(term.trainable_parts(phase)) if hasattr(term, "trainable_parts") else list(term.parameters())
+                params += list(term.trainable_parts(phase))
         return params
 
     def forward(self, model, x, y, phase: str = "main", index=None, epoch: int = 0):
@@ -157,10 +169,9 @@ class Distiller(nn.Module):
             s = model(x, features=True)
         b = Batch(s, t, y, index, epoch)
         if phase == "init":  # RepDistiller's init(): the init terms' own losses, unweighted
-            return sum(self.terms[n].init_loss(b) if hasattr(self.terms[n], "init_loss") else self.terms[n](b)
-                       for n in self.init_stage), s.logits
+            return sum(self.terms[n].init_loss(b) for n in self.init_stage), s.logits
         loss = self.gamma * Fd.cross_entropy(s.logits, y)
         for n, w in self.weights.items():
-            if n not in self.init_stage or getattr(self.terms[n], "loss_after_init", False):
+            if n not in self.init_stage or self.terms[n].loss_after_init:
                 loss = loss + w * self.terms[n](b)
         return loss, s.logits

@@ -6,13 +6,13 @@ student's feature layers), then the student with CE alone; the connectors are no
 
 from torch import nn
 
-from . import check_paired_stages, register
+from . import Term, check_paired_stages, register
 from . import functional as Fd
 from .fitnets import regressor
 
 
 @register("ab")
-class ActivationBoundaries(nn.Module):
+class ActivationBoundaries(Term):
     uses_preact = True
 
     def __init__(self, cfg, s_shapes, t_shapes, data):

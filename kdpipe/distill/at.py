@@ -1,14 +1,12 @@
 """AT: Zagoruyko & Komodakis 2017, attention transfer summed over the stage outputs (every tap but the stem's,
 as RepDistiller's `feat[1:-1]`: f1, f2, f3 for the CIFAR ResNets)."""
 
-from torch import nn
-
 from . import functional as Fd
-from . import check_paired_stages, register
+from . import Term, check_paired_stages, register
 
 
 @register("at")
-class AttentionTransfer(nn.Module):
+class AttentionTransfer(Term):
     def __init__(self, cfg, s_shapes, t_shapes, data):
         super().__init__()
         check_paired_stages("at", s_shapes, t_shapes)

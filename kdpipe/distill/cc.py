@@ -4,11 +4,11 @@ feat_dim 128, one for the student and one for the teacher; both trained with the
 from torch import nn
 
 from . import functional as Fd
-from . import register
+from . import Term, register
 
 
 @register("cc")
-class CorrelationCongruence(nn.Module):
+class CorrelationCongruence(Term):
     def __init__(self, cfg, s_shapes, t_shapes, data):
         super().__init__()
         self.embed_s = nn.Linear(s_shapes.embedding, cfg.feat_dim)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional as Fd
-from . import register
+from . import Term, register
 
 
 class Embed(nn.Module):
@@ -58,7 +58,7 @@ class NegativeSampler(nn.Module):
 
 
 @register("crd")
-class ContrastiveRepresentation(nn.Module):
+class ContrastiveRepresentation(Term):
     def __init__(self, cfg, s_shapes, t_shapes, data):
         super().__init__()
         if data is None:

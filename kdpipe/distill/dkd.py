@@ -1,14 +1,12 @@
 """DKD: Zhao et al. 2022, decoupled KD (mdistiller): tckd * TCKD + beta * NCKD, times T^2, scaled by a
 linear warm-up min(epoch / warmup_epochs, 1) with epochs counted from 1, as mdistiller does."""
 
-from torch import nn
-
 from . import functional as Fd
-from . import register
+from . import Term, register
 
 
 @register("dkd")
-class DecoupledKD(nn.Module):
+class DecoupledKD(Term):
     weight = 1.0  # alpha (tckd) and beta weigh the two parts inside the loss
 
     def __init__(self, cfg, s_shapes, t_shapes, data):

@@ -3,7 +3,7 @@
 from torch import nn
 
 from . import functional as Fd
-from . import register
+from . import Term, register
 
 
 def regressor(s_shape, t_shape, kernel: int = 1, relu: bool = True) -> nn.Sequential:
@@ -27,7 +27,7 @@ def regressor(s_shape, t_shape, kernel: int = 1, relu: bool = True) -> nn.Sequen
 
 
 @register("fitnets")
-class FitNets(nn.Module):
+class FitNets(Term):
     def __init__(self, cfg, s_shapes, t_shapes, data):
         super().__init__()
         self.layer = cfg.hint_layer

@@ -1,9 +1,7 @@
 """FSP: Yim et al. 2017, flow-of-solution-procedure matrices of consecutive taps (f0,f1), (f1,f2), (f2,f3)."""
 
-from torch import nn
-
 from . import functional as Fd
-from . import check_paired_stages, register
+from . import Term, check_paired_stages, register
 
 
 def check_channels(s_shapes, t_shapes) -> None:
@@ -16,7 +14,7 @@ def check_channels(s_shapes, t_shapes) -> None:
 
 
 @register("fsp")
-class FSP(nn.Module):
+class FSP(Term):
     def __init__(self, cfg, s_shapes, t_shapes, data):
         super().__init__()
         check_channels(s_shapes, t_shapes)

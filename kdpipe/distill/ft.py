@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import functional as Fd
-from . import register
+from . import Term, register
 
 
 def lrelu() -> nn.Module:
@@ -33,7 +33,7 @@ class Paraphraser(nn.Module):
 
 
 @register("ft")
-class FactorTransfer(nn.Module):
+class FactorTransfer(Term):
     init_trains_student = False  # the init stage trains the paraphraser on the teacher alone
     loss_after_init = True
 

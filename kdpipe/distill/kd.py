@@ -1,13 +1,11 @@
 """KD: Hinton, Vinyals & Dean 2015, soft targets at temperature T (weight alpha)."""
 
-from torch import nn
-
 from . import functional as Fd
-from . import register
+from . import Term, register
 
 
 @register("kd")
-class KD(nn.Module):
+class KD(Term):
     def __init__(self, cfg, s_shapes=None, t_shapes=None, data=None):
         super().__init__()
         self.temperature = cfg.temperature

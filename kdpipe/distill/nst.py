@@ -1,14 +1,12 @@
 """NST: Huang & Wang 2017, MMD with a polynomial kernel, summed over the stage outputs (every tap but the
 stem's, as RepDistiller's `feat[1:-1]`)."""
 
-from torch import nn
-
 from . import functional as Fd
-from . import check_paired_stages, register
+from . import Term, check_paired_stages, register
 
 
 @register("nst")
-class NeuralSelectivityTransfer(nn.Module):
+class NeuralSelectivityTransfer(Term):
     def __init__(self, cfg, s_shapes, t_shapes, data):
         super().__init__()
         check_paired_stages("nst", s_shapes, t_shapes)

@@ -1,13 +1,11 @@
 """PKT: Passalis & Tefas 2018, probabilistic knowledge transfer on the pooled embedding."""
 
-from torch import nn
-
 from . import functional as Fd
-from . import register
+from . import Term, register
 
 
 @register("pkt")
-class ProbabilisticTransfer(nn.Module):
+class ProbabilisticTransfer(Term):
     def __init__(self, cfg, s_shapes, t_shapes, data):
         super().__init__()
 

@@ -1,13 +1,11 @@
 """RKD: Park et al. 2019, relational KD (distance and angle) on the pooled embedding."""
 
-from torch import nn
-
 from . import functional as Fd
-from . import register
+from . import Term, register
 
 
 @register("rkd")
-class RelationalKD(nn.Module):
+class RelationalKD(Term):
     def __init__(self, cfg, s_shapes, t_shapes, data):
         super().__init__()
         self.w_dist, self.w_angle = cfg.w_dist, cfg.w_angle

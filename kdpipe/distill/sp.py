@@ -1,13 +1,11 @@
 """SP: Tung & Mori 2019, similarity-preserving KD on the last stage's feature map."""
 
-from torch import nn
-
 from . import functional as Fd
-from . import register
+from . import Term, register
 
 
 @register("sp")
-class SimilarityPreserving(nn.Module):
+class SimilarityPreserving(Term):
     def __init__(self, cfg, s_shapes, t_shapes, data):
         super().__init__()
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import functional as Fd
-from . import check_paired_stages, register
+from . import Term, check_paired_stages, register
 
 
 
@@ -29,7 +29,7 @@ class VIDTap(nn.Module):
 
 
 @register("vid")
-class VariationalInformation(nn.Module):
+class VariationalInformation(Term):
     def __init__(self, cfg, s_shapes, t_shapes, data):
         super().__init__()
         check_paired_stages("vid", s_shapes, t_shapes)
