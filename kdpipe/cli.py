@@ -235,24 +235,20 @@ def report(names: Optional[list[str]] = typer.Argument(None, help="run names, in
            params: Path = ParamsOpt, data_dir: Path = DataOpt,
            out: Path = typer.Option(Path("reports"), help="output folder")):
     """Write reports/results.md (published-format table) and reports/accuracy.png."""
-    import json
-
     from . import report as report_mod
+    from .data import read_manifest
 
-    manifest_path = data_dir / "manifest.json"
-    if not manifest_path.is_file():
-        fail(f"{manifest_path}: not found (run `kdpipe data` first)")
+    manifest = read_manifest(data_dir)
     if not names:
         p = load(params)
         if not p.models and not p.published:
             found = sorted(f.stem for f in Path("metrics").glob("*.json"))
             fail("no run names given and no `models`/`published` grid in params; runs with metrics: "
                  + (", ".join(found) if found else "none (run `kdpipe evaluate NAME` first)"))
-        typer.echo(report_mod.grid(p, json.loads(manifest_path.read_text()), Path("metrics"), Path("plots"), out))
+        typer.echo(report_mod.grid(p, manifest, Path("metrics"), Path("plots"), out))
         return
     require_metrics(names)
-    text = report_mod.write(names, json.loads(manifest_path.read_text()), Path("metrics"), Path("logs"),
-                            Path("plots"), out)
+    text = report_mod.write(names, manifest, Path("metrics"), Path("logs"), Path("plots"), out)
     typer.echo(text)
 
 
@@ -283,8 +279,7 @@ def import_teacher_cmd(path: Path = typer.Argument(..., help="RepDistiller/mdist
                                                                      "for the dataset, else the prepared data's)"),
                        std: Optional[str] = typer.Option(None, help="input std R,G,B (as --mean)")):
     """Import a published teacher (RepDistiller / mdistiller checkpoint) as models/NAME.pt."""
-    import json
-
+    from .data import DataError, read_manifest
     from .import_teacher import REFERENCE_NORMALIZATION, ImportError_, import_teacher
 
     mean_v, std_v = parse_triple("--mean", mean), parse_triple("--std", std)
@@ -292,10 +287,10 @@ def import_teacher_cmd(path: Path = typer.Argument(..., help="RepDistiller/mdist
         fail("--mean and --std go together", 2)
     norm = {"mean": mean_v, "std": std_v} if mean_v else None
     if data_dir is not None:
-        manifest_path = data_dir / "manifest.json"
-        if not manifest_path.is_file():
-            fail(f"{manifest_path}: not found (run `kdpipe data` first)", 2)
-        manifest = json.loads(manifest_path.read_text())
+        try:
+            manifest = read_manifest(data_dir)
+        except DataError as e:
+            fail(str(e), 2)
         if num_classes is not None and num_classes != manifest["num_classes"]:
             fail(f"--num-classes {num_classes} but {data_dir} has {manifest['num_classes']} classes", 2)
         dataset, num_classes = manifest["dataset"], manifest["num_classes"]

@@ -224,13 +224,18 @@ class Prepared:
         return Prepared(move(self.train), move(self.test), self.manifest)
 
 
+def read_manifest(data_dir: str | Path) -> dict:
+    """The prepared data's manifest.json (dataset, classes, mean/std, sha256), without loading the arrays."""
+    mf = Path(data_dir) / "manifest.json"
+    if not mf.is_file():
+        raise DataError(f"{data_dir}: no prepared data (run `kdpipe data` first)")
+    return json.loads(mf.read_text())
+
+
 def load(data_dir: str | Path, device: torch.device | str = "cpu") -> Prepared:
     """Load prepared arrays onto `device`, checking them against the manifest's sha256."""
     data_dir = Path(data_dir)
-    mf = data_dir / "manifest.json"
-    if not mf.is_file():
-        raise DataError(f"{data_dir}: no prepared data (run `kdpipe data` first)")
-    manifest = json.loads(mf.read_text())
+    manifest = read_manifest(data_dir)
     arrays = {}
     for name in ARRAYS:
         path = data_dir / f"{name}.npy"
