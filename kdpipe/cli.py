@@ -6,7 +6,6 @@ models/NAME.pt (checkpoint), logs/NAME.json (timings), metrics/NAME.json and plo
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -63,13 +62,9 @@ def guarded(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .data import DataError
-        from .engine import CheckpointError, TrainingError
-        from .export import ExportError
-
         try:
             return fn(*args, **kwargs)
-        except (DataError, CheckpointError, TrainingError, ExportError) as e:
+        except config.Error as e:
             fail(str(e))
         except ParamsError as e:
             for line in e.lines:
@@ -100,46 +95,26 @@ def data(params: Path = ParamsOpt, out: Path = typer.Option(Path("data/prepared"
 
 ModelOpt = typer.Option(None, "--model", help="override the section's model (the full pipelines' matrix uses this)")
 SeedOpt = typer.Option(None, "--seed", help="override the section's seed")
+SectionOpt = typer.Option(None, "--section", help="params section to train with (the pipelines' `table`)")
 
 
-def with_overrides(cfg: config.Train, model: Optional[str], seed: Optional[int]) -> config.Train:
-    updates = {k: v for k, v in (("model", model), ("seed", seed)) if v is not None}
-    if not updates:
-        return cfg
-    try:
-        return config.validate({**cfg.model_dump(), **updates}, config.Train)
-    except ParamsError as e:
-        raise ParamsError([f"--{line}" for line in e.lines]) from None
+def _train(role: str, section: Optional[str], name: str, params: Path, data_dir: Path, model: Optional[str],
+           seed: Optional[int]):
+    from . import runs
 
-
-def _train(role: str, name: str, params: Path, data_dir: Path, model: Optional[str], seed: Optional[int]):
-    from . import data as data_mod
-    from . import engine, models
-
-    p = load(params, role)
-    cfg = with_overrides(getattr(p, role), model, seed)
-    engine.pin_cpu(cfg.runtime)
-    numerics = engine.Numerics.from_runtime(cfg.runtime)
-    prepared = data_mod.load(data_dir, numerics.device)
-    torch_seed(cfg.seed)
-    model = models.create(cfg.model, prepared.num_classes)
-    run = engine.Run(name=name, model=model, cfg=cfg, out=Path(f"models/{name}.pt"), log=Path(f"logs/{name}.json"),
-                     meta={"role": role})
-    engine.train(run, prepared)
-
-
-def torch_seed(seed: int):
-    import torch
-
-    torch.manual_seed(seed)
+    section = section or role
+    if section not in config.TRAIN_SECTIONS:
+        fail(f"--section: {section!r} is not a training section ({', '.join(config.TRAIN_SECTIONS)})", 2)
+    p = load(params, section)
+    runs.train(section, runs.with_overrides(getattr(p, section), model, seed), name, data_dir)
 
 
 @app.command()
 @guarded
 def teacher(params: Path = ParamsOpt, data_dir: Path = DataOpt, name: str = typer.Option("teacher", help="run name"),
-            model: Optional[str] = ModelOpt, seed: Optional[int] = SeedOpt):
-    """Train the teacher (params section `teacher`)."""
-    _train("teacher", name, params, data_dir, model, seed)
+            model: Optional[str] = ModelOpt, seed: Optional[int] = SeedOpt, section: Optional[str] = SectionOpt):
+    """Train a model from scratch with cross-entropy (params section `teacher`, or --section)."""
+    _train("teacher", section, name, params, data_dir, model, seed)
 
 
 @app.command()
@@ -147,12 +122,13 @@ def teacher(params: Path = ParamsOpt, data_dir: Path = DataOpt, name: str = type
 def student(params: Path = ParamsOpt, data_dir: Path = DataOpt, name: str = typer.Option("student", help="run name"),
             model: Optional[str] = ModelOpt, seed: Optional[int] = SeedOpt):
     """Train the student baseline with plain cross-entropy (params section `student`)."""
-    _train("student", name, params, data_dir, model, seed)
+    _train("student", None, name, params, data_dir, model, seed)
 
 
 @app.command()
 @guarded
-def distill(method: str = typer.Option(..., "--method", "-m", help="kd, at, nst, fsp, fitnets, or a combination like kd+at"),
+def distill(method: str = typer.Option(..., "--method", "-m", help="one of: " + ", ".join(config.METHODS)
+                                       + "; or a combination like kd+at"),
             params: Path = ParamsOpt, data_dir: Path = DataOpt,
             teacher: Path = typer.Option(Path("models/teacher.pt"), help="teacher checkpoint (output of `kdpipe teacher`)"),
             name: Optional[str] = typer.Option(None, help="run name (default: the method)"),
@@ -160,54 +136,14 @@ def distill(method: str = typer.Option(..., "--method", "-m", help="kd, at, nst,
             na_ok: bool = typer.Option(False, "--na-ok", help="where the method cannot run on this teacher/student "
                                        "pair (FSP across widths), record 'not applicable' and exit 0 (the pipelines' grid)")):
     """Distil the teacher into the student (params `student` + `distill.<method>`)."""
-    import hashlib
-
-    from . import data as data_mod
-    from . import engine, models
-    from .distill import Distiller, TrainData, feature_shapes
+    from . import runs
 
     p = load(params, "student", "distill")
     methods = config.parse_methods(method)
-    if "crd" in methods and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would update its own bank
-        fail("crd under torchrun is not supported yet (the memory bank is not shared across processes); "
-             "run it in one process", 2)
-    cfg = with_overrides(p.student, model, seed)
-    engine.pin_cpu(cfg.runtime)
-    numerics = engine.Numerics.from_runtime(cfg.runtime)
-    prepared = data_mod.load(data_dir, numerics.device)
-    ckpt = engine.load_checkpoint(teacher, num_classes=prepared.num_classes)
-    imported = ckpt["meta"].get("imported")
-    if imported:  # a published teacher: kdpipe never saw its training arrays
-        if ckpt["dataset"] != prepared.manifest["dataset"]:
-            fail(f"{teacher}: an imported {ckpt['dataset']} teacher, but {data_dir} holds {prepared.manifest['dataset']}")
-        typer.echo(f"{teacher}: imported teacher {ckpt['model']} ({imported['file']}, sha256 {imported['sha256'][:12]}); "
-                   f"checked the dataset name ({ckpt['dataset']}) and class count ({ckpt['num_classes']}), "
-                   "not the prepared arrays; it sees its own input normalisation", err=True)
-    elif ckpt["data_sha256"] != prepared.manifest["sha256"]:
-        fail(f"{teacher}: the teacher was trained on other data than {data_dir}")
-    teacher_model = numerics.prepare_model(engine.restore_model(ckpt))
-    teacher_input = engine.renormalisation(prepared.manifest, ckpt.get("normalization"), numerics.device)
-    torch_seed(cfg.seed)
-    student_model = models.create(cfg.model, prepared.num_classes)
-    distill_params = p.distill.for_pair(ckpt["model"], cfg.model)
     name = name or "+".join(methods)
-    meta = {"role": "distill", "method": "+".join(methods), "teacher": ckpt["model"],
-            "teacher_sha256": hashlib.sha256(teacher.read_bytes()).hexdigest(),
-            "distill": {m: getattr(distill_params, m).model_dump() for m in methods}}
-    try:
-        objective = Distiller(teacher_model, methods, distill_params, feature_shapes(student_model),
-                              feature_shapes(teacher_model, numerics.device), TrainData(prepared.train.y),
-                              teacher_input)
-    except ValueError as e:  # an impossible teacher/student combination for this method
-        if not na_ok:
-            raise ParamsError([str(e)]) from None
-        engine.write_not_applicable(Path(f"models/{name}.pt"), Path(f"logs/{name}.json"), cfg.model,
-                                    prepared.num_classes, str(e), meta)
-        typer.echo(f"{name}: not applicable: {e}", err=True)
-        return
-    run = engine.Run(name=name, model=student_model, cfg=cfg, out=Path(f"models/{name}.pt"),
-                     log=Path(f"logs/{name}.json"), objective=objective, meta=meta)
-    engine.train(run, prepared)
+    reason = runs.distill(methods, p, runs.with_overrides(p.student, model, seed), teacher, name, data_dir, na_ok)
+    if reason:
+        typer.echo(f"{name}: not applicable: {reason}", err=True)
 
 
 @app.command("evaluate")

@@ -19,6 +19,11 @@ ModelName = Literal[MODEL_NAMES]  # type: ignore[valid-type]
 METHODS = ("kd", "at", "nst", "fsp", "fitnets", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "crd", "dkd")
 
 
+class Error(RuntimeError):
+    """kdpipe's own errors about input a user can fix (data, checkpoints, training, export): the CLI prints
+    one line and exits non-zero."""
+
+
 class ParamsError(ValueError):
     """A params file that does not validate; `lines` holds one message per problem."""
 
@@ -303,15 +308,20 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+TRAIN_SECTIONS = ("teacher", "student", "table")  # the sections that train a model (a recipe each)
+
+
 class Params(Strict):
     data: Data = Data()
     recipes: dict[str, Recipe] = {}
     teacher: Train = Train(model="resnet56")
     student: Train = Train(model="resnet20")
+    table: Train = Train()  # the full pipelines' `table@` stages: the seed's ResNet table (He et al.'s recipe)
     distill: Distill = Distill()
     evaluate: Evaluate = Evaluate()
     # the grid of the full pipelines (pipelines/cifar10, pipelines/cifar100)
-    models: list[ModelName] = []  # trained from scratch: the models table (teachers and students' baselines)
+    table_models: list[ModelName] = []  # trained from scratch with `table`: the seed's published table
+    models: list[ModelName] = []  # trained from scratch with `teacher`: the benchmark's teachers and baselines
     published: list[ModelName] = []  # teachers imported from published/<model>.pth (RepDistiller/mdistiller)
     seeds: list[int] = [0]
     methods: list[Literal[METHODS]] = list(METHODS)  # type: ignore[valid-type]
@@ -324,7 +334,7 @@ class Params(Strict):
             return raw
         recipes = raw.get("recipes") or {}
         out = dict(raw)
-        for role in ("teacher", "student"):
+        for role in TRAIN_SECTIONS:
             section = raw.get(role)
             if isinstance(section, dict) and section.get("recipe") is not None:
                 name = section["recipe"]

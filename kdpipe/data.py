@@ -21,12 +21,13 @@ import numpy as np
 import torch
 
 from . import synthetic
+from .config import Error
 
 MIRROR_ENV = "KDPIPE_CIFAR_MIRROR"
 ARRAYS = ("train_x", "train_y", "test_x", "test_y")
 
 
-class DataError(RuntimeError):
+class DataError(Error):
     pass
 
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Train
+from .config import Error, Train
 from .data import Prepared, Split
 from .losses import cross_entropy
 from .models import count_params_m
@@ -38,11 +38,11 @@ from .models import count_params_m
 FORMAT = "kdpipe-checkpoint/1"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(Error):
     pass
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(Error):
     pass
 
 

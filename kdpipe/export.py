@@ -19,12 +19,13 @@ import torch
 from torch import nn
 
 from . import data as data_mod
+from .config import Error
 from .engine import CheckpointError, load_checkpoint, restore_model
 
 TOLERANCE = 1e-4
 
 
-class ExportError(RuntimeError):
+class ExportError(Error):
     pass
 
 

@@ -1,4 +1,9 @@
 import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,3 +81,101 @@ def distill_runs(tmp_path: Path, p, methods: list[str]):
                           objective=obj, meta={"role": "distill"}, stop_after=stop_after, progress=False)
 
     return prepared, make
+
+
+# --- DVC projects reproduced once per session --------------------------------------------------------
+DVC = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
+
+
+def sh(*args, cwd, env=None):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **(env or {})}
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def tracing(traces: Path) -> dict:
+    """Env for `sh` under which each `kdpipe` command records the kdpipe files it imports (trace_kdpipe.py)
+    in the folder `traces`."""
+    bin_dir = traces / "bin"
+    bin_dir.mkdir(parents=True)
+    script = bin_dir / "kdpipe"
+    script.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{Path(__file__).with_name("trace_kdpipe.py")}" "$@"\n')
+    script.chmod(0o755)
+    return {"PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}", "KDPIPE_TRACE": str(traces)}
+
+
+@pytest.fixture(scope="session")
+def repo(tmp_path_factory):
+    """A git+DVC repo with the project's dvc.yaml and kdpipe sources, reproduced once on tiny params (that
+    run's imports traced in the sibling folder `<repo>-traces`)."""
+    d = tmp_path_factory.mktemp("repo")
+    shutil.copytree(ROOT / "kdpipe", d / "kdpipe", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", d)
+    shutil.copy(ROOT / ".gitignore", d)
+    (d / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+    sh("git", "init", "-q", cwd=d)
+    sh(DVC, "init", "-q", cwd=d)
+    sh(DVC, "repro", "-q", cwd=d, env=tracing(d.with_name(d.name + "-traces")))
+    assert json.loads(sh(DVC, "status", "--json", cwd=d)) == {}
+    return d
+
+
+
+
+def smoke_params(raw: dict) -> dict:
+    """A full pipeline's params shrunk to seconds on a CPU: tiny synthetic data, one-epoch recipes, one seed, a
+    grid with every kind of stage (the seed's table, a trained model and a published teacher under another
+    recipe, one pair) and every method."""
+    p = copy.deepcopy(raw)
+    p["data"].update(dataset="synthetic", synthetic={"num_classes": 10, "train_size": 64, "test_size": 32, "seed": 0})
+    for recipe in p["recipes"].values():
+        recipe.update(epochs=1, batch_size=32)
+    p.update(table_models=["resnet8"], models=["resnet8"], published=["resnet14"], seeds=[0],
+             pairs=[{"teacher": "resnet14", "student": "resnet8"}])
+    deep_update(p["distill"], {"fsp": {"init_epochs": 1}, "ab": {"init_epochs": 1}, "ft": {"init_epochs": 1},
+                               "crd": {"nce_k": 16}, "dkd": {"warmup_epochs": 1}})
+    return p
+
+
+def published_checkpoint(model_name: str, path: Path) -> None:
+    """A stand-in for a published teacher: random weights in RepDistiller's layout, BN statistics calibrated on
+    noise images (with untrained statistics deep features explode and FSP diverges)."""
+    import torch
+
+    from kdpipe import models
+    from kdpipe.import_teacher import to_reference
+
+    torch.manual_seed(0)
+    model = models.create(model_name, 10)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # cumulative average over the calibration batches
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.randn(32, 3, 32, 32))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": to_reference(model_name, model.state_dict()), "epoch": 240, "accuracy": 0.0}, path)
+
+
+@pytest.fixture(scope="session")
+def smoke_pipeline(tmp_path_factory) -> Path:
+    """pipelines/cifar100 (the full pipelines' one stage definition) in a git repo on `smoke_params`,
+    reproduced once with its imports traced (in `<repo>-traces`) and committed: returns the pipeline folder."""
+    d = tmp_path_factory.mktemp("smoke")
+    shutil.copytree(ROOT / "kdpipe", d / "kdpipe", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / ".gitignore", d)
+    folder = d / "pipelines" / "cifar100"
+    (folder / ".dvc").mkdir(parents=True)
+    for f in ("dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore"):
+        shutil.copy(ROOT / "pipelines" / "cifar100" / f, folder / f)
+    (folder / "params.yaml").write_text(yaml.safe_dump(
+        smoke_params(yaml.safe_load((ROOT / "pipelines/cifar100/params.yaml").read_text())), sort_keys=False))
+    published_checkpoint("resnet14", folder / "published" / "resnet14.pth")
+    sh("git", "init", "-q", cwd=d)
+    sh("git", "add", "-A", cwd=d)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "smoke", cwd=d)
+    sh(DVC, "repro", "-q", cwd=folder, env=tracing(d.with_name(d.name + "-traces")))
+    sh("git", "add", "-A", cwd=d)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repro", cwd=d)
+    return folder

@@ -9,7 +9,7 @@ from kdpipe import config, engine, models
 from kdpipe.cli import app
 from kdpipe.distill import Distiller, feature_shapes
 from kdpipe.distill import functional as Fd
-from kdpipe.distill.fitnets import regressor
+from kdpipe.distill.base import regressor
 from kdpipe.distill.fsp import check_channels
 
 from .conftest import distill_runs, tiny_params, write_params

@@ -1,41 +1,12 @@
 """The quickstart dvc.yaml: per-key params, so a change re-runs only what depends on it."""
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
-import pytest
 import yaml
 
-from .conftest import ROOT, tiny_params
-
-DVC = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
-
-
-def sh(*args, cwd):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    """A git+DVC repo with the project's dvc.yaml and kdpipe sources, reproduced once on tiny params."""
-    d = tmp_path_factory.mktemp("repo")
-    shutil.copytree(ROOT / "kdpipe", d / "kdpipe", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", d)
-    shutil.copy(ROOT / ".gitignore", d)
-    (d / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
-    sh("git", "init", "-q", cwd=d)
-    sh(DVC, "init", "-q", cwd=d)
-    sh(DVC, "repro", "-q", cwd=d)
-    assert json.loads(sh(DVC, "status", "--json", cwd=d)) == {}
-    return d
+from .conftest import DVC, ROOT, sh, tiny_params  # noqa: F401  (DVC, sh: used by other test modules too)
 
 
 def dag_edges(repo) -> set[tuple[str, str]]:

@@ -21,84 +21,12 @@ A term that reads the pre-ReLU taps sets `uses_preact = True` (AB).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NamedTuple
-
 import torch
 from torch import nn
 
 from ..models import Features
-
-REGISTRY: dict[str, type[nn.Module]] = {}
-
-
-def register(name: str):
-    def wrap(cls):
-        REGISTRY[name] = cls
-        cls.method = name
-        return cls
-    return wrap
-
-
-class Term(nn.Module):
-    """Base of every method term, with the defaults of the init-stage declarations described above."""
-
-    init_trains_student = True
-    loss_after_init = False
-    uses_preact = False
-
-    def init_loss(self, b):
-        return self(b)
-
-    def trainable_parts(self, phase: str):
-        return self.parameters()
-
-
-@dataclass
-class TrainData:
-    """What a term may need to know about the training set (CRD: its size and each sample's class)."""
-
-    train_labels: torch.Tensor
-
-
-class Batch:
-    """Everything a term sees of one step: the models' `Features` (`s_feats`/`t_feats` are the stage maps,
-    `s_embedding`/`t_embedding` the pooled pre-classifier vectors). `epoch` counts the main phase's epochs
-    from 0 (DKD's warm-up); `index` holds each sample's position in the training set (CRD's memory bank)."""
-
-    def __init__(self, s_out, t_out, y, index=None, epoch: int = 0):
-        self.s_logits, self.s_feats, self.s_embedding = s_out.logits, s_out.stages, s_out.embedding
-        self.t_logits, self.t_feats, self.t_embedding = t_out.logits, t_out.stages, t_out.embedding
-        self.s_preact, self.t_preact = s_out.preact, t_out.preact  # the taps before their last ReLU (AB)
-        self.y, self.index, self.epoch = y, index, epoch
-
-
-class Shapes(NamedTuple):
-    """A model's feature shapes: (C, H, W) of each stage map, and the embedding's width."""
-
-    stages: list[tuple[int, int, int]]
-    embedding: int
-
-
-@torch.no_grad()
-def feature_shapes(model: nn.Module, device="cpu") -> Shapes:
-    """The shapes of `model`'s features for a CIFAR-sized input, without touching BN statistics."""
-    was_training = model.training
-    model.eval()
-    out = model(torch.zeros(1, 3, 32, 32, device=device), features=True)
-    model.train(was_training)
-    return Shapes([tuple(f.shape[1:]) for f in out.stages], out.embedding.shape[1])
-
-
-def check_paired_stages(method: str, s_shapes: Shapes, t_shapes: Shapes) -> None:
-    """Stage-wise methods pair the student's i-th stage with the teacher's: both need as many."""
-    if len(s_shapes.stages) != len(t_shapes.stages):
-        raise ValueError(f"{method} pairs stages one to one, but the student has {len(s_shapes.stages)} "
-                         f"feature taps and the teacher {len(t_shapes.stages)}")
-
-
-from . import ab, at, cc, crd, dkd, fitnets, fsp, ft, kd, nst, pkt, rkd, sp, vid  # noqa: E402,F401  (fill the registry)
-from . import functional as Fd  # noqa: E402
+from . import functional as Fd
+from .base import Batch, Shapes, TrainData, feature_shapes, get  # noqa: F401  (the package's public names)
 
 
 class Distiller(nn.Module):
@@ -124,13 +52,13 @@ class Distiller(nn.Module):
         self.weights: dict[str, float] = {}
         self.init_stage: dict[str, int] = {}  # method -> its init epochs
         if self.alpha > 0:
-            self.terms["kd"] = REGISTRY["kd"](kd_src)
+            self.terms["kd"] = get("kd")(kd_src)
             self.weights["kd"] = self.alpha
         for m in methods:
             if m == "kd":
                 continue
             cfg = getattr(params, m)
-            self.terms[m] = REGISTRY[m](cfg, s_shapes, t_shapes, data)
+            self.terms[m] = get(m)(cfg, s_shapes, t_shapes, data)
             self.weights[m] = getattr(self.terms[m], "weight", cfg.beta)
             if getattr(cfg, "init_epochs", 0) > 0:
                 self.init_stage[m] = cfg.init_epochs

@@ -6,9 +6,8 @@ student's feature layers), then the student with CE alone; the connectors are no
 
 from torch import nn
 
-from . import Term, check_paired_stages, register
+from .base import Term, check_paired_stages, register, regressor
 from . import functional as Fd
-from .fitnets import regressor
 
 
 @register("ab")

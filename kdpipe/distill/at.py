@@ -2,7 +2,7 @@
 as RepDistiller's `feat[1:-1]`: f1, f2, f3 for the CIFAR ResNets)."""
 
 from . import functional as Fd
-from . import Term, check_paired_stages, register
+from .base import Term, check_paired_stages, register
 
 
 @register("at")

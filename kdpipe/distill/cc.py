@@ -4,7 +4,7 @@ feat_dim 128, one for the student and one for the teacher; both trained with the
 from torch import nn
 
 from . import functional as Fd
-from . import Term, register
+from .base import Term, register
 
 
 @register("cc")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional as Fd
-from . import Term, register
+from .base import Term, register
 
 
 class Embed(nn.Module):

@@ -2,7 +2,7 @@
 linear warm-up min(epoch / warmup_epochs, 1) with epochs counted from 1, as mdistiller does."""
 
 from . import functional as Fd
-from . import Term, register
+from .base import Term, register
 
 
 @register("dkd")

@@ -1,7 +1,7 @@
 """FSP: Yim et al. 2017, flow-of-solution-procedure matrices of consecutive taps (f0,f1), (f1,f2), (f2,f3)."""
 
 from . import functional as Fd
-from . import Term, check_paired_stages, register
+from .base import Term, check_paired_stages, register
 
 
 def check_channels(s_shapes, t_shapes) -> None:

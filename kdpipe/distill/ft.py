@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import functional as Fd
-from . import Term, register
+from .base import Term, register
 
 
 def lrelu() -> nn.Module:

@@ -1,7 +1,7 @@
 """KD: Hinton, Vinyals & Dean 2015, soft targets at temperature T (weight alpha)."""
 
 from . import functional as Fd
-from . import Term, register
+from .base import Term, register
 
 
 @register("kd")

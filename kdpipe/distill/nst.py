@@ -2,7 +2,7 @@
 stem's, as RepDistiller's `feat[1:-1]`)."""
 
 from . import functional as Fd
-from . import Term, check_paired_stages, register
+from .base import Term, check_paired_stages, register
 
 
 @register("nst")

@@ -1,7 +1,7 @@
 """PKT: Passalis & Tefas 2018, probabilistic knowledge transfer on the pooled embedding."""
 
 from . import functional as Fd
-from . import Term, register
+from .base import Term, register
 
 
 @register("pkt")

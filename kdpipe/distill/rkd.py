@@ -1,7 +1,7 @@
 """RKD: Park et al. 2019, relational KD (distance and angle) on the pooled embedding."""
 
 from . import functional as Fd
-from . import Term, register
+from .base import Term, register
 
 
 @register("rkd")

@@ -1,7 +1,7 @@
 """SP: Tung & Mori 2019, similarity-preserving KD on the last stage's feature map."""
 
 from . import functional as Fd
-from . import Term, register
+from .base import Term, register
 
 
 @register("sp")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import functional as Fd
-from . import Term, check_paired_stages, register
+from .base import Term, check_paired_stages, register
 
 
 

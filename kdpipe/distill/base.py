@@ -1,0 +1,109 @@
+"""What every method term builds on: the registry, `Term`, `Batch`, feature shapes and shared parts.
+
+The registry fills lazily: `get(name)` imports `kdpipe/distill/<name>.py` alone, so a run of one method
+imports (and its DVC stage depends on) that method's file and the shared ones, never the other methods'.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+REGISTRY: dict[str, type["Term"]] = {}
+
+
+def get(name: str) -> type["Term"]:
+    """The term class of method `name`, importing its file on first use."""
+    if name not in REGISTRY:
+        importlib.import_module(f"{__package__}.{name}")
+    return REGISTRY[name]
+
+
+def register(name: str):
+    def wrap(cls):
+        REGISTRY[name] = cls
+        cls.method = name
+        return cls
+    return wrap
+
+
+class Term(nn.Module):
+    """Base of every method term, with the defaults of the init-stage declarations described above."""
+
+    init_trains_student = True
+    loss_after_init = False
+    uses_preact = False
+
+    def init_loss(self, b):
+        return self(b)
+
+    def trainable_parts(self, phase: str):
+        return self.parameters()
+
+
+@dataclass
+class TrainData:
+    """What a term may need to know about the training set (CRD: its size and each sample's class)."""
+
+    train_labels: torch.Tensor
+
+
+class Batch:
+    """Everything a term sees of one step: the models' `Features` (`s_feats`/`t_feats` are the stage maps,
+    `s_embedding`/`t_embedding` the pooled pre-classifier vectors). `epoch` counts the main phase's epochs
+    from 0 (DKD's warm-up); `index` holds each sample's position in the training set (CRD's memory bank)."""
+
+    def __init__(self, s_out, t_out, y, index=None, epoch: int = 0):
+        self.s_logits, self.s_feats, self.s_embedding = s_out.logits, s_out.stages, s_out.embedding
+        self.t_logits, self.t_feats, self.t_embedding = t_out.logits, t_out.stages, t_out.embedding
+        self.s_preact, self.t_preact = s_out.preact, t_out.preact  # the taps before their last ReLU (AB)
+        self.y, self.index, self.epoch = y, index, epoch
+
+
+class Shapes(NamedTuple):
+    """A model's feature shapes: (C, H, W) of each stage map, and the embedding's width."""
+
+    stages: list[tuple[int, int, int]]
+    embedding: int
+
+
+@torch.no_grad()
+def feature_shapes(model: nn.Module, device="cpu") -> Shapes:
+    """The shapes of `model`'s features for a CIFAR-sized input, without touching BN statistics."""
+    was_training = model.training
+    model.eval()
+    out = model(torch.zeros(1, 3, 32, 32, device=device), features=True)
+    model.train(was_training)
+    return Shapes([tuple(f.shape[1:]) for f in out.stages], out.embedding.shape[1])
+
+
+def check_paired_stages(method: str, s_shapes: Shapes, t_shapes: Shapes) -> None:
+    """Stage-wise methods pair the student's i-th stage with the teacher's: both need as many."""
+    if len(s_shapes.stages) != len(t_shapes.stages):
+        raise ValueError(f"{method} pairs stages one to one, but the student has {len(s_shapes.stages)} "
+                         f"feature taps and the teacher {len(t_shapes.stages)}")
+
+
+def regressor(s_shape, t_shape, kernel: int = 1, relu: bool = True) -> nn.Sequential:
+    """RepDistiller's `ConvReg`: conv (with bias) + BN + ReLU from the student's hint (C_s, H_s, W_s) to
+    the teacher's (C_t, H_t, W_t). A student map twice as large: 3x3 stride 2; half as large: 4x4
+    transposed conv stride 2; otherwise (H_s >= H_t) a (1+H_s-H_t) x (1+W_s-W_t) conv, i.e. 1x1 for
+    equal sizes. `kernel=3` is a kdpipe variant for equal sizes (3x3, padding 1). `relu=False`: conv + BN
+    (`ConvReg(use_relu=False)`, AB's connectors)."""
+    (cs, hs, ws), (ct, ht, wt) = s_shape, t_shape
+    if hs == 2 * ht:
+        conv = nn.Conv2d(cs, ct, 3, 2, 1)
+    elif 2 * hs == ht:
+        conv = nn.ConvTranspose2d(cs, ct, 4, 2, 1)
+    elif (hs, ws) == (ht, wt):
+        conv = nn.Conv2d(cs, ct, kernel, 1, kernel // 2)
+    elif hs >= ht and ws >= wt:
+        conv = nn.Conv2d(cs, ct, (1 + hs - ht, 1 + ws - wt))
+    else:
+        raise ValueError(f"fitnets: no regressor from a {hs}x{ws} student hint to a {ht}x{wt} teacher hint")
+    return nn.Sequential(conv, nn.BatchNorm2d(ct), *([nn.ReLU(inplace=True)] if relu else []))

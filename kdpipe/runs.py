@@ -1,0 +1,98 @@
+"""Building a run from params: what `kdpipe teacher`, `student` and `distill` train, seeded and wired.
+
+Everything here decides results (seeds, the teacher's checks and input normalisation, the objective), so
+every training stage of the pipelines depends on this file; `cli.py` only parses arguments and prints.
+Outputs follow one naming rule: a run called NAME writes models/NAME.pt (checkpoint), logs/NAME.json
+(timings), and `kdpipe evaluate NAME` writes metrics/NAME.json and plots/NAME.csv.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import config, engine, models
+from . import data as data_mod
+from .config import ParamsError
+
+
+def checkpoint(name: str) -> Path:
+    return Path(f"models/{name}.pt")
+
+
+def timing_log(name: str) -> Path:
+    return Path(f"logs/{name}.json")
+
+
+def with_overrides(cfg: config.Train, model: Optional[str], seed: Optional[int]) -> config.Train:
+    """The section `cfg` with the command line's --model/--seed (the pipelines' matrix values) applied."""
+    updates = {k: v for k, v in (("model", model), ("seed", seed)) if v is not None}
+    if not updates:
+        return cfg
+    try:
+        return config.validate({**cfg.model_dump(), **updates}, config.Train)
+    except ParamsError as e:
+        raise ParamsError([f"--{line}" for line in e.lines]) from None
+
+
+def train(section: str, cfg: config.Train, name: str, data_dir: Path) -> None:
+    """Train `cfg.model` from scratch with cross-entropy (a teacher, a baseline, a table's model)."""
+    engine.pin_cpu(cfg.runtime)
+    numerics = engine.Numerics.from_runtime(cfg.runtime)
+    prepared = data_mod.load(data_dir, numerics.device)
+    torch.manual_seed(cfg.seed)
+    model = models.create(cfg.model, prepared.num_classes)
+    run = engine.Run(name=name, model=model, cfg=cfg, out=checkpoint(name), log=timing_log(name),
+                     meta={"role": "student" if section == "student" else "teacher"})
+    engine.train(run, prepared)
+
+
+def distill(methods: list[str], params: config.Params, cfg: config.Train, teacher: Path, name: str,
+            data_dir: Path, na_ok: bool = False) -> Optional[str]:
+    """Distil the teacher checkpoint into a new `cfg.model`. Returns the reason where the method cannot run
+    on this pair and `na_ok` recorded it as not applicable, else None."""
+    from .distill import Distiller, TrainData, feature_shapes
+
+    if "crd" in methods and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would update its own bank
+        raise ParamsError(["crd under torchrun is not supported yet (the memory bank is not shared across "
+                           "processes); run it in one process"])
+    engine.pin_cpu(cfg.runtime)
+    numerics = engine.Numerics.from_runtime(cfg.runtime)
+    prepared = data_mod.load(data_dir, numerics.device)
+    ckpt = engine.load_checkpoint(teacher, num_classes=prepared.num_classes)
+    imported = ckpt["meta"].get("imported")
+    if imported:  # a published teacher: kdpipe never saw its training arrays
+        if ckpt["dataset"] != prepared.manifest["dataset"]:
+            raise engine.CheckpointError(f"{teacher}: an imported {ckpt['dataset']} teacher, but {data_dir} holds "
+                                         f"{prepared.manifest['dataset']}")
+        print(f"{teacher}: imported teacher {ckpt['model']} ({imported['file']}, sha256 {imported['sha256'][:12]}); "
+              f"checked the dataset name ({ckpt['dataset']}) and class count ({ckpt['num_classes']}), "
+              "not the prepared arrays; it sees its own input normalisation", file=sys.stderr)
+    elif ckpt["data_sha256"] != prepared.manifest["sha256"]:
+        raise engine.CheckpointError(f"{teacher}: the teacher was trained on other data than {data_dir}")
+    teacher_model = numerics.prepare_model(engine.restore_model(ckpt))
+    teacher_input = engine.renormalisation(prepared.manifest, ckpt.get("normalization"), numerics.device)
+    torch.manual_seed(cfg.seed)
+    student_model = models.create(cfg.model, prepared.num_classes)
+    distill_params = params.distill.for_pair(ckpt["model"], cfg.model)
+    meta = {"role": "distill", "method": "+".join(methods), "teacher": ckpt["model"],
+            "teacher_sha256": hashlib.sha256(teacher.read_bytes()).hexdigest(),
+            "distill": {m: getattr(distill_params, m).model_dump() for m in methods}}
+    try:
+        objective = Distiller(teacher_model, methods, distill_params, feature_shapes(student_model),
+                              feature_shapes(teacher_model, numerics.device), TrainData(prepared.train.y),
+                              teacher_input)
+    except ValueError as e:  # an impossible teacher/student combination for this method
+        if not na_ok:
+            raise ParamsError([str(e)]) from None
+        engine.write_not_applicable(checkpoint(name), timing_log(name), cfg.model, prepared.num_classes, str(e), meta)
+        return str(e)
+    run = engine.Run(name=name, model=student_model, cfg=cfg, out=checkpoint(name), log=timing_log(name),
+                     objective=objective, meta=meta)
+    engine.train(run, prepared)
+    return None

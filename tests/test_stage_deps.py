@@ -1,0 +1,66 @@
+"""Each DVC stage depends on exactly the kdpipe files its command imports (traced while the stages ran: see
+trace_kdpipe.py), so an edit anywhere in the code that decides a stage's results re-runs it, and an edit
+elsewhere does not. cli.py (argument parsing) and the package's top __init__.py are exempt."""
+
+import json
+import os
+import shlex
+from pathlib import Path
+
+import pytest
+
+EXEMPT = {"__init__.py", "__main__.py", "cli.py"}
+
+
+def code_deps(stage, kdpipe_dir: Path) -> list[str]:
+    rel = [os.path.relpath(d.fs_path, kdpipe_dir) for d in stage.deps]
+    return [r for r in rel if not r.startswith("..")]
+
+
+def traced_stages(project: Path) -> list[tuple[str, set[str], list[str]]]:
+    """(stage name, kdpipe files its command imported, its kdpipe deps) for every stage of `project`."""
+    from dvc.repo import Repo
+
+    root = next(p for p in [project, *project.parents] if (p / "kdpipe").is_dir())
+    records = [json.loads(f.read_text()) for f in root.with_name(root.name + "-traces").glob("*.json")]
+    out = []
+    with Repo(str(project)) as repo:
+        for stage in repo.index.stages:
+            argv = shlex.split(stage.cmd)[1:]
+            runs = [r for r in records if r["argv"] == argv and Path(r["cwd"]) == Path(stage.wdir)]
+            assert runs, f"{stage.addressing}: its command never ran under the tracer"
+            out.append((stage.addressing, set(runs[0]["files"]) - EXEMPT, code_deps(stage, root / "kdpipe")))
+    return out
+
+
+def check(project: Path) -> int:
+    problems = []
+    stages = traced_stages(project)
+    for name, imported, deps in stages:
+        def covers(dep, f):
+            return f == dep or f.startswith(dep.rstrip("/") + "/")
+        missing = sorted(f for f in imported if not any(covers(d, f) for d in deps))
+        unused = sorted(d for d in deps if not any(covers(d, f) for f in imported))
+        if missing or unused:
+            problems.append(f"{name}: imports but does not depend on {missing}; depends on but never imports {unused}")
+    assert not problems, "\n".join(problems)
+    return len(stages)
+
+
+def test_quickstart_stage_deps_are_the_code_each_stage_imports(repo):
+    assert check(repo) == 1 + 2 + 7 + 9 + 2  # data, teacher, student, distill@7, evaluate@9, report, export
+
+
+def test_full_pipeline_stage_deps_are_the_code_each_stage_imports(smoke_pipeline):
+    from kdpipe import config
+
+    n_methods = len(config.METHODS)
+    # data, table, teacher, import-teacher, distill x methods, evaluate x (3 + methods), report
+    assert check(smoke_pipeline) == 4 + n_methods + 3 + n_methods + 1
+
+
+@pytest.mark.parametrize("method", ["kd", "crd"])
+def test_a_distillation_imports_its_own_method_file_alone(repo, method):
+    stages = {name: imported for name, imported, _ in traced_stages(repo)}
+    method_files = {f for f in stages[f"distill@{method}"] if f.startswith("distill/")}
+    assert method_files == {"distill/__init__.py", "distill/base.py", "distill/functional.py", f"distill/{method}.py"}
