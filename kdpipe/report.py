@@ -124,6 +124,8 @@ _CRD_COLUMNS = {  # one column of the README's tables: the values of _CRD_ROWS (
     ("wrn_40_2", "shufflev1"): (75.61, 70.50, 74.83, 73.73, 73.32, 74.52, 71.38, 73.61, 72.21, 73.89, 73.34, 72.03, None, 74.89, 76.05),
 }
 CRD = {pair: {k: v for k, v in zip(_CRD_ROWS, col) if v is not None} for pair, col in _CRD_COLUMNS.items()}
+# the same README's teacher and student rows, per model (one figure each: equal across the pairs they appear in)
+CRD_MODELS = {m: CRD[pair][role] for pair in CRD for m, role in zip(pair, ("teacher", "student"))}
 # DKD (Zhao et al. 2022) as mdistiller's README reports it (no figure for resnet110->resnet20, resnet50->vgg8; its
 # "ResNet32x4 -> MobileNet-V2" column, whose KD figure 74.45 is CRD's resnet32x4->ShuffleNetV2, is that pair, as in
 # the DKD paper). The README does not say best or last epoch; mdistiller's trainer tracks the best epoch, so the
@@ -146,8 +148,9 @@ def recipe_text(cfg) -> str:
             f"x{cfg.schedule.gamma:g} at epochs {at}, wd {cfg.optim.weight_decay:g}{special})")
 
 
-def teacher_run(model: str, seed: int) -> str:
-    return f"teacher-{model}-s{seed}"
+def trained_run(recipe: str, model: str, seed: int) -> str:
+    """The run name of a model trained from scratch (or a published teacher) in the full pipelines."""
+    return f"{recipe}-{model}-s{seed}"
 
 
 def distill_run(method: str, teacher: str, student: str, seed: int) -> str:
@@ -184,41 +187,65 @@ def grid(p, manifest: dict, metrics_dir: Path, plots_dir: Path, out_dir: Path) -
 
     lines = [f"# kdpipe results — {dataset}", "",
              f"Data: {manifest['train_size']} train / {manifest['test_size']} test images, {manifest['num_classes']} "
-             f"classes ({manifest['source']}). Seeds: {', '.join(map(str, p.seeds))}. Cells: mean ± sample std (n).",
-             "", "## Models (the published table)", "",
-             f"Our numbers: recipe {recipe_text(p.teacher)}. Top1 = best epoch's test Top-1, Top5 = last epoch's "
-             "test Top-5, the convention of the published table; Top1 last = last epoch's Top-1."
-             + (" Published teachers (imported, not trained; the same file for every seed): Top1 = Top1 last = "
-                "their test accuracy here." if p.published else ""), ""]
-    head = ["Model", "Param (M)", "Top1 (%)", "Top5 (%)", "Top1 last (%)"]
-    if dataset in ("cifar10", "cifar100"):
-        head += ["Published Top1 / Top5", "Δ Top1"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for model in p.models + p.published:
-        top1 = over_seeds(lambda s: teacher_run(model, s), "top1")
-        params = metric(teacher_run(model, p.seeds[0]), "params_m")
-        label = pretty(model) + (" (published)" if model in p.published else "")
-        cells = [label, f"{params[0]:.2f}" if params else "–", fmt(top1),
-                 fmt(over_seeds(lambda s: teacher_run(model, s), "top5")),
-                 fmt(over_seeds(lambda s: teacher_run(model, s), "top1_last"))]
-        if dataset in ("cifar10", "cifar100"):
+             f"classes ({manifest['source']}). Seeds: {', '.join(map(str, p.seeds))}. Cells: mean ± sample std (n).", ""]
+    cifar = dataset in ("cifar10", "cifar100")
+
+    def model_rows(models: list[str], recipe: str, reference) -> list[str]:
+        """One row per model; `reference(model)` -> (label, our metric key, published value) or None."""
+        rows = []
+        for model in models:
+            run = lambda s: trained_run(recipe, model, s)  # noqa: E731
+            params = metric(run(p.seeds[0]), "params_m")
+            label = pretty(model) + (" (published)" if model in p.published and recipe == p.teacher.recipe else "")
+            cells = [label, f"{params[0]:.2f}" if params else "–"] + [fmt(over_seeds(run, k)) for k in ("top1", "top5", "top1_last")]
+            ref = reference(model)
+            if ref is not None:
+                ours = over_seeds(run, ref[1])
+                cells += [ref[0], f"{ours[0] - ref[2]:+.2f}" if ours and ref[2] is not None else "–"]
+            rows.append("| " + " | ".join(cells) + " |")
+        return rows
+
+    head = "| Model | Param (M) | Top1 (%) | Top5 (%) | Top1 last (%) |"
+    if p.table_models:
+        def seed_figure(model):
             pub = published(model, dataset)
-            cells += [f"{pub[0]:.2f} / {pub[1]:.2f}" if pub else "–",
-                      f"{top1[0] - pub[0]:+.2f}" if pub and top1 else "–"]
-        lines.append("| " + " | ".join(cells) + " |")
+            return (f"{pub[0]:.2f} / {pub[1]:.2f}" if pub else "–", "top1", pub[0] if pub else None) if cifar else None
+        lines += ["## The seed's ResNet table", "",
+                  f"Our numbers: recipe {recipe_text(p.table)}. Top1 = best epoch's test Top-1, Top5 = last epoch's "
+                  "test Top-5, the convention of the published table; Top1 last = last epoch's Top-1.", "",
+                  head + (" Published Top1 / Top5 | Δ Top1 |" if cifar else ""),
+                  "|---|---|---|---|---|" + ("---|---|" if cifar else "")]
+        lines += model_rows(p.table_models, p.table.recipe, seed_figure) + [""]
+    if p.models or p.published:
+        crd_models = dataset == "cifar100"
+
+        def crd_figure(model):
+            if not crd_models:
+                return None
+            ref = CRD_MODELS.get(model)
+            return (f"{ref:.2f}" if ref is not None else "–", "top1_last", ref)
+        lines += ["## Teachers and students' baselines", "",
+                  f"Our numbers: recipe {recipe_text(p.teacher)}." + (
+                      " Published teachers (imported, not trained; the same file for every seed): Top1 = Top1 last = "
+                      "their test accuracy here." if p.published else "") + (
+                      " Beside them CRD's figures for the same models (RepDistiller's README, last epoch), compared "
+                      "with our Top1 last." if crd_models else ""), "",
+                  head + (" CRD Top1 (last) | Δ Top1 last |" if crd_models else ""),
+                  "|---|---|---|---|---|" + ("---|---|" if crd_models else "")]
+        lines += model_rows(p.models + p.published, p.teacher.recipe, crd_figure) + [""]
 
     pairs = [(pr.teacher, pr.student) for pr in p.pairs]
     crd = dataset == "cifar100"
-    lines += ["", "## Distillation (Top-1 %, last epoch)", "",
-              f"Our numbers: recipe {recipe_text(p.student)} for the students (teachers as above). Top-1 of the "
+    lines += ["## Distillation (Top-1 %, last epoch)", "",
+              f"Our numbers: recipe {recipe_text(p.student)} for the students (teachers and baselines as above). Top-1 of the "
               "**last** epoch (`top1_last`), the convention of CRD and RepDistiller."
               + (" In brackets: the CIFAR-100 figures published by Tian et al. (CRD, ICLR 2020) for the same pair, "
                  "also last epoch." if crd else ""), ""]
     cols = [f"{pretty(t)} → {pretty(s)}" for t, s in pairs]
     lines += ["| Method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     deltas: dict[str, dict[int, float]] = {}
-    row_specs = [("Teacher", "teacher", lambda m, t, s, seed: teacher_run(t, seed)),
-                 ("Student (baseline)", "student", lambda m, t, s, seed: teacher_run(s, seed))]
+    row_specs = [("Teacher", "teacher", lambda m, t, s, seed: trained_run(p.teacher.recipe, t, seed)),
+                 ("Student (baseline)", "student", lambda m, t, s, seed: trained_run(p.student.recipe, s, seed))]
     row_specs += [(METHOD_LABELS[m] + (" †" if m == "dkd" and crd else ""), m,
                    lambda m, t, s, seed: distill_run(m, t, s, seed)) for m in p.methods]
     for label, key, name_of in row_specs:
@@ -229,7 +256,7 @@ def grid(p, manifest: dict, metrics_dir: Path, plots_dir: Path, out_dir: Path) -
             ref = (DKD.get((t, s)) if key == "dkd" else CRD.get((t, s), {}).get(key)) if crd else None
             na = st is None and not_applicable(lambda seed: name_of(key, t, s, seed))
             cells.append(("N/A" if na else fmt(st)) + (f" [{ref:.2f}]" if ref is not None else ""))
-            base = over_seeds(lambda seed: teacher_run(s, seed), metric_key)
+            base = over_seeds(lambda seed: trained_run(p.student.recipe, s, seed), metric_key)
             if key in p.methods and st and base:
                 deltas.setdefault(key, {})[j] = st[0] - base[0]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -240,7 +267,8 @@ def grid(p, manifest: dict, metrics_dir: Path, plots_dir: Path, out_dir: Path) -
     text = "\n".join(lines)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.md").write_text(text)
-    curves = [teacher_run(m, p.seeds[0]) for m in p.models]
+    curves = [trained_run(p.table.recipe, m, p.seeds[0]) for m in p.table_models]
+    curves += [trained_run(p.teacher.recipe, m, p.seeds[0]) for m in p.models]
     curves += [distill_run(m, t, s, p.seeds[0]) for m in p.methods for t, s in pairs]
     plot([{"name": n} for n in curves if (plots_dir / f"{n}.csv").is_file()], plots_dir, out_dir / "accuracy.png")
     bar_chart(deltas, cols, out_dir / "delta.png")

@@ -145,3 +145,52 @@ def test_experiments_compare_across_revisions(smoke_pipeline):
     assert set(diff[name]) >= {"top1", "top1_last"} and all("old" in v and "new" in v for v in diff[name].values())
     rows = sh(DVC, "metrics", "diff", "HEAD", "--all", cwd=folder)
     assert rows.count("kd-resnet14-resnet8-s0.json") >= 3
+
+
+def unspelled(raw: dict, schema, path: str = "", skip: frozenset = frozenset()) -> list[str]:
+    """Keys of `schema` that `raw` leaves to their defaults (recursively; `skip`: key paths set another way)."""
+    from pydantic import BaseModel
+
+    out = []
+    for name, field in schema.model_fields.items():
+        if path + name in skip:
+            continue
+        if name not in raw:
+            out.append(path + name)
+            continue
+        ann, value = field.annotation, raw[name]
+        if isinstance(ann, type) and issubclass(ann, BaseModel) and isinstance(value, dict):
+            out += unspelled(value, ann, f"{path}{name}.", skip)
+        elif name == "recipes":
+            out += [k for r, v in value.items() for k in unspelled(v, config.Recipe, f"recipes.{r}.")]
+    return out
+
+
+MATRIX_KEYS = frozenset(f"{s}.{k}" for s in config.TRAIN_SECTIONS for k in ("model", "seed"))
+
+
+@pytest.mark.parametrize("path, sections, skip", [
+    # the quickstart's stages read these sections (and `kdpipe distill -m NAME` any method's)
+    ("params.yaml", ("data", "teacher", "student", "distill", "evaluate"), frozenset()),
+    # the full pipelines read every section; model and seed come from each stage's --model/--seed
+    ("pipelines/cifar10/params.yaml", tuple(config.Params.model_fields), MATRIX_KEYS),
+    ("pipelines/cifar100/params.yaml", tuple(config.Params.model_fields), MATRIX_KEYS),
+])
+def test_params_files_spell_out_every_key(path, sections, skip):
+    # a changed default in kdpipe/config.py must never change a pipeline's results silently: every key a
+    # stage reads is in its params file (training sections after their recipe is merged in)
+    raw = yaml.safe_load((ROOT / path).read_text())
+    merged = config.Params._apply_recipes(raw)
+    assert set(sections) <= set(merged), f"{path}: sections missing: {set(sections) - set(merged)}"
+    missing = [k for k in unspelled({s: merged[s] for s in sections}, config.Params, skip=skip)
+               if k.split(".")[0] in sections]
+    assert not missing, f"{path} leaves these keys to kdpipe's defaults: {missing}"
+    config.validate(raw)
+
+
+def test_unspelled_finds_a_default():
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    del raw["distill"]["ab"]["margin"], raw["evaluate"]["cpu_threads"]
+    assert unspelled(raw, config.Params, skip=frozenset({"recipes", "table", "table_models", "models", "published",
+                                                         "seeds", "methods", "pairs"})) == \
+        ["distill.ab.margin", "evaluate.cpu_threads"]

@@ -26,18 +26,28 @@ def fake_run(tmp_path, name, top1, epochs=2):
 def test_grid_report(tmp_path):
     raw = yaml.safe_load((ROOT / "pipelines/cifar100/params.yaml").read_text())
     raw.update(seeds=[0, 1], methods=["kd", "fsp", "dkd"], models=["resnet20", "resnet56"], published=[],
-               pairs=[{"teacher": "resnet56", "student": "resnet20"}])
+               pairs=[{"teacher": "resnet56", "student": "resnet20"}], table_models=["resnet56"])
     p = config.validate(raw)
     for seed, (t, s, kd) in enumerate([(72.0, 68.0, 70.0), (74.0, 70.0, 71.0)]):
-        fake_run(tmp_path, f"teacher-resnet56-s{seed}", t)
-        fake_run(tmp_path, f"teacher-resnet20-s{seed}", s)
+        fake_run(tmp_path, f"repdistiller-resnet56-s{seed}", t)
+        fake_run(tmp_path, f"repdistiller-resnet20-s{seed}", s)
         fake_run(tmp_path, f"kd-resnet56-resnet20-s{seed}", kd)
+        fake_run(tmp_path, f"he2016-resnet56-s{seed}", t + 1)  # the seed's table: another recipe, another run
     fake_run(tmp_path, "fsp-resnet56-resnet20-s0", 69.5)  # one seed missing: n=1
     fake_run(tmp_path, "dkd-resnet56-resnet20-s0", 71.0)
     manifest = {"dataset": "cifar100", "train_size": 50000, "test_size": 10000, "num_classes": 100, "source": "x"}
     text = report.grid(p, manifest, tmp_path / "metrics", tmp_path / "plots", tmp_path / "reports")
-    # published table: ResNet-56 mean 73 ± sqrt(2) over 2 seeds, published CIFAR-100 71.09 / 91.56
-    assert "| ResNet-56 | 0.27 | 73.00 ± 1.41 (n=2) | 90.00 ± 0.00 (n=2) | 72.00 ± 1.41 (n=2) | 71.09 / 91.56 | +1.91 |" in text
+    table_part, models_part = text.split("## Teachers and students' baselines")
+    # the seed's table (he2016 runs): ResNet-56 mean 74 ± sqrt(2) over 2 seeds vs the seed's CIFAR-100 71.09 / 91.56,
+    # best-epoch Top1 and last-epoch Top5 as that table
+    he = "`he2016` (164 epochs, batch 128, SGD lr 0.1 x0.1 at epochs 82/123, wd 0.0001)"
+    assert f"## The seed's ResNet table\n\nOur numbers: recipe {he}. Top1 = best epoch's" in table_part
+    assert "| ResNet-56 | 0.27 | 74.00 ± 1.41 (n=2) | 90.00 ± 0.00 (n=2) | 73.00 ± 1.41 (n=2) | 71.09 / 91.56 | +2.91 |" \
+        in table_part
+    # CRD's models (repdistiller runs) beside CRD's own figures for them, last epoch vs last epoch
+    assert "| ResNet-56 | 0.27 | 73.00 ± 1.41 (n=2) | 90.00 ± 0.00 (n=2) | 72.00 ± 1.41 (n=2) | 72.34 | -0.34 |" in models_part
+    assert "| ResNet-20 | 0.27 | 69.00 ± 1.41 (n=2) | 90.00 ± 0.00 (n=2) | 68.00 ± 1.41 (n=2) | 69.06 | -1.06 |" in models_part
+    assert "71.09" not in models_part  # the he2016 figures are never compared with repdistiller runs
     # the distillation grid compares like with like: our last epoch (top1_last = top1 - 1 here) with CRD's last epoch
     assert "| Teacher | 72.00 ± 1.41 (n=2) [72.34] |" in text
     assert "| Student (baseline) | 68.00 ± 1.41 (n=2) [69.06] |" in text
@@ -48,8 +58,8 @@ def test_grid_report(tmp_path):
     # each table says which recipe produced our numbers and which convention it uses
     recipe = ("`repdistiller` (240 epochs, batch 64, SGD lr 0.05 x0.1 at epochs 150/180/210, wd 0.0005; "
               "lr 0.01 for mobilenetv2, shufflev1, shufflev2)")
-    models_part, distill_part = text.split("## Distillation")
-    assert f"Our numbers: recipe {recipe}. Top1 = best epoch's test Top-1, Top5 = last epoch's" in models_part
+    models_part, distill_part = models_part.split("## Distillation")
+    assert f"Our numbers: recipe {recipe}. Beside them CRD's figures" in models_part
     assert f"Our numbers: recipe {recipe} for the students" in distill_part
     assert "**last** epoch (`top1_last`), the convention of CRD and RepDistiller" in distill_part
     for f in ("results.md", "accuracy.png", "delta.png"):
@@ -68,8 +78,10 @@ def test_grid_report_crd_pairs_published_teachers_and_na(tmp_path):
     raw.update(seeds=[0], methods=["kd", "fsp", "dkd"], models=["shufflev1"], published=["wrn_40_2"],
                pairs=[{"teacher": "wrn_40_2", "student": "shufflev1"}])
     p = config.validate(raw)
-    fake_run(tmp_path, "teacher-wrn_40_2-s0", 76.0)
-    fake_run(tmp_path, "teacher-shufflev1-s0", 71.0)
+    raw["table_models"] = []
+    p = config.validate(raw)
+    fake_run(tmp_path, "repdistiller-wrn_40_2-s0", 76.0)
+    fake_run(tmp_path, "repdistiller-shufflev1-s0", 71.0)
     fake_run(tmp_path, "kd-wrn_40_2-shufflev1-s0", 75.0)
     fake_run(tmp_path, "dkd-wrn_40_2-shufflev1-s0", 76.5)
     (tmp_path / "metrics/fsp-wrn_40_2-shufflev1-s0.json").write_text(json.dumps({"not_applicable": "fsp needs ..."}))
@@ -87,3 +99,22 @@ def test_crd_figures_cover_the_13_pairs():
     assert len(report.CRD) == 13 and all(len(v) >= 14 for v in report.CRD.values())
     assert report.CRD[("resnet32x4", "resnet8x4")]["crd"] == 75.51 and "fsp" not in report.CRD[("wrn_40_2", "wrn_40_1")]
     assert set(report.DKD) <= set(report.CRD) and len(report.DKD) == 11
+    # a model's teacher or student figure is the same in every pair it appears in (CRD_MODELS takes one)
+    for (t, s), col in report.CRD.items():
+        assert report.CRD_MODELS[t] == col["teacher"] and report.CRD_MODELS[s] == col["student"]
+
+
+def test_cifar10_grid_reads_the_table_runs_as_teachers_and_baselines(tmp_path):
+    raw = yaml.safe_load((ROOT / "pipelines/cifar10/params.yaml").read_text())
+    raw.update(seeds=[0], methods=["kd"], table_models=["resnet20", "resnet56"],
+               pairs=[{"teacher": "resnet56", "student": "resnet20"}])
+    p = config.validate(raw)
+    fake_run(tmp_path, "he2016-resnet56-s0", 93.0)
+    fake_run(tmp_path, "he2016-resnet20-s0", 91.0)
+    fake_run(tmp_path, "kd-resnet56-resnet20-s0", 92.0)
+    manifest = {"dataset": "cifar10", "train_size": 50000, "test_size": 10000, "num_classes": 10, "source": "x"}
+    text = report.grid(p, manifest, tmp_path / "metrics", tmp_path / "plots", tmp_path / "reports")
+    assert "| ResNet-56 | 0.27 | 93.00 ± 0.00 (n=1) | 90.00 ± 0.00 (n=1) | 92.00 ± 0.00 (n=1) | 93.63 / 99.75 | -0.63 |" in text
+    assert "## Teachers and students' baselines" not in text  # models: [], published: []
+    assert "| Teacher | 92.00 ± 0.00 (n=1) |" in text and "| Student (baseline) | 90.00 ± 0.00 (n=1) |" in text
+    assert "| KD | 91.00 ± 0.00 (n=1) |" in text

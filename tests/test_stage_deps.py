@@ -5,6 +5,7 @@ elsewhere does not. cli.py (argument parsing) and the package's top __init__.py 
 import json
 import os
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,8 +29,8 @@ def traced_stages(project: Path) -> list[tuple[str, set[str], list[str]]]:
         for stage in repo.index.stages:
             argv = shlex.split(stage.cmd)[1:]
             runs = [r for r in records if r["argv"] == argv and Path(r["cwd"]) == Path(stage.wdir)]
-            assert runs, f"{stage.addressing}: its command never ran under the tracer"
-            out.append((stage.addressing, set(runs[0]["files"]) - EXEMPT, code_deps(stage, root / "kdpipe")))
+            assert runs, f"{stage.name}: its command never ran under the tracer"
+            out.append((stage.name, set(runs[0]["files"]) - EXEMPT, code_deps(stage, root / "kdpipe")))
     return out
 
 
@@ -64,3 +65,24 @@ def test_a_distillation_imports_its_own_method_file_alone(repo, method):
     stages = {name: imported for name, imported, _ in traced_stages(repo)}
     method_files = {f for f in stages[f"distill@{method}"] if f.startswith("distill/")}
     assert method_files == {"distill/__init__.py", "distill/base.py", "distill/functional.py", f"distill/{method}.py"}
+
+
+def test_each_method_is_one_file_registering_its_own_name():
+    # the distill stage's deps name kdpipe/distill/<method>.py: every method lives in the file of its name
+    from kdpipe import config, distill
+
+    files = {f.stem for f in Path(distill.__file__).parent.glob("*.py")} - {"__init__", "base", "functional"}
+    assert files == set(config.METHODS)
+    for m in config.METHODS:
+        assert distill.get(m).method == m and distill.get(m).__module__ == f"kdpipe.distill.{m}"
+
+
+def test_check_reports_a_missing_and_an_unused_dep(repo, monkeypatch):
+    # the check itself fails when a stage's deps drift from its imports
+    stages = traced_stages(repo)
+    name, imported, deps = next(s for s in stages if s[0] == "distill@kd")
+    fake = [(name, imported, [d for d in deps if d != "runs.py"] + ["distill/crd.py"])]
+    monkeypatch.setattr(sys.modules[__name__], "traced_stages", lambda project: fake)
+    with pytest.raises(AssertionError, match=r"distill@kd: imports but does not depend on \['runs.py'\]; "
+                                             r"depends on but never imports \['distill/crd.py'\]"):
+        check(repo)
