@@ -17,8 +17,7 @@ import torch.nn.functional as F
 
 from . import models, synthetic
 from .config import METHODS, Distill, Runtime
-from .distill import Batch, Distiller, TrainData, feature_shapes
-from .models import Features
+from .distill import Distiller, TrainData, feature_shapes
 from .engine import CrossEntropy, Numerics, Pipeline, make_optimizer, set_determinism, train_step
 
 
@@ -156,17 +155,10 @@ def run(model: str = "resnet20", teacher: str = "resnet56", batch_size: int = 12
         step, _ = kdpipe_trainer(model, objective)
         measure(f"distill {method}: {teacher} -> {model}", step)
         results[-1]["vs_student_plus_teacher_forward"] = round(timings[results[-1]["case"]] / floor, 2)
-        if method == "crd":  # the memory bank alone: negative sampling, gathers, scores, momentum update
-            crd = objective.terms["crd"].train()
-            s_dim, t_dim = feature_shapes(s).embedding, feature_shapes(t_model, dev).embedding
-
-            def memory_step():
-                _, _, idx = kdpipe_batch()
-                with torch.no_grad():
-                    crd(Batch(Features(None, [], torch.randn(batch_size, s_dim, device=dev)),
-                              Features(None, [], torch.randn(batch_size, t_dim, device=dev)), None, idx))
-            measure("crd memory bank: sample + gather + update", memory_step)
-            results[-1]["share_of_crd_step"] = round(timings[results[-1]["case"]] / timings[f"distill crd: {teacher} -> {model}"], 2)
+        step_case = results[-1]["case"]
+        for part, part_step in objective.terms[method].bench_parts(batch_size, lambda: kdpipe_batch()[2], dev).items():
+            measure(f"{method} {part}", part_step)
+            results[-1][f"share_of_{method}_step"] = round(timings[results[-1]["case"]] / timings[step_case], 2)
     return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
             "torch": torch.__version__, "bf16": numerics.bf16, "channels_last": numerics.channels_last,
             "batch_size": batch_size, "images": len(y), "steps": steps, "warmup": warmup, "repeats": repeats, "workers": workers,

@@ -169,22 +169,24 @@ def evaluate_cmd(name: str = typer.Argument(..., help="run name: evaluates model
 def report(names: Optional[list[str]] = typer.Argument(None, help="run names, in table order; none: the "
                                                          "full pipelines' grid (models, published, pairs, methods, seeds)"),
            params: Path = ParamsOpt, data_dir: Path = DataOpt,
-           out: Path = typer.Option(Path("reports"), help="output folder")):
-    """Write reports/results.md (published-format table) and reports/accuracy.png."""
+           out: Optional[Path] = typer.Option(None, help="output folder (default: reports for the pipelines' grid, "
+                                                         "reports/adhoc for named runs, so an ad-hoc report never "
+                                                         "overwrites the pipeline's)")):
+    """Write results.md (published-format table) and accuracy.png."""
     from . import report as report_mod
     from .data import read_manifest
 
     manifest = read_manifest(data_dir)
     if not names:
         p = load(params)
-        if not p.models and not p.published:
+        if not p.models and not p.published and not p.table_models:
             found = sorted(f.stem for f in Path("metrics").glob("*.json"))
-            fail("no run names given and no `models`/`published` grid in params; runs with metrics: "
-                 + (", ".join(found) if found else "none (run `kdpipe evaluate NAME` first)"))
-        typer.echo(report_mod.grid(p, manifest, Path("metrics"), Path("plots"), out))
+            fail("no run names given and no `table_models`/`models`/`published` grid in params; runs with metrics: "
+                 + (", ".join(found) if found else "none (run `kdpipe evaluate NAME` first)"), 2)
+        typer.echo(report_mod.grid(p, manifest, Path("metrics"), Path("plots"), out or Path("reports")))
         return
     require_metrics(names)
-    text = report_mod.write(names, manifest, Path("metrics"), Path("logs"), Path("plots"), out)
+    text = report_mod.write(names, manifest, Path("metrics"), Path("logs"), Path("plots"), out or Path("reports/adhoc"))
     typer.echo(text)
 
 
@@ -209,36 +211,44 @@ def import_teacher_cmd(path: Path = typer.Argument(..., help="RepDistiller/mdist
                        data_dir: Optional[Path] = typer.Option(None, "--data", help="prepared data the teacher is for: "
                                                                "its dataset name and class count (the pipelines)"),
                        num_classes: Optional[int] = typer.Option(None, "--num-classes", min=2,
-                                                                 help="classes of the checkpoint (without --data)"),
-                       dataset: str = typer.Option("cifar100", help="dataset the teacher was trained on (without --data)"),
+                                                                 help="classes of the checkpoint (without --data; "
+                                                                      "implied by --dataset cifar10/cifar100)"),
+                       dataset: Optional[str] = typer.Option(None, help="dataset the teacher was trained on, e.g. "
+                                                                        "cifar100 (without --data)"),
                        mean: Optional[str] = typer.Option(None, help="input mean R,G,B (default: the reference's "
                                                                      "for the dataset, else the prepared data's)"),
                        std: Optional[str] = typer.Option(None, help="input std R,G,B (as --mean)")):
     """Import a published teacher (RepDistiller / mdistiller checkpoint) as models/NAME.pt."""
-    from .data import DataError, read_manifest
-    from .import_teacher import REFERENCE_NORMALIZATION, ImportError_, import_teacher
+    from . import models
+    from .data import read_manifest
+    from .import_teacher import DATASET_CLASSES, REFERENCE_NORMALIZATION, import_teacher
 
+    if model not in models.MODEL_NAMES:
+        fail(f"--model: unknown model {model!r}; valid models: {', '.join(models.MODEL_NAMES)}", 2)
     mean_v, std_v = parse_triple("--mean", mean), parse_triple("--std", std)
     if (mean_v is None) != (std_v is None):
         fail("--mean and --std go together", 2)
     norm = {"mean": mean_v, "std": std_v} if mean_v else None
     if data_dir is not None:
-        try:
-            manifest = read_manifest(data_dir)
-        except DataError as e:
-            fail(str(e), 2)
-        if num_classes is not None and num_classes != manifest["num_classes"]:
-            fail(f"--num-classes {num_classes} but {data_dir} has {manifest['num_classes']} classes", 2)
+        manifest = read_manifest(data_dir)
+        for option, given, found in (("--num-classes", num_classes, manifest["num_classes"]),
+                                     ("--dataset", dataset, manifest["dataset"])):
+            if given is not None and given != found:
+                fail(f"{option} {given} but {data_dir} holds {found}", 2)
         dataset, num_classes = manifest["dataset"], manifest["num_classes"]
         if norm is None and dataset not in REFERENCE_NORMALIZATION:
             norm = {"mean": manifest["mean"], "std": manifest["std"]}
+    if dataset is None:  # never guess: the dataset decides the input normalisation the teacher gets
+        fail("give --dataset (what the teacher was trained on, e.g. cifar100) or --data (the prepared data)", 2)
+    num_classes = num_classes or DATASET_CLASSES.get(dataset)
     if num_classes is None:
-        fail("give --num-classes (or --data, the prepared data the teacher is for)", 2)
+        fail(f"give --num-classes (the classes of this {dataset} teacher)", 2)
+    if dataset in DATASET_CLASSES and num_classes != DATASET_CLASSES[dataset]:
+        fail(f"--num-classes {num_classes} but {dataset} has {DATASET_CLASSES[dataset]} classes", 2)
+    if norm is None and dataset not in REFERENCE_NORMALIZATION:
+        fail(f"--dataset {dataset}: no reference normalisation known for it: give --mean and --std", 2)
     out = Path(f"models/{name}.pt")
-    try:
-        ckpt = import_teacher(path, model, num_classes, out, dataset, norm)
-    except ImportError_ as e:
-        fail(str(e), 2)
+    ckpt = import_teacher(path, model, num_classes, out, dataset, norm)
     src = ckpt["meta"]["imported"]
     acc = f", source accuracy {src['accuracy']:.2f}%" if "accuracy" in src else ""
     typer.echo(f"{path} -> {out}: {model}, {num_classes} classes, {ckpt['params_m']}M params, "

@@ -7,6 +7,7 @@ falls back to a default) and raises `ParamsError` with one line per problem, nam
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -16,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .models import MODEL_NAMES
 
 ModelName = Literal[MODEL_NAMES]  # type: ignore[valid-type]
-METHODS = ("kd", "at", "nst", "fsp", "fitnets", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "crd", "dkd")
 
 
 class Error(RuntimeError):
@@ -282,6 +282,10 @@ class Distill(Strict):
         return self.model_copy(update={"dkd": self.dkd.model_copy(update={"beta": beta})})
 
 
+# the methods: one params schema each above, one file each in kdpipe/distill/ (a test ties the two)
+METHODS = tuple(Distill.model_fields)
+
+
 def parse_methods(spec: str) -> list[str]:
     """`kd+at` -> ["kd", "at"], with a clear error for unknown or repeated names."""
     names = [m.strip() for m in spec.split("+")]
@@ -411,4 +415,7 @@ def load_params(path: str | Path = "params.yaml", require: tuple[str, ...] = ())
     missing = [s for s in require if not (isinstance(raw, dict) and s in raw)]
     if missing:
         raise ParamsError([f"{path}: missing section {s!r} (this command reads it)" for s in missing])
-    return validate(raw)
+    p = validate(raw)
+    if p.data.path is not None and not Path(p.data.path).is_absolute():  # relative to the params file's folder
+        p = p.model_copy(update={"data": p.data.model_copy(update={"path": os.path.normpath(path.parent / p.data.path)})})
+    return p

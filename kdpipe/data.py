@@ -139,7 +139,14 @@ def _read_folder(root: Path):
         if classes is None:
             classes = names
         elif names != classes:
-            raise DataError(f"{d}: classes {names} differ from train's {classes}")
+            diff = "; ".join(filter(None, [
+                f"missing {sorted(set(classes) - set(names))}" if set(classes) - set(names) else "",
+                f"not in train {sorted(set(names) - set(classes))}" if set(names) - set(classes) else ""]))
+            raise DataError(f"{d}: its class folders differ from train's: {diff}")
+        # files ImageFolder skips (not an image extension): said, not silently dropped
+        skipped = sum(1 for f in d.rglob("*") if f.is_file() and not f.name.lower().endswith(IMG_EXTENSIONS))
+        if skipped:
+            print(f"{d}: skipped {skipped} files that are not images ({', '.join(IMG_EXTENSIONS)})", file=sys.stderr)
         images = []
         for path, _ in samples:
             x, r = _read_image(path)

@@ -366,9 +366,10 @@ class Reporter:
             self.progress.advance(self.task)
 
     def epoch(self, row: dict, ips: float):
+        # an init-stage epoch is not tested (the student is not trained for the task yet): no test columns
+        test = (f"test {row['test_top1']:.2f}% top5 {row['test_top5']:.2f}% " if "test_top1" in row else "")
         line = (f"epoch {row['epoch']}/{self.total} [{row['phase']}] lr {row['lr']:.4g} loss {row['train_loss']:.4f} "
-                f"train {row['train_top1']:.2f}% test {row.get('test_top1', float('nan')):.2f}% "
-                f"top5 {row.get('test_top5', float('nan')):.2f}% {ips:.0f} img/s")
+                f"train {row['train_top1']:.2f}% {test}{ips:.0f} img/s")
         if self.progress:
             self.progress.update(self.task, info=f"loss {row['train_loss']:.3f} test {row.get('test_top1', 0):.1f}%")
             self.progress.console.print(f"{self.name}: {line}")

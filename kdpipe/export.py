@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -92,10 +93,12 @@ def export(ckpt_path: Path, out: Path, data_dir: Path, fmt: str = "onnx", opset:
             _onnx(module, tmp, opset, metadata)
             got = _run_onnx(tmp, x)
         else:
-            traced = torch.jit.trace(module, (x[:2],))
-            torch.jit.save(traced, str(tmp), _extra_files={k: v.encode() for k, v in metadata.items()})
-            with torch.inference_mode():
-                got = torch.jit.load(str(tmp))(x)
+            with warnings.catch_warnings():  # torch deprecates TorchScript; asked for by name, it is still served
+                warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=FutureWarning)
+                traced = torch.jit.trace(module, (x[:2],))
+                torch.jit.save(traced, str(tmp), _extra_files={k: v.encode() for k, v in metadata.items()})
+                with torch.inference_mode():
+                    got = torch.jit.load(str(tmp))(x)
         diff = (got - expected).abs().max().item()
         agree = (got.argmax(1) == expected.argmax(1)).float().mean().item() * 100
         if not diff <= tolerance:

@@ -25,6 +25,7 @@ from .engine import FORMAT, CheckpointError, atomic_save, read_weights
 
 # RepDistiller's dataset/cifar100.py and mdistiller's: transforms.Normalize(mean, std)
 REFERENCE_NORMALIZATION = {"cifar100": {"mean": [0.5071, 0.4867, 0.4408], "std": [0.2675, 0.2565, 0.2761]}}
+DATASET_CLASSES = {"cifar10": 10, "cifar100": 100}
 
 
 class ImportError_(CheckpointError):  # noqa: N801  (a checkpoint that cannot be imported)
@@ -36,7 +37,10 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     obj = read_weights(path, ImportError_)
     info = {}
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        info = {k: obj[k] for k in ("epoch", "accuracy", "best_acc") if isinstance(obj.get(k), (int, float))}
+        # RepDistiller saves its accuracy as a 0-dim tensor (an AverageMeter of tensors)
+        numbers = {k: obj[k].item() if isinstance(obj.get(k), torch.Tensor) and obj[k].numel() == 1 else obj.get(k)
+                   for k in ("epoch", "accuracy", "best_acc")}
+        info = {k: v for k, v in numbers.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         obj = obj["model"]
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
@@ -50,7 +54,7 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 def to_reference(name: str, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A kdpipe state dict with the reference's key names (the inverse of the import's renames): to evaluate a
     kdpipe model in RepDistiller or mdistiller, and to build reference-layout checkpoints in tests."""
-    back = {v: k for k, v in getattr(models.FAMILIES[models.FAMILY[name]], "REFERENCE_KEYS", {}).items()}
+    back = {v: k for k, v in models.reference_keys(name).items()}
     return {".".join(back.get(part, part) for part in k.split(".")): v for k, v in state_dict.items()}
 
 
@@ -76,7 +80,7 @@ def map_state_dict(source: dict[str, torch.Tensor], name: str, num_classes: int,
     return {k: mapped[k].contiguous() for k in target}
 
 
-def import_teacher(path: Path, name: str, num_classes: int, out: Path, dataset: str = "cifar100",
+def import_teacher(path: Path, name: str, num_classes: int, out: Path, dataset: str,
                    normalization: dict | None = None) -> dict:
     """Write `out` as a kdpipe checkpoint of the reference checkpoint `path` (nothing written on error)."""
     if name not in models.REGISTRY:

@@ -6,14 +6,18 @@ import csv
 import json
 from pathlib import Path
 
-# Published results for this design: (params C10, params C100, C10 top1, C10 top5, C100 top1, C100 top5)
-PUBLISHED = {
-    "resnet20": (0.27, 0.28, 91.70, 99.71, 67.86, 90.11),
-    "resnet32": (0.47, 0.47, 92.93, 99.73, 69.96, 90.81),
-    "resnet44": (0.66, 0.67, 93.32, 99.76, 70.56, 91.33),
-    "resnet56": (0.86, 0.86, 93.63, 99.75, 71.09, 91.56),
-    "resnet110": (1.73, 1.74, 93.77, 99.78, 71.85, 91.36),
-}
+import yaml
+
+# The published figures we compare with, each table with its source and metric convention
+PUBLISHED_FILE = Path(__file__).with_name("published.yaml")
+_REFERENCE = yaml.safe_load(PUBLISHED_FILE.read_text())
+
+
+def _pairs(table: dict) -> dict[tuple[str, str], object]:
+    return {tuple(k.split("->")): v for k, v in table.items()}
+
+
+PUBLISHED = {m: tuple(row) for m, row in _REFERENCE["he2016"]["models"].items()}
 
 
 def published(model: str, dataset: str):
@@ -104,38 +108,20 @@ def write(names: list[str], manifest: dict, metrics_dir: Path, logs_dir: Path, p
 
 
 # --- the full pipelines: a grid of models x seeds and methods x pairs x seeds -----------------------
-# CIFAR-100 Top-1 published by Tian et al. (CRD, ICLR 2020) for its 13 teacher/student pairs: RepDistiller's
-# README (HobbitLong/RepDistiller), the last epoch's accuracy, so our side of the comparison is `top1_last` too.
-DISTILL_METRIC = "top1_last"
-_CRD_ROWS = ("teacher", "student", "kd", "fitnets", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "crd")
-_CRD_COLUMNS = {  # one column of the README's tables: the values of _CRD_ROWS (None: N/A there)
-    ("wrn_40_2", "wrn_16_2"): (75.61, 73.26, 74.92, 73.58, 74.08, 73.83, 73.56, 74.11, 73.35, 74.54, 72.50, 73.25, 72.91, 73.68, 75.48),
-    ("wrn_40_2", "wrn_40_1"): (75.61, 71.98, 73.54, 72.24, 72.77, 72.43, 72.21, 73.30, 72.22, 73.45, 72.38, 71.59, None, 72.24, 74.14),
-    ("resnet56", "resnet20"): (72.34, 69.06, 70.66, 69.21, 70.55, 69.67, 69.63, 70.38, 69.61, 70.34, 69.47, 69.84, 69.95, 69.60, 71.16),
-    ("resnet110", "resnet20"): (74.31, 69.06, 70.67, 68.99, 70.22, 70.04, 69.48, 70.16, 69.25, 70.25, 69.53, 70.22, 70.11, 69.53, 71.46),
-    ("resnet110", "resnet32"): (74.31, 71.14, 73.08, 71.06, 72.31, 72.69, 71.48, 72.61, 71.82, 72.61, 70.98, 72.37, 71.89, 71.96, 73.48),
-    ("resnet32x4", "resnet8x4"): (79.42, 72.50, 73.33, 73.50, 73.44, 72.94, 72.97, 73.09, 71.90, 73.64, 73.17, 72.86, 72.62, 73.30, 75.51),
-    ("vgg13", "vgg8"): (74.64, 70.36, 72.98, 71.02, 71.43, 72.68, 70.71, 71.23, 71.48, 72.88, 70.94, 70.58, 70.23, 71.53, 73.94),
-    ("vgg13", "mobilenetv2"): (74.64, 64.60, 67.37, 64.14, 59.40, 66.30, 64.86, 65.56, 64.52, 67.13, 66.06, 61.78, None, 58.16, 69.73),
-    ("resnet50", "mobilenetv2"): (79.34, 64.60, 67.35, 63.16, 58.58, 68.08, 65.43, 67.57, 64.43, 66.52, 67.20, 60.99, None, 64.96, 69.11),
-    ("resnet50", "vgg8"): (79.34, 70.36, 73.81, 70.69, 71.84, 73.34, 70.25, 70.30, 71.50, 73.01, 70.65, 70.29, None, 71.28, 74.30),
-    ("resnet32x4", "shufflev1"): (79.42, 70.50, 74.07, 73.59, 71.73, 73.48, 71.14, 73.38, 72.28, 74.10, 73.55, 71.75, None, 74.12, 75.11),
-    ("resnet32x4", "shufflev2"): (79.42, 71.82, 74.45, 73.54, 72.73, 74.56, 71.29, 73.40, 73.21, 74.69, 74.31, 72.50, None, 74.68, 75.65),
-    ("wrn_40_2", "shufflev1"): (75.61, 70.50, 74.83, 73.73, 73.32, 74.52, 71.38, 73.61, 72.21, 73.89, 73.34, 72.03, None, 74.89, 76.05),
-}
-CRD = {pair: {k: v for k, v in zip(_CRD_ROWS, col) if v is not None} for pair, col in _CRD_COLUMNS.items()}
+# CRD's CIFAR-100 figures are the last epoch's accuracy, so our side of the comparison is `top1_last` too.
+DISTILL_METRIC = _REFERENCE["crd"]["metric"]
+CRD = {pair: {k: v for k, v in zip(_REFERENCE["crd"]["rows"], col) if v is not None}
+       for pair, col in _pairs(_REFERENCE["crd"]["pairs"]).items()}
 # the same README's teacher and student rows, per model (one figure each: equal across the pairs they appear in)
 CRD_MODELS = {m: CRD[pair][role] for pair in CRD for m, role in zip(pair, ("teacher", "student"))}
-# DKD (Zhao et al. 2022) as mdistiller's README reports it (no figure for resnet110->resnet20, resnet50->vgg8; its
-# "ResNet32x4 -> MobileNet-V2" column, whose KD figure 74.45 is CRD's resnet32x4->ShuffleNetV2, is that pair, as in
-# the DKD paper). The README does not say best or last epoch; mdistiller's trainer tracks the best epoch, so the
-# DKD row is our best-epoch Top-1 (marked in the report).
-DKD = {("resnet56", "resnet20"): 71.97, ("resnet110", "resnet32"): 74.11, ("resnet32x4", "resnet8x4"): 76.32,
-       ("wrn_40_2", "wrn_16_2"): 76.23, ("wrn_40_2", "wrn_40_1"): 74.81, ("vgg13", "vgg8"): 74.68,
-       ("resnet32x4", "shufflev1"): 76.45, ("wrn_40_2", "shufflev1"): 76.70, ("vgg13", "mobilenetv2"): 69.71,
-       ("resnet50", "mobilenetv2"): 70.35, ("resnet32x4", "shufflev2"): 77.07}
-METHOD_LABELS = {"kd": "KD", "at": "AT", "nst": "NST", "fsp": "FSP", "fitnets": "FitNets", "sp": "SP", "cc": "CC",
-                 "vid": "VID", "rkd": "RKD", "pkt": "PKT", "ab": "AB", "ft": "FT", "crd": "CRD", "dkd": "DKD"}
+DKD = _pairs(_REFERENCE["dkd"]["pairs"])
+
+
+def method(name: str):
+    """The registered term class of method `name`: its `label` and `benchmark_metric`."""
+    from . import distill
+
+    return distill.get(name)
 
 
 def recipe_text(cfg) -> str:
@@ -246,12 +232,15 @@ def grid(p, manifest: dict, metrics_dir: Path, plots_dir: Path, out_dir: Path) -
     deltas: dict[str, dict[int, float]] = {}
     row_specs = [("Teacher", "teacher", lambda m, t, s, seed: trained_run(p.teacher.recipe, t, seed)),
                  ("Student (baseline)", "student", lambda m, t, s, seed: trained_run(p.student.recipe, s, seed))]
-    row_specs += [(METHOD_LABELS[m] + (" †" if m == "dkd" and crd else ""), m,
+    # a method whose published figures use another metric (DKD: mdistiller's best epoch) is compared on that
+    # metric, marked †
+    other_metric = [m for m in p.methods if crd and method(m).benchmark_metric != DISTILL_METRIC]
+    row_specs += [(method(m).label + (" †" if m in other_metric else ""), m,
                    lambda m, t, s, seed: distill_run(m, t, s, seed)) for m in p.methods]
     for label, key, name_of in row_specs:
         cells = []
         for j, (t, s) in enumerate(pairs):
-            metric_key = "top1" if key == "dkd" and crd else DISTILL_METRIC
+            metric_key = method(key).benchmark_metric if key in other_metric else DISTILL_METRIC
             st = over_seeds(lambda seed: name_of(key, t, s, seed), metric_key)
             ref = (DKD.get((t, s)) if key == "dkd" else CRD.get((t, s), {}).get(key)) if crd else None
             na = st is None and not_applicable(lambda seed: name_of(key, t, s, seed))
@@ -260,7 +249,7 @@ def grid(p, manifest: dict, metrics_dir: Path, plots_dir: Path, out_dir: Path) -
             if key in p.methods and st and base:
                 deltas.setdefault(key, {})[j] = st[0] - base[0]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    if crd and "dkd" in p.methods:
+    if "dkd" in other_metric:
         lines += ["", "† DKD: in brackets mdistiller's README figure (DKD's authors); it does not say best or last "
                       "epoch and mdistiller's trainer tracks the best, so this row shows our **best**-epoch Top-1."]
     lines += ["", "![test accuracy per epoch](accuracy.png)", "", "![Δ Top-1 over the student baseline](delta.png)", ""]
@@ -287,7 +276,7 @@ def bar_chart(deltas: dict[str, dict[int, float]], pair_labels: list[str], out: 
         xs = [i + j * width for i in range(len(deltas))]
         ax.bar(xs, [v.get(j, 0.0) for v in deltas.values()], width, label=label)
     ax.set_xticks([i + width * (len(pair_labels) - 1) / 2 for i in range(len(deltas))])
-    ax.set_xticklabels([METHOD_LABELS[m] for m in deltas])
+    ax.set_xticklabels([method(m).label for m in deltas])
     ax.axhline(0, color="black", lw=0.8)
     ax.set_ylabel("Δ Top-1 over student baseline (%)")
     ax.legend(fontsize=8)

@@ -56,11 +56,14 @@ def distill(methods: list[str], params: config.Params, cfg: config.Train, teache
             data_dir: Path, na_ok: bool = False) -> Optional[str]:
     """Distil the teacher checkpoint into a new `cfg.model`. Returns the reason where the method cannot run
     on this pair and `na_ok` recorded it as not applicable, else None."""
+    from . import distill as distill_mod
     from .distill import Distiller, TrainData, feature_shapes
 
-    if "crd" in methods and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would update its own bank
-        raise ParamsError(["crd under torchrun is not supported yet (the memory bank is not shared across "
-                           "processes); run it in one process"])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        single = [m for m in methods if not distill_mod.get(m).supports_ddp]
+        if single:
+            raise ParamsError([f"{', '.join(single)} under torchrun is not supported (e.g. CRD's memory bank is "
+                               "not shared across processes); run it in one process"])
     engine.pin_cpu(cfg.runtime)
     numerics = engine.Numerics.from_runtime(cfg.runtime)
     prepared = data_mod.load(data_dir, numerics.device)

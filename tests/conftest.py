@@ -116,6 +116,7 @@ def repo(tmp_path_factory):
     (d / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
     sh("git", "init", "-q", cwd=d)
     sh(DVC, "init", "-q", cwd=d)
+    shutil.copytree(ROOT / ".dvc" / "plots", d / ".dvc" / "plots")
     sh(DVC, "repro", "-q", cwd=d, env=tracing(d.with_name(d.name + "-traces")))
     assert json.loads(sh(DVC, "status", "--json", cwd=d)) == {}
     return d

@@ -32,11 +32,12 @@ def test_stages_end_to_end(workdir):
         assert m["top1_last"] == round(float(hist[-1].split(",")[5]), 2)
         assert m["top5"] == round(float(hist[-1].split(",")[6]), 2)
     assert json.loads((workdir / "metrics/teacher.json").read_text())["params_m"] == 0.18
-    out = invoke("report", "teacher", "student")
-    text = (workdir / "reports/results.md").read_text()
+    out = invoke("report", "teacher", "student")  # ad hoc: never over the pipeline's reports/
+    assert not (workdir / "reports/results.md").exists()
+    text = (workdir / "reports/adhoc/results.md").read_text()
     assert "| ResNet-14 (teacher) | 0.18 |" in text and "| ResNet-8 (student) | 0.08 |" in text
     assert "Published" not in text  # synthetic data: nothing to compare with
-    assert (workdir / "reports/accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    assert (workdir / "reports/adhoc/accuracy.png").read_bytes()[:4] == b"\x89PNG"
     assert "ResNet-14" in out
 
 
@@ -157,8 +158,8 @@ def test_version_and_report_without_names(workdir):
     assert invoke("--version").strip() == f"kdpipe {version('kdpipe')}"
     invoke("data")
     result = CliRunner().invoke(app, ["report"])
-    assert result.exit_code == 1 and "runs with metrics: none" in result.output
+    assert result.exit_code == 2 and "runs with metrics: none" in result.output
     invoke("student")
     invoke("evaluate", "student")
     result = CliRunner().invoke(app, ["report"])
-    assert result.exit_code == 1 and "runs with metrics: student" in result.output
+    assert result.exit_code == 2 and "runs with metrics: student" in result.output

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -5,7 +7,7 @@ from typer.testing import CliRunner
 from kdpipe import config
 from kdpipe.cli import app
 
-from .conftest import tiny_params, write_params
+from .conftest import ROOT, tiny_params, write_params
 
 
 def errors_for(params: dict) -> list[str]:
@@ -91,3 +93,21 @@ def test_empty_method_term_is_an_error():
     for spec in ("kd+", "+kd", "kd++at", ""):
         with pytest.raises(config.ParamsError, match="empty term"):
             config.parse_methods(spec)
+
+
+def test_a_relative_data_path_is_relative_to_the_params_file(tmp_path, monkeypatch):
+    (tmp_path / "examples").mkdir()
+    f = tmp_path / "examples" / "p.yaml"
+    f.write_text(yaml.safe_dump({"data": {"dataset": "folder", "path": "../images"}}))
+    monkeypatch.chdir(tmp_path / "examples")
+    assert config.load_params("p.yaml").data.path == "../images"
+    monkeypatch.chdir(tmp_path)
+    assert config.load_params("examples/p.yaml").data.path == "images"
+    f.write_text(yaml.safe_dump({"data": {"dataset": "folder", "path": "/abs/images"}}))
+    assert config.load_params(f).data.path == "/abs/images"
+
+
+def test_the_example_finds_the_shared_images_from_the_repository_root(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    path = config.load_params("examples/real-images.yaml").data.path
+    assert Path(path).resolve() == (ROOT.parent / "shared/data/cifar10-jpeg-mini").resolve()

@@ -132,3 +132,16 @@ def test_compile_warmup_leaves_the_run_unchanged(tmp_path, prepared, monkeypatch
         assert torch.equal(v, compiled["state_dict"][k]), k
     assert plain["history"] == compiled["history"]
     assert json.loads((tmp_path / "b/s.timing.json").read_text())["compile_seconds"] > 0
+
+
+def test_an_init_stage_epoch_prints_no_test_columns(capsys):
+    # the init stage does not test the student: its line says so by leaving the test columns out (no "nan%")
+    from kdpipe.engine import Reporter
+
+    log = Reporter("fsp", 3, 1, enabled=False)
+    log.epoch({"epoch": 1, "phase": "init", "lr": 0.05, "train_loss": 1.5, "train_top1": 10.0}, 100.0)
+    log.epoch({"epoch": 2, "phase": "main", "lr": 0.05, "train_loss": 1.2, "train_top1": 20.0, "test_top1": 30.0,
+               "test_top5": 80.0}, 100.0)
+    init, main = capsys.readouterr().err.splitlines()
+    assert init == "fsp: epoch 1/3 [init] lr 0.05 loss 1.5000 train 10.00% 100 img/s"
+    assert main == "fsp: epoch 2/3 [main] lr 0.05 loss 1.2000 train 20.00% test 30.00% top5 80.00% 100 img/s"

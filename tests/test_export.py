@@ -55,7 +55,12 @@ def test_onnx_export_matches_pytorch_with_a_dynamic_batch(trained):
 
 
 def test_torchscript_export(trained):
-    invoke("export", "student", "--format", "torchscript")
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:  # torch's TorchScript deprecation notices stay quiet
+        warnings.simplefilter("always")
+        invoke("export", "student", "--format", "torchscript")
+    assert not [w for w in caught if "torch.jit" in str(w.message)]
     x = torch.from_numpy(np.load(trained / "data/prepared/test_x.npy")[:4])
     module = torch.jit.load(str(trained / "models/student.torchscript.pt"))
     torch.testing.assert_close(module(x.float() / 255), reference_logits(trained, "student", x), atol=1e-5, rtol=0)

@@ -51,6 +51,15 @@ def test_other_sizes_are_resized_and_counted(tmp_path, capsys):
     assert np.array_equal(data.load(tmp_path / "out").train.x[1].numpy(), np.asarray(big).transpose(2, 0, 1))
 
 
+def test_files_that_are_not_images_are_counted(tmp_path, capsys):
+    root = make_folder(tmp_path / "ds")
+    (root / "train" / "a_dog" / "notes.txt").write_text("x")
+    (root / "train" / "b_cat" / "Thumbs.db").write_bytes(b"x")
+    manifest = prepare(root, tmp_path / "out")
+    assert manifest["class_counts"]["train"] == {"a_dog": 1, "b_cat": 1}
+    assert f"{root / 'train'}: skipped 2 files that are not images" in capsys.readouterr().err
+
+
 def test_corrupt_image_names_the_file_and_writes_nothing(tmp_path):
     root = make_folder(tmp_path / "ds")
     bad = root / "test" / "b_cat" / "9.png"
@@ -64,7 +73,13 @@ def test_mismatched_classes_and_missing_folder(tmp_path):
     root = make_folder(tmp_path / "ds")
     (root / "test" / "c_owl").mkdir()
     Image.new("RGB", (32, 32)).save(root / "test" / "c_owl" / "0.png")
-    with pytest.raises(data.DataError, match="differ from train's"):
+    with pytest.raises(data.DataError, match=r"class folders differ from train's: not in train \['c_owl'\]"):
+        prepare(root, tmp_path / "out")
+    (root / "test" / "c_owl" / "0.png").unlink()
+    (root / "test" / "c_owl").rmdir()
+    (root / "test" / "a_dog" / "0.png").unlink()
+    (root / "test" / "a_dog").rmdir()
+    with pytest.raises(data.DataError, match=r"test: its class folders differ from train's: missing \['a_dog'\]$"):
         prepare(root, tmp_path / "out")
     with pytest.raises(data.DataError, match="dataset folder not found"):
         prepare(tmp_path / "nope", tmp_path / "out")

@@ -48,7 +48,7 @@ def run(*args):
 def test_imported_model_gives_the_source_outputs(tmp_path, monkeypatch, name):
     monkeypatch.chdir(tmp_path)
     source = reference_checkpoint(name, 100, tmp_path / "ckpt_epoch_240.pth", dataparallel=name == "vgg8")
-    result = run(tmp_path / "ckpt_epoch_240.pth", "--model", name, "--num-classes", 100, "--name", "t")
+    result = run(tmp_path / "ckpt_epoch_240.pth", "--model", name, "--dataset", "cifar100", "--name", "t")
     assert result.exit_code == 0, result.output
     assert "source accuracy 71.50%" in result.output
     model = kdpipe.load_model("models/t.pt")
@@ -78,19 +78,26 @@ class NotWeights:
     pass
 
 
-@pytest.mark.parametrize("case, args, message", [
-    ("wrn", ["--model", "resnet56", "--num-classes", 100], "not a resnet56 checkpoint (unexpected keys"),
-    ("wrn", ["--model", "wrn_16_1", "--num-classes", 10],
-     "fc.weight has shape (100, 64), wrn_16_1 with 10 classes needs (10, 64) (a model for 100 classes?)"),
-    ("wrn", ["--model", "wrn_16_2", "--num-classes", 100],
-     "not a wrn_16_2 checkpoint (missing keys block1.layer.0.convShortcut.weight)"),
-    ("garbage", ["--model", "wrn_16_1", "--num-classes", 100], "not a readable checkpoint"),
-    ("pickle", ["--model", "wrn_16_1", "--num-classes", 100], "not a readable checkpoint"),
-    ("missing", ["--model", "wrn_16_1", "--num-classes", 100], "checkpoint not found"),
-    ("wrn", ["--model", "resnet21", "--num-classes", 100], "unknown model 'resnet21'"),
-    ("wrn", ["--model", "wrn_16_1", "--num-classes", 100, "--dataset", "cifar10"], "no reference normalisation known"),
+C10 = ["--dataset", "cifar10", "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25"]
+
+
+# exit 1: the file is wrong (unreadable, another model); exit 2: the options are (the convention of every command)
+@pytest.mark.parametrize("case, args, message, code", [
+    ("wrn", ["--model", "resnet56", "--dataset", "cifar100"], "not a resnet56 checkpoint (unexpected keys", 1),
+    ("wrn", ["--model", "wrn_16_1", "--num-classes", 10, *C10],
+     "fc.weight has shape (100, 64), wrn_16_1 with 10 classes needs (10, 64) (a model for 100 classes?)", 1),
+    ("wrn", ["--model", "wrn_16_2", "--dataset", "cifar100"],
+     "not a wrn_16_2 checkpoint (missing keys block1.layer.0.convShortcut.weight)", 1),
+    ("garbage", ["--model", "wrn_16_1", "--dataset", "cifar100"], "not a readable checkpoint", 1),
+    ("pickle", ["--model", "wrn_16_1", "--dataset", "cifar100"], "not a readable checkpoint", 1),
+    ("missing", ["--model", "wrn_16_1", "--dataset", "cifar100"], "checkpoint not found", 1),
+    ("wrn", ["--model", "resnet21", "--dataset", "cifar100"], "--model: unknown model 'resnet21'", 2),
+    ("wrn", ["--model", "wrn_16_1", "--dataset", "cifar10"], "no reference normalisation known", 2),
+    # the dataset decides the teacher's input normalisation: never guessed
+    ("wrn", ["--model", "wrn_16_1", "--num-classes", 10], "give --dataset", 2),
+    ("wrn", ["--model", "wrn_16_1", "--dataset", "cifar100", "--num-classes", 10], "--num-classes 10 but cifar100 has 100 classes", 2),
 ])
-def test_bad_checkpoints_are_one_line_errors(tmp_path, monkeypatch, case, args, message):
+def test_bad_checkpoints_are_one_line_errors(tmp_path, monkeypatch, case, args, message, code):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "ckpt.pth"
     if case == "wrn":
@@ -100,7 +107,7 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path, monkeypatch, case, args, 
     elif case == "pickle":  # a pickle that would run code on load: weights_only refuses it
         torch.save({"model": NotWeights()}, path)
     result = run(path, *args, "--name", "t")
-    assert result.exit_code == 2
+    assert result.exit_code == code, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
     assert not Path("models/t.pt").exists() and not any(Path(".").glob("models/.*tmp*"))
@@ -124,10 +131,10 @@ def test_distill_and_evaluate_take_an_imported_teacher(workdir):
     manifest = json.loads(Path("data/prepared/manifest.json").read_text())
     reference_checkpoint("resnet14", 10, workdir / "published.pth")
     common = ["--model", "resnet14", "--num-classes", "10", "--name", "teacher"]
-    wrong = runner.invoke(app, ["import-teacher", "published.pth", *common, "--dataset", "cifar100"])
+    wrong = runner.invoke(app, ["import-teacher", "published.pth", *common, *C10])
     assert wrong.exit_code == 0  # importing is fine; distilling on another dataset is not
     r = runner.invoke(app, ["distill", "--method", "kd"])
-    assert r.exit_code == 1 and "an imported cifar100 teacher, but data/prepared holds synthetic" in r.output
+    assert r.exit_code == 1 and "an imported cifar10 teacher, but data/prepared holds synthetic" in r.output
     mean, std = (",".join(map(str, manifest[k])) for k in ("mean", "std"))
     assert runner.invoke(app, ["import-teacher", "published.pth", *common, "--dataset", "synthetic",
                                "--mean", mean, "--std", std]).exit_code == 0
@@ -154,7 +161,7 @@ def test_import_with_prepared_data_takes_its_dataset_and_classes(workdir):
     assert ckpt["normalization"] == {"mean": manifest["mean"], "std": manifest["std"]}
     r = runner.invoke(app, ["import-teacher", "published.pth", "--model", "resnet14", "--data", "data/prepared",
                             "--num-classes", "100", "--name", "other"])
-    assert r.exit_code == 2 and "--num-classes 100 but data/prepared has 10 classes" in r.output
+    assert r.exit_code == 2 and "--num-classes 100 but data/prepared holds 10" in r.output
     assert not Path("models/other.pt").exists()
 
 
@@ -173,3 +180,16 @@ def test_na_ok_records_a_method_the_pair_does_not_admit(workdir):
     assert "not_applicable" in json.loads(Path("metrics/fsp.json").read_text())
     r = runner.invoke(app, ["export", "fsp"])
     assert r.exit_code == 1 and "holds no model (not applicable" in r.output
+
+
+def test_an_accuracy_saved_as_a_tensor_is_read(tmp_path, monkeypatch):
+    # RepDistiller saves `accuracy` as a 0-dim tensor
+    monkeypatch.chdir(tmp_path)
+    reference_checkpoint("resnet20", 100, tmp_path / "ckpt.pth")
+    ckpt = torch.load(tmp_path / "ckpt.pth", weights_only=True)
+    ckpt["accuracy"], ckpt["epoch"] = torch.tensor(69.25), torch.tensor(240)
+    torch.save(ckpt, tmp_path / "ckpt.pth")
+    result = run(tmp_path / "ckpt.pth", "--model", "resnet20", "--dataset", "cifar100", "--name", "t")
+    assert result.exit_code == 0 and "source accuracy 69.25%" in result.output, result.output
+    imported = torch.load("models/t.pt", weights_only=True)["meta"]["imported"]
+    assert (imported["accuracy"], imported["epoch"]) == (69.25, 240)

@@ -144,7 +144,7 @@ def test_crd_refuses_multi_process_runs(workdir):
     from kdpipe.cli import app
 
     result = CliRunner().invoke(app, ["distill", "-m", "crd+kd"], env={"WORLD_SIZE": "2"})
-    assert result.exit_code == 2 and "crd under torchrun is not supported yet" in result.output
+    assert result.exit_code == 2 and "crd under torchrun is not supported" in result.output
 
 
 # CRD's 13 pairs (RepDistiller's README): every method that the pair admits runs one step on it

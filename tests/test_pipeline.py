@@ -100,14 +100,21 @@ def test_hand_runs_and_ad_hoc_runs_leave_the_pipeline_up_to_date(repo):
     # an ad-hoc run touches no file the report reads, and its outputs are git-ignored
     sh("kdpipe", "distill", "--method", "kd+at", "--name", "kd_at", cwd=repo)
     sh("kdpipe", "evaluate", "kd_at", cwd=repo)
+    sh("kdpipe", "report", "student", "kd_at", cwd=repo)  # an ad-hoc report: reports/adhoc, not the pipeline's
     assert json.loads(sh(DVC, "status", "--json", cwd=repo)) == {}
     adhoc = ["models/kd_at.pt", "logs/kd_at.json", "logs/kd_at.timing.json", "metrics/kd_at.json", "plots/kd_at.csv"]
     assert sh("git", "check-ignore", *adhoc, cwd=repo).split() == adhoc
 
 
-def test_one_comparison_plot(repo):
+def test_one_comparison_plot_a_colour_per_run(repo):
     shown = json.loads(sh(DVC, "plots", "show", "--json", "--split", cwd=repo))
-    assert list(shown) == ["test_top1"] or set(shown.get("data", shown)) == {"test_top1"}
+    plots = shown.get("data", shown)
+    assert set(plots) == {"test_top1"}
+    (vega,) = plots["test_top1"]
+    encoding = vega["content"]["encoding"]
+    assert encoding["color"]["field"] == "filename" and encoding["strokeDash"]["field"] == "rev"
+    runs = {row["filename"] for row in vega["anchor_definitions"]["<DVC_METRIC_DATA>"]}
+    assert len(runs) == 9  # teacher, student and the seven distilled students: nine colours
 
 
 def test_teachers_are_shared_through_a_dvc_remote(tmp_path):

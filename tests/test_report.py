@@ -118,3 +118,15 @@ def test_cifar10_grid_reads_the_table_runs_as_teachers_and_baselines(tmp_path):
     assert "## Teachers and students' baselines" not in text  # models: [], published: []
     assert "| Teacher | 92.00 ± 0.00 (n=1) |" in text and "| Student (baseline) | 90.00 ± 0.00 (n=1) |" in text
     assert "| KD | 91.00 ± 0.00 (n=1) |" in text
+
+
+def test_published_figures_come_with_source_and_convention():
+    ref = yaml.safe_load(report.PUBLISHED_FILE.read_text())
+    assert set(ref) == {"he2016", "crd", "dkd"} and all(t["source"] and t["convention"] for t in ref.values())
+    assert report.PUBLISHED["resnet110"] == (1.73, 1.74, 93.77, 99.78, 71.85, 91.36)  # the seed's target table
+    assert report.published("resnet20", "cifar100") == (67.86, 90.11)
+    # each method is compared on the metric its published figures use: the registry's terms say which
+    from kdpipe import distill
+
+    assert distill.get("dkd").benchmark_metric == ref["dkd"]["metric"] == "top1"
+    assert {distill.get(m).benchmark_metric for m in config.METHODS if m != "dkd"} == {ref["crd"]["metric"]}

@@ -1,6 +1,6 @@
-"""Each DVC stage depends on exactly the kdpipe files its command imports (traced while the stages ran: see
-trace_kdpipe.py), so an edit anywhere in the code that decides a stage's results re-runs it, and an edit
-elsewhere does not. cli.py (argument parsing) and the package's top __init__.py are exempt."""
+"""Each DVC stage depends on exactly the kdpipe files its command imports or opens (traced while the stages
+ran: see trace_kdpipe.py), so an edit anywhere in the code or data that decides a stage's results re-runs
+it, and an edit elsewhere does not. cli.py (argument parsing) and the package's top __init__.py are exempt."""
 
 import json
 import os
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-EXEMPT = {"__init__.py", "__main__.py", "cli.py"}
+EXEMPT = {"__init__.py", "__main__.py", "cli.py"}  # the package top and argument parsing
 
 
 def code_deps(stage, kdpipe_dir: Path) -> list[str]:
@@ -86,3 +86,21 @@ def test_check_reports_a_missing_and_an_unused_dep(repo, monkeypatch):
     with pytest.raises(AssertionError, match=r"distill@kd: imports but does not depend on \['runs.py'\]; "
                                              r"depends on but never imports \['distill/crd.py'\]"):
         check(repo)
+
+
+def test_full_pipelines_depend_on_files_not_folders():
+    # outside a DVC project (../../kdpipe) no .dvcignore applies: a folder's hash would include __pycache__,
+    # and any import would make the stages look changed
+    import yaml
+
+    from kdpipe import config
+
+    from .conftest import ROOT
+
+    stages = yaml.safe_load((ROOT / "pipelines/stages.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        for dep in stage["deps"]:
+            if dep.startswith("../../"):
+                for m in config.METHODS:
+                    path = ROOT / dep[6:].replace("${item.method}", m)
+                    assert path.is_file(), f"{name}: {dep} is not a file"

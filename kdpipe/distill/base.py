@@ -25,19 +25,33 @@ def get(name: str) -> type["Term"]:
 
 
 def register(name: str):
+    """Register a term class as method `name` (its file must be kdpipe/distill/<name>.py: the pipelines'
+    distill stages depend on that file alone among the methods)."""
     def wrap(cls):
         REGISTRY[name] = cls
         cls.method = name
+        cls.label = cls.label or name.upper()
         return cls
     return wrap
 
 
 class Term(nn.Module):
-    """Base of every method term, with the defaults of the init-stage declarations described above."""
+    """Base of every method term: what it is called, what it can do, and the defaults of the init-stage
+    declarations (see kdpipe/distill/__init__.py)."""
 
+    label = ""  # its name in tables and plots (default: the method's name upper-cased)
+    supports_ddp = True  # False: refuses to run under torchrun
+    # the metric its published CIFAR-100 figures use, which the report compares ours with: the last epoch's
+    # Top-1 (CRD's and RepDistiller's convention) unless the reference says otherwise
+    benchmark_metric = "top1_last"
     init_trains_student = True
     loss_after_init = False
     uses_preact = False
+
+    def bench_parts(self, batch_size: int, sample_index, device) -> dict:
+        """Steps of the term's own machinery that `kdpipe bench` times apart (label -> step function);
+        `sample_index()` draws a batch of dataset indices."""
+        return {}
 
     def init_loss(self, b):
         return self(b)

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.base import Features
 from . import functional as Fd
-from .base import Term, register
+from .base import Batch, Term, register
 
 
 class Embed(nn.Module):
@@ -59,11 +60,14 @@ class NegativeSampler(nn.Module):
 
 @register("crd")
 class ContrastiveRepresentation(Term):
+    supports_ddp = False  # each process would update its own memory bank
+
     def __init__(self, cfg, s_shapes, t_shapes, data):
         super().__init__()
         if data is None:
             raise ValueError("crd needs the training labels (the engine passes them)")
         self.k, self.t, self.momentum = cfg.nce_k, cfg.nce_t, cfg.nce_m
+        self.dims = (s_shapes.embedding, t_shapes.embedding)
         self.embed_s = Embed(s_shapes.embedding, cfg.feat_dim)
         self.embed_t = Embed(t_shapes.embedding, cfg.feat_dim)
         n = len(data.train_labels)
@@ -95,3 +99,11 @@ class ContrastiveRepresentation(Term):
                     # far less traffic than gathering B x (1 + K) x D rows)
                     setattr(self, name, memory.index_copy(0, b.index, new))
         return loss
+
+    def bench_parts(self, batch_size, sample_index, device):
+        def memory_step():  # the memory bank alone: negative sampling, scores of both directions, update
+            with torch.no_grad():
+                self.train()(Batch(Features(None, [], torch.randn(batch_size, self.dims[0], device=device)),
+                                   Features(None, [], torch.randn(batch_size, self.dims[1], device=device)),
+                                   None, sample_index()))
+        return {"memory bank: sample + gather + update": memory_step}

@@ -6,6 +6,8 @@ from .base import Term, register, regressor
 
 @register("fitnets")
 class FitNets(Term):
+    label = "FitNets"
+
     def __init__(self, cfg, s_shapes, t_shapes, data):
         super().__init__()
         self.layer = cfg.hint_layer

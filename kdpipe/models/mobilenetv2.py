@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import Features, init_weights, register
+from .base import Features, init_weights, register
 
 SETTING = (  # expansion t, channels c, blocks n, first stride s
     (1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
@@ -70,4 +70,4 @@ class MobileNetV2(nn.Module):
         return Features(logits, stages, embedding) if features else logits
 
 
-register("mobilenetv2", "mobilenetv2", lambda num_classes: MobileNetV2(num_classes))
+register("mobilenetv2", lambda num_classes: MobileNetV2(num_classes))

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import Features, init_weights, register, run_stage
+from .base import Features, init_weights, register, run_stage
 
 DEPTHS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
 WIDTHS = (16, 16, 32, 64)  # stem, stage 1, stage 2, stage 3
@@ -70,6 +70,6 @@ class CifarResNet(nn.Module):
 
 
 for _name, _depth in DEPTHS.items():
-    register(_name, "resnet", lambda num_classes, d=_depth: CifarResNet(d, num_classes))
+    register(_name, lambda num_classes, d=_depth: CifarResNet(d, num_classes))
 for _name, _depth in WIDE.items():
-    register(_name, "resnet", lambda num_classes, d=_depth: CifarResNet(d, num_classes, WIDTHS_X4))
+    register(_name, lambda num_classes, d=_depth: CifarResNet(d, num_classes, WIDTHS_X4))

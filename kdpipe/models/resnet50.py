@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import Features, init_weights, register, run_stage
+from .base import Features, init_weights, register, run_stage
 
 
 class Bottleneck(nn.Module):
@@ -68,4 +68,4 @@ class BottleneckResNet(nn.Module):
         return Features(self.linear(embedding), stages, embedding, preact)
 
 
-register("resnet50", "resnet50", lambda num_classes: BottleneckResNet((3, 4, 6, 3), num_classes))
+register("resnet50", lambda num_classes: BottleneckResNet((3, 4, 6, 3), num_classes))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import Features, register, run_stage
+from .base import Features, register, run_stage
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -66,4 +66,4 @@ class ShuffleNetV1(nn.Module):
         return Features(self.linear(embedding), [f0, f1, f2, f3], embedding, [f0, p1, p2, p3])
 
 
-register("shufflev1", "shufflenetv1", lambda num_classes: ShuffleNetV1(num_classes))
+register("shufflev1", lambda num_classes: ShuffleNetV1(num_classes))

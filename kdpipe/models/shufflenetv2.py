@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import Features, register
+from .base import Features, register
 from .shufflenetv1 import channel_shuffle
 
 
@@ -90,4 +90,4 @@ class ShuffleNetV2(nn.Module):
         return Features(self.linear(embedding), stages, embedding, preact)
 
 
-register("shufflev2", "shufflenetv2", lambda num_classes: ShuffleNetV2(num_classes))
+register("shufflev2", lambda num_classes: ShuffleNetV2(num_classes))

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import Features, init_weights, register
+from .base import Features, init_weights, register
 
 CONFIGS = {  # channels of each conv in each of the five blocks
     "vgg8": ((64,), (128,), (256,), (512,), (512,)),
@@ -56,4 +56,4 @@ class VGG(nn.Module):
 
 
 for _name, _config in CONFIGS.items():
-    register(_name, "vgg", lambda num_classes, c=_config: VGG(c, num_classes))
+    register(_name, lambda num_classes, c=_config: VGG(c, num_classes))

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import Features, init_weights, register
+from .base import Features, init_weights, register
 
 
 class BasicBlock(nn.Module):
@@ -77,4 +77,4 @@ class WideResNet(nn.Module):
 
 
 for _depth, _widen in ((16, 1), (16, 2), (40, 1), (40, 2)):
-    register(f"wrn_{_depth}_{_widen}", "wrn", lambda num_classes, d=_depth, w=_widen: WideResNet(d, w, num_classes))
+    register(f"wrn_{_depth}_{_widen}", lambda num_classes, d=_depth, w=_widen: WideResNet(d, w, num_classes))
