@@ -84,7 +84,7 @@ def guarded(fn):
 @guarded
 def data(params: Path = ParamsOpt, out: Path = typer.Option(Path("data/prepared"), help="output folder"),
          raw: Path = typer.Option(Path("data/raw"), help="where downloaded archives are kept")):
-    """Download CIFAR (md5-checked) or draw the synthetic set, and write compact uint8 arrays."""
+    """Download CIFAR (md5-checked), read an image folder, or draw the synthetic set; write compact uint8 arrays."""
     from .data import prepare
 
     p = load(params, "data")

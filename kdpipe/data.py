@@ -72,7 +72,8 @@ def download(dataset: str, raw_dir: Path, mirror: str | None = None) -> Path:
         download_url(url, str(raw_dir), spec.filename, md5=None)
     except Exception as e:  # network errors, 404s, refused connections
         path.unlink(missing_ok=True)
-        raise DataError(f"{dataset}: download of {url} failed: {e}") from None
+        raise DataError(f"{dataset}: download of {url} failed: {e} (offline or behind a firewall? point "
+                        f"data.mirror or {MIRROR_ENV} to a base URL serving {spec.filename})") from None
     if not check_integrity(str(path), spec.md5):
         got = hashlib.md5(path.read_bytes()).hexdigest()
         path.unlink()

@@ -82,12 +82,11 @@ def plot(rows: list[dict], plots_dir: Path, out: Path) -> None:
         with (plots_dir / f"{r['name']}.csv").open() as f:
             hist = list(csv.DictReader(f))
         ax.plot([int(h["epoch"]) for h in hist], [float(h["test_top1"]) for h in hist], label=r["name"])
-    if len(rows) > 10:
-        ax.legend(fontsize=6, ncol=2)
+    many = len(rows) > 10
+    ax.legend(fontsize=6 if many else None, ncol=2 if many else 1)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test Top-1 (%)")
     ax.grid(alpha=0.3)
-    ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=100, metadata={"Software": None})
     plt.close(fig)
@@ -256,30 +255,80 @@ def grid(p, manifest: dict, metrics_dir: Path, plots_dir: Path, out_dir: Path) -
     text = "\n".join(lines)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.md").write_text(text)
-    curves = [trained_run(p.table.recipe, m, p.seeds[0]) for m in p.table_models]
-    curves += [trained_run(p.teacher.recipe, m, p.seeds[0]) for m in p.models]
-    curves += [distill_run(m, t, s, p.seeds[0]) for m in p.methods for t, s in pairs]
-    plot([{"name": n} for n in curves if (plots_dir / f"{n}.csv").is_file()], plots_dir, out_dir / "accuracy.png")
-    bar_chart(deltas, cols, out_dir / "delta.png")
+    seed = p.seeds[0]
+    panels = []  # (title, [(label, run name)]): the seed's table, then one panel per pair
+    if p.table_models:
+        panels.append((f"the seed's table ({p.table.recipe})",
+                       [(pretty(m), trained_run(p.table.recipe, m, seed)) for m in p.table_models]))
+    for t, s in pairs:
+        panels.append((f"{pretty(t)} → {pretty(s)}",
+                       [("teacher", trained_run(p.teacher.recipe, t, seed)),
+                        ("student (baseline)", trained_run(p.student.recipe, s, seed))]
+                       + [(method(m).label, distill_run(m, t, s, seed)) for m in p.methods]))
+    curves_by_pair(panels, plots_dir, out_dir / "accuracy.png", f"test Top-1 (%) per epoch, seed {seed}")
+    heatmap(deltas, list(deltas), cols, out_dir / "delta.png")
     return text
 
 
-def bar_chart(deltas: dict[str, dict[int, float]], pair_labels: list[str], out: Path) -> None:
+def curves_by_pair(panels: list[tuple[str, list[tuple[str, str]]]], plots_dir: Path, out: Path, title: str) -> None:
+    """Small multiples: a panel per pair (and one for the seed's table), a colour per label across panels,
+    one legend for the figure: readable at 13 pairs x 16 runs, where one plot with a legend entry per run is not."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.8 / max(len(pair_labels), 1)
-    for j, label in enumerate(pair_labels):
-        xs = [i + j * width for i in range(len(deltas))]
-        ax.bar(xs, [v.get(j, 0.0) for v in deltas.values()], width, label=label)
-    ax.set_xticks([i + width * (len(pair_labels) - 1) / 2 for i in range(len(deltas))])
-    ax.set_xticklabels([method(m).label for m in deltas])
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_ylabel("Δ Top-1 over student baseline (%)")
-    ax.legend(fontsize=8)
+    labels = list(dict.fromkeys(label for _, runs in panels for label, _ in runs))
+    colours = {label: plt.get_cmap("tab20")(i % 20) for i, label in enumerate(labels)}
+    ncols = min(4, max(len(panels), 1))
+    nrows = -(-max(len(panels), 1) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.8 * nrows + 0.8), squeeze=False)
+    drawn = {}
+    for ax, (panel, runs) in zip(axes.flat, panels):
+        for label, name in runs:
+            f = plots_dir / f"{name}.csv"
+            if not f.is_file():
+                continue
+            with f.open() as fh:
+                hist = list(csv.DictReader(fh))
+            style = "--" if label in ("teacher", "student (baseline)") else "-"
+            drawn[label] = ax.plot([int(h["epoch"]) for h in hist], [float(h["test_top1"]) for h in hist], style,
+                                   color=colours[label], lw=1)[0]
+        ax.set_title(panel, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    if drawn:
+        fig.legend(list(drawn.values()), list(drawn), loc="lower center", ncol=min(len(drawn), 8), fontsize=7,
+                   frameon=False)
+    fig.tight_layout(rect=(0, 0.04 + 0.012 * (len(drawn) // 8) if drawn else 0, 1, 1))
+    fig.savefig(out, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
+def heatmap(deltas: dict[str, dict[int, float]], methods: list[str], pair_labels: list[str], out: Path) -> None:
+    """Δ Top-1 over the student baseline, mean over seeds: methods x pairs, blank where not run or N/A."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    grid = np.full((max(len(methods), 1), max(len(pair_labels), 1)), np.nan)
+    for i, m in enumerate(methods):
+        for j, v in deltas[m].items():
+            grid[i, j] = v
+    span = max(float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 0.0, 0.5)
+    fig, ax = plt.subplots(figsize=(2.5 + 0.9 * len(pair_labels), 1.5 + 0.42 * max(len(methods), 1)))
+    image = ax.imshow(grid, cmap="RdBu", vmin=-span, vmax=span, aspect="auto")
+    for (i, j), v in np.ndenumerate(grid):
+        if np.isfinite(v):
+            ax.text(j, i, f"{v:+.1f}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(pair_labels)), pair_labels, rotation=35, ha="right", fontsize=7)
+    ax.set_yticks(range(len(methods)), [method(m).label for m in methods], fontsize=8)
+    fig.colorbar(image, ax=ax, label="Δ Top-1 over the baseline (%)")
     fig.tight_layout()
     fig.savefig(out, dpi=100, metadata={"Software": None})
     plt.close(fig)

@@ -138,6 +138,7 @@ def test_unreachable_mirror_fails_cleanly(workdir, monkeypatch):
     write_params(workdir / "params.yaml", tiny_params(data={"dataset": "cifar100", "mirror": "http://127.0.0.1:9/"}))
     result = CliRunner().invoke(app, ["data"])
     assert result.exit_code == 1 and "download of http://127.0.0.1:9/cifar-100-python.tar.gz failed" in result.output
+    assert "point data.mirror or KDPIPE_CIFAR_MIRROR to a base URL serving cifar-100-python.tar.gz" in result.output
 
 
 def test_synthetic_prepare_is_byte_identical(workdir):
