@@ -146,17 +146,3 @@ def test_an_init_stage_epoch_prints_no_test_columns(capsys):
     assert init == "fsp: epoch 1/3 [init] lr 0.05 loss 1.5000 train 10.00% 100 img/s"
     assert main == "fsp: epoch 2/3 [main] lr 0.05 loss 1.2000 train 20.00% test 30.00% top5 80.00% 100 img/s"
 
-
-def test_openmp_threads_sleep_while_they_wait_unless_asked_otherwise():
-    # set before torch loads OpenMP, so importing kdpipe first is enough; an explicit setting wins
-    import os
-    import subprocess
-    import sys
-
-    code = "import kdpipe, torch, os; print(os.environ['OMP_WAIT_POLICY'])"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "PASSIVE"
-    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, capture_output=True,
-                         text=True, check=True).stdout
-    assert out.strip() == "ACTIVE"
