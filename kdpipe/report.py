@@ -18,6 +18,7 @@ def _pairs(table: dict) -> dict[tuple[str, str], object]:
 
 
 PUBLISHED = {m: tuple(row) for m, row in _REFERENCE["he2016"]["models"].items()}
+SEED_TABLE_METRIC = _REFERENCE["he2016"]["metric"]  # the Top-1 the seed's table reports: the best epoch's
 
 
 def published(model: str, dataset: str):
@@ -194,7 +195,7 @@ def grid(p, manifest: dict, metrics_dir: Path, plots_dir: Path, out_dir: Path) -
     if p.table_models:
         def seed_figure(model):
             pub = published(model, dataset)
-            return (f"{pub[0]:.2f} / {pub[1]:.2f}" if pub else "–", "top1", pub[0] if pub else None) if cifar else None
+            return (f"{pub[0]:.2f} / {pub[1]:.2f}" if pub else "–", SEED_TABLE_METRIC, pub[0] if pub else None) if cifar else None
         lines += ["## The seed's ResNet table", "",
                   f"Our numbers: recipe {recipe_text(p.table)}. Top1 = best epoch's test Top-1, Top5 = last epoch's "
                   "test Top-5, the convention of the published table; Top1 last = last epoch's Top-1.", "",
@@ -208,7 +209,7 @@ def grid(p, manifest: dict, metrics_dir: Path, plots_dir: Path, out_dir: Path) -
             if not crd_models:
                 return None
             ref = CRD_MODELS.get(model)
-            return (f"{ref:.2f}" if ref is not None else "–", "top1_last", ref)
+            return (f"{ref:.2f}" if ref is not None else "–", DISTILL_METRIC, ref)
         lines += ["## Teachers and students' baselines", "",
                   f"Our numbers: recipe {recipe_text(p.teacher)}." + (
                       " Published teachers (imported, not trained; the same file for every seed): Top1 = Top1 last = "
