@@ -6,6 +6,6 @@ __version__ = "0.1.0"
 def load_model(path):
     """The model of any kdpipe checkpoint (trained by kdpipe or imported), in eval mode, on the CPU.
     Its inputs are RGB images scaled to 0..1 and normalised with `torch.load(path)["normalization"]`."""
-    from .engine import load_checkpoint, restore_model
+    from .checkpoint import load_checkpoint, restore_model
 
     return restore_model(load_checkpoint(path)).eval()

@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from . import models, synthetic
 from .config import METHODS, Distill, Runtime
 from .distill import Distiller, TrainData, feature_shapes
-from .engine import CrossEntropy, Numerics, Pipeline, make_optimizer, set_determinism, train_step
+from .engine import CrossEntropy, make_optimizer, train_step
+from .runtime import Numerics, set_determinism
+from .sources import Normalise, pad_crop_flip
 
 
 def _sync(device):
@@ -72,12 +74,12 @@ def run(model: str = "resnet20", teacher: str = "resnet56", batch_size: int = 12
     std = (x.float() / 255).std((0, 2, 3)).tolist()
     manifest = {"mean": mean, "std": std}
     x_dev, y_dev = x.to(dev), y.to(dev)
-    pipe = Pipeline(manifest, numerics)
+    normalise = Normalise(manifest, numerics)
     g = torch.Generator(device=dev).manual_seed(0)
 
     def kdpipe_batch():
         idx = torch.randperm(len(y_dev), generator=g, device=dev)[:batch_size]
-        return pipe.augment(x_dev[idx], g), y_dev[idx], idx
+        return normalise(pad_crop_flip(x_dev[idx], g)), y_dev[idx], idx
 
     def make(name):
         torch.manual_seed(0)

@@ -151,10 +151,10 @@ def distill(method: str = typer.Option(..., "--method", "-m", help="one of: " + 
 def evaluate_cmd(name: str = typer.Argument(..., help="run name: evaluates models/NAME.pt"),
                  params: Path = ParamsOpt, data_dir: Path = DataOpt):
     """Test a trained model; write metrics/NAME.json and plots/NAME.csv."""
-    from . import engine, evaluate
+    from . import evaluate, runtime
 
     p = load(params, "evaluate")
-    engine.pin_cpu(p.evaluate)
+    runtime.pin_cpu(p.evaluate)
     m = evaluate.run(name, Path(f"models/{name}.pt"), data_dir,
                      Path(f"metrics/{name}.json"), Path(f"plots/{name}.csv"), p.evaluate)
     if "not_applicable" in m:

@@ -16,7 +16,10 @@ import json
 from pathlib import Path
 
 from . import data as data_mod
-from .engine import Numerics, Pipeline, atomic_write, evaluate, load_checkpoint, resolve_device, restore_model
+from .checkpoint import atomic_write, load_checkpoint, restore_model
+from .engine import evaluate
+from .runtime import Numerics, resolve_device
+from .sources import MemorySource
 
 PLOT_COLUMNS = ("epoch", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5")
 
@@ -39,7 +42,7 @@ def run(name: str, ckpt_path: Path, data_dir: Path, metrics_path: Path, plots_pa
     model = restore_model(ckpt).to(numerics.device)
     # the checkpoint's own input normalisation (an imported teacher's differs slightly from the data's)
     norm = ckpt.get("normalization") or prepared.manifest
-    final = evaluate(model, prepared.test, Pipeline(norm, numerics), cfg.batch_size)
+    final = evaluate(model, MemorySource(prepared, numerics, norm).test(cfg.batch_size))
     main = [row for row in ckpt["history"] if row["phase"] == "main"]
     if main:
         best = max(main, key=lambda row: row["test_top1"])  # first of equals: the earliest best epoch

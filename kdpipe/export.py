@@ -21,7 +21,7 @@ from torch import nn
 
 from . import data as data_mod
 from .config import Error
-from .engine import CheckpointError, load_checkpoint, restore_model
+from .checkpoint import CheckpointError, load_checkpoint, restore_model
 
 TOLERANCE = 1e-4
 

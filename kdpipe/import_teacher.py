@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from . import models
-from .engine import FORMAT, CheckpointError, atomic_save, read_weights
+from .checkpoint import FORMAT, CheckpointError, atomic_save, read_weights
 
 # RepDistiller's dataset/cifar100.py and mdistiller's: transforms.Normalize(mean, std)
 REFERENCE_NORMALIZATION = {"cifar100": {"mean": [0.5071, 0.4867, 0.4408], "std": [0.2675, 0.2565, 0.2761]}}

@@ -16,7 +16,8 @@ from typing import Optional
 
 import torch
 
-from . import config, engine, models
+from . import checkpoint as ckpt_io
+from . import config, engine, models, runtime, sources
 from . import data as data_mod
 from .config import ParamsError
 
@@ -42,8 +43,8 @@ def with_overrides(cfg: config.Train, model: Optional[str], seed: Optional[int])
 
 def train(section: str, cfg: config.Train, name: str, data_dir: Path) -> None:
     """Train `cfg.model` from scratch with cross-entropy (a teacher, a baseline, a table's model)."""
-    engine.pin_cpu(cfg.runtime)
-    numerics = engine.Numerics.from_runtime(cfg.runtime)
+    runtime.pin_cpu(cfg.runtime)
+    numerics = runtime.Numerics.from_runtime(cfg.runtime)
     prepared = data_mod.load(data_dir, numerics.device)
     torch.manual_seed(cfg.seed)
     model = models.create(cfg.model, prepared.num_classes)
@@ -64,22 +65,22 @@ def distill(methods: list[str], params: config.Params, cfg: config.Train, teache
         if single:
             raise ParamsError([f"{', '.join(single)} under torchrun is not supported (e.g. CRD's memory bank is "
                                "not shared across processes); run it in one process"])
-    engine.pin_cpu(cfg.runtime)
-    numerics = engine.Numerics.from_runtime(cfg.runtime)
+    runtime.pin_cpu(cfg.runtime)
+    numerics = runtime.Numerics.from_runtime(cfg.runtime)
     prepared = data_mod.load(data_dir, numerics.device)
-    ckpt = engine.load_checkpoint(teacher, num_classes=prepared.num_classes)
+    ckpt = ckpt_io.load_checkpoint(teacher, num_classes=prepared.num_classes)
     imported = ckpt["meta"].get("imported")
     if imported:  # a published teacher: kdpipe never saw its training arrays
         if ckpt["dataset"] != prepared.manifest["dataset"]:
-            raise engine.CheckpointError(f"{teacher}: an imported {ckpt['dataset']} teacher, but {data_dir} holds "
-                                         f"{prepared.manifest['dataset']}")
+            raise ckpt_io.CheckpointError(f"{teacher}: an imported {ckpt['dataset']} teacher, but {data_dir} holds "
+                                          f"{prepared.manifest['dataset']}")
         print(f"{teacher}: imported teacher {ckpt['model']} ({imported['file']}, sha256 {imported['sha256'][:12]}); "
               f"checked the dataset name ({ckpt['dataset']}) and class count ({ckpt['num_classes']}), "
               "not the prepared arrays; it sees its own input normalisation", file=sys.stderr)
     elif ckpt["data_sha256"] != prepared.manifest["sha256"]:
-        raise engine.CheckpointError(f"{teacher}: the teacher was trained on other data than {data_dir}")
-    teacher_model = numerics.prepare_model(engine.restore_model(ckpt))
-    teacher_input = engine.renormalisation(prepared.manifest, ckpt.get("normalization"), numerics.device)
+        raise ckpt_io.CheckpointError(f"{teacher}: the teacher was trained on other data than {data_dir}")
+    teacher_model = numerics.prepare_model(ckpt_io.restore_model(ckpt))
+    teacher_input = sources.renormalisation(prepared.manifest, ckpt.get("normalization"), numerics.device)
     torch.manual_seed(cfg.seed)
     student_model = models.create(cfg.model, prepared.num_classes)
     distill_params = params.distill.for_pair(ckpt["model"], cfg.model)
@@ -93,7 +94,7 @@ def distill(methods: list[str], params: config.Params, cfg: config.Train, teache
     except ValueError as e:  # an impossible teacher/student combination for this method
         if not na_ok:
             raise ParamsError([str(e)]) from None
-        engine.write_not_applicable(checkpoint(name), timing_log(name), cfg.model, prepared.num_classes, str(e), meta)
+        ckpt_io.write_not_applicable(checkpoint(name), timing_log(name), cfg.model, prepared.num_classes, str(e), meta)
         return str(e)
     run = engine.Run(name=name, model=student_model, cfg=cfg, out=checkpoint(name), log=timing_log(name),
                      objective=objective, meta=meta)

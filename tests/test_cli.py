@@ -125,14 +125,14 @@ def test_unwritable_output_folder_fails_before_training_in_one_line(workdir):
 
 
 def test_os_error_while_writing_is_one_line(workdir, monkeypatch):
-    from kdpipe import engine
+    from kdpipe import checkpoint
 
     invoke("data")
 
     def full_disk(path, data):
         raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr(engine, "atomic_write", full_disk)
+    monkeypatch.setattr(checkpoint, "atomic_write", full_disk)
     result = CliRunner().invoke(app, ["student"])
     assert result.exit_code == 1  # the first write (epoch 1's resume state) fails: one line, no traceback
     errors = [line for line in result.output.splitlines() if not line.startswith("student: epoch")]
@@ -141,14 +141,14 @@ def test_os_error_while_writing_is_one_line(workdir, monkeypatch):
 
 
 def test_atomic_write_leaves_nothing_half_written(tmp_path, monkeypatch):
-    from kdpipe import engine
+    from kdpipe import checkpoint
 
     target = tmp_path / "out.json"
-    monkeypatch.setattr(engine.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(5, "I/O error")))
+    monkeypatch.setattr(checkpoint.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(5, "I/O error")))
     import pytest
 
     with pytest.raises(OSError):
-        engine.atomic_write(target, "{}")
+        checkpoint.atomic_write(target, "{}")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from kdpipe import engine
+from kdpipe import checkpoint
 from kdpipe.cli import app
 
 from .conftest import tiny_params, write_params
@@ -36,8 +36,8 @@ def test_ddp_matches_single_process_and_writes_once(ddp_dir):
     proc = torchrun("teacher", "--name", "ddp")
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("ddp: epoch 3/3") == 1  # only rank 0 reports
-    single = engine.load_checkpoint(ddp_dir / "models/single.pt")
-    ddp = engine.load_checkpoint(ddp_dir / "models/ddp.pt")
+    single = checkpoint.load_checkpoint(ddp_dir / "models/single.pt")
+    ddp = checkpoint.load_checkpoint(ddp_dir / "models/ddp.pt")
     assert [r["epoch"] for r in ddp["history"]] == [1, 2, 3]
     for a, b in zip(single["history"], ddp["history"]):
         assert abs(a["train_loss"] - b["train_loss"]) < TOLERANCE

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdpipe import config, data, engine, models
+from kdpipe import checkpoint, config, data, engine, models, sources
 
 from .conftest import tiny_params
 
@@ -25,9 +25,8 @@ def make_run(tmp_path, name="s", **train_updates):
 
 
 def test_augmentation_matches_per_image_reference(prepared):
-    pipe = engine.Pipeline(prepared.manifest, engine.Numerics(torch.device("cpu"), False, False))
     x = prepared.train.x[:16]
-    got = pipe.augment(x, torch.Generator().manual_seed(7))
+    got = sources.pad_crop_flip(x, torch.Generator().manual_seed(7))
     # Reference: the same random draws, applied one image at a time with explicit pad/slice/flip.
     g = torch.Generator().manual_seed(7)
     dy = torch.randint(0, 9, (16, 1), generator=g)[:, 0]
@@ -38,7 +37,7 @@ def test_augmentation_matches_per_image_reference(prepared):
         crop = padded[:, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32]
         if flip[i]:
             crop = crop.flip(2)
-        torch.testing.assert_close(got[i], pipe.normalise(crop[None])[0])
+        assert torch.equal(got[i], crop)
     assert flip.any() and (~flip).any() and (dy != 4).any()
 
 
@@ -57,13 +56,12 @@ def test_evaluate_counts_top1_top5(prepared):
         def forward(self, x):
             return self.logits[: len(x)]
 
-    split = data.Split(prepared.test.x[:4], torch.tensor([0, 1, 2, 3]))
+    y = torch.tensor([0, 1, 2, 3])
     m = Fixed()
     m.logits = torch.tensor([[9., 8, 7, 6, 5, 4, 3, 2, 1, 0]] * 4)  # ranks class 0 first, then 1, ...
-    pipe = engine.Pipeline(prepared.manifest, engine.Numerics(torch.device("cpu"), False, False))
-    r = engine.evaluate(m, split, pipe, batch_size=3)
+    r = engine.evaluate(m, [(prepared.test.x[:3], y[:3]), (prepared.test.x[3:4], y[3:])])
     assert r["test_top1"] == 25.0 and r["test_top5"] == 100.0
-    expected_loss = F.cross_entropy(m.logits, split.y).item()
+    expected_loss = F.cross_entropy(m.logits, y).item()
     assert r["test_loss"] == pytest.approx(expected_loss)
 
 
@@ -111,14 +109,14 @@ def test_nan_loss_aborts_without_checkpoint(tmp_path, prepared):
 
 def test_checkpoint_of_other_architecture_is_rejected(tmp_path, prepared):
     engine.train(make_run(tmp_path), prepared)
-    ckpt = engine.load_checkpoint(tmp_path / "s.pt", "resnet8", 10)
+    ckpt = checkpoint.load_checkpoint(tmp_path / "s.pt", "resnet8", 10)
     assert ckpt["model"] == "resnet8" and ckpt["params_m"] == 0.08
-    with pytest.raises(engine.CheckpointError, match="holds resnet8 with 10 classes, expected resnet20 with 10"):
-        engine.load_checkpoint(tmp_path / "s.pt", "resnet20", 10)
+    with pytest.raises(checkpoint.CheckpointError, match="holds resnet8 with 10 classes, expected resnet20 with 10"):
+        checkpoint.load_checkpoint(tmp_path / "s.pt", "resnet20", 10)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(engine.CheckpointError, match="not a readable checkpoint"):
-        engine.load_checkpoint(tmp_path / "junk.pt")
-    model = engine.restore_model(ckpt)
+    with pytest.raises(checkpoint.CheckpointError, match="not a readable checkpoint"):
+        checkpoint.load_checkpoint(tmp_path / "junk.pt")
+    model = checkpoint.restore_model(ckpt)
     assert all(torch.equal(v, ckpt["state_dict"][k]) for k, v in model.state_dict().items())
 
 
@@ -136,7 +134,7 @@ def test_compile_warmup_leaves_the_run_unchanged(tmp_path, prepared, monkeypatch
 
 def test_an_init_stage_epoch_prints_no_test_columns(capsys):
     # the init stage does not test the student: its line says so by leaving the test columns out (no "nan%")
-    from kdpipe.engine import Reporter
+    from kdpipe.progress import Reporter
 
     log = Reporter("fsp", 3, 1, enabled=False)
     log.epoch({"epoch": 1, "phase": "init", "lr": 0.05, "train_loss": 1.5, "train_top1": 10.0}, 100.0)

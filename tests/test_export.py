@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from kdpipe import engine, export
+from kdpipe import checkpoint, engine, export
 from kdpipe.cli import app
 
 onnx = pytest.importorskip("onnx")
@@ -33,7 +33,7 @@ def reference_logits(workdir, name, x_uint8):
     manifest = json.loads((workdir / "data/prepared/manifest.json").read_text())
     mean = torch.tensor(manifest["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(manifest["std"]).view(1, 3, 1, 1)
-    model = engine.restore_model(engine.load_checkpoint(workdir / f"models/{name}.pt")).eval()
+    model = checkpoint.restore_model(checkpoint.load_checkpoint(workdir / f"models/{name}.pt")).eval()
     with torch.no_grad():
         return model((x_uint8.float() / 255 - mean) / std)
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 import kdpipe
 from kdpipe import models
 from kdpipe.cli import app
-from kdpipe.engine import renormalisation
+from kdpipe.sources import renormalisation
 from kdpipe.import_teacher import to_reference
 
 # one model per family (resnet56: the family kdpipe renames keys for)

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from kdpipe import config, data, engine, models
+from kdpipe.runtime import Numerics
+from kdpipe.sources import MemorySource
 from kdpipe.distill import Distiller, feature_shapes
 from kdpipe.distill import functional as Fd
 
@@ -122,6 +124,6 @@ def test_test_evaluation_is_fp32_whatever_the_training_numerics(tmp_path):
     prepared = data.load(tmp_path / "prepared")
     torch.manual_seed(0)
     model = models.create("resnet8", 10)
-    fp32 = engine.evaluate(model, prepared.test, engine.Pipeline(prepared.manifest, engine.Numerics(torch.device("cpu"), False, False)))
-    bf16 = engine.evaluate(model, prepared.test, engine.Pipeline(prepared.manifest, engine.Numerics(torch.device("cpu"), True, False)))
+    fp32 = engine.evaluate(model, MemorySource(prepared, Numerics(torch.device("cpu"), False, False)).test())
+    bf16 = engine.evaluate(model, MemorySource(prepared, Numerics(torch.device("cpu"), True, False)).test())
     assert bf16 == fp32  # bit-equal: no autocast in the evaluation that picks the best epoch

@@ -1,0 +1,140 @@
+"""Where and how a run computes: the device, bf16 and channels_last switches, CPU pinning, determinism,
+and DistributedDataParallel under torchrun. Nothing here changes what a run computes on the CPU's default
+settings (fp32, contiguous, one process); it decides where and in which number format."""
+
+from __future__ import annotations
+
+import os
+import platform
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import Error
+
+
+class TrainingError(Error):
+    pass
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError(f"device {spec!r} requested but CUDA is not available")
+    return torch.device(spec)
+
+
+def _switch(value: str, device: torch.device) -> bool:
+    """`auto` means on for CUDA and off for CPU, so CPU results stay exact fp32 and comparable."""
+    return device.type == "cuda" if value == "auto" else value == "on"
+
+
+@dataclass(frozen=True)
+class Numerics:
+    device: torch.device
+    bf16: bool
+    channels_last: bool
+
+    @classmethod
+    def from_runtime(cls, runtime, local_rank: int = 0) -> "Numerics":
+        device = resolve_device(runtime.device)
+        if device.type == "cuda" and device.index is None and local_rank:  # one GPU per DDP rank
+            device = torch.device("cuda", local_rank)
+        return cls(device, _switch(runtime.bf16, device), _switch(runtime.channels_last, device))
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "DNNL_MAX_CPU_ISA": "AVX2"}
+
+
+def pin_cpu(cfg) -> None:
+    """Apply `runtime.cpu_isa` / `cpu_threads` (config.CpuPin). Must run before the process's first
+    torch op: ATen and oneDNN read their instruction-set limits once, at first use."""
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
+    if cfg.cpu_isa == "native":
+        return
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        raise TrainingError(f"cpu_isa: {cfg.cpu_isa} needs an x86-64 CPU (this is {platform.machine()}); use native")
+    os.environ.update(AVX2_ENV)
+    got = torch.backends.cpu.get_cpu_capability()
+    if got != "AVX2":
+        raise TrainingError(f"cpu_isa: avx2 requested but torch runs {got} kernels in this process "
+                            "(a CPU without AVX2, or torch ops ran before kdpipe could pin the ISA)")
+
+
+def set_determinism(device: torch.device) -> None:
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True)
+    else:  # on CUDA we prefer cuDNN autotuning: fast, reproducible in distribution but not bitwise
+        torch.backends.cudnn.benchmark = True
+
+
+# --- multi-GPU: DistributedDataParallel under torchrun -----------------------------------------------
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; one process (the default) needs nothing."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def all_sum(t: torch.Tensor, ddp: Dist) -> torch.Tensor:
+    if ddp.world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(t)
+    return t
+
+
+def barrier(ddp: Dist) -> None:
+    if ddp.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def wrap(model: nn.Module, ddp: Dist, numerics: Numerics, compile: bool, sync_bn: bool, unused_params: bool):
+    """(model, forward_model): the model on its device and layout (SyncBatchNorm under DDP where asked), and
+    what the loop calls forward on — the same model, or it wrapped by DistributedDataParallel and/or
+    torch.compile. Checkpoints always hold `model`'s own state dict."""
+    if ddp.world > 1 and sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = numerics.prepare_model(model)
+    forward_model = model
+    if ddp.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        dev = numerics.device
+        forward_model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                                find_unused_parameters=unused_params)
+    if compile:
+        forward_model = torch.compile(forward_model)
+    return model, forward_model
