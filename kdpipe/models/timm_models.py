@@ -30,8 +30,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from .base import Features
-from .tv import WeightsError, add_mixin, check_file, is_weights_file, note_new_head
+from .base import Features, is_weights_file
+from .tv import WeightsError, add_mixin, check_file, note_new_head
 
 PREFIX = "timm/"
 
@@ -44,14 +44,25 @@ def _timm(label: str):
     return timm
 
 
-def create(name: str, num_classes: int, weights: str | None = None) -> nn.Module:
-    """timm's `name` for `num_classes` classes, with `weights` (see the module docstring)."""
+def check_name(name: str) -> None:
     label = PREFIX + name
     timm = _timm(label)
     arch, _ = timm.models.split_model_name_tag(name)
     if not timm.is_model(arch):
         close = ", ".join(PREFIX + n for n in timm.list_models(f"*{arch}*")[:5]) or "timm/resnet18"
         raise ValueError(f"unknown model {label!r}; e.g. {close} (see timm.list_models())")
+    try:
+        timm.models.get_pretrained_cfg(name)  # an unknown .tag in the name
+    except RuntimeError as e:
+        raise ValueError(f"{label}: {e} (see timm.list_pretrained('{arch}.*'))") from None
+
+
+def create(name: str, num_classes: int, weights: str | None = None) -> nn.Module:
+    """timm's `name` for `num_classes` classes, with `weights` (see the module docstring)."""
+    label = PREFIX + name
+    check_name(name)
+    timm = _timm(label)
+    arch, _ = timm.models.split_model_name_tag(name)
     if weights is None:
         model = timm.create_model(name, num_classes=num_classes)
     elif is_weights_file(weights):
@@ -70,15 +81,16 @@ def _from_named(timm, label: str, name: str, arch: str, num_classes: int, weight
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
         tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{arch}.*")]
         raise WeightsError(f"{label}: unknown weights {weights!r}; valid: pretrained, {', '.join(tags)} or a "
-                           ".pth/.safetensors file" if tags else
-                           f"{label}: timm has no pretrained weights for {arch}; pass weights: /path/to/file.safetensors")
+                           ".pth/.safetensors file" if tags else f"{label}: timm has no pretrained weights for "
+                           f"{arch}; pass weights: /path/to/file.safetensors")
+    source = f"{arch}.{cfg.tag}"
     try:
         model = timm.create_model(full, pretrained=True, num_classes=num_classes)
     except OSError as e:  # huggingface_hub's errors (offline, not cached, HTTP) and urllib's are OSErrors
-        raise WeightsError(f"{label}: cannot download {cfg.architecture}.{cfg.tag} weights ({type(e).__name__}); "
+        raise WeightsError(f"{label}: cannot download {source} weights ({type(e).__name__}); "
                            f"offline, {_where(cfg)}, or pass weights: /path/to/file.safetensors") from None
     if cfg.num_classes != num_classes:
-        note_new_head(label, f"{cfg.architecture}.{cfg.tag}", cfg.num_classes, num_classes)
+        note_new_head(label, source, cfg.num_classes, num_classes)
     return model
 
 
@@ -90,7 +102,7 @@ def _where(cfg) -> str:
         constants = None
     if cfg.hf_hub_id and constants is not None:
         return (f"put Hugging Face repo {cfg.hf_hub_id} in the cache {constants.HF_HUB_CACHE} "
-                f"(hf download {cfg.hf_hub_id})")
+                f"(hf download {cfg.hf_hub_id}; HF_HUB_OFFLINE=1 skips the retries)")
     file = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(cfg.url).path))
     return f"put {cfg.url} at {file}"
 

@@ -4,14 +4,17 @@ built by `torchvision.models.get_model`, with kdpipe's `features=True` added.
 The model IS torchvision's: its class is swapped for a subclass that only adds the `features` argument
 (`forward(x)` is torchvision's own), so `state_dict()` keys, parameter counts and `isinstance` stay the
 library's and a torchvision state dict loads as is. The feature taps come from torchvision's FX feature
-extraction (`create_feature_extractor`): the model's graph is traced once, the taps are picked by shape
-(below), and the graph that returns them is compiled into a function called with the model as `self`;
-it holds no module of its own, so `deepcopy`, `.to()` and SyncBatchNorm's module swaps keep working
-(`torch.save(model)` of the whole module does not: save `state_dict()`).
+extraction (`get_graph_node_names`, `create_feature_extractor`) when the model is built: the taps are picked
+from the shapes of the graph's nodes (below), and the train and eval graphs that return them are compiled
+into functions called with the model as `self`. They hold no module of their own, so `deepcopy`, `.to()`
+and SyncBatchNorm's module swaps keep working (`torch.save(model)` of the whole module does not: save
+its `state_dict()`).
 
-Taps, picked generically from the eval-mode graph at the model's input size (224, or its `image_size`):
-- `stages`: one map per stride (2, 4, 8, 16, 32), the last node at that stride before the head, i.e.
-  timm's `feature_info` convention. resnet: `relu` (the stem after its ReLU, before the max pool),
+Taps, picked generically from the eval-mode graph, its shapes run on the meta device at the model's input
+size (224, or its `image_size`):
+- `stages`: one map per stride (2, 4, 8, 16, 32): at each, the last output of the outermost module (a
+  stage's or block's output, not a node of the next block before its strided conv), up to the head, as
+  timm's `feature_info` picks them. resnet: `relu` (the stem after its ReLU, before the max pool),
   `layer1`..`layer4`; mobilenet/efficientnet/mnasnet: the last block of `features` at each stride;
   convnext: each stage's last block; vgg/alexnet: the last ReLU or max pool at each stride; densenet:
   each transition's pool and the final ReLU. Transformers give the few NCHW maps their graph has
@@ -45,10 +48,9 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from ..config import Error
-from .base import Features
+from .base import Features, is_weights_file
 
 PREFIX = "tv/"
-WEIGHTS_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin")
 
 
 class WeightsError(Error):
@@ -56,11 +58,6 @@ class WeightsError(Error):
 
 
 # ---- weights helpers (shared with timm_models.py) ----
-
-def is_weights_file(weights: str) -> bool:
-    """A path, not a name: it has a state-dict suffix or a folder part."""
-    return weights.endswith(WEIGHTS_SUFFIXES) or "/" in weights or os.sep in weights
-
 
 def check_file(label: str, path: str) -> Path:
     p = Path(path).expanduser()
@@ -74,10 +71,12 @@ def read_state_dict(label: str, path: str) -> dict[str, torch.Tensor]:
     p = check_file(label, path)
     try:
         if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors.torch import load_file  # a dependency of timm, not of kdpipe
 
             return load_file(str(p), device="cpu")
         sd = torch.load(p, map_location="cpu", weights_only=True)
+    except ImportError:
+        raise WeightsError(f"{label}: reading {p} needs safetensors: pip install safetensors") from None
     except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
         raise WeightsError(f"{label}: {p} is not a readable state dict ({type(e).__name__})") from None
     if not (isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values())):
@@ -107,12 +106,16 @@ def names() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)
 
 
+def check_name(name: str) -> None:
+    if name not in names():
+        raise ValueError(f"unknown model {PREFIX + name!r}; e.g. tv/resnet18, tv/mobilenet_v3_small, tv/efficientnet_b0 "
+                         "(see torchvision.models.list_models(module=torchvision.models))")
+
+
 def create(name: str, num_classes: int, weights: str | None = None) -> nn.Module:
     """torchvision's `name` for `num_classes` classes, with `weights` (see the module docstring)."""
     label = PREFIX + name
-    if name not in names():
-        raise ValueError(f"unknown model {label!r}; e.g. tv/resnet18, tv/mobilenet_v3_small, tv/efficientnet_b0 "
-                         "(see torchvision.models.list_models(module=torchvision.models))")
+    check_name(name)
     if weights is None:
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     elif is_weights_file(weights):
@@ -145,7 +148,8 @@ def _from_named(label: str, name: str, num_classes: int, weights: str) -> nn.Mod
     tag = weights.removeprefix(enum.__name__ + ".")
     valid = ["DEFAULT"] + [w.name for w in enum]
     if tag not in valid:
-        raise WeightsError(f"{label}: unknown weights {weights!r}; valid: {', '.join(valid)} or a .pth/.safetensors file")
+        raise WeightsError(f"{label}: unknown weights {weights!r}; valid: {', '.join(valid)} "
+                           "or a .pth/.safetensors file")
     w = enum[tag]
     file = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(w.url).path))
     try:
@@ -219,7 +223,9 @@ def _with_features(model: nn.Module) -> nn.Module:
 def _is(node, model, modules: tuple, functions: tuple, methods: tuple = ()) -> bool:
     if node.op == "call_module":
         return isinstance(model.get_submodule(node.target), modules)
-    return (node.op == "call_function" and node.target in functions) or (node.op == "call_method" and node.target in methods)
+    if node.op == "call_function":
+        return node.target in functions
+    return node.op == "call_method" and node.target in methods
 
 
 def _is_relu(node, model) -> bool:
@@ -227,7 +233,8 @@ def _is_relu(node, model) -> bool:
 
 
 def _is_adaptive_pool(node, model) -> bool:
-    return _is(node, model, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d), (F.adaptive_avg_pool2d, F.adaptive_max_pool2d))
+    return _is(node, model, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d),
+               (F.adaptive_avg_pool2d, F.adaptive_max_pool2d))
 
 
 def _ancestors(node) -> set:
