@@ -223,8 +223,9 @@ def import_teacher_cmd(path: Path = typer.Argument(..., help="RepDistiller/mdist
     from .data import read_manifest
     from .import_teacher import DATASET_CLASSES, REFERENCE_NORMALIZATION, import_teacher
 
-    if model not in models.MODEL_NAMES:
-        fail(f"--model: unknown model {model!r}; valid models: {', '.join(models.MODEL_NAMES)}", 2)
+    if model not in models.REGISTRY:
+        fail(f"--model: import-teacher reads RepDistiller/mdistiller checkpoints of kdpipe's models "
+             f"({', '.join(models.MODEL_NAMES)}); a tv/ or timm/ teacher takes its file as teacher.weights", 2)
     mean_v, std_v = parse_triple("--mean", mean), parse_triple("--std", std)
     if (mean_v is None) != (std_v is None):
         fail("--mean and --std go together", 2)
@@ -302,8 +303,10 @@ def bench(model: str = typer.Option("resnet20", help="student model"),
     from . import models as models_mod
 
     for m in (model, teacher):
-        if m not in models_mod.MODEL_NAMES:
-            fail(f"unknown model {m!r}; valid models: {', '.join(models_mod.MODEL_NAMES)}", 2)
+        try:
+            models_mod.check_name(m)
+        except ValueError as e:
+            fail(str(e), 2)
     chosen = tuple(m for m in methods.split(",") if m)
     config.parse_methods("+".join(chosen)) if chosen else None
     out = bench_mod.run(model, teacher, batch_size, steps, warmup, repeats, workers, device, chosen, images)

@@ -9,14 +9,15 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .models import MODEL_NAMES
+from .models import check_name, is_weights_file
 
-ModelName = Literal[MODEL_NAMES]  # type: ignore[valid-type]
+# kdpipe's models (kdpipe/models/) and the libraries' (`tv/<torchvision name>`, `timm/<timm name>`)
+ModelName = Annotated[str, AfterValidator(check_name)]
 
 
 class Error(RuntimeError):
@@ -50,11 +51,22 @@ class Data(Strict):
     mirror: Optional[str] = None  # base URL of the CIFAR archives; env KDPIPE_CIFAR_MIRROR wins
     path: Optional[str] = None  # dataset folder: an image folder with train/<class>/* and test/<class>/*
     synthetic: Synthetic = Synthetic()
+    image_size: int = Field(32, ge=8, le=1024, description="side of the square images the models see")
+    # cifar: pad-4 random crop + flip at image_size; imagenet: torchvision's reference recipe
+    # (RandomResizedCrop(image_size, scale 0.08-1) + flip; test: shorter side to image_size / 0.875, centre crop)
+    augment: Literal["cifar", "imagenet"] = "cifar"
+    # the inputs' mean/std: the training set's own, or ImageNet's (what torchvision's/timm's pretrained weights saw)
+    normalize: Literal["dataset", "imagenet"] = "dataset"
+    # memory: decoded uint8 arrays held on the training device (CIFAR-sized data); stream: the image files,
+    # decoded and augmented per epoch by DataLoader workers (data larger than memory; dataset: folder)
+    source: Literal["memory", "stream"] = "memory"
 
     @model_validator(mode="after")
     def _folder_needs_path(self):
         if (self.dataset == "folder") != (self.path is not None):
             raise ValueError("path is required for dataset: folder (and only used there)")
+        if self.source == "stream" and self.dataset != "folder":
+            raise ValueError(f"source: stream reads image files (dataset: folder); {self.dataset} is held in memory")
         return self
 
 
@@ -103,6 +115,7 @@ class Runtime(CpuPin):
     channels_last: Literal["auto", "on", "off"] = "auto"
     compile: bool = False
     sync_bn: bool = False  # under torchrun: SyncBatchNorm instead of per-rank BN statistics (CUDA only)
+    workers: int = Field(2, ge=0, description="data: source stream: decoding processes (results do not depend on it)")
 
     @field_validator("device")
     @classmethod
@@ -125,6 +138,9 @@ class Recipe(Strict):
 class Train(Strict):
     recipe: Optional[str] = None  # the recipe this section was built from (already merged in)
     model: ModelName = "resnet20"
+    # tv/ and timm/ models: null (the architecture's init), a weights name (torchvision's IMAGENET1K_V1,
+    # DEFAULT, ...; timm's `pretrained` or a tag) or a state-dict file (.pth/.pt/.safetensors)
+    weights: Optional[str] = None
     seed: int = Field(0, ge=0)
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=2)
@@ -148,6 +164,7 @@ class Train(Strict):
 class Evaluate(CpuPin):
     batch_size: int = Field(1000, ge=1)
     device: str = "auto"
+    workers: int = Field(2, ge=0, description="data: source stream: decoding processes")
 
 
 # --- distillation ---------------------------------------------------------------------------------
@@ -251,8 +268,10 @@ class DKDParams(FeatureParams):
     def _pairs(cls, v: dict[str, float]) -> dict[str, float]:
         for key, beta in v.items():
             t, _, s = key.partition("->")
-            if t not in MODEL_NAMES or s not in MODEL_NAMES:
-                raise ValueError(f"key {key!r} is not 'teacher->student' with two model names")
+            try:
+                check_name(t), check_name(s)
+            except ValueError:
+                raise ValueError(f"key {key!r} is not 'teacher->student' with two model names") from None
             if beta < 0:
                 raise ValueError(f"{key}: beta must be >= 0")
         return v
@@ -416,6 +435,12 @@ def load_params(path: str | Path = "params.yaml", require: tuple[str, ...] = ())
     if missing:
         raise ParamsError([f"{path}: missing section {s!r} (this command reads it)" for s in missing])
     p = validate(raw)
-    if p.data.path is not None and not Path(p.data.path).is_absolute():  # relative to the params file's folder
-        p = p.model_copy(update={"data": p.data.model_copy(update={"path": os.path.normpath(path.parent / p.data.path)})})
+    # files named in the params (data.path, a section's weights file) are relative to the params file's folder
+    here = lambda f: f if Path(f).is_absolute() else os.path.normpath(path.parent / f)  # noqa: E731
+    if p.data.path is not None:
+        p = p.model_copy(update={"data": p.data.model_copy(update={"path": here(p.data.path)})})
+    for role in TRAIN_SECTIONS:
+        w = getattr(p, role).weights
+        if w is not None and is_weights_file(w):
+            p = p.model_copy(update={role: getattr(p, role).model_copy(update={"weights": here(w)})})
     return p

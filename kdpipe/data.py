@@ -1,7 +1,12 @@
-"""`kdpipe data`: fetch CIFAR (or draw the embedded synthetic set) and write compact uint8 arrays.
+"""`kdpipe data`: fetch CIFAR, read an image folder or draw the embedded synthetic set, at `data.image_size`.
 
-Output folder (a DVC output): train_x.npy (N x 3 x 32 x 32 uint8), train_y.npy (int64), test_x.npy,
-test_y.npy and manifest.json (dataset, classes, counts, per-channel mean/std, sha256 of each array).
+Output folder (a DVC output), `data.source: memory`: train_x.npy (N x 3 x S x S uint8), train_y.npy (int64),
+test_x.npy, test_y.npy and manifest.json (dataset, classes, counts, image size, augmentation, per-channel
+mean/std, sha256 of each array). S is `image_size` for the `cifar` augmentation; for `imagenet` it is the
+evaluation's resize, round(image_size / 0.875), every image's centre square (see `fit`). With
+`data.source: stream` (an image folder larger than memory) nothing is decoded up front: samples.json lists
+each split's files (path relative to the folder, label, size in bytes) and the manifest's sha256 is that
+list's; the training source decodes the files per epoch (kdpipe/sources.py).
 Everything is written to a temporary folder first and renamed into place, so a failure leaves nothing.
 """
 
@@ -106,30 +111,47 @@ def _read_cifar(dataset: str, archive: Path):
     return arrays(parts), arrays([test]), classes
 
 
-def _read_image(path: str) -> tuple[np.ndarray, bool]:
-    """An image file as RGB uint8 (3, 32, 32); other sizes are resized with PIL's bilinear filter
-    (antialiased when shrinking, aspect ratio not kept). Returns (pixels, resized)."""
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # torchvision's pretrained weights'
+EVAL_CROP = 0.875  # torchvision's reference evaluation: resize the shorter side to size / 0.875, centre crop size
+
+
+def stored_size(image_size: int, augment: str) -> int:
+    """The side of the images a memory source stores: the evaluation's resize for `imagenet`."""
+    return image_size if augment == "cifar" else round(image_size / EVAL_CROP)
+
+
+def fit(x: torch.Tensor, image_size: int, augment: str) -> torch.Tensor:
+    """uint8 images (..., 3, H, W) as a memory source stores them: `cifar`: resized to image_size x image_size
+    (aspect not kept, like CIFAR's own 32 x 32; unchanged at that size); `imagenet`: the shorter side resized
+    to round(image_size / 0.875) and the centre square kept, so training crops at random within it and the
+    test takes its centre image_size crop (the reference evaluation). Bilinear, antialiased (torchvision)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    s = stored_size(image_size, augment)
+    if augment == "cifar":
+        return x if tuple(x.shape[-2:]) == (s, s) else TF.resize(x, [s, s], antialias=True)
+    return TF.center_crop(TF.resize(x, s, antialias=True), [s, s])
+
+
+def read_image(path: str) -> torch.Tensor:
+    """An image file as RGB uint8 (3, H, W), decoded with PIL (every format ImageFolder lists)."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            resized = im.size != (32, 32)
-            if resized:
-                im = im.resize((32, 32), Image.Resampling.BILINEAR)
-            return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1), resized
+            return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
 
 
-def _read_folder(root: Path):
+def _list_folder(root: Path):
     """`root/train/<class>/*` and `root/test/<class>/*`, with torchvision's ImageFolder discovery (class
-    names = sorted folder names, its image extensions)."""
+    names = sorted folder names, its image extensions): ([(path, label)] per split, classes)."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder not found")
-    splits, classes, resized = [], None, 0
+    splits, classes = [], None
     for split in ("train", "test"):
         d = root / split
         try:
@@ -148,14 +170,51 @@ def _read_folder(root: Path):
         skipped = sum(1 for f in d.rglob("*") if f.is_file() and not f.name.lower().endswith(IMG_EXTENSIONS))
         if skipped:
             print(f"{d}: skipped {skipped} files that are not images ({', '.join(IMG_EXTENSIONS)})", file=sys.stderr)
+        splits.append(samples)
+    return splits, classes
+
+
+def _read_folder(root: Path, image_size: int, augment: str):
+    """The folder's images decoded and fitted (`fit`) as uint8 arrays: (train, test, classes, resized)."""
+    (train, test), classes = _list_folder(root)
+    s, resized, out = stored_size(image_size, augment), 0, []
+    for samples in (train, test):
         images = []
         for path, _ in samples:
-            x, r = _read_image(path)
-            images.append(x)
-            resized += r
-        y = np.asarray([label for _, label in samples], dtype=np.int64)
-        splits.append((np.stack(images), y))
-    return splits[0], splits[1], classes, resized
+            x = read_image(path)
+            resized += tuple(x.shape[1:]) != (s, s)
+            images.append(fit(x, image_size, augment).numpy())
+        out.append((np.stack(images), np.asarray([label for _, label in samples], dtype=np.int64)))
+    return out[0], out[1], classes, resized
+
+
+def _stream_samples(root: Path, out_dir: Path):
+    """What a stream source reads: each split's files as [path relative to samples.json's folder, label, bytes]."""
+    (train, test), classes = _list_folder(root)
+    rel = lambda p: os.path.relpath(p, out_dir)  # noqa: E731  (the prepared folder is renamed into out_dir)
+    listed = {split: [[rel(p), label, os.path.getsize(p)] for p, label in samples]
+              for split, samples in (("train", train), ("test", test))}
+    return listed, classes
+
+
+def stream_statistics(listed: dict, base: Path, image_size: int, augment: str, n: int = 1000) -> tuple[list, list]:
+    """Per-channel mean/std of up to `n` training images spread evenly over the set (their `fit` views): the
+    statistics of a set too large to decode whole."""
+    rows = listed["train"]
+    pick = rows[::max(1, len(rows) // n)][:n]
+    c = image_size // 2  # the same centre crop whatever the convention stores
+    sums = torch.zeros(3, dtype=torch.float64)
+    squares = torch.zeros(3, dtype=torch.float64)
+    count = 0
+    for path, _, _ in pick:
+        x = fit(read_image(os.path.normpath(base / path)), image_size, augment).double() / 255
+        x = x[:, x.shape[1] // 2 - c:x.shape[1] // 2 - c + image_size, x.shape[2] // 2 - c:x.shape[2] // 2 - c + image_size]
+        sums += x.sum((1, 2))
+        squares += (x * x).sum((1, 2))
+        count += x.shape[1] * x.shape[2]
+    mean = sums / count
+    std = (squares / count - mean * mean).clamp_min(0).sqrt()
+    return [round(float(m), 6) for m in mean], [round(float(v), 6) for v in std]
 
 
 def _sha256(path: Path) -> str:
@@ -163,47 +222,74 @@ def _sha256(path: Path) -> str:
 
 
 def prepare(cfg, out_dir: Path, raw_dir: Path = Path("data/raw")) -> dict:
-    """Build the prepared arrays for `cfg` (a config.Data) in `out_dir`; returns the manifest."""
-    if cfg.dataset == "synthetic":
-        s = cfg.synthetic
-        (tx, ty), (vx, vy) = synthetic.generate(s.num_classes, s.train_size, s.test_size, s.seed)
-        train, test = (tx.numpy(), ty.numpy()), (vx.numpy(), vy.numpy())
-        classes = synthetic.class_names(s.num_classes)
-        source = f"kdpipe synthetic (seed {s.seed})"
-    elif cfg.dataset == "folder":
-        train, test, classes, resized = _read_folder(Path(cfg.path))
-        source = cfg.path
-        if resized:
-            print(f"{cfg.path}: resized {resized} images to 32x32 (PIL bilinear)", file=sys.stderr)
-    else:
-        raw_dir.mkdir(parents=True, exist_ok=True)
-        archive = download(cfg.dataset, raw_dir, cfg.mirror)
-        train, test, classes = _read_cifar(cfg.dataset, archive)
-        source = mirror_url(cfg.mirror) + CIFAR[cfg.dataset].filename
-    if train[1].min() < 0 or max(train[1].max(), test[1].max()) >= len(classes):
-        raise DataError(f"{cfg.dataset}: labels outside 0..{len(classes) - 1}")
-
+    """Build the prepared data for `cfg` (a config.Data) in `out_dir`; returns the manifest."""
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, arr in zip(ARRAYS, (*train, *test)):
-        np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr))
-    pixels = torch.from_numpy(train[0]).float().div_(255)
+    size, augment = cfg.image_size, cfg.augment
+    if cfg.source == "stream":
+        listed, classes = _stream_samples(Path(cfg.path), out_dir)
+        labels = {split: np.asarray([label for _, label, _ in rows], dtype=np.int64) for split, rows in listed.items()}
+        if cfg.normalize == "imagenet":
+            mean, std = IMAGENET_MEAN, IMAGENET_STD
+        else:
+            mean, std = stream_statistics(listed, out_dir, size, augment)
+        tmp.mkdir(parents=True)
+        (tmp / "samples.json").write_text(json.dumps(listed) + "\n")
+        train_y, test_y, sha256 = labels["train"], labels["test"], {"samples": _sha256(tmp / "samples.json")}
+        source = cfg.path
+    else:
+        if cfg.dataset == "synthetic":
+            s = cfg.synthetic
+            (tx, ty), (vx, vy) = synthetic.generate(s.num_classes, s.train_size, s.test_size, s.seed)
+            train, test = (fit(tx, size, augment).numpy(), ty.numpy()), (fit(vx, size, augment).numpy(), vy.numpy())
+            classes = synthetic.class_names(s.num_classes)
+            source = f"kdpipe synthetic (seed {s.seed})"
+        elif cfg.dataset == "folder":
+            train, test, classes, resized = _read_folder(Path(cfg.path), size, augment)
+            source = cfg.path
+            if resized:
+                s = stored_size(size, augment)
+                print(f"{cfg.path}: resized {resized} images to {s}x{s} ({augment} convention)", file=sys.stderr)
+        else:
+            raw_dir.mkdir(parents=True, exist_ok=True)
+            archive = download(cfg.dataset, raw_dir, cfg.mirror)
+            (tx, ty), (vx, vy), classes = _read_cifar(cfg.dataset, archive)
+            fitted = lambda x: fit(torch.from_numpy(x), size, augment).numpy()  # noqa: E731
+            train, test = (fitted(tx), ty), (fitted(vx), vy)
+            source = mirror_url(cfg.mirror) + CIFAR[cfg.dataset].filename
+        tmp.mkdir(parents=True)
+        for name, arr in zip(ARRAYS, (*train, *test)):
+            np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr))
+        if cfg.normalize == "imagenet":
+            mean, std = IMAGENET_MEAN, IMAGENET_STD
+        else:
+            pixels = torch.from_numpy(train[0]).float().div_(255)
+            mean = [round(float(m), 6) for m in pixels.mean((0, 2, 3))]
+            std = [round(float(s), 6) for s in pixels.std((0, 2, 3))]
+        train_y, test_y = train[1], test[1]
+        sha256 = {name: _sha256(tmp / f"{name}.npy") for name in ARRAYS}
+    if train_y.min() < 0 or max(train_y.max(), test_y.max()) >= len(classes):
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"{cfg.dataset}: labels outside 0..{len(classes) - 1}")
     manifest = {
         "dataset": cfg.dataset,
         "source": source,
         "num_classes": len(classes),
         "classes": classes,
-        "train_size": int(len(train[1])),
-        "test_size": int(len(test[1])),
-        "mean": [round(float(m), 6) for m in pixels.mean((0, 2, 3))],
-        "std": [round(float(s), 6) for s in pixels.std((0, 2, 3))],
-        "sha256": {name: _sha256(tmp / f"{name}.npy") for name in ARRAYS},
+        "train_size": int(len(train_y)),
+        "test_size": int(len(test_y)),
+        "image_size": size,
+        "augment": augment,
+        "storage": cfg.source,
+        "mean": mean,
+        "std": std,
+        "sha256": sha256,
     }
     if cfg.dataset == "folder":
         manifest["class_counts"] = {split: dict(zip(classes, np.bincount(y, minlength=len(classes)).tolist()))
-                                    for split, y in (("train", train[1]), ("test", test[1]))}
-        manifest["resized"] = resized
+                                    for split, y in (("train", train_y), ("test", test_y))}
+        if cfg.source == "memory":
+            manifest["resized"] = resized
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
@@ -212,7 +298,7 @@ def prepare(cfg, out_dir: Path, raw_dir: Path = Path("data/raw")) -> dict:
 
 @dataclass
 class Split:
-    x: torch.Tensor  # uint8 N x 3 x 32 x 32, on the training device
+    x: torch.Tensor  # uint8 N x 3 x S x S, on the training device
     y: torch.Tensor  # int64 N
 
 
@@ -245,6 +331,8 @@ def load(data_dir: str | Path, device: torch.device | str = "cpu") -> Prepared:
     """Load prepared arrays onto `device`, checking them against the manifest's sha256."""
     data_dir = Path(data_dir)
     manifest = read_manifest(data_dir)
+    if manifest.get("storage") == "stream":
+        raise DataError(f"{data_dir}: streamed data (data.source: stream) holds no arrays to load")
     arrays = {}
     for name in ARRAYS:
         path = data_dir / f"{name}.npy"
@@ -252,3 +340,17 @@ def load(data_dir: str | Path, device: torch.device | str = "cpu") -> Prepared:
             raise DataError(f"{path}: missing or does not match manifest.json (re-run `kdpipe data`)")
         arrays[name] = torch.from_numpy(np.load(path)).to(device)
     return Prepared(Split(arrays["train_x"], arrays["train_y"]), Split(arrays["test_x"], arrays["test_y"]), manifest)
+
+
+def load_samples(data_dir: str | Path) -> tuple[dict, dict]:
+    """A stream source's prepared data: (manifest, {split: ([file paths], labels tensor)}), checked against
+    the manifest's sha256, with each file's size checked against the listing when it is read."""
+    data_dir = Path(data_dir)
+    manifest = read_manifest(data_dir)
+    path = data_dir / "samples.json"
+    if not path.is_file() or _sha256(path) != manifest["sha256"].get("samples"):
+        raise DataError(f"{path}: missing or does not match manifest.json (re-run `kdpipe data`)")
+    listed = json.loads(path.read_text())
+    return manifest, {split: ([os.path.normpath(data_dir / p) for p, _, _ in rows], [size for _, _, size in rows],
+                              torch.tensor([label for _, label, _ in rows], dtype=torch.int64))
+                      for split, rows in listed.items()}

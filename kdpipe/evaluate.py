@@ -19,7 +19,7 @@ from . import data as data_mod
 from .checkpoint import atomic_write, load_checkpoint, restore_model
 from .engine import evaluate
 from .runtime import Numerics, resolve_device
-from .sources import MemorySource
+from .sources import open_source
 
 PLOT_COLUMNS = ("epoch", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5")
 
@@ -33,16 +33,16 @@ def run(name: str, ckpt_path: Path, data_dir: Path, metrics_path: Path, plots_pa
         atomic_write(plots_path, ",".join(PLOT_COLUMNS) + "\n")
         return metrics
     numerics = Numerics(resolve_device(cfg.device), bf16=False, channels_last=False)  # exact fp32
-    prepared = data_mod.load(data_dir, numerics.device)
+    manifest = data_mod.read_manifest(data_dir)
     imported = ckpt["meta"].get("imported")
-    same_data = (ckpt["dataset"] == prepared.manifest["dataset"]) if imported else \
-        ckpt["data_sha256"] == prepared.manifest["sha256"]
-    if ckpt["num_classes"] != prepared.num_classes or not same_data:
+    same_data = (ckpt["dataset"] == manifest["dataset"]) if imported else \
+        ckpt["data_sha256"] == manifest["sha256"]
+    if ckpt["num_classes"] != manifest["num_classes"] or not same_data:
         raise data_mod.DataError(f"{ckpt_path}: trained on other data than {data_dir}")
     model = restore_model(ckpt).to(numerics.device)
     # the checkpoint's own input normalisation (an imported teacher's differs slightly from the data's)
-    norm = ckpt.get("normalization") or prepared.manifest
-    final = evaluate(model, MemorySource(prepared, numerics, norm).test(cfg.batch_size))
+    norm = ckpt.get("normalization") or manifest
+    final = evaluate(model, open_source(data_dir, numerics, cfg.workers, norm).test(cfg.batch_size))
     main = [row for row in ckpt["history"] if row["phase"] == "main"]
     if main:
         best = max(main, key=lambda row: row["test_top1"])  # first of equals: the earliest best epoch

@@ -2,7 +2,7 @@
 
 What is exported: the model alone (no regressors, embeddings or other method parts), eval mode, fp32,
 a dynamic batch dimension, and the input normalisation **folded into the graph**: the input is
-`image`, float32 RGB in [0, 1] (uint8 pixels / 255), shape (N, 3, 32, 32); the output is `logits`
+`image`, float32 RGB in [0, 1] (uint8 pixels / 255), shape (N, 3, S, S) with S the data's `image_size`; the output is `logits`
 (N, classes). The mean/std, class names and the source checkpoint are also written to the ONNX
 metadata. After exporting, the file is run (onnxruntime / torch.jit.load) on a batch of the prepared
 test set and compared with PyTorch; a max |logit difference| above `tolerance` is an error and removes
@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import data as data_mod
+from .runtime import Numerics
+from .sources import open_source
 from .config import Error
 from .checkpoint import CheckpointError, load_checkpoint, restore_model
 
@@ -43,13 +44,13 @@ class Normalized(nn.Module):
         return self.model((image - self.mean) / self.std)
 
 
-def _onnx(module: nn.Module, path: Path, opset: int | None, metadata: dict) -> None:
+def _onnx(module: nn.Module, path: Path, opset: int | None, metadata: dict, size: int) -> None:
     try:
         import onnx
     except ImportError:
         raise ExportError("ONNX export needs the export extra: pip install -e '.[export]'") from None
     batch = torch.export.Dim("batch", min=1)
-    program = torch.onnx.export(module, (torch.rand(2, 3, 32, 32),), input_names=["image"], output_names=["logits"],
+    program = torch.onnx.export(module, (torch.rand(2, 3, size, size),), input_names=["image"], output_names=["logits"],
                                 dynamic_shapes={"image": {0: batch}}, opset_version=opset, dynamo=True,
                                 verbose=False)
     program.save(str(path))
@@ -74,23 +75,25 @@ def export(ckpt_path: Path, out: Path, data_dir: Path, fmt: str = "onnx", opset:
            tolerance: float | None = None, n_check: int = 256) -> dict:
     tolerance = TOLERANCE if tolerance is None else tolerance
     ckpt = load_checkpoint(ckpt_path)
-    prepared = data_mod.load(data_dir)
-    if ckpt["num_classes"] != prepared.num_classes:
-        raise CheckpointError(f"{ckpt_path}: {ckpt['num_classes']} classes, but {data_dir} has {prepared.num_classes}")
-    norm = ckpt.get("normalization") or {"mean": prepared.manifest["mean"], "std": prepared.manifest["std"]}
+    source = open_source(data_dir, Numerics(torch.device("cpu"), bf16=False, channels_last=False), workers=0)
+    manifest, size = source.manifest, source.manifest.get("image_size", 32)
+    if ckpt["num_classes"] != source.num_classes:
+        raise CheckpointError(f"{ckpt_path}: {ckpt['num_classes']} classes, but {data_dir} has {source.num_classes}")
+    norm = ckpt.get("normalization") or {"mean": manifest["mean"], "std": manifest["std"]}
     module = Normalized(restore_model(ckpt), norm["mean"], norm["std"]).eval()
-    x = prepared.test.x[:n_check].float() / 255
+    x = next(iter(source.test_pixels(n_check)))[0].float() / 255
     with torch.inference_mode():
         expected = module(x)
-    metadata = {"kdpipe.model": ckpt["model"], "kdpipe.input": "float32 RGB in [0, 1] (uint8 / 255), NCHW, 32x32; "
+    metadata = {"kdpipe.model": ckpt["model"], "kdpipe.input": "float32 RGB in [0, 1] (uint8 / 255), NCHW, "
+                f"{size}x{size}; "
                 "normalisation is folded into the graph", "kdpipe.mean": json.dumps(norm["mean"]),
-                "kdpipe.std": json.dumps(norm["std"]), "kdpipe.classes": json.dumps(prepared.manifest["classes"]),
+                "kdpipe.std": json.dumps(norm["std"]), "kdpipe.classes": json.dumps(manifest["classes"]),
                 "kdpipe.checkpoint": str(ckpt_path)}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
         if fmt == "onnx":
-            _onnx(module, tmp, opset, metadata)
+            _onnx(module, tmp, opset, metadata, size)
             got = _run_onnx(tmp, x)
         else:
             with warnings.catch_warnings():  # torch deprecates TorchScript; asked for by name, it is still served

@@ -18,7 +18,6 @@ import torch
 
 from . import checkpoint as ckpt_io
 from . import config, engine, models, runtime, sources
-from . import data as data_mod
 from .config import ParamsError
 
 
@@ -45,12 +44,12 @@ def train(section: str, cfg: config.Train, name: str, data_dir: Path) -> None:
     """Train `cfg.model` from scratch with cross-entropy (a teacher, a baseline, a table's model)."""
     runtime.pin_cpu(cfg.runtime)
     numerics = runtime.Numerics.from_runtime(cfg.runtime)
-    prepared = data_mod.load(data_dir, numerics.device)
+    source = sources.open_source(data_dir, numerics, cfg.runtime.workers)
     torch.manual_seed(cfg.seed)
-    model = models.create(cfg.model, prepared.num_classes)
+    model = models.create(cfg.model, source.num_classes, cfg.weights)
     run = engine.Run(name=name, model=model, cfg=cfg, out=checkpoint(name), log=timing_log(name),
                      meta={"role": "student" if section == "student" else "teacher"})
-    engine.train(run, prepared)
+    engine.train(run, source)
 
 
 def distill(methods: list[str], params: config.Params, cfg: config.Train, teacher: Path, name: str,
@@ -67,36 +66,37 @@ def distill(methods: list[str], params: config.Params, cfg: config.Train, teache
                                "not shared across processes); run it in one process"])
     runtime.pin_cpu(cfg.runtime)
     numerics = runtime.Numerics.from_runtime(cfg.runtime)
-    prepared = data_mod.load(data_dir, numerics.device)
-    ckpt = ckpt_io.load_checkpoint(teacher, num_classes=prepared.num_classes)
+    source = sources.open_source(data_dir, numerics, cfg.runtime.workers)
+    manifest, size = source.manifest, source.manifest.get("image_size", 32)
+    ckpt = ckpt_io.load_checkpoint(teacher, num_classes=source.num_classes)
     imported = ckpt["meta"].get("imported")
     if imported:  # a published teacher: kdpipe never saw its training arrays
-        if ckpt["dataset"] != prepared.manifest["dataset"]:
+        if ckpt["dataset"] != manifest["dataset"]:
             raise ckpt_io.CheckpointError(f"{teacher}: an imported {ckpt['dataset']} teacher, but {data_dir} holds "
-                                          f"{prepared.manifest['dataset']}")
+                                          f"{manifest['dataset']}")
         print(f"{teacher}: imported teacher {ckpt['model']} ({imported['file']}, sha256 {imported['sha256'][:12]}); "
               f"checked the dataset name ({ckpt['dataset']}) and class count ({ckpt['num_classes']}), "
               "not the prepared arrays; it sees its own input normalisation", file=sys.stderr)
-    elif ckpt["data_sha256"] != prepared.manifest["sha256"]:
+    elif ckpt["data_sha256"] != manifest["sha256"]:
         raise ckpt_io.CheckpointError(f"{teacher}: the teacher was trained on other data than {data_dir}")
     teacher_model = numerics.prepare_model(ckpt_io.restore_model(ckpt))
-    teacher_input = sources.renormalisation(prepared.manifest, ckpt.get("normalization"), numerics.device)
+    teacher_input = sources.renormalisation(manifest, ckpt.get("normalization"), numerics.device)
     torch.manual_seed(cfg.seed)
-    student_model = models.create(cfg.model, prepared.num_classes)
+    student_model = models.create(cfg.model, source.num_classes, cfg.weights)
     distill_params = params.distill.for_pair(ckpt["model"], cfg.model)
     meta = {"role": "distill", "method": "+".join(methods), "teacher": ckpt["model"],
             "teacher_sha256": hashlib.sha256(teacher.read_bytes()).hexdigest(),
             "distill": {m: getattr(distill_params, m).model_dump() for m in methods}}
     try:
-        objective = Distiller(teacher_model, methods, distill_params, feature_shapes(student_model),
-                              feature_shapes(teacher_model, numerics.device), TrainData(prepared.train.y),
+        objective = Distiller(teacher_model, methods, distill_params, feature_shapes(student_model, image_size=size),
+                              feature_shapes(teacher_model, numerics.device, size), TrainData(source.train_labels),
                               teacher_input)
     except ValueError as e:  # an impossible teacher/student combination for this method
         if not na_ok:
             raise ParamsError([str(e)]) from None
-        ckpt_io.write_not_applicable(checkpoint(name), timing_log(name), cfg.model, prepared.num_classes, str(e), meta)
+        ckpt_io.write_not_applicable(checkpoint(name), timing_log(name), cfg.model, source.num_classes, str(e), meta)
         return str(e)
     run = engine.Run(name=name, model=student_model, cfg=cfg, out=checkpoint(name), log=timing_log(name),
                      objective=objective, meta=meta)
-    engine.train(run, prepared)
+    engine.train(run, source)
     return None

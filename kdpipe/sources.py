@@ -2,23 +2,36 @@
 
 A source gives `epoch(g, batch_size, ddp)` (the shuffled, augmented, normalised training batches of one
 epoch as `(step, x, y, index)`, `index` being each sample's position in the training set) and
-`test(batch_size)` (the normalised test batches); the loop does not know which source it has. All
-randomness comes from the generator `g` the loop owns and checkpoints, so a resumed run draws exactly
-what an uninterrupted one would.
+`test(batch_size)` (the normalised test batches, the evaluation view); the loop does not know which source
+it has. All randomness comes from the generator `g` the loop owns and checkpoints, so a resumed run draws
+exactly what an uninterrupted one would. `open_source` picks the source the prepared data was made for.
 
-`MemorySource`: the prepared uint8 arrays live on the training device; every batch is cropped, flipped
-and normalised there in a few batched tensor ops (no DataLoader, no worker processes) — the fast choice
-for data that fits in memory (CIFAR-sized sets).
+`MemorySource` (`data.source: memory`): the prepared uint8 arrays live on the training device; every batch
+is augmented and normalised there in a few batched tensor ops (no DataLoader, no worker processes): the
+fast choice for data that fits in memory (CIFAR-sized sets).
+
+`StreamSource` (`data.source: stream`): the image files, decoded and augmented per epoch by DataLoader
+worker processes, for sets larger than memory. Each image's augmentation is drawn from its own seed (the
+epoch's seed from `g` plus its index), so the batches are the same whatever the number of workers.
+
+Augmentations (`data.augment`): `cifar`, a random crop of the image zero-padded by 4 and a horizontal flip;
+`imagenet`, torchvision's reference recipe: RandomResizedCrop(image_size, scale 0.08-1, ratio 3/4-4/3) and
+a flip for training, the shorter side resized to image_size / 0.875 and the centre image_size crop for the
+test. The memory source draws the imagenet crops from each image's stored centre square (data.fit), the
+stream source from the whole image, as torchvision does.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 
+from . import data as data_mod
 from .data import Prepared
 from .runtime import Dist, Numerics
 
@@ -50,6 +63,58 @@ def pad_crop_flip(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Te
     return rows.gather(3, dx[:, None, None, :].expand(b, 3, s, s))
 
 
+def resized_crop_boxes(n: int, h: int, w: int, g: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                       attempts: int = 10) -> torch.Tensor:
+    """RandomResizedCrop's boxes for `n` images of h x w, drawn from `g` as torchvision's `get_params` draws
+    them (up to 10 tries of an area fraction in `scale` and a log-uniform aspect ratio in `ratio`, the first
+    that fits; else the centre crop with the ratio clamped): (n, 4) as (top, left, height, width)."""
+    dev = g.device
+    area = h * w
+    target = area * torch.empty(n, attempts, device=dev).uniform_(*scale, generator=g)
+    aspect = torch.exp(torch.empty(n, attempts, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g))
+    cw = torch.sqrt(target * aspect).round()
+    ch = torch.sqrt(target / aspect).round()
+    fits = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+    first = fits.float().argmax(1, keepdim=True)  # the first try that fits
+    cw, ch = cw.gather(1, first)[:, 0], ch.gather(1, first)[:, 0]
+    in_ratio = w / h  # no try fits: the whole image, cut to the nearest allowed aspect ratio
+    fw, fh = (w, round(w / ratio[0])) if in_ratio < ratio[0] else (round(h * ratio[1]), h) if in_ratio > ratio[1] else (w, h)
+    ok = fits.any(1)
+    cw, ch = torch.where(ok, cw, float(fw)), torch.where(ok, ch, float(fh))
+    u = torch.rand(n, 2, generator=g, device=dev)
+    top = torch.where(ok, (u[:, 0] * (h - ch + 1)).floor(), float((h - fh) // 2))
+    left = torch.where(ok, (u[:, 1] * (w - cw + 1)).floor(), float((w - fw) // 2))
+    return torch.stack([top, left, ch, cw], 1)
+
+
+def random_resized_crop_flip(x: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
+    """The imagenet training augmentation on a uint8 batch (B, 3, S, S): each image's RandomResizedCrop box
+    resized to size x size by torchvision's own `resized_crop` (bilinear, antialiased), then flipped with
+    probability 1/2. One call per image (boxes differ in size), on the batch's device."""
+    from torchvision.transforms.v2 import functional as TF
+
+    boxes = resized_crop_boxes(x.shape[0], x.shape[-2], x.shape[-1], g).long().tolist()
+    flip = (torch.rand(x.shape[0], generator=g, device=x.device) < 0.5).tolist()
+    out = [TF.resized_crop(img, *box, [size, size], antialias=True) for img, box in zip(x, boxes)]
+    return torch.stack([img.flip(2) if f else img for img, f in zip(out, flip)])
+
+
+def centre_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+    return x[..., top:top + size, left:left + size]
+
+
+def batches(n: int, batch_size: int, g: torch.Generator, ddp: Dist) -> Iterator:
+    """One epoch's shuffled batches of sample indices, `(step, global batch)`: equal shards for every rank,
+    and no batch of a single image per rank (BatchNorm cannot train on it)."""
+    perm = torch.randperm(n, generator=g, device=g.device)
+    for step in range(math.ceil(n / batch_size)):
+        idx = perm[step * batch_size:(step + 1) * batch_size]
+        idx = idx[:len(idx) - len(idx) % ddp.world]
+        if len(idx) >= 2 * ddp.world:
+            yield step, idx
+
+
 class MemorySource:
     def __init__(self, prepared: Prepared, numerics: Numerics, normalization: Optional[dict] = None):
         self.data = prepared.to(numerics.device)
@@ -68,17 +133,22 @@ class MemorySource:
     def steps(self, batch_size: int) -> int:
         return math.ceil(self.train_size / batch_size)
 
+    @property
+    def train_labels(self) -> torch.Tensor:
+        return self.data.train.y
+
     def augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        if self.manifest.get("augment", "cifar") == "imagenet":
+            return self.normalise(random_resized_crop_flip(x, self.image_size, g))
         return self.normalise(pad_crop_flip(x, g))
 
+    @property
+    def image_size(self) -> int:
+        return self.manifest.get("image_size", 32)
+
     def epoch(self, g: torch.Generator, batch_size: int, ddp: Dist = Dist()) -> Iterator:
-        train, dev = self.data.train, self.data.train.x.device
-        perm = torch.randperm(self.train_size, generator=g, device=dev)
-        for step in range(self.steps(batch_size)):
-            idx = perm[step * batch_size:(step + 1) * batch_size]
-            idx = idx[:len(idx) - len(idx) % ddp.world]  # equal shards for every rank
-            if len(idx) < 2 * ddp.world:  # BatchNorm cannot train on a single image
-                continue
+        train = self.data.train
+        for step, idx in batches(self.train_size, batch_size, g, ddp):
             # every rank augments the whole global batch with the shared generator, then takes its
             # shard: the random streams stay in step and the augmentation equals a single process's
             x, y = self.augment(train.x[idx], g), train.y[idx]
@@ -86,10 +156,111 @@ class MemorySource:
                 x, y, idx = x[ddp.rank::ddp.world], y[ddp.rank::ddp.world], idx[ddp.rank::ddp.world]
             yield step, x, y, idx
 
-    def test(self, batch_size: int = 1000) -> Iterator:
+    def test_pixels(self, batch_size: int = 1000) -> Iterator:
+        """The test images as uint8 (x, y) batches at image_size (the evaluation view), not normalised."""
         test = self.data.test
         for i in range(0, len(test.y), batch_size):
-            yield self.normalise(test.x[i:i + batch_size]), test.y[i:i + batch_size]
+            yield centre_crop(test.x[i:i + batch_size], self.image_size), test.y[i:i + batch_size]
+
+    def test(self, batch_size: int = 1000) -> Iterator:
+        for x, y in self.test_pixels(batch_size):
+            yield self.normalise(x), y
+
+
+class Images(torch.utils.data.Dataset):
+    """Image files decoded and augmented one at a time (in DataLoader workers). Items are `(index, seed)`:
+    the augmentation of an image depends on its seed alone, never on the worker that decodes it."""
+
+    def __init__(self, paths: list[str], sizes: list[int], labels: torch.Tensor, image_size: int, augment: str,
+                 train: bool):
+        self.paths, self.sizes, self.labels = paths, sizes, labels
+        self.image_size, self.augment, self.train = image_size, augment, train
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, item):
+        from torchvision.transforms.v2 import functional as TF
+
+        i, seed = item
+        path = self.paths[i]
+        if os.path.getsize(path) != self.sizes[i]:
+            raise data_mod.DataError(f"{path}: changed since `kdpipe data` listed it (re-run `kdpipe data`)")
+        x, n = data_mod.read_image(path), self.image_size
+        if not self.train:
+            return data_mod.fit(x, n, self.augment) if self.augment == "cifar" else \
+                TF.center_crop(TF.resize(x, round(n / data_mod.EVAL_CROP), antialias=True), [n, n])
+        g = torch.Generator().manual_seed(seed)
+        if self.augment == "cifar":
+            return pad_crop_flip(data_mod.fit(x, n, "cifar")[None], g)[0]
+        top, left, h, w = (int(v) for v in resized_crop_boxes(1, x.shape[1], x.shape[2], g)[0])
+        x = TF.resized_crop(x, top, left, h, w, [n, n], antialias=True)
+        return x.flip(2) if torch.rand(1, generator=g).item() < 0.5 else x
+
+
+def _one_thread(_):  # worker processes decode one image each: no intra-op threads fighting the others
+    torch.set_num_threads(1)
+
+
+class StreamSource:
+    def __init__(self, data_dir: Path, numerics: Numerics, workers: int = 2, normalization: Optional[dict] = None):
+        self.manifest, splits = data_mod.load_samples(data_dir)
+        self.numerics, self.workers = numerics, workers
+        self.normalise = Normalise(normalization or self.manifest, numerics)
+        size, augment = self.manifest["image_size"], self.manifest["augment"]
+        self.splits = {name: Images(paths, sizes, labels, size, augment, train=name == "train")
+                       for name, (paths, sizes, labels) in splits.items()}
+
+    @property
+    def num_classes(self) -> int:
+        return self.manifest["num_classes"]
+
+    @property
+    def train_size(self) -> int:
+        return len(self.splits["train"])
+
+    @property
+    def train_labels(self) -> torch.Tensor:
+        return self.splits["train"].labels.to(self.numerics.device)
+
+    def steps(self, batch_size: int) -> int:
+        return math.ceil(self.train_size / batch_size)
+
+    def _load(self, split: str, item_batches: list) -> Iterator:
+        loader = torch.utils.data.DataLoader(self.splits[split], batch_sampler=item_batches, num_workers=self.workers,
+                                             worker_init_fn=_one_thread if self.workers else None,
+                                             pin_memory=self.numerics.device.type == "cuda")
+        dev = self.numerics.device
+        for x in loader:
+            yield x.to(dev, non_blocking=True)
+
+    def epoch(self, g: torch.Generator, batch_size: int, ddp: Dist = Dist()) -> Iterator:
+        # the epoch's plan is drawn up front from `g` (what a resume restores): batches, then one seed
+        plan = [(step, idx[ddp.rank::ddp.world].tolist()) for step, idx in batches(self.train_size, batch_size, g, ddp)]
+        epoch_seed = int(torch.randint(2 ** 62, (1,), generator=g, device=g.device))
+        items = [[(i, epoch_seed + i) for i in idx] for _, idx in plan]
+        labels = self.train_labels
+        for (step, idx), x in zip(plan, self._load("train", items)):
+            index = torch.tensor(idx, device=self.numerics.device)
+            yield step, self.normalise(x), labels[index], index
+
+    def test_pixels(self, batch_size: int = 1000) -> Iterator:
+        n = len(self.splits["test"])
+        items = [[(i, 0) for i in range(s, min(s + batch_size, n))] for s in range(0, n, batch_size)]
+        labels = self.splits["test"].labels.to(self.numerics.device)
+        for (first, x) in zip(range(0, n, batch_size), self._load("test", items)):
+            yield x, labels[first:first + len(x)]
+
+    def test(self, batch_size: int = 1000) -> Iterator:
+        for x, y in self.test_pixels(batch_size):
+            yield self.normalise(x), y
+
+
+def open_source(data_dir: str | Path, numerics: Numerics, workers: int = 2, normalization: Optional[dict] = None):
+    """The source the prepared data in `data_dir` was made for (its manifest's `storage`)."""
+    if data_mod.read_manifest(data_dir).get("storage") == "stream":
+        return StreamSource(Path(data_dir), numerics, workers, normalization)
+    return MemorySource(data_mod.load(data_dir, numerics.device), numerics, normalization)
 
 
 def renormalisation(manifest: dict, normalization: Optional[dict], device) -> Optional[tuple[torch.Tensor, torch.Tensor]]:

@@ -180,3 +180,20 @@ def smoke_pipeline(tmp_path_factory) -> Path:
     sh("git", "add", "-A", cwd=d)
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repro", cwd=d)
     return folder
+
+
+@pytest.fixture
+def photos(tmp_path):
+    """An image folder of mixed sizes and formats (3 classes): what a user's photos look like."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("test", 3)):
+        for c in ("cat", "dog", "owl"):
+            (tmp_path / "photos" / split / c).mkdir(parents=True)
+            for i in range(n):
+                h, w = rng.integers(40, 90, 2)
+                pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "photos" / split / c / f"{i}.{'png' if i % 2 else 'jpg'}")
+    return tmp_path / "photos"

@@ -31,7 +31,7 @@ def test_tiny_and_repo_params_are_valid():
     ({"teacher": {"optim": {"nesterov": "yes"}}}, "teacher.optim.nesterov: Input should be a valid boolean (got 'yes')"),
     ({"teacher": {"runtime": {"cpu_isa": "avx512"}}}, "teacher.runtime.cpu_isa: Input should be 'native' or 'avx2'"),
     ({"data": {"dataset": "imagenet"}}, "data.dataset: Input should be 'synthetic', 'cifar10', 'cifar100' or 'folder' (got 'imagenet')"),
-    ({"student": {"model": "resnet21"}}, "student.model: Input should be 'resnet8', 'resnet14', 'resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110', 'resnet8x4', 'resnet32x4', 'resnet50', 'wrn_16_1', 'wrn_16_2', 'wrn_40_1', 'wrn_40_2', 'vgg8', 'vgg11', 'vgg13', 'vgg16', 'vgg19', 'mobilenetv2', 'shufflev1' or 'shufflev2' (got 'resnet21')"),
+    ({"student": {"model": "resnet21"}}, "student.model: unknown model 'resnet21'; valid models: resnet8, resnet14, resnet20, resnet32, resnet44, resnet56, resnet110, resnet8x4, resnet32x4, resnet50, wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2, vgg8, vgg11, vgg13, vgg16, vgg19, mobilenetv2, shufflev1, shufflev2, tv/<torchvision model>, timm/<timm model> (got 'resnet21')"),
     ({"student": {"optim": {"lrr": 0.1}}}, "student.optim.lrr: unknown key (did you mean 'lr'?)"),
     ({"teacherr": {}}, "teacherr: unknown key (did you mean 'teacher'?)"),
     ({"student": {"schedule": {"milestones": [0.75, 0.5]}}}, "student.schedule.milestones: must be increasing fractions"),

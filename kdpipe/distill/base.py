@@ -87,11 +87,11 @@ class Shapes(NamedTuple):
 
 
 @torch.no_grad()
-def feature_shapes(model: nn.Module, device="cpu") -> Shapes:
-    """The shapes of `model`'s features for a CIFAR-sized input, without touching BN statistics."""
+def feature_shapes(model: nn.Module, device="cpu", image_size: int = 32) -> Shapes:
+    """The shapes of `model`'s features for an input of `image_size`, without touching BN statistics."""
     was_training = model.training
     model.eval()
-    out = model(torch.zeros(1, 3, 32, 32, device=device), features=True)
+    out = model(torch.zeros(1, 3, image_size, image_size, device=device), features=True)
     model.train(was_training)
     return Shapes([tuple(f.shape[1:]) for f in out.stages], out.embedding.shape[1])
 

@@ -1,6 +1,7 @@
 """Models behind one registry, one file per family (like timm's `create_model`).
 
-`create(name, num_classes)` builds any model below. Every model's `forward(x)` returns logits and
+`create(name, num_classes, weights)` builds any model below, and any of torchvision's (`tv/<name>`,
+kdpipe/models/tv.py) and timm's (`timm/<name>`, kdpipe/models/timm_models.py), with their pretrained weights. Every model's `forward(x)` returns logits and
 `forward(x, features=True)` returns `Features`, which unpacks as `(logits, stages)` (the seed's contract)
 and also carries `.embedding`:
 
@@ -20,18 +21,43 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import FAMILY, REGISTRY, Features, init_weights, reference_keys, register, run_stage  # noqa: F401
+from .base import FAMILY, REGISTRY, Features, init_weights, is_weights_file, reference_keys, register, run_stage  # noqa: F401
 
 # fill the registry, in the order `MODEL_NAMES` lists them
 from . import resnet, resnet50, wrn, vgg, mobilenetv2, shufflenetv1, shufflenetv2  # noqa: E402,F401,I001
 
 MODEL_NAMES = tuple(REGISTRY)
+LIBRARIES = {"tv/": "tv", "timm/": "timm_models"}  # name prefix -> the family file of a library's models
 
 
-def create(name: str, num_classes: int) -> nn.Module:
-    """Build a model by name for `num_classes` classes (weights initialised as in the reference)."""
-    if name not in REGISTRY:
-        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODEL_NAMES)}")
+def _library(name: str):
+    """The family module of a `tv/` or `timm/` name (imported on use: a CIFAR run never imports them), or None."""
+    import importlib
+
+    prefix = next((p for p in LIBRARIES if name.startswith(p)), None)
+    return prefix and importlib.import_module(f"{__package__}.{LIBRARIES[prefix]}")
+
+
+def check_name(name: str) -> str:
+    """`name` if it names a model (kdpipe's, or an existing torchvision/timm one), else a one-line ValueError."""
+    library = _library(name)
+    if library is None and name not in REGISTRY:
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODEL_NAMES)}, "
+                         "tv/<torchvision model>, timm/<timm model>")
+    if library is not None:
+        library.check_name(name[len(library.PREFIX):])
+    return name
+
+
+def create(name: str, num_classes: int, weights: str | None = None) -> nn.Module:
+    """Build a model by name for `num_classes` classes: kdpipe's own (initialised as in the reference), or a
+    library's `tv/<name>` / `timm/<name>` with optional `weights` (a weights name or a state-dict file)."""
+    library = _library(check_name(name))
+    if library is not None:
+        return library.create(name[len(library.PREFIX):], num_classes, weights)
+    if weights is not None:
+        raise ValueError(f"{name}: weights are for tv/ and timm/ models (kdpipe's own start from their init; "
+                         "a published CIFAR teacher is imported with `kdpipe import-teacher`)")
     return REGISTRY[name](num_classes)
 
 

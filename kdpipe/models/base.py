@@ -3,6 +3,7 @@ building blocks the family files share. The families register themselves on impo
 
 from __future__ import annotations
 
+import os
 import sys
 from types import ModuleType
 from typing import Callable
@@ -57,6 +58,14 @@ def init_weights(model: nn.Module, linear_std: float | None = None, linear_bias_
                 nn.init.normal_(m.weight, 0, linear_std)
             if linear_bias_zero:
                 nn.init.zeros_(m.bias)
+
+
+WEIGHTS_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin")
+
+
+def is_weights_file(weights: str) -> bool:
+    """A `weights` value that is a file (a state-dict suffix or a folder part), not a library's weights name."""
+    return weights.endswith(WEIGHTS_SUFFIXES) or "/" in weights or os.sep in weights
 
 
 REGISTRY: dict[str, Callable[[int], nn.Module]] = {}

@@ -30,8 +30,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from .base import Features
-from .tv import WeightsError, add_mixin, check_file, is_weights_file, note_new_head
+from .base import Features, is_weights_file
+from .tv import WeightsError, add_mixin, check_file, note_new_head
 
 PREFIX = "timm/"
 
@@ -44,8 +44,7 @@ def _timm(label: str):
     return timm
 
 
-def create(name: str, num_classes: int, weights: str | None = None) -> nn.Module:
-    """timm's `name` for `num_classes` classes, with `weights` (see the module docstring)."""
+def check_name(name: str) -> None:
     label = PREFIX + name
     timm = _timm(label)
     arch, _ = timm.models.split_model_name_tag(name)
@@ -56,6 +55,14 @@ def create(name: str, num_classes: int, weights: str | None = None) -> nn.Module
         timm.models.get_pretrained_cfg(name)  # an unknown .tag in the name
     except RuntimeError as e:
         raise ValueError(f"{label}: {e} (see timm.list_pretrained('{arch}.*'))") from None
+
+
+def create(name: str, num_classes: int, weights: str | None = None) -> nn.Module:
+    """timm's `name` for `num_classes` classes, with `weights` (see the module docstring)."""
+    label = PREFIX + name
+    check_name(name)
+    timm = _timm(label)
+    arch, _ = timm.models.split_model_name_tag(name)
     if weights is None:
         model = timm.create_model(name, num_classes=num_classes)
     elif is_weights_file(weights):

@@ -48,10 +48,9 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from ..config import Error
-from .base import Features
+from .base import Features, is_weights_file
 
 PREFIX = "tv/"
-WEIGHTS_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin")
 
 
 class WeightsError(Error):
@@ -59,11 +58,6 @@ class WeightsError(Error):
 
 
 # ---- weights helpers (shared with timm_models.py) ----
-
-def is_weights_file(weights: str) -> bool:
-    """A path, not a name: it has a state-dict suffix or a folder part."""
-    return weights.endswith(WEIGHTS_SUFFIXES) or "/" in weights or os.sep in weights
-
 
 def check_file(label: str, path: str) -> Path:
     p = Path(path).expanduser()
@@ -112,12 +106,16 @@ def names() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)
 
 
+def check_name(name: str) -> None:
+    if name not in names():
+        raise ValueError(f"unknown model {PREFIX + name!r}; e.g. tv/resnet18, tv/mobilenet_v3_small, tv/efficientnet_b0 "
+                         "(see torchvision.models.list_models(module=torchvision.models))")
+
+
 def create(name: str, num_classes: int, weights: str | None = None) -> nn.Module:
     """torchvision's `name` for `num_classes` classes, with `weights` (see the module docstring)."""
     label = PREFIX + name
-    if name not in names():
-        raise ValueError(f"unknown model {label!r}; e.g. tv/resnet18, tv/mobilenet_v3_small, tv/efficientnet_b0 "
-                         "(see torchvision.models.list_models(module=torchvision.models))")
+    check_name(name)
     if weights is None:
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     elif is_weights_file(weights):

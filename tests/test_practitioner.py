@@ -1,0 +1,47 @@
+"""Compressing a real model on one's own images: a folder of photos of mixed sizes at 64 px, a torchvision
+teacher (from a weights file, fine-tuned for the folder's classes) and a torchvision student, through every
+stage of the CLI: data -> teacher -> student -> distill -> evaluate -> export (ONNX parity)."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from .conftest import tiny_params
+from .test_cli import invoke
+
+TRAIN = {"epochs": 1, "batch_size": 6, "runtime": {"device": "cpu", "cpu_threads": 1}}
+
+
+@pytest.mark.parametrize("source", ["memory", "stream"])
+def test_photos_at_64px_with_torchvision_models(workdir, photos, source):
+    import torchvision
+
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), workdir / "resnet18-imagenet.pth")
+    params = tiny_params(
+        data={"dataset": "folder", "path": str(photos), "image_size": 64, "augment": "imagenet",
+              "normalize": "imagenet", "source": source},
+        teacher={**TRAIN, "model": "tv/resnet18", "weights": "resnet18-imagenet.pth"},  # relative: the params' folder
+        student={**TRAIN, "model": "tv/mobilenet_v3_small"},
+        evaluate={"batch_size": 64, "device": "cpu", "workers": 0})
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    invoke("data")
+    out = invoke("teacher")
+    assert "classifier replaced by a new one for 3 classes" in out
+    invoke("student")
+    invoke("distill", "--method", "kd")
+    for name in ("teacher", "student", "kd"):
+        invoke("evaluate", name)
+        m = json.loads((workdir / f"metrics/{name}.json").read_text())
+        assert 0 <= m["top1"] <= 100 and m["epochs"] == 1
+    ckpt = torch.load(workdir / "models/teacher.pt", weights_only=True)
+    assert ckpt["model"] == "tv/resnet18" and ckpt["state_dict"]["fc.weight"].shape == (3, 512)
+    assert ckpt["config"]["weights"].endswith("resnet18-imagenet.pth")
+    out = invoke("export", "kd")
+    assert "top-1 agreement 100.00% on 9 test images" in out
+    import onnx
+
+    shape = onnx.load(str(workdir / "models/kd.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in shape[1:]] == [3, 64, 64]

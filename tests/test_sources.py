@@ -1,0 +1,133 @@
+"""Data at any resolution: `data.fit`, the imagenet augmentation's boxes and crops against torchvision's
+definitions, the stream source's determinism (worker count, resume), and the memory/stream parity."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdpipe import config, data, sources
+from kdpipe.runtime import Dist, Numerics
+
+from .conftest import tiny_params
+
+CPU = Numerics(torch.device("cpu"), False, False)
+
+
+def folder_data(path, **updates) -> config.Data:
+    return config.validate(tiny_params(data={"dataset": "folder", "path": str(path), **updates})).data
+
+
+def reference_boxes(target, aspect, u, h, w, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop.get_params, one image at a time, on given random draws."""
+    out = []
+    for t_row, a_row, (u0, u1) in zip(target.tolist(), aspect.tolist(), u.tolist()):
+        for t, a in zip(t_row, a_row):
+            cw, ch = round(math.sqrt(t * a)), round(math.sqrt(t / a))
+            if 0 < cw <= w and 0 < ch <= h:
+                out.append((math.floor(u0 * (h - ch + 1)), math.floor(u1 * (w - cw + 1)), ch, cw))
+                break
+        else:
+            out.append(((h - min(h, w)) // 2, (w - min(h, w)) // 2, min(h, w), min(h, w)))  # square images
+    return out
+
+
+def test_resized_crop_boxes_follow_torchvision_get_params():
+    g = torch.Generator().manual_seed(3)
+    got = sources.resized_crop_boxes(64, 50, 50, g)
+    g = torch.Generator().manual_seed(3)  # the same draws, in the same order, for the reference loop
+    target = 2500 * torch.empty(64, 10).uniform_(0.08, 1.0, generator=g)
+    aspect = torch.exp(torch.empty(64, 10).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g))
+    u = torch.rand(64, 2, generator=g)
+    assert [tuple(int(v) for v in row) for row in got] == reference_boxes(target, aspect, u, 50, 50)
+    top, left, h, w = got.unbind(1)
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 50).all() and (left + w <= 50).all()
+    assert (h * w).min() < 2500 * 0.3 and (h != w).any()  # small and non-square crops do occur
+
+
+def test_random_resized_crop_is_bilinear_resampling_of_the_box():
+    x = torch.randint(0, 256, (4, 3, 20, 20), dtype=torch.uint8)
+    g = torch.Generator().manual_seed(1)
+    got = sources.random_resized_crop_flip(x, 24, g)  # boxes <= 20 px resampled up to 24: plain bilinear
+    assert got.dtype == torch.uint8 and got.shape == (4, 3, 24, 24)
+    g = torch.Generator().manual_seed(1)
+    boxes = sources.resized_crop_boxes(4, 20, 20, g)
+    flip = torch.rand(4, generator=g) < 0.5
+    for i, (top, left, h, w) in enumerate(boxes.long().tolist()):
+        crop = x[i:i + 1, :, top:top + h, left:left + w].float()
+        ref = F.interpolate(crop, size=(24, 24), mode="bilinear", align_corners=False)[0]
+        ref = ref.flip(2) if flip[i] else ref
+        assert (got[i].float() - ref).abs().max() <= 1  # uint8: the bilinear value (fixed-point kernel)
+
+
+def test_fit_conventions(photos):
+    x = data.read_image(str(next((photos / "train" / "cat").glob("*.jpg"))))
+    assert data.fit(x, 64, "cifar").shape == (3, 64, 64)
+    assert data.fit(x, 64, "imagenet").shape == (3, 73, 73)  # round(64 / 0.875): the evaluation's resize
+    x32 = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    assert data.fit(x32, 32, "cifar") is x32  # CIFAR's own size: untouched (the quickstart's bytes)
+
+
+def test_folder_at_image_size_is_not_squeezed_to_32(tmp_path, photos):
+    m = data.prepare(folder_data(photos, image_size=48), tmp_path / "p")
+    prepared = data.load(tmp_path / "p")
+    assert prepared.train.x.shape == (18, 3, 48, 48) and m["image_size"] == 48 and m["resized"] == 27
+    m = data.prepare(folder_data(photos, image_size=48, augment="imagenet", normalize="imagenet"), tmp_path / "q")
+    src = sources.open_source(tmp_path / "q", CPU)
+    assert data.load(tmp_path / "q").train.x.shape[-1] == 55 and m["mean"] == data.IMAGENET_MEAN
+    _, x, y, idx = next(src.epoch(torch.Generator().manual_seed(0), 8))
+    assert x.shape == (8, 3, 48, 48) and next(src.test(5))[0].shape == (5, 3, 48, 48)
+
+
+def test_stream_source_is_independent_of_workers_and_resumes(tmp_path, photos):
+    data.prepare(folder_data(photos, image_size=40, augment="imagenet", source="stream"), tmp_path / "s")
+    assert not list((tmp_path / "s").glob("*.npy"))  # nothing decoded up front
+
+    def two_epochs(workers, state=None):
+        src = sources.open_source(tmp_path / "s", CPU, workers)
+        g = torch.Generator().manual_seed(0)
+        if state is not None:
+            g.set_state(state)
+        return [[(x, y, i) for _, x, y, i in src.epoch(g, 8)] for _ in range(2)], g
+
+    (e1, e2), _ = two_epochs(0)
+    (f1, f2), _ = two_epochs(2)
+    for a, b in zip(e1 + e2, f1 + f2):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+    g = torch.Generator().manual_seed(0)
+    list(sources.open_source(tmp_path / "s", CPU, 0).epoch(g, 8))  # epoch 1, then "resume" at its end
+    (r2, _), _ = two_epochs(0, g.get_state())
+    assert all(torch.equal(u, v) for a, b in zip(e2, r2) for u, v in zip(a, b))
+    assert not torch.equal(e1[0][0][:4], e2[0][0][:4])  # epochs differ
+
+
+def test_stream_and_memory_see_the_same_test_images(tmp_path, photos):
+    data.prepare(folder_data(photos, image_size=40), tmp_path / "m")
+    data.prepare(folder_data(photos, image_size=40, source="stream"), tmp_path / "s")
+    mem, stream = (sources.open_source(tmp_path / d, CPU, 0) for d in ("m", "s"))
+    assert mem.manifest["mean"] == pytest.approx(stream.manifest["mean"], abs=1e-3)  # all 18 train images seen
+    for (a, y), (b, z) in zip(mem.test_pixels(4), stream.test_pixels(4)):
+        assert torch.equal(a, b) and torch.equal(y, z)
+
+
+def test_stream_shards_per_rank(tmp_path, photos):
+    data.prepare(folder_data(photos, image_size=32, source="stream"), tmp_path / "s")
+    src = sources.open_source(tmp_path / "s", CPU, 0)
+    single = [i for _, _, _, i in src.epoch(torch.Generator().manual_seed(0), 8)]
+    ranks = [[i for _, _, _, i in src.epoch(torch.Generator().manual_seed(0), 8, Dist(r, 2))] for r in (0, 1)]
+    for whole, a, b in zip(single, *ranks):
+        assert torch.equal(whole[:len(a) * 2:2], a) and torch.equal(whole[1:len(b) * 2:2], b)
+
+
+def test_stream_refuses_a_changed_file(tmp_path, photos):
+    data.prepare(folder_data(photos, image_size=32, source="stream"), tmp_path / "s")
+    victim = sorted((photos / "test" / "cat").glob("*"))[0]
+    victim.write_bytes(victim.read_bytes() + b"\0" * 10)
+    with pytest.raises(data.DataError, match="changed since `kdpipe data` listed it"):
+        list(sources.open_source(tmp_path / "s", CPU, 0).test(100))
+
+
+def test_stream_needs_a_folder():
+    with pytest.raises(config.ParamsError, match="source: stream reads image files"):
+        config.validate(tiny_params(data={"source": "stream"}))
