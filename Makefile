@@ -8,10 +8,10 @@ export PATH := $(BIN):$(PATH)
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
-	@echo "kdpipe: creating $(VENV) and installing kdpipe with torch, torchvision, DVC and ONNX (about 2 min) ..."
+	@echo "kdpipe: creating $(VENV) and installing kdpipe with torch, torchvision, timm, DVC and ONNX (about 2 min) ..."
 	python3 -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,export]'
+	$(BIN)/pip install -q -e '.[test,export,timm]'
 	@echo "kdpipe: installed ($$($(BIN)/kdpipe --version))"
 	touch $@
 

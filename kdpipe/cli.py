@@ -206,7 +206,7 @@ def parse_triple(option: str, value: Optional[str]) -> Optional[list[float]]:
 @guarded
 def import_teacher_cmd(path: Path = typer.Argument(..., help="RepDistiller/mdistiller checkpoint (ckpt_epoch_240.pth) "
                                                              "or a bare state dict"),
-                       model: str = typer.Option(..., "--model", help="kdpipe model name, e.g. resnet32x4"),
+                       model: str = typer.Option(..., "--model", help="model name, e.g. resnet32x4, tv/resnet50"),
                        name: str = typer.Option(..., "--name", help="run name: writes models/NAME.pt"),
                        data_dir: Optional[Path] = typer.Option(None, "--data", help="prepared data the teacher is for: "
                                                                "its dataset name and class count (the pipelines)"),
@@ -218,14 +218,15 @@ def import_teacher_cmd(path: Path = typer.Argument(..., help="RepDistiller/mdist
                        mean: Optional[str] = typer.Option(None, help="input mean R,G,B (default: the reference's "
                                                                      "for the dataset, else the prepared data's)"),
                        std: Optional[str] = typer.Option(None, help="input std R,G,B (as --mean)")):
-    """Import a published teacher (RepDistiller / mdistiller checkpoint) as models/NAME.pt."""
+    """Import a published teacher (RepDistiller / mdistiller checkpoint, or a tv/ / timm/ state dict) as models/NAME.pt."""
     from . import models
     from .data import read_manifest
     from .import_teacher import DATASET_CLASSES, REFERENCE_NORMALIZATION, import_teacher
 
-    if model not in models.REGISTRY:
-        fail(f"--model: import-teacher reads RepDistiller/mdistiller checkpoints of kdpipe's models "
-             f"({', '.join(models.MODEL_NAMES)}); a tv/ or timm/ teacher takes its file as teacher.weights", 2)
+    try:
+        models.check_name(model)
+    except ValueError as e:
+        fail(f"--model: {e}", 2)
     mean_v, std_v = parse_triple("--mean", mean), parse_triple("--std", std)
     if (mean_v is None) != (std_v is None):
         fail("--mean and --std go together", 2)

@@ -83,15 +83,24 @@ def map_state_dict(source: dict[str, torch.Tensor], name: str, num_classes: int,
 def import_teacher(path: Path, name: str, num_classes: int, out: Path, dataset: str,
                    normalization: dict | None = None) -> dict:
     """Write `out` as a kdpipe checkpoint of the reference checkpoint `path` (nothing written on error)."""
-    if name not in models.REGISTRY:
-        raise ImportError_(f"unknown model {name!r}; valid models: {', '.join(models.MODEL_NAMES)}")
     normalization = normalization or REFERENCE_NORMALIZATION.get(dataset)
     if normalization is None:
         raise ImportError_(f"no reference normalisation known for {dataset!r}: pass --mean and --std")
-    source, info = read_state_dict(path)
-    state = map_state_dict(source, name, num_classes, path)
-    model = models.create(name, num_classes)
-    model.load_state_dict(state)
+    if name in models.REGISTRY:  # a RepDistiller/mdistiller checkpoint of kdpipe's own model
+        source, info = read_state_dict(path)
+        state = map_state_dict(source, name, num_classes, path)
+        model = models.create(name, num_classes)
+        model.load_state_dict(state)
+    else:  # a tv/ or timm/ model: a state dict in the library's layout, read by the library's family file
+        from .models.tv import read_state_dict as read_library_state_dict
+
+        source = read_library_state_dict(name, str(path))
+        model = models.create(name, num_classes, weights=str(path))
+        state, info = {k: v.contiguous() for k, v in model.state_dict().items()}, {}
+        wrong = next((k for k, v in source.items() if k in state and v.shape != state[k].shape), None)
+        if wrong:  # a teacher is used as it is: never with a new, untrained classifier
+            raise ImportError_(f"{path}: {wrong} has shape {tuple(source[wrong].shape)}, but {name} for "
+                               f"{num_classes} classes has {tuple(state[wrong].shape)}")
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     ckpt = {
         "format": FORMAT,

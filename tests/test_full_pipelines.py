@@ -31,15 +31,15 @@ def test_params_validate_with_recipes(name):
     # CIFAR-100 compares with CRD's figures, which come from RepDistiller's recipe; CIFAR-10 keeps He et al.'s
     recipe = {"cifar10": "he2016", "cifar100": "repdistiller"}[name]
     assert p.teacher.recipe == p.student.recipe == recipe
-    assert p.teacher.model_dump(exclude={"recipe", "model", "seed", "runtime"}) == \
-        p.student.model_dump(exclude={"recipe", "model", "seed", "runtime"}) == p.recipes[recipe].model_dump()
+    assert p.teacher.model_dump(exclude={"recipe", "model", "weights", "seed", "runtime"}) == \
+        p.student.model_dump(exclude={"recipe", "model", "weights", "seed", "runtime"}) == p.recipes[recipe].model_dump()
     assert p.methods == list(config.METHODS)  # every method is staged for every pair
     # FSP and FitNets as RepDistiller runs them
     assert p.distill.fsp.init_epochs == 30 and p.distill.fitnets.regressor_kernel == 1
     assert (p.distill.ab.init_epochs, p.distill.ab.beta, p.distill.ft.init_epochs, p.distill.ft.beta) == (30, 1, 30, 200)
     # the seed's table in both: the five ResNets with He et al.'s recipe (Top1 best epoch, Top5 last epoch)
     assert p.table_models == ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]
-    assert p.table.recipe == "he2016" and p.table.model_dump(exclude={"recipe", "model", "seed", "runtime"}) == \
+    assert p.table.recipe == "he2016" and p.table.model_dump(exclude={"recipe", "model", "weights", "seed", "runtime"}) == \
         p.recipes["he2016"].model_dump()
     if name == "cifar10":  # the table's runs are the pairs' teachers and baselines
         assert p.models == [] and p.published == []

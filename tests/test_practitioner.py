@@ -45,3 +45,28 @@ def test_photos_at_64px_with_torchvision_models(workdir, photos, source):
 
     shape = onnx.load(str(workdir / "models/kd.onnx")).graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_value for d in shape[1:]] == [3, 64, 64]
+
+
+def test_import_teacher_takes_a_torchvision_state_dict(workdir, photos):
+    import torchvision
+    from typer.testing import CliRunner
+
+    from kdpipe.cli import app
+
+    params = tiny_params(data={"dataset": "folder", "path": str(photos), "image_size": 48},
+                         evaluate={"batch_size": 64, "device": "cpu", "workers": 0})
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    invoke("data")
+    torch.manual_seed(0)
+    source = torchvision.models.resnet18(num_classes=3)
+    torch.save(source.state_dict(), workdir / "mine.pth")
+    out = invoke("import-teacher", "mine.pth", "--model", "tv/resnet18", "--data", "data/prepared", "--name", "teacher")
+    assert "tv/resnet18, 3 classes, 11.18M params" in out
+    invoke("evaluate", "teacher")
+    ckpt = torch.load(workdir / "models/teacher.pt", weights_only=True)
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in ckpt["state_dict"].items())
+    torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), workdir / "imagenet.pth")
+    result = CliRunner().invoke(app, ["import-teacher", "imagenet.pth", "--model", "tv/resnet18", "--data",
+                                      "data/prepared", "--name", "other"])
+    assert result.exit_code == 1 and "fc.weight has shape (1000, 512), but tv/resnet18 for 3 classes" in result.output
+    assert not (workdir / "models/other.pt").exists()
