@@ -40,7 +40,9 @@ def pretty(model: str) -> str:
         return "WRN-" + model[4:].replace("_", "-")
     if model.startswith("vgg"):
         return "VGG-" + model[3:]
-    return "ResNet-" + model.removeprefix("resnet")
+    if model.startswith("resnet"):
+        return "ResNet-" + model.removeprefix("resnet")
+    return model  # a library's model (tv/resnet50, timm/...) keeps its name
 
 
 def collect(names: list[str], metrics_dir: Path, logs_dir: Path) -> list[dict]:

@@ -175,6 +175,9 @@ MATRIX_KEYS = frozenset(f"{s}.{k}" for s in config.TRAIN_SECTIONS for k in ("mod
     # the full pipelines read every section; model and seed come from each stage's --model/--seed
     ("pipelines/cifar10/params.yaml", tuple(config.Params.model_fields), MATRIX_KEYS),
     ("pipelines/cifar100/params.yaml", tuple(config.Params.model_fields), MATRIX_KEYS),
+    # the compress example stages KD and DKD only
+    ("examples/compress/params.yaml", ("data", "teacher", "student", "distill", "evaluate"),
+     frozenset(f"distill.{m}" for m in config.METHODS if m not in ("kd", "dkd"))),
 ])
 def test_params_files_spell_out_every_key(path, sections, skip):
     # a changed default in kdpipe/config.py must never change a pipeline's results silently: every key a

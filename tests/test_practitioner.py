@@ -39,6 +39,9 @@ def test_photos_at_64px_with_torchvision_models(workdir, photos, source):
     ckpt = torch.load(workdir / "models/teacher.pt", weights_only=True)
     assert ckpt["model"] == "tv/resnet18" and ckpt["state_dict"]["fc.weight"].shape == (3, 512)
     assert ckpt["config"]["weights"].endswith("resnet18-imagenet.pth")
+    invoke("report", "teacher", "student", "kd")
+    table = (workdir / "reports/adhoc/results.md").read_text()
+    assert "| tv/resnet18 (teacher) | 11.18 |" in table and "| tv/mobilenet_v3_small (kd) | 1.52 |" in table
     out = invoke("export", "kd")
     assert "top-1 agreement 100.00% on 9 test images" in out
     import onnx
