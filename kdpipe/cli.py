@@ -205,7 +205,8 @@ def parse_triple(option: str, value: Optional[str]) -> Optional[list[float]]:
 @app.command("import-teacher")
 @guarded
 def import_teacher_cmd(path: Path = typer.Argument(..., help="RepDistiller/mdistiller checkpoint (ckpt_epoch_240.pth) "
-                                                             "or a bare state dict"),
+                                                             "or a bare state dict; for tv/ and timm/ models also a "
+                                                             "weights name (IMAGENET1K_V1, pretrained)"),
                        model: str = typer.Option(..., "--model", help="model name, e.g. resnet32x4, tv/resnet50"),
                        name: str = typer.Option(..., "--name", help="run name: writes models/NAME.pt"),
                        data_dir: Optional[Path] = typer.Option(None, "--data", help="prepared data the teacher is for: "

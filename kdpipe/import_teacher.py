@@ -91,17 +91,28 @@ def import_teacher(path: Path, name: str, num_classes: int, out: Path, dataset: 
         state = map_state_dict(source, name, num_classes, path)
         model = models.create(name, num_classes)
         model.load_state_dict(state)
-    else:  # a tv/ or timm/ model: a state dict in the library's layout, read by the library's family file
+        imported = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), **info}
+    elif path.is_file() or models.is_weights_file(str(path)):  # a tv/ or timm/ state dict in the library's layout
         from .models.tv import read_state_dict as read_library_state_dict
 
         source = read_library_state_dict(name, str(path))
         model = models.create(name, num_classes, weights=str(path))
-        state, info = {k: v.contiguous() for k, v in model.state_dict().items()}, {}
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
         wrong = next((k for k, v in source.items() if k in state and v.shape != state[k].shape), None)
         if wrong:  # a teacher is used as it is: never with a new, untrained classifier
             raise ImportError_(f"{path}: {wrong} has shape {tuple(source[wrong].shape)}, but {name} for "
                                f"{num_classes} classes has {tuple(state[wrong].shape)}")
-    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+        imported = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    else:  # a library's weights name (IMAGENET1K_V1, pretrained, ...): the published teachers of ImageNet tables
+        classes = models.weights_classes(name, str(path))
+        if classes != num_classes:
+            raise ImportError_(f"{name} {path}: weights for {classes} classes, but the data has {num_classes}")
+        model = models.create(name, num_classes, weights=str(path))
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        digest = hashlib.sha256()  # the weights' identity: their tensors, in key order
+        for k, v in state.items():
+            digest.update(k.encode() + v.numpy().tobytes())
+        imported = {"file": str(path), "sha256": digest.hexdigest()}
     ckpt = {
         "format": FORMAT,
         "model": name,
@@ -109,7 +120,7 @@ def import_teacher(path: Path, name: str, num_classes: int, out: Path, dataset: 
         "params_m": models.count_params_m(model),
         "state_dict": state,
         "config": None,
-        "meta": {"role": "teacher", "imported": {"file": path.name, "sha256": sha, **info}},
+        "meta": {"role": "teacher", "imported": imported},
         "dataset": dataset,
         "data_sha256": None,  # not trained by kdpipe: distill checks the dataset name and class count instead
         "normalization": normalization,

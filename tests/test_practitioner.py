@@ -3,6 +3,7 @@ teacher (from a weights file, fine-tuned for the folder's classes) and a torchvi
 stage of the CLI: data -> teacher -> student -> distill -> evaluate -> export (ONNX parity)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,3 +74,36 @@ def test_import_teacher_takes_a_torchvision_state_dict(workdir, photos):
                                       "data/prepared", "--name", "other"])
     assert result.exit_code == 1 and "fc.weight has shape (1000, 512), but tv/resnet18 for 3 classes" in result.output
     assert not (workdir / "models/other.pt").exists()
+
+
+def test_import_teacher_takes_torchvision_weights_by_name(workdir, photos, monkeypatch):
+    """The ImageNet tables' teachers are torchvision's IMAGENET1K_V1 weights, used as they are: imported by
+    name through torch.hub's cache (filled here with a stand-in file: no download)."""
+    import os
+    from urllib.parse import urlparse
+
+    import torchvision
+    from typer.testing import CliRunner
+
+    from kdpipe.cli import app
+    from kdpipe.import_teacher import import_teacher
+
+    monkeypatch.setenv("TORCH_HOME", str(workdir / "torch"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # torch.hub re-reads TORCH_HOME
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    cached = workdir / "torch/hub/checkpoints" / os.path.basename(urlparse(url).path)
+    cached.parent.mkdir(parents=True)
+    torch.manual_seed(1)
+    stand_in = torchvision.models.resnet18().state_dict()
+    torch.save(stand_in, cached)
+    norm = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    ckpt = import_teacher(Path("IMAGENET1K_V1"), "tv/resnet18", 1000, workdir / "models/t.pt", "imagenet", norm)
+    assert all(torch.equal(v, stand_in[k]) for k, v in ckpt["state_dict"].items())
+    assert ckpt["meta"]["imported"]["file"] == "IMAGENET1K_V1" and len(ckpt["meta"]["imported"]["sha256"]) == 64
+    (workdir / "params.yaml").write_text(yaml.safe_dump(tiny_params(data={"dataset": "folder", "path": str(photos)})))
+    invoke("data")
+    result = CliRunner().invoke(app, ["import-teacher", "IMAGENET1K_V1", "--model", "tv/resnet18", "--data",
+                                      "data/prepared", "--name", "teacher"])
+    assert result.exit_code == 1 and result.output.strip() == \
+        "error: tv/resnet18 IMAGENET1K_V1: weights for 1000 classes, but the data has 3"
+

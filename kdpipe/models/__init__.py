@@ -49,6 +49,14 @@ def check_name(name: str) -> str:
     return name
 
 
+def weights_classes(name: str, weights: str) -> int:
+    """The class count of a `tv/`/`timm/` model's named weights (e.g. 1000 for IMAGENET1K_V1)."""
+    library = _library(check_name(name))
+    if library is None:
+        raise ValueError(f"{name}: named weights are for tv/ and timm/ models")
+    return library.weights_classes(name[len(library.PREFIX):], weights)
+
+
 def create(name: str, num_classes: int, weights: str | None = None) -> nn.Module:
     """Build a model by name for `num_classes` classes: kdpipe's own (initialised as in the reference), or a
     library's `tv/<name>` / `timm/<name>` with optional `weights` (a weights name or a state-dict file)."""

@@ -72,7 +72,15 @@ def create(name: str, num_classes: int, weights: str | None = None) -> nn.Module
     return _with_features(model)
 
 
-def _from_named(timm, label: str, name: str, arch: str, num_classes: int, weights: str) -> nn.Module:
+def weights_classes(name: str, weights: str) -> int:
+    """The class count of the named weights' classifier (without loading them)."""
+    timm = _timm(PREFIX + name)
+    arch, _ = timm.models.split_model_name_tag(name)
+    return _resolve(timm, PREFIX + name, name, arch, weights)[1].num_classes
+
+
+def _resolve(timm, label: str, name: str, arch: str, weights: str):
+    """(the full `arch.tag` name, timm's pretrained config) a weights name means."""
     full = name if weights == "pretrained" else f"{arch}.{weights}"
     try:
         cfg = timm.models.get_pretrained_cfg(full, allow_unregistered=False)
@@ -83,6 +91,11 @@ def _from_named(timm, label: str, name: str, arch: str, num_classes: int, weight
         raise WeightsError(f"{label}: unknown weights {weights!r}; valid: pretrained, {', '.join(tags)} or a "
                            ".pth/.safetensors file" if tags else f"{label}: timm has no pretrained weights for "
                            f"{arch}; pass weights: /path/to/file.safetensors")
+    return full, cfg
+
+
+def _from_named(timm, label: str, name: str, arch: str, num_classes: int, weights: str) -> nn.Module:
+    full, cfg = _resolve(timm, label, name, arch, weights)
     source = f"{arch}.{cfg.tag}"
     try:
         model = timm.create_model(full, pretrained=True, num_classes=num_classes)

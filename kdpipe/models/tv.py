@@ -143,14 +143,24 @@ def _from_file(label: str, name: str, num_classes: int, path: str) -> nn.Module:
     return model
 
 
-def _from_named(label: str, name: str, num_classes: int, weights: str) -> nn.Module:
+def _resolve(label: str, name: str, weights: str):
+    """The torchvision weights enum member a weights name means."""
     enum = torchvision.models.get_model_weights(name)
     tag = weights.removeprefix(enum.__name__ + ".")
     valid = ["DEFAULT"] + [w.name for w in enum]
     if tag not in valid:
         raise WeightsError(f"{label}: unknown weights {weights!r}; valid: {', '.join(valid)} "
                            "or a .pth/.safetensors file")
-    w = enum[tag]
+    return enum[tag]
+
+
+def weights_classes(name: str, weights: str) -> int:
+    """The class count of the named weights' classifier (without loading them)."""
+    return len(_resolve(PREFIX + name, name, weights).meta["categories"])
+
+
+def _from_named(label: str, name: str, num_classes: int, weights: str) -> nn.Module:
+    w = _resolve(label, name, weights)
     file = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(w.url).path))
     try:
         model = torchvision.models.get_model(name, weights=w)  # torchvision's own loading, through torch.hub's cache
