@@ -60,3 +60,20 @@ def test_batch_must_split_across_ranks(ddp_dir):
     write_params(ddp_dir / "params.yaml", tiny_params(teacher={"model": "resnet8", "batch_size": 15}))
     proc = torchrun("teacher")
     assert proc.returncode != 0 and "batch_size 15 is not divisible by the 2 processes" in proc.stderr
+
+
+def test_ddp_with_the_stream_source(workdir, photos):
+    """Each rank decodes its own shard of every batch from the files: the first epoch's loss is the single
+    process's (same images, same augmentation), and only rank 0 writes."""
+    write_params(workdir / "params.yaml", tiny_params(
+        data={"dataset": "folder", "path": str(photos), "image_size": 32, "source": "stream"},
+        teacher={"model": "resnet8", "epochs": 2, "batch_size": 6, "runtime": {"device": "cpu", "workers": 1}}))
+    assert CliRunner().invoke(app, ["data"]).exit_code == 0
+    assert CliRunner().invoke(app, ["teacher", "--name", "single"]).exit_code == 0
+    proc = torchrun("teacher", "--name", "ddp")
+    assert proc.returncode == 0, proc.stderr
+    single = checkpoint.load_checkpoint(workdir / "models/single.pt")
+    ddp = checkpoint.load_checkpoint(workdir / "models/ddp.pt")
+    assert [r["epoch"] for r in ddp["history"]] == [1, 2]
+    assert abs(single["history"][0]["train_loss"] - ddp["history"][0]["train_loss"]) < 0.05
+    assert sorted(p.name for p in (workdir / "models").iterdir()) == ["ddp.pt", "single.pt"]
