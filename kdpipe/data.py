@@ -133,6 +133,14 @@ def fit(x: torch.Tensor, image_size: int, augment: str) -> torch.Tensor:
     return TF.center_crop(TF.resize(x, s, antialias=True), [s, s])
 
 
+def test_view(x: torch.Tensor, image_size: int, augment: str) -> torch.Tensor:
+    """What the test sees of a uint8 image: the centre image_size crop of its `fit` (both sources, both
+    conventions: the reference evaluation for `imagenet`, the image itself for `cifar`)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    return TF.center_crop(fit(x, image_size, augment), [image_size, image_size])
+
+
 def read_image(path: str) -> torch.Tensor:
     """An image file as RGB uint8 (3, H, W), decoded with PIL (every format ImageFolder lists)."""
     from PIL import Image
@@ -202,13 +210,11 @@ def stream_statistics(listed: dict, base: Path, image_size: int, augment: str, n
     statistics of a set too large to decode whole."""
     rows = listed["train"]
     pick = rows[::max(1, len(rows) // n)][:n]
-    c = image_size // 2  # the same centre crop whatever the convention stores
     sums = torch.zeros(3, dtype=torch.float64)
     squares = torch.zeros(3, dtype=torch.float64)
     count = 0
     for path, _, _ in pick:
-        x = fit(read_image(os.path.normpath(base / path)), image_size, augment).double() / 255
-        x = x[:, x.shape[1] // 2 - c:x.shape[1] // 2 - c + image_size, x.shape[2] // 2 - c:x.shape[2] // 2 - c + image_size]
+        x = test_view(read_image(os.path.normpath(base / path)), image_size, augment).double() / 255
         sums += x.sum((1, 2))
         squares += (x * x).sum((1, 2))
         count += x.shape[1] * x.shape[2]
@@ -229,10 +235,7 @@ def prepare(cfg, out_dir: Path, raw_dir: Path = Path("data/raw")) -> dict:
     if cfg.source == "stream":
         listed, classes = _stream_samples(Path(cfg.path), out_dir)
         labels = {split: np.asarray([label for _, label, _ in rows], dtype=np.int64) for split, rows in listed.items()}
-        if cfg.normalize == "imagenet":
-            mean, std = IMAGENET_MEAN, IMAGENET_STD
-        else:
-            mean, std = stream_statistics(listed, out_dir, size, augment)
+        statistics = lambda: stream_statistics(listed, out_dir, size, augment)  # noqa: E731
         tmp.mkdir(parents=True)
         (tmp / "samples.json").write_text(json.dumps(listed) + "\n")
         train_y, test_y, sha256 = labels["train"], labels["test"], {"samples": _sha256(tmp / "samples.json")}
@@ -260,17 +263,15 @@ def prepare(cfg, out_dir: Path, raw_dir: Path = Path("data/raw")) -> dict:
         tmp.mkdir(parents=True)
         for name, arr in zip(ARRAYS, (*train, *test)):
             np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr))
-        if cfg.normalize == "imagenet":
-            mean, std = IMAGENET_MEAN, IMAGENET_STD
-        else:
+        def statistics():
             pixels = torch.from_numpy(train[0]).float().div_(255)
-            mean = [round(float(m), 6) for m in pixels.mean((0, 2, 3))]
-            std = [round(float(s), 6) for s in pixels.std((0, 2, 3))]
+            return [round(float(m), 6) for m in pixels.mean((0, 2, 3))], [round(float(s), 6) for s in pixels.std((0, 2, 3))]
         train_y, test_y = train[1], test[1]
         sha256 = {name: _sha256(tmp / f"{name}.npy") for name in ARRAYS}
     if train_y.min() < 0 or max(train_y.max(), test_y.max()) >= len(classes):
         shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(f"{cfg.dataset}: labels outside 0..{len(classes) - 1}")
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.normalize == "imagenet" else statistics()
     manifest = {
         "dataset": cfg.dataset,
         "source": source,

@@ -30,6 +30,7 @@ from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
 
 from . import data as data_mod
 from .data import Prepared
@@ -91,17 +92,10 @@ def random_resized_crop_flip(x: torch.Tensor, size: int, g: torch.Generator) -> 
     """The imagenet training augmentation on a uint8 batch (B, 3, S, S): each image's RandomResizedCrop box
     resized to size x size by torchvision's own `resized_crop` (bilinear, antialiased), then flipped with
     probability 1/2. One call per image (boxes differ in size), on the batch's device."""
-    from torchvision.transforms.v2 import functional as TF
-
     boxes = resized_crop_boxes(x.shape[0], x.shape[-2], x.shape[-1], g).long().tolist()
     flip = (torch.rand(x.shape[0], generator=g, device=x.device) < 0.5).tolist()
     out = [TF.resized_crop(img, *box, [size, size], antialias=True) for img, box in zip(x, boxes)]
     return torch.stack([img.flip(2) if f else img for img, f in zip(out, flip)])
-
-
-def centre_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
-    return x[..., top:top + size, left:left + size]
 
 
 def batches(n: int, batch_size: int, g: torch.Generator, ddp: Dist) -> Iterator:
@@ -160,7 +154,7 @@ class MemorySource:
         """The test images as uint8 (x, y) batches at image_size (the evaluation view), not normalised."""
         test = self.data.test
         for i in range(0, len(test.y), batch_size):
-            yield centre_crop(test.x[i:i + batch_size], self.image_size), test.y[i:i + batch_size]
+            yield TF.center_crop(test.x[i:i + batch_size], [self.image_size] * 2), test.y[i:i + batch_size]
 
     def test(self, batch_size: int = 1000) -> Iterator:
         for x, y in self.test_pixels(batch_size):
@@ -180,16 +174,13 @@ class Images(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, item):
-        from torchvision.transforms.v2 import functional as TF
-
         i, seed = item
         path = self.paths[i]
         if os.path.getsize(path) != self.sizes[i]:
             raise data_mod.DataError(f"{path}: changed since `kdpipe data` listed it (re-run `kdpipe data`)")
         x, n = data_mod.read_image(path), self.image_size
         if not self.train:
-            return data_mod.fit(x, n, self.augment) if self.augment == "cifar" else \
-                TF.center_crop(TF.resize(x, round(n / data_mod.EVAL_CROP), antialias=True), [n, n])
+            return data_mod.test_view(x, n, self.augment)  # what the memory source's test sees, exactly
         g = torch.Generator().manual_seed(seed)
         if self.augment == "cifar":
             return pad_crop_flip(data_mod.fit(x, n, "cifar")[None], g)[0]

@@ -102,9 +102,10 @@ def test_stream_source_is_independent_of_workers_and_resumes(tmp_path, photos):
     assert not torch.equal(e1[0][0][:4], e2[0][0][:4])  # epochs differ
 
 
-def test_stream_and_memory_see_the_same_test_images(tmp_path, photos):
-    data.prepare(folder_data(photos, image_size=40), tmp_path / "m")
-    data.prepare(folder_data(photos, image_size=40, source="stream"), tmp_path / "s")
+@pytest.mark.parametrize("augment", ["cifar", "imagenet"])
+def test_stream_and_memory_see_the_same_test_images(tmp_path, photos, augment):
+    data.prepare(folder_data(photos, image_size=40, augment=augment), tmp_path / "m")
+    data.prepare(folder_data(photos, image_size=40, augment=augment, source="stream"), tmp_path / "s")
     mem, stream = (sources.open_source(tmp_path / d, CPU, 0) for d in ("m", "s"))
     assert mem.manifest["mean"] == pytest.approx(stream.manifest["mean"], abs=1e-3)  # all 18 train images seen
     for (a, y), (b, z) in zip(mem.test_pixels(4), stream.test_pixels(4)):
