@@ -46,10 +46,17 @@ class Synthetic(Strict):
     seed: int = Field(0, ge=0)
 
 
+FOLDER_DATASETS = ("folder", "imagenet")  # the datasets read from an image folder (`path`)
+
+
 class Data(Strict):
-    dataset: Literal["synthetic", "cifar10", "cifar100", "folder"] = "synthetic"
+    dataset: Literal["synthetic", "cifar10", "cifar100", "folder", "imagenet"] = "synthetic"
     mirror: Optional[str] = None  # base URL of the CIFAR archives; env KDPIPE_CIFAR_MIRROR wins
-    path: Optional[str] = None  # dataset folder: an image folder with train/<class>/* and test/<class>/*
+    # dataset folder: folder: train/<class>/* and test/<class>/*; imagenet: ILSVRC2012 as torchvision's
+    # ImageFolder reads it, train/<wnid>/*.JPEG and val/<wnid>/*.JPEG
+    path: Optional[str] = None
+    # imagenet: the folder is a subset on purpose (ILSVRC2012's class and image counts are not checked)
+    subset: bool = False
     synthetic: Synthetic = Synthetic()
     image_size: int = Field(32, ge=8, le=1024, description="side of the square images the models see")
     # cifar: pad-4 random crop + flip at image_size; imagenet: torchvision's reference recipe
@@ -63,10 +70,14 @@ class Data(Strict):
 
     @model_validator(mode="after")
     def _folder_needs_path(self):
-        if (self.dataset == "folder") != (self.path is not None):
-            raise ValueError("path is required for dataset: folder (and only used there)")
-        if self.source == "stream" and self.dataset != "folder":
-            raise ValueError(f"source: stream reads image files (dataset: folder); {self.dataset} is held in memory")
+        if (self.dataset in FOLDER_DATASETS) != (self.path is not None):
+            raise ValueError("path is required for dataset: folder and imagenet (and only used there)")
+        if self.source == "stream" and self.dataset not in FOLDER_DATASETS:
+            raise ValueError(f"source: stream reads image files (dataset: folder, imagenet); {self.dataset} is held in memory")
+        if self.dataset == "imagenet" and self.source != "stream":
+            raise ValueError("dataset: imagenet is read from its files (source: stream), never decoded whole")
+        if self.subset and self.dataset != "imagenet":
+            raise ValueError("subset is for dataset: imagenet (whose counts are checked otherwise)")
         return self
 
 
@@ -76,6 +87,9 @@ class Optim(Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     nesterov: bool = False
+    # the global batch `lr` is set for: another batch_size scales it linearly (Goyal et al. 2017, as the ImageNet
+    # recipes: 0.1 per 256 images); null: `lr` as it is
+    lr_batch: Optional[int] = Field(None, ge=1)
     # the lr of particular models, overriding `lr` (RepDistiller trains MobileNetV2 and the ShuffleNets,
     # as teachers or students, at 0.01 instead of 0.05)
     lr_by_model: dict[ModelName, float] = {}
@@ -156,8 +170,10 @@ class Train(Strict):
 
     @property
     def lr(self) -> float:
-        """The base learning rate of the model this section trains (`optim.lr_by_model` first)."""
-        return self.optim.lr_by_model.get(self.model, self.optim.lr)
+        """The base learning rate of the model this section trains (`optim.lr_by_model` first), scaled to the
+        global batch where `optim.lr_batch` says which batch it is set for."""
+        lr = self.optim.lr_by_model.get(self.model, self.optim.lr)
+        return lr if self.optim.lr_batch is None else lr * self.batch_size / self.optim.lr_batch
 
 
 # --- evaluation -----------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ mean/std, sha256 of each array). S is `image_size` for the `cifar` augmentation;
 evaluation's resize, round(image_size / 0.875), every image's centre square (see `fit`). With
 `data.source: stream` (an image folder larger than memory) nothing is decoded up front: samples.json lists
 each split's files (path relative to the folder, label, size in bytes) and the manifest's sha256 is that
-list's; the training source decodes the files per epoch (kdpipe/sources.py).
+list's; the training source decodes the files per epoch (kdpipe/sources.py). `data.dataset: imagenet` is such a
+folder with ILSVRC2012's split names (train/, val/: the test split) and counts, checked unless `data.subset`.
 Everything is written to a temporary folder first and renamed into place, so a failure leaves nothing.
 """
 
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from . import synthetic
-from .config import Error
+from .config import FOLDER_DATASETS, Error
 
 MIRROR_ENV = "KDPIPE_CIFAR_MIRROR"
 ARRAYS = ("train_x", "train_y", "test_x", "test_y")
@@ -152,15 +153,19 @@ def read_image(path: str) -> torch.Tensor:
         raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
 
 
-def _list_folder(root: Path):
-    """`root/train/<class>/*` and `root/test/<class>/*`, with torchvision's ImageFolder discovery (class
+# ILSVRC2012 as torchvision's ImageFolder reads it: its classes and images per split
+IMAGENET = {"classes": 1000, "train": 1_281_167, "val": 50_000}
+
+
+def _list_folder(root: Path, split_names: tuple[str, str] = ("train", "test")):
+    """`root/<train>/<class>/*` and `root/<test>/<class>/*`, with torchvision's ImageFolder discovery (class
     names = sorted folder names, its image extensions): ([(path, label)] per split, classes)."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder not found")
     splits, classes = [], None
-    for split in ("train", "test"):
+    for split in split_names:
         d = root / split
         try:
             names, index = find_classes(str(d))
@@ -196,9 +201,20 @@ def _read_folder(root: Path, image_size: int, augment: str):
     return out[0], out[1], classes, resized
 
 
-def _stream_samples(root: Path, out_dir: Path):
+def _check_imagenet(root: Path, train: list, val: list, classes: list[str]) -> None:
+    """ILSVRC2012's counts, or a one-line error naming the difference (`data.subset: true` says it is intended)."""
+    found = {"classes": len(classes), "train": len(train), "val": len(val)}
+    if found != IMAGENET:
+        wrong = ", ".join(f"{found[k]:,} {k}" + (" images" if k != "classes" else "") + f" (ILSVRC2012: {IMAGENET[k]:,})"
+                          for k in IMAGENET if found[k] != IMAGENET[k])
+        raise DataError(f"{root}: not the whole ILSVRC2012: {wrong}; set data.subset: true if a subset is intended")
+
+
+def _stream_samples(root: Path, out_dir: Path, dataset: str = "folder", subset: bool = False):
     """What a stream source reads: each split's files as [path relative to samples.json's folder, label, bytes]."""
-    (train, test), classes = _list_folder(root)
+    (train, test), classes = _list_folder(root, ("train", "val") if dataset == "imagenet" else ("train", "test"))
+    if dataset == "imagenet" and not subset:
+        _check_imagenet(root, train, test, classes)
     rel = lambda p: os.path.relpath(p, out_dir)  # noqa: E731  (the prepared folder is renamed into out_dir)
     listed = {split: [[rel(p), label, os.path.getsize(p)] for p, label in samples]
               for split, samples in (("train", train), ("test", test))}
@@ -233,7 +249,7 @@ def prepare(cfg, out_dir: Path, raw_dir: Path = Path("data/raw")) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     size, augment = cfg.image_size, cfg.augment
     if cfg.source == "stream":
-        listed, classes = _stream_samples(Path(cfg.path), out_dir)
+        listed, classes = _stream_samples(Path(cfg.path), out_dir, cfg.dataset, cfg.subset)
         labels = {split: np.asarray([label for _, label, _ in rows], dtype=np.int64) for split, rows in listed.items()}
         statistics = lambda: stream_statistics(listed, out_dir, size, augment)  # noqa: E731
         tmp.mkdir(parents=True)
@@ -286,7 +302,7 @@ def prepare(cfg, out_dir: Path, raw_dir: Path = Path("data/raw")) -> dict:
         "std": std,
         "sha256": sha256,
     }
-    if cfg.dataset == "folder":
+    if cfg.dataset in FOLDER_DATASETS:
         manifest["class_counts"] = {split: dict(zip(classes, np.bincount(y, minlength=len(classes)).tolist()))
                                     for split, y in (("train", train_y), ("test", test_y))}
         if cfg.source == "memory":

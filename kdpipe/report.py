@@ -132,7 +132,8 @@ def recipe_text(cfg) -> str:
     by_model = cfg.optim.lr_by_model
     special = "".join(f"; lr {lr:g} for {', '.join(m for m, v in by_model.items() if v == lr)}"
                       for lr in sorted(set(by_model.values())))
-    return (f"`{cfg.recipe or 'custom'}` ({cfg.epochs} epochs, batch {cfg.batch_size}, SGD lr {cfg.optim.lr:g} "
+    lr = f"{cfg.optim.lr:g}" + (f" per {cfg.optim.lr_batch} images" if cfg.optim.lr_batch else "")
+    return (f"`{cfg.recipe or 'custom'}` ({cfg.epochs} epochs, batch {cfg.batch_size}, SGD lr {lr} "
             f"x{cfg.schedule.gamma:g} at epochs {at}, wd {cfg.optim.weight_decay:g}{special})")
 
 

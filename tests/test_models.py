@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kdpipe import models
 
@@ -110,3 +111,28 @@ def test_seed_resnet_checkpoints_keep_their_keys():
     assert keys[:3] == ["conv1.weight", "bn1.weight", "bn1.bias"] and keys[-2:] == ["fc.weight", "fc.bias"]
     assert "stage2.0.shortcut.0.weight" in keys and "stage3.2.bn2.running_var" in keys
     assert not any(k.startswith("layer") or "downsample" in k for k in keys)
+
+
+def test_mobilenetv1_is_mdistillers():
+    # mdistiller's models/imagenet/mobilenetv1.py: 4,231,976 parameters at 1,000 classes; its forward taps
+    # feat1..feat4 = model[3|5|11|13] without the last ReLU, each stage fed the ReLU of the previous tap
+    m = models.create("mobilenetv1", 1000).eval()
+    assert models.count_params(m) == 4_231_976
+    keys = list(m.state_dict())
+    assert keys[:2] == ["model.0.0.weight", "model.0.1.weight"] and "model.13.4.running_var" in keys
+    assert keys[-2:] == ["fc.weight", "fc.bias"]
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        out = m(x, features=True)
+        feat1 = m.model[3][:-1](m.model[0:3](x))
+        feat2 = m.model[5][:-1](m.model[4:5](F.relu(feat1)))
+        feat3 = m.model[11][:-1](m.model[6:11](F.relu(feat2)))
+        feat4 = m.model[13][:-1](m.model[12:13](F.relu(feat3)))
+        pooled = F.avg_pool2d(F.relu(feat4), 7).reshape(-1, 1024)  # the reference's AvgPool2d(7)
+        reference = [feat1, feat2, feat3, feat4]
+        assert all(torch.equal(a, b) for a, b in zip(out.preact[1:], reference))
+        assert all(torch.equal(a, F.relu(b)) for a, b in zip(out.stages[1:], reference))
+        torch.testing.assert_close(out.embedding, pooled)
+        torch.testing.assert_close(out.logits, m.fc(pooled))
+    assert [tuple(f.shape[1:]) for f in out.stages] == [(32, 112, 112), (128, 56, 56), (256, 28, 28), (512, 14, 14),
+                                                        (1024, 7, 7)]

@@ -132,3 +132,46 @@ def test_stream_refuses_a_changed_file(tmp_path, photos):
 def test_stream_needs_a_folder():
     with pytest.raises(config.ParamsError, match="source: stream reads image files"):
         config.validate(tiny_params(data={"source": "stream"}))
+
+
+@pytest.fixture
+def ilsvrc(tmp_path, photos):
+    """An ImageNet-shaped folder (train/<wnid>/, val/<wnid>/) of a few classes: the photos under ILSVRC's split names."""
+    root = tmp_path / "ilsvrc"
+    root.mkdir()
+    (root / "train").symlink_to(photos / "train")
+    (root / "val").symlink_to(photos / "test")
+    return root
+
+
+def test_imagenet_checks_ilsvrc2012s_counts(tmp_path, ilsvrc):
+    cfg = folder_data(ilsvrc, dataset="imagenet", source="stream", augment="imagenet", image_size=32)
+    n_train = sum(1 for f in (ilsvrc / "train").rglob("*") if f.is_file())
+    n_classes = len([d for d in (ilsvrc / "train").iterdir() if d.is_dir()])
+    with pytest.raises(data.DataError, match=rf"not the whole ILSVRC2012: {n_classes} classes \(ILSVRC2012: 1,000\), "
+                                             rf"{n_train:,} train images \(ILSVRC2012: 1,281,167\), .* val images "
+                                             r"\(ILSVRC2012: 50,000\); set data.subset: true"):
+        data.prepare(cfg, tmp_path / "prepared")
+    assert not (tmp_path / "prepared").exists() and not (tmp_path / "prepared.tmp").exists()
+    manifest = data.prepare(cfg.model_copy(update={"subset": True}), tmp_path / "prepared")  # val/ is the test split
+    assert (manifest["dataset"], manifest["train_size"], manifest["num_classes"]) == ("imagenet", n_train, n_classes)
+    assert manifest["test_size"] == sum(1 for f in (ilsvrc / "val").rglob("*") if f.is_file())
+    assert manifest["sha256"].keys() == {"samples"}  # a hash of the file list; nothing decoded up front
+
+
+@pytest.mark.parametrize("updates, message", [
+    ({"dataset": "imagenet", "path": "x", "source": "memory"}, "dataset: imagenet is read from its files"),
+    ({"dataset": "imagenet", "source": "stream"}, "path is required for dataset: folder and imagenet"),
+    ({"dataset": "folder", "path": "x", "subset": True}, "subset is for dataset: imagenet"),
+])
+def test_imagenet_params_errors(updates, message):
+    with pytest.raises(config.ParamsError, match=message):
+        config.validate(tiny_params(data=updates))
+
+
+def test_lr_scales_with_the_global_batch():
+    # ImageNet recipes: lr 0.1 per 256 images; at batch 512 that is 0.2 (mdistiller's KD/DKD configs), at 1024 0.4
+    cfg = config.Train(batch_size=512, optim=config.Optim(lr=0.1, lr_batch=256))
+    assert cfg.lr == pytest.approx(0.2)
+    assert cfg.model_copy(update={"batch_size": 1024}).lr == pytest.approx(0.4)
+    assert config.Train(batch_size=512, optim=config.Optim(lr=0.1)).lr == 0.1  # lr_batch null: as it is

@@ -24,7 +24,7 @@ from torch import nn
 from .base import FAMILY, REGISTRY, Features, init_weights, is_weights_file, reference_keys, register, run_stage  # noqa: F401
 
 # fill the registry, in the order `MODEL_NAMES` lists them
-from . import resnet, resnet50, wrn, vgg, mobilenetv2, shufflenetv1, shufflenetv2  # noqa: E402,F401,I001
+from . import resnet, resnet50, wrn, vgg, mobilenetv2, shufflenetv1, shufflenetv2, mobilenetv1  # noqa: E402,F401,I001
 
 MODEL_NAMES = tuple(REGISTRY)
 LIBRARIES = {"tv/": "tv", "timm/": "timm_models"}  # name prefix -> the family file of a library's models
