@@ -358,7 +358,10 @@ class Params(Strict):
     table: Train = Train()  # the full pipelines' `table@` stages: the seed's ResNet table (He et al.'s recipe)
     distill: Distill = Distill()
     evaluate: Evaluate = Evaluate()
-    # the grid of the full pipelines (pipelines/cifar10, pipelines/cifar100)
+    # the grid of the full pipelines (pipelines/cifar10, cifar100, imagenet)
+    # the command their training stages run: kdpipe, or kdpipe under torchrun for DDP on several GPUs
+    # (`torchrun --nproc-per-node 8 -m kdpipe`); the global batch_size and lr stay the params' (runtime.py)
+    launch: str = "kdpipe"
     table_models: list[ModelName] = []  # trained from scratch with `table`: the seed's published table
     models: list[ModelName] = []  # trained from scratch with `teacher`: the benchmark's teachers and baselines
     published: list[ModelName] = []  # teachers imported from published/<model>.pth (RepDistiller/mdistiller)
@@ -383,6 +386,13 @@ class Params(Strict):
                 if isinstance(recipes[name], dict):
                     out[role] = _deep_merge(recipes[name], section)
         return out
+
+    @field_validator("launch")
+    @classmethod
+    def _launch(cls, v: str) -> str:
+        if v != "kdpipe" and not (v.startswith("torchrun ") and v.endswith(" -m kdpipe")):
+            raise ValueError("must be kdpipe, or torchrun with its options followed by -m kdpipe")
+        return v
 
     @field_validator("seeds")
     @classmethod

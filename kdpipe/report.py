@@ -117,6 +117,9 @@ CRD = {pair: {k: v for k, v in zip(_REFERENCE["crd"]["rows"], col) if v is not N
 # the same README's teacher and student rows, per model (one figure each: equal across the pairs they appear in)
 CRD_MODELS = {m: CRD[pair][role] for pair in CRD for m, role in zip(pair, ("teacher", "student"))}
 DKD = _pairs(_REFERENCE["dkd"]["pairs"])
+IMAGENET = _pairs(_REFERENCE["imagenet"]["pairs"])  # (teacher, student) -> {row: [Top-1, Top-5 or None]}
+IMAGENET_CONVENTION = _REFERENCE["imagenet"]["convention"]
+IMAGENET_MODELS = {m: IMAGENET[pair][role] for pair in IMAGENET for m, role in zip(pair, ("teacher", "student"))}
 
 
 def method(name: str):
@@ -209,6 +212,9 @@ def grid(p, manifest: dict, metrics_dir: Path, plots_dir: Path, out_dir: Path) -
         crd_models = dataset == "cifar100"
 
         def crd_figure(model):
+            if dataset == "imagenet":
+                t1, t5 = IMAGENET_MODELS.get(model, (None, None))
+                return (" / ".join("–" if v is None else f"{v:.2f}" for v in (t1, t5)), "top1", t1)
             if not crd_models:
                 return None
             ref = CRD_MODELS.get(model)
@@ -218,44 +224,59 @@ def grid(p, manifest: dict, metrics_dir: Path, plots_dir: Path, out_dir: Path) -
                       " Published teachers (imported, not trained; the same file for every seed): Top1 = Top1 last = "
                       "their test accuracy here." if p.published else "") + (
                       " Beside them CRD's figures for the same models (RepDistiller's README, last epoch), compared "
-                      "with our Top1 last." if crd_models else ""), "",
-                  head + (" CRD Top1 (last) | Δ Top1 last |" if crd_models else ""),
-                  "|---|---|---|---|---|" + ("---|---|" if crd_models else "")]
+                      "with our Top1 last." if crd_models else "") + (
+                      f" Beside them the published figures ({IMAGENET_CONVENTION}), compared with our Top1 (best)."
+                      if dataset == "imagenet" else ""), "",
+                  head + (" CRD Top1 (last) | Δ Top1 last |" if crd_models else "")
+                  + (" Published Top1 / Top5 (best) | Δ Top1 |" if dataset == "imagenet" else ""),
+                  "|---|---|---|---|---|" + ("---|---|" if crd_models or dataset == "imagenet" else "")]
         lines += model_rows(p.models + p.published, p.teacher.recipe, crd_figure) + [""]
 
     pairs = [(pr.teacher, pr.student) for pr in p.pairs]
-    crd = dataset == "cifar100"
-    lines += ["## Distillation (Top-1 %, last epoch)", "",
-              f"Our numbers: recipe {recipe_text(p.student)} for the students (teachers and baselines as above). Top-1 of the "
-              "**last** epoch (`top1_last`), the convention of CRD and RepDistiller."
-              + (" In brackets: the CIFAR-100 figures published by Tian et al. (CRD, ICLR 2020) for the same pair, "
-                 "also last epoch." if crd else ""), ""]
+    crd, imagenet = dataset == "cifar100", dataset == "imagenet"
     cols = [f"{pretty(t)} → {pretty(s)}" for t, s in pairs]
-    lines += ["| Method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     deltas: dict[str, dict[int, float]] = {}
-    row_specs = [("Teacher", "teacher", lambda m, t, s, seed: trained_run(p.teacher.recipe, t, seed)),
-                 ("Student (baseline)", "student", lambda m, t, s, seed: trained_run(p.student.recipe, s, seed))]
     # a method whose published figures use another metric (DKD: mdistiller's best epoch) is compared on that
     # metric, marked †
     other_metric = [m for m in p.methods if crd and method(m).benchmark_metric != DISTILL_METRIC]
+    if imagenet:  # the published table's convention (best epoch) first, then the last epoch's Top-1 and Top-5
+        src = "the published figure (" + IMAGENET_CONVENTION + ", kdpipe/published.yaml gives each source)"
+        tables = [("Top-1 %, best epoch", "top1", lambda key, t, s: IMAGENET.get((t, s), {}).get(key, [None])[0],
+                   f"Top-1 of the **best** epoch, the convention of DKD's ImageNet table; in brackets {src}."),
+                  ("Top-1 %, last epoch", "top1_last", lambda key, t, s: None, "Top-1 of the **last** epoch."),
+                  ("Top-5 %, last epoch", "top5", lambda key, t, s: IMAGENET.get((t, s), {}).get(key, [None, None])[1],
+                   "Top-5 of the **last** epoch; in brackets the published best-epoch Top-5 where a source gives it.")]
+    else:
+        tables = [("Top-1 %, last epoch", DISTILL_METRIC,
+                   lambda key, t, s: (DKD.get((t, s)) if key == "dkd" else CRD.get((t, s), {}).get(key)) if crd else None,
+                   "Top-1 of the **last** epoch (`top1_last`), the convention of CRD and RepDistiller."
+                   + (" In brackets: the CIFAR-100 figures published by Tian et al. (CRD, ICLR 2020) for the same pair, "
+                      "also last epoch." if crd else ""))]
+    row_specs = [("Teacher", "teacher", lambda m, t, s, seed: trained_run(p.teacher.recipe, t, seed)),
+                 ("Student (baseline)", "student", lambda m, t, s, seed: trained_run(p.student.recipe, s, seed))]
     row_specs += [(method(m).label + (" †" if m in other_metric else ""), m,
                    lambda m, t, s, seed: distill_run(m, t, s, seed)) for m in p.methods]
-    for label, key, name_of in row_specs:
-        cells = []
-        for j, (t, s) in enumerate(pairs):
-            metric_key = method(key).benchmark_metric if key in other_metric else DISTILL_METRIC
-            st = over_seeds(lambda seed: name_of(key, t, s, seed), metric_key)
-            ref = (DKD.get((t, s)) if key == "dkd" else CRD.get((t, s), {}).get(key)) if crd else None
-            na = st is None and not_applicable(lambda seed: name_of(key, t, s, seed))
-            cells.append(("N/A" if na else fmt(st)) + (f" [{ref:.2f}]" if ref is not None else ""))
-            base = over_seeds(lambda seed: trained_run(p.student.recipe, s, seed), metric_key)
-            if key in p.methods and st and base:
-                deltas.setdefault(key, {})[j] = st[0] - base[0]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for i, (title, table_metric, reference, intro) in enumerate(tables):
+        lines += [f"## Distillation ({title})", "",
+                  f"Our numbers: recipe {recipe_text(p.student)} for the students (teachers and baselines as above). "
+                  + intro, "", "| Method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        for label, key, name_of in row_specs:
+            cells = []
+            for j, (t, s) in enumerate(pairs):
+                metric_key = method(key).benchmark_metric if key in other_metric else table_metric
+                st = over_seeds(lambda seed: name_of(key, t, s, seed), metric_key)
+                ref = reference(key, t, s)
+                na = st is None and not_applicable(lambda seed: name_of(key, t, s, seed))
+                cells.append(("N/A" if na else fmt(st)) + (f" [{ref:.2f}]" if ref is not None else ""))
+                base = over_seeds(lambda seed: trained_run(p.student.recipe, s, seed), metric_key)
+                if i == 0 and key in p.methods and st and base:
+                    deltas.setdefault(key, {})[j] = st[0] - base[0]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
     if "dkd" in other_metric:
-        lines += ["", "† DKD: in brackets mdistiller's README figure (DKD's authors); it does not say best or last "
-                      "epoch and mdistiller's trainer tracks the best, so this row shows our **best**-epoch Top-1."]
-    lines += ["", "![test accuracy per epoch](accuracy.png)", "", "![Δ Top-1 over the student baseline](delta.png)", ""]
+        lines += ["† DKD: in brackets mdistiller's README figure (DKD's authors); it does not say best or last "
+                  "epoch and mdistiller's trainer tracks the best, so this row shows our **best**-epoch Top-1.", ""]
+    lines += ["![test accuracy per epoch](accuracy.png)", "", "![Δ Top-1 over the student baseline](delta.png)", ""]
     text = "\n".join(lines)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.md").write_text(text)

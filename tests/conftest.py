@@ -139,24 +139,28 @@ def smoke_params(raw: dict) -> dict:
     return p
 
 
-def published_checkpoint(model_name: str, path: Path) -> None:
-    """A stand-in for a published teacher: random weights in RepDistiller's layout, BN statistics calibrated on
-    noise images (with untrained statistics deep features explode and FSP diverges)."""
+def published_checkpoint(model_name: str, path: Path, num_classes: int = 10, size: int = 32) -> None:
+    """A stand-in for a published teacher: random weights in the reference's layout (RepDistiller's; a library
+    model's own state dict, as torchvision publishes it), BN statistics calibrated on noise images (with untrained
+    statistics deep features explode and FSP diverges). .ci/run makes the smoke pipelines' teachers with it."""
     import torch
 
     from kdpipe import models
     from kdpipe.import_teacher import to_reference
 
     torch.manual_seed(0)
-    model = models.create(model_name, 10)
+    model = models.create(model_name, num_classes)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = None  # cumulative average over the calibration batches
     with torch.no_grad():
         for _ in range(4):
-            model(torch.randn(32, 3, 32, 32))
+            model(torch.randn(32, 3, size, size))
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": to_reference(model_name, model.state_dict()), "epoch": 240, "accuracy": 0.0}, path)
+    if model_name.startswith(tuple(models.LIBRARIES)):
+        torch.save(model.state_dict(), path)
+    else:
+        torch.save({"model": to_reference(model_name, model.state_dict()), "epoch": 240, "accuracy": 0.0}, path)
 
 
 @pytest.fixture(scope="session")

@@ -122,7 +122,12 @@ def test_cifar10_grid_reads_the_table_runs_as_teachers_and_baselines(tmp_path):
 
 def test_published_figures_come_with_source_and_convention():
     ref = yaml.safe_load(report.PUBLISHED_FILE.read_text())
-    assert set(ref) == {"he2016", "crd", "dkd"} and all(t["source"] and t["convention"] for t in ref.values())
+    assert set(ref) == {"he2016", "crd", "dkd", "imagenet"} and all(t["source"] and t["convention"] for t in ref.values())
+    # ImageNet: DKD's table, best epoch; each pair's teacher and student rows and the methods' [Top-1, Top-5]
+    assert ref["imagenet"]["metric"] == "top1" and "best epoch" in ref["imagenet"]["convention"]
+    assert report.IMAGENET[("tv/resnet34", "tv/resnet18")]["dkd"] == [71.70, None]
+    assert report.IMAGENET_MODELS == {"tv/resnet34": [73.31, None], "tv/resnet18": [69.76, None],
+                                      "tv/resnet50": [76.16, 92.86], "mobilenetv1": [68.87, 88.76]}
     assert report.PUBLISHED["resnet110"] == (1.73, 1.74, 93.77, 99.78, 71.85, 91.36)  # the seed's target table
     assert report.published("resnet20", "cifar100") == (67.86, 90.11)
     # each method is compared on the metric its published figures use: the registry's terms say which

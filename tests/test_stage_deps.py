@@ -18,25 +18,29 @@ def code_deps(stage, kdpipe_dir: Path) -> list[str]:
     return [r for r in rel if not r.startswith("..")]
 
 
-def traced_stages(project: Path) -> list[tuple[str, set[str], list[str]]]:
-    """(stage name, kdpipe files its command imported, its kdpipe deps) for every stage of `project`."""
+def traced_stages(project: Path, traces: list[Path] | None = None) -> list[tuple[str, set[str], list[str]]]:
+    """(stage name, kdpipe files its command imported, its kdpipe deps) for every stage of `project`, from the
+    records in `traces` (default: the repository's `<repo>-traces`; several folders: clones of one repository
+    that ran disjoint slices of the stages, matched by the stage's folder within its clone)."""
     from dvc.repo import Repo
 
     root = next(p for p in [project, *project.parents] if (p / "kdpipe").is_dir())
-    records = [json.loads(f.read_text()) for f in root.with_name(root.name + "-traces").glob("*.json")]
+    records = [json.loads(f.read_text()) for d in (traces or [root.with_name(root.name + "-traces")])
+               for f in d.glob("*.json")]
     out = []
     with Repo(str(project)) as repo:
         for stage in repo.index.stages:
             argv = shlex.split(stage.cmd)[1:]
-            runs = [r for r in records if r["argv"] == argv and Path(r["cwd"]) == Path(stage.wdir)]
+            where = Path(stage.wdir).relative_to(root).parts
+            runs = [r for r in records if r["argv"] == argv and Path(r["cwd"]).parts[len(Path(r["cwd"]).parts) - len(where):] == where]
             assert runs, f"{stage.name}: its command never ran under the tracer"
             out.append((stage.name, set(runs[0]["files"]) - EXEMPT, code_deps(stage, root / "kdpipe")))
     return out
 
 
-def check(project: Path) -> int:
+def check(project: Path, traces: list[Path] | None = None) -> int:
     problems = []
-    stages = traced_stages(project)
+    stages = traced_stages(project, traces)
     for name, imported, deps in stages:
         def covers(dep, f):
             return f == dep or f.startswith(dep.rstrip("/") + "/")
@@ -82,7 +86,7 @@ def test_check_reports_a_missing_and_an_unused_dep(repo, monkeypatch):
     stages = traced_stages(repo)
     name, imported, deps = next(s for s in stages if s[0] == "distill@kd")
     fake = [(name, imported, [d for d in deps if d != "runs.py"] + ["distill/crd.py"])]
-    monkeypatch.setattr(sys.modules[__name__], "traced_stages", lambda project: fake)
+    monkeypatch.setattr(sys.modules[__name__], "traced_stages", lambda project, traces=None: fake)
     with pytest.raises(AssertionError, match=r"distill@kd: imports but does not depend on \['runs.py'\]; "
                                              r"depends on but never imports \['distill/crd.py'\]"):
         check(repo)
