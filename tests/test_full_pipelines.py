@@ -180,6 +180,7 @@ MATRIX_KEYS = frozenset(f"{s}.{k}" for s in config.TRAIN_SECTIONS for k in ("mod
     # the full pipelines read every section; model and seed come from each stage's --model/--seed
     ("pipelines/cifar10/params.yaml", tuple(config.Params.model_fields), MATRIX_KEYS),
     ("pipelines/cifar100/params.yaml", tuple(config.Params.model_fields), MATRIX_KEYS),
+    ("pipelines/imagenet/params.yaml", tuple(config.Params.model_fields), MATRIX_KEYS),
     # the compress example stages KD and DKD only
     ("examples/compress/params.yaml", ("data", "teacher", "student", "distill", "evaluate"),
      frozenset(f"distill.{m}" for m in config.METHODS if m not in ("kd", "dkd"))),
@@ -202,3 +203,39 @@ def test_unspelled_finds_a_default():
     assert unspelled(raw, config.Params, skip=frozenset({"recipes", "table", "table_models", "models", "published",
                                                          "seeds", "methods", "pairs"})) == \
         ["distill.ab.margin", "evaluate.cpu_threads"]
+
+
+def test_imagenet_pipeline_is_mdistillers_recipe():
+    # mdistiller's configs/imagenet/{r34_r18,r50_mv1}/*.yaml: 100 epochs, SGD 0.9, wd 1e-4, x0.1 at 30/60/90,
+    # lr 0.2 at batch 512 (0.1 per 256); KD T 1 with 0.5/0.5; DKD beta 0.5 / 2.0, T 1, one warm-up epoch
+    p = config.load_params(ROOT / "pipelines/imagenet/params.yaml")
+    assert (p.data.dataset, p.data.source, p.data.augment, p.data.normalize, p.data.image_size, p.data.subset) == \
+        ("imagenet", "stream", "imagenet", "imagenet", 224, False)
+    assert [(pr.teacher, pr.student) for pr in p.pairs] == [("tv/resnet34", "tv/resnet18"), ("tv/resnet50", "mobilenetv1")]
+    assert p.published == ["tv/resnet34", "tv/resnet50"] and p.models == ["tv/resnet18", "mobilenetv1"] and not p.table_models
+    for cfg in (p.teacher, p.student):
+        assert (cfg.recipe, cfg.epochs, cfg.batch_size, cfg.lr, cfg.optim.momentum, cfg.optim.weight_decay) == \
+            ("imagenet", 100, 512, 0.2, 0.9, 1e-4)
+        assert [round(m * cfg.epochs) for m in cfg.schedule.milestones] == [30, 60, 90] and cfg.weights is None
+    assert (p.distill.kd.gamma, p.distill.kd.alpha, p.distill.kd.temperature) == (0.5, 0.5, 1.0)
+    dkd = {pair: p.distill.for_pair(*pair).dkd for pair in (("tv/resnet34", "tv/resnet18"), ("tv/resnet50", "mobilenetv1"))}
+    assert [(d.beta, d.tckd, d.temperature, d.warmup_epochs) for d in dkd.values()] == [(0.5, 1.0, 1.0, 1), (2.0, 1.0, 1.0, 1)]
+    assert p.methods == list(config.METHODS) and p.launch == "kdpipe"
+    stages = [line.split()[0] for line in sh(DVC, "stage", "list", cwd=ROOT / "pipelines/imagenet").splitlines()]
+    assert len(stages) == 1 + 2 * 2 + 2 * 2 + 2 * len(config.METHODS) * 2 + 1  # 66
+    assert {"import-teacher@tv/resnet34-0", "evaluate-teacher@mobilenetv1-0", "distill@dkd-pair1-0"} <= set(stages)
+
+
+@pytest.mark.parametrize("launch, ok", [("kdpipe", True), ("torchrun --standalone --nproc-per-node 8 -m kdpipe", True),
+                                        ("python -m kdpipe", False), ("torchrun --nproc-per-node 8 kdpipe", False)])
+def test_launch_is_kdpipe_or_torchrun(launch, ok):
+    # the training stages' command (stages.yaml: `${launch} teacher|distill ...`); DDP keeps the params' global batch
+    raw = yaml.safe_load((ROOT / "pipelines/imagenet/params.yaml").read_text())
+    raw["launch"] = launch
+    if ok:
+        assert config.validate(raw).launch == launch
+    else:
+        with pytest.raises(config.ParamsError, match="launch: must be kdpipe, or torchrun"):
+            config.validate(raw)
+    stages = yaml.safe_load((ROOT / "pipelines/stages.yaml").read_text())["stages"]
+    assert [n for n, st in stages.items() if st["cmd"].startswith("${launch}")] == ["table", "teacher", "distill"]
