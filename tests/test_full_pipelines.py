@@ -201,7 +201,7 @@ def test_unspelled_finds_a_default():
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     del raw["distill"]["ab"]["margin"], raw["evaluate"]["cpu_threads"]
     assert unspelled(raw, config.Params, skip=frozenset({"recipes", "table", "table_models", "models", "published",
-                                                         "seeds", "methods", "pairs"})) == \
+                                                         "seeds", "launch", "methods", "pairs"})) == \
         ["distill.ab.margin", "evaluate.cpu_threads"]
 
 
