@@ -187,10 +187,16 @@ class Evaluate(CpuPin):
 # loss = gamma * CE(student, labels) + alpha * KD(T) + beta * (feature term); defaults are the common
 # CIFAR conventions (RepDistiller). A combination (`--method kd+at`) takes gamma from its first method,
 # alpha and T from `kd` when it is included (else from the first method), and each method's beta.
+def logit_std_field():
+    return Field(False, description="Sun et al. 2024: standardise both logits, (z - mean) / (1e-7 + std) per row, "
+                                    "before this method's loss")
+
+
 class KDParams(Strict):
     gamma: float = Field(0.1, ge=0)
     alpha: float = Field(0.9, ge=0)
     temperature: float = Field(4.0, gt=0)
+    logit_std: bool = logit_std_field()
 
 
 class FeatureParams(Strict):
@@ -278,6 +284,7 @@ class DKDParams(FeatureParams):
     # mdistiller tunes BETA per pair (configs/cifar100/dkd/*.yaml): "teacher->student": beta, used
     # instead of `beta` when distilling that pair
     beta_by_pair: dict[str, float] = {}
+    logit_std: bool = logit_std_field()
 
     @field_validator("beta_by_pair")
     @classmethod
@@ -291,6 +298,14 @@ class DKDParams(FeatureParams):
             if beta < 0:
                 raise ValueError(f"{key}: beta must be >= 0")
         return v
+
+
+class DISTParams(FeatureParams):
+    beta: float = Field(2.0, ge=0, description="weight of the DIST term (the authors' kd_loss_weight)")
+    temperature: float = Field(4.0, gt=0, description="DIST's tau (CIFAR 4, ImageNet 1)")
+    inter: float = Field(1.0, ge=0, description="DIST's beta: weight of the inter-class relation")
+    intra: float = Field(1.0, ge=0, description="DIST's gamma: weight of the intra-class relation")
+    logit_std: bool = logit_std_field()
 
 
 class Distill(Strict):
@@ -308,6 +323,7 @@ class Distill(Strict):
     ft: FTParams = FTParams()
     crd: CRDParams = CRDParams()
     dkd: DKDParams = DKDParams()
+    dist: DISTParams = DISTParams()
 
     def for_pair(self, teacher: str, student: str) -> "Distill":
         """These params with the per-pair settings of `teacher -> student` applied (DKD's beta)."""

@@ -116,7 +116,9 @@ CRD = {pair: {k: v for k, v in zip(_REFERENCE["crd"]["rows"], col) if v is not N
        for pair, col in _pairs(_REFERENCE["crd"]["pairs"]).items()}
 # the same README's teacher and student rows, per model (one figure each: equal across the pairs they appear in)
 CRD_MODELS = {m: CRD[pair][role] for pair in CRD for m, role in zip(pair, ("teacher", "student"))}
-DKD = _pairs(_REFERENCE["dkd"]["pairs"])
+# the tables of methods published after CRD (DKD, DIST): method -> its table (source, convention, metric, note)
+METHOD_TABLES = {t["method"]: t for t in _REFERENCE.values() if "method" in t}
+METHOD_FIGURES = {m: _pairs(t["pairs"]) for m, t in METHOD_TABLES.items()}  # method -> {(teacher, student): Top-1}
 IMAGENET = _pairs(_REFERENCE["imagenet"]["pairs"])  # (teacher, student) -> {row: [Top-1, Top-5 or None]}
 IMAGENET_CONVENTION = _REFERENCE["imagenet"]["convention"]
 IMAGENET_MODELS = {m: IMAGENET[pair][role] for pair in IMAGENET for m, role in zip(pair, ("teacher", "student"))}
@@ -248,7 +250,8 @@ def grid(p, manifest: dict, metrics_dir: Path, plots_dir: Path, out_dir: Path) -
                    "Top-5 of the **last** epoch; in brackets the published best-epoch Top-5 where a source gives it.")]
     else:
         tables = [("Top-1 %, last epoch", DISTILL_METRIC,
-                   lambda key, t, s: (DKD.get((t, s)) if key == "dkd" else CRD.get((t, s), {}).get(key)) if crd else None,
+                   lambda key, t, s: (METHOD_FIGURES[key].get((t, s)) if key in METHOD_FIGURES
+                                      else CRD.get((t, s), {}).get(key)) if crd else None,
                    "Top-1 of the **last** epoch (`top1_last`), the convention of CRD and RepDistiller."
                    + (" In brackets: the CIFAR-100 figures published by Tian et al. (CRD, ICLR 2020) for the same pair, "
                       "also last epoch." if crd else ""))]
@@ -273,9 +276,8 @@ def grid(p, manifest: dict, metrics_dir: Path, plots_dir: Path, out_dir: Path) -
                     deltas.setdefault(key, {})[j] = st[0] - base[0]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
-    if "dkd" in other_metric:
-        lines += ["† DKD: in brackets mdistiller's README figure (DKD's authors); it does not say best or last "
-                  "epoch and mdistiller's trainer tracks the best, so this row shows our **best**-epoch Top-1.", ""]
+    lines += [f"† {method(m).label}: {METHOD_TABLES[m]['note']}" for m in other_metric if "note" in METHOD_TABLES.get(m, {})]
+    lines += [""] if other_metric else []
     lines += ["![test accuracy per epoch](accuracy.png)", "", "![Δ Top-1 over the student baseline](delta.png)", ""]
     text = "\n".join(lines)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -228,3 +228,33 @@ def test_nce_and_contrast_scores_hand_values():
     idx = torch.tensor([[1, 2, 1]])  # rows may repeat (negatives drawn with replacement)
     expected = torch.tensor([[math.exp(1.0), math.exp(-2.0), math.exp(1.0)]])
     torch.testing.assert_close(Fd.contrast_scores(anchor, memory, idx, 0.5), expected)
+
+
+def test_standardize_matches_statistics():
+    # Sun et al. 2024's normalize: (z - mean) / (1e-7 + sample std), per row
+    import statistics
+
+    z = torch.randn(4, 9, dtype=torch.float64)
+    got = Fd.standardize(z)
+    for row, out in zip(z.tolist(), got.tolist()):
+        m, sd = statistics.fmean(row), statistics.stdev(row)
+        assert out == pytest.approx([(v - m) / (1e-7 + sd) for v in row], rel=1e-5)  # @fp32: computed in fp32
+    # invariant to the logits' shift and scale: what the method is for
+    torch.testing.assert_close(Fd.standardize(3 * z + 5), got)
+
+
+def _pearson(a: list[float], b: list[float]) -> float:
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    num = sum((x - ma) * (y - mb) for x, y in zip(a, b))
+    return num / (math.sqrt(sum((x - ma) ** 2 for x in a)) * math.sqrt(sum((y - mb) ** 2 for y in b)))
+
+
+def test_dist_matches_loops_over_samples_and_classes():
+    # DIST: 1 - mean Pearson over samples (each row of p = softmax(z/tau)) and over classes (each column)
+    s, t, tau = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64), 4.0
+    ps, pt = torch.softmax(s / tau, 1).tolist(), torch.softmax(t / tau, 1).tolist()
+    inter = 1 - sum(_pearson(a, b) for a, b in zip(ps, pt)) / 6
+    cols = lambda p: [list(c) for c in zip(*p)]  # noqa: E731
+    intra = 1 - sum(_pearson(a, b) for a, b in zip(cols(ps), cols(pt))) / 5
+    assert Fd.dist(s, t, 2.0, 3.0, tau).item() == pytest.approx(tau ** 2 * (2.0 * inter + 3.0 * intra), rel=1e-5)
+    assert Fd.dist(t, t, 1.0, 1.0, tau).item() == pytest.approx(0.0, abs=1e-3)  # the reference's +1e-8 on small norms

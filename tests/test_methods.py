@@ -11,7 +11,7 @@ from kdpipe.distill.crd import NegativeSampler
 
 from .conftest import distill_runs, tiny_params
 
-NEW = ["sp", "cc", "vid", "rkd", "pkt", "crd", "dkd"]
+NEW = ["sp", "cc", "vid", "rkd", "pkt", "crd", "dkd", "dist"]
 LABELS = torch.arange(96) % 10
 
 
@@ -75,6 +75,27 @@ def test_terms_compute_the_documented_losses():
     assert obj.weights["dkd"] == 1.0  # DKD weighs TCKD and NCKD inside
 
 
+def test_dist_and_logit_standardisation_in_the_objective():
+    # DIST: CE + beta (2: the authors' kd_loss_weight) x DIST(tau = temperature); logit_std standardises both
+    # logits before a logit method's loss (kd, dkd, dist), never before CE
+    obj, teacher, student, p = build(["kd", "dist"], kd={"logit_std": True, "temperature": 2.0, "alpha": 9.0},
+                                     dist={"logit_std": False})
+    x, y, index = batch()
+    student.eval()
+    loss, _ = obj(student, x, y, index=index)
+    with torch.no_grad():
+        tl = teacher(x)
+    sl = student(x)
+    z = lambda v: (v - v.mean(1, keepdim=True)) / (1e-7 + v.std(1, keepdim=True))  # noqa: E731  (Sun et al.'s normalize)
+    expected = (p.distill.kd.gamma * Fd.cross_entropy(sl, y) + 9.0 * Fd.kd(z(sl), z(tl), 2.0)
+                + 2.0 * Fd.dist(sl, tl, 1.0, 1.0, 4.0))
+    assert obj.weights == {"kd": 9.0, "dist": 2.0} and loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    obj, *_ = build(["dkd", "dist"], dkd={"logit_std": True}, dist={"logit_std": True, "temperature": 1.0})
+    loss, _ = obj(student, x, y, index=index, epoch=30)
+    expected = (Fd.cross_entropy(sl, y) + Fd.dkd(z(sl), z(tl), y, 1.0, 8.0, 4.0) + 2.0 * Fd.dist(z(sl), z(tl), 1.0, 1.0, 1.0))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_dkd_warmup_is_linear_then_flat():
     obj, _, student, _ = build(["dkd"], dkd={"gamma": 0.0, "warmup_epochs": 20})
     student.eval()
@@ -125,7 +146,7 @@ def test_crd_needs_indices():
         obj(student, x, y)
 
 
-@pytest.mark.parametrize("methods", [["crd", "kd"], ["dkd"], ["vid"]])
+@pytest.mark.parametrize("methods", [["crd", "kd"], ["dkd"], ["vid"], ["dist"]])
 def test_resume_is_bit_identical(tmp_path, methods):
     p = config.validate(tiny_params(student={"epochs": 3}, distill={"crd": {"nce_k": 32}, "dkd": {"warmup_epochs": 2}}))
     prepared, run = distill_runs(tmp_path, p, methods)

@@ -49,6 +49,8 @@ def cases():
         "rkd": (fs.mean((2, 3)), ft.mean((2, 3))),
         "cc": (fs.mean((2, 3)), ft.mean((2, 3))),
         "dkd": (s_logits, t_logits, torch.arange(8)),
+        "standardize": (s_logits,),
+        "dist": (s_logits, t_logits, 1.0, 1.0, 4.0),
         "vid": (fs, ft, torch.zeros(16)),
         "nce": (torch.exp(near_equal((8, 17), seed=3)[0]), 1000),
         "contrast_scores": (F.normalize(fs.mean((2, 3)), dim=1), F.normalize(ft.mean((2, 3)), dim=1),

@@ -75,8 +75,8 @@ def test_stats():
 
 def test_grid_report_crd_pairs_published_teachers_and_na(tmp_path):
     raw = yaml.safe_load((ROOT / "pipelines/cifar100/params.yaml").read_text())
-    raw.update(seeds=[0], methods=["kd", "fsp", "dkd"], models=["shufflev1"], published=["wrn_40_2"],
-               pairs=[{"teacher": "wrn_40_2", "student": "shufflev1"}])
+    raw.update(seeds=[0], methods=["kd", "fsp", "dkd", "dist"], models=["shufflev1"], published=["wrn_40_2"],
+               pairs=[{"teacher": "wrn_40_2", "student": "shufflev1"}, {"teacher": "resnet32x4", "student": "shufflev1"}])
     p = config.validate(raw)
     raw["table_models"] = []
     p = config.validate(raw)
@@ -84,21 +84,25 @@ def test_grid_report_crd_pairs_published_teachers_and_na(tmp_path):
     fake_run(tmp_path, "repdistiller-shufflev1-s0", 71.0)
     fake_run(tmp_path, "kd-wrn_40_2-shufflev1-s0", 75.0)
     fake_run(tmp_path, "dkd-wrn_40_2-shufflev1-s0", 76.5)
+    fake_run(tmp_path, "dist-resnet32x4-shufflev1-s0", 76.0)
     (tmp_path / "metrics/fsp-wrn_40_2-shufflev1-s0.json").write_text(json.dumps({"not_applicable": "fsp needs ..."}))
     manifest = {"dataset": "cifar100", "train_size": 50000, "test_size": 10000, "num_classes": 100, "source": "x"}
     text = report.grid(p, manifest, tmp_path / "metrics", tmp_path / "plots", tmp_path / "reports")
     assert "| WRN-40-2 (published) |" in text and "| ShuffleNetV1 |" in text
-    assert "| Method | WRN-40-2 → ShuffleNetV1 |" in text
-    assert "| Teacher | 75.00 ± 0.00 (n=1) [75.61] |" in text  # CRD's README, cross-family table
-    assert "| KD | 74.00 ± 0.00 (n=1) [74.83] |" in text
-    assert "| FSP | N/A |" in text  # RepDistiller: N/A across families; no CRD figure either
-    assert "| DKD † | 76.50 ± 0.00 (n=1) [76.70] |" in text  # mdistiller's README
+    assert "| Method | WRN-40-2 → ShuffleNetV1 | ResNet-32x4 → ShuffleNetV1 |" in text
+    assert "| Teacher | 75.00 ± 0.00 (n=1) [75.61] | – [79.42] |" in text  # CRD's README, cross-family table
+    assert "| KD | 74.00 ± 0.00 (n=1) [74.83] | – [74.07] |" in text
+    assert "| FSP | N/A | – |" in text  # RepDistiller: N/A across families; no CRD figure either
+    assert "| DKD † | 76.50 ± 0.00 (n=1) [76.70] | – [76.45] |" in text  # mdistiller's README
+    # DIST's README: no figure for WRN-40-2 -> ShuffleNetV1; last epoch (its epoch is not stated), no †
+    assert "| DIST | – | 75.00 ± 0.00 (n=1) [76.34] |" in text and "† DKD:" in text and "† DIST" not in text
 
 
 def test_crd_figures_cover_the_13_pairs():
     assert len(report.CRD) == 13 and all(len(v) >= 14 for v in report.CRD.values())
     assert report.CRD[("resnet32x4", "resnet8x4")]["crd"] == 75.51 and "fsp" not in report.CRD[("wrn_40_2", "wrn_40_1")]
-    assert set(report.DKD) <= set(report.CRD) and len(report.DKD) == 11
+    dkd, dist = report.METHOD_FIGURES["dkd"], report.METHOD_FIGURES["dist"]
+    assert set(dkd) <= set(report.CRD) and len(dkd) == 11 and set(dist) <= set(report.CRD) and len(dist) == 6
     # a model's teacher or student figure is the same in every pair it appears in (CRD_MODELS takes one)
     for (t, s), col in report.CRD.items():
         assert report.CRD_MODELS[t] == col["teacher"] and report.CRD_MODELS[s] == col["student"]
@@ -122,7 +126,7 @@ def test_cifar10_grid_reads_the_table_runs_as_teachers_and_baselines(tmp_path):
 
 def test_published_figures_come_with_source_and_convention():
     ref = yaml.safe_load(report.PUBLISHED_FILE.read_text())
-    assert set(ref) == {"he2016", "crd", "dkd", "imagenet"} and all(t["source"] and t["convention"] for t in ref.values())
+    assert set(ref) == {"he2016", "crd", "dkd", "dist", "imagenet"} and all(t["source"] and t["convention"] for t in ref.values())
     # ImageNet: DKD's table, best epoch; each pair's teacher and student rows and the methods' [Top-1, Top-5]
     assert ref["imagenet"]["metric"] == "top1" and "best epoch" in ref["imagenet"]["convention"]
     assert report.IMAGENET[("tv/resnet34", "tv/resnet18")]["dkd"] == [71.70, None]

@@ -60,6 +60,16 @@ class Term(nn.Module):
         return self.parameters()
 
 
+def logits(b: "Batch", cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's and the teacher's logits a logit method reads: standardised per row when its params say
+    `logit_std: true` (Sun et al. 2024; cross-entropy keeps the raw logits)."""
+    if getattr(cfg, "logit_std", False):  # the feature methods' KD term (alpha > 0) has no such key: raw
+        from .functional import standardize
+
+        return standardize(b.s_logits), standardize(b.t_logits)
+    return b.s_logits, b.t_logits
+
+
 @dataclass
 class TrainData:
     """What a term may need to know about the training set (CRD: its size and each sample's class)."""

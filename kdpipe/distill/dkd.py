@@ -1,8 +1,9 @@
 """DKD: Zhao et al. 2022, decoupled KD (mdistiller): tckd * TCKD + beta * NCKD, times T^2, scaled by a
-linear warm-up min(epoch / warmup_epochs, 1) with epochs counted from 1, as mdistiller does."""
+linear warm-up min(epoch / warmup_epochs, 1) with epochs counted from 1, as mdistiller does; with
+`logit_std`, on standardised logits (Sun et al. 2024)."""
 
 from . import functional as Fd
-from .base import Term, register
+from .base import Term, logits, register
 
 
 @register("dkd")
@@ -18,4 +19,5 @@ class DecoupledKD(Term):
     def forward(self, b):
         c = self.cfg
         warm = min((b.epoch + 1) / c.warmup_epochs, 1.0) if c.warmup_epochs else 1.0
-        return warm * Fd.dkd(b.s_logits, b.t_logits, b.y, c.tckd, c.beta, c.temperature)
+        s, t = logits(b, c)
+        return warm * Fd.dkd(s, t, b.y, c.tckd, c.beta, c.temperature)

@@ -216,3 +216,28 @@ def ft(factor_s: Tensor, factor_t: Tensor, p1: float = 2.0, p2: int = 1) -> Tens
     factor_s, factor_t = match_spatial(factor_s, factor_t)
     diff = factor(factor_s, p1) - factor(factor_t, p1)
     return diff.abs().mean() if p2 == 1 else diff.pow(p2).mean()
+
+
+@fp32
+def standardize(z: Tensor) -> Tensor:
+    """Sun et al. 2024, logit standardisation: (z - mean) / (1e-7 + std) per row, std as `torch.std`
+    (unbiased), the epsilon added to it (sunshangquan/logit-standardization-KD's `normalize`)."""
+    return (z - z.mean(-1, keepdim=True)) / (1e-7 + z.std(-1, keepdim=True))
+
+
+def _pearson_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
+    """Pearson correlation of each row of `a` with the same row of `b` (DIST's cosine of centred rows)."""
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+@fp32
+def dist(student_logits: Tensor, teacher_logits: Tensor, beta: float = 1.0, gamma: float = 1.0,
+         tau: float = 1.0) -> Tensor:
+    """Huang et al. 2022 (DIST): with p = softmax(z / tau), beta * tau^2 * (1 - mean Pearson correlation of
+    each sample's class probabilities, student vs teacher: inter-class) + gamma * tau^2 * (1 - mean Pearson
+    correlation of each class's probabilities over the batch: intra-class), as hunto/DIST_KD's dist_kd.py."""
+    ps, pt = F.softmax(student_logits / tau, 1), F.softmax(teacher_logits / tau, 1)
+    inter = 1 - _pearson_rows(ps, pt).mean()
+    intra = 1 - _pearson_rows(ps.t(), pt.t()).mean()
+    return tau ** 2 * (beta * inter + gamma * intra)

@@ -1,14 +1,16 @@
-"""KD: Hinton, Vinyals & Dean 2015, soft targets at temperature T (weight alpha)."""
+"""KD: Hinton, Vinyals & Dean 2015, soft targets at temperature T (weight alpha); with `logit_std`, on
+standardised logits (Sun et al. 2024)."""
 
 from . import functional as Fd
-from .base import Term, register
+from .base import Term, logits, register
 
 
 @register("kd")
 class KD(Term):
     def __init__(self, cfg, s_shapes=None, t_shapes=None, data=None):
         super().__init__()
-        self.temperature = cfg.temperature
+        self.cfg = cfg
 
     def forward(self, b):
-        return Fd.kd(b.s_logits, b.t_logits, self.temperature)
+        s, t = logits(b, self.cfg)
+        return Fd.kd(s, t, self.cfg.temperature)
