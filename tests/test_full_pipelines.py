@@ -222,7 +222,7 @@ def test_imagenet_pipeline_is_mdistillers_recipe():
     assert [(d.beta, d.tckd, d.temperature, d.warmup_epochs) for d in dkd.values()] == [(0.5, 1.0, 1.0, 1), (2.0, 1.0, 1.0, 1)]
     assert p.methods == list(config.METHODS) and p.launch == "kdpipe"
     stages = [line.split()[0] for line in sh(DVC, "stage", "list", cwd=ROOT / "pipelines/imagenet").splitlines()]
-    assert len(stages) == 1 + 2 * 2 + 2 * 2 + 2 * len(config.METHODS) * 2 + 1  # 66
+    assert len(stages) == 1 + 2 * 2 + 2 * 2 + 2 * len(config.METHODS) * 2 + 1
     assert {"import-teacher@tv/resnet34-0", "evaluate-teacher@mobilenetv1-0", "distill@dkd-pair1-0"} <= set(stages)
 
 
