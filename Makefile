@@ -34,4 +34,4 @@ PIPELINES := $(wildcard pipelines/*/params.yaml)
 pipelines: $(PIPELINES:params.yaml=dvc.yaml)
 
 pipelines/%/dvc.yaml: pipelines/stages.yaml pipelines/%/params.yaml pipelines/render.py
-	$(BIN)/python pipelines/render.py $* > $@
+	$(BIN)/python pipelines/render.py $* > $@.tmp && mv $@.tmp $@

@@ -125,7 +125,7 @@ IMAGENET_MODELS = {m: IMAGENET[pair][role] for pair in IMAGENET for m, role in z
 
 
 def method(name: str):
-    """The registered term class of method `name`: its `label` and `benchmark_metric`."""
+    """The registered term class of method `name` (its `label`)."""
     from . import distill
 
     return distill.get(name)
@@ -238,9 +238,9 @@ def grid(p, manifest: dict, metrics_dir: Path, plots_dir: Path, out_dir: Path) -
     crd, imagenet = dataset == "cifar100", dataset == "imagenet"
     cols = [f"{pretty(t)} → {pretty(s)}" for t, s in pairs]
     deltas: dict[str, dict[int, float]] = {}
-    # a method whose published figures use another metric (DKD: mdistiller's best epoch) is compared on that
-    # metric, marked †
-    other_metric = [m for m in p.methods if crd and method(m).benchmark_metric != DISTILL_METRIC]
+    # a method with a published table of its own (DKD, DIST: kdpipe/published.yaml) is compared with its figures
+    # on that table's metric (DKD: mdistiller's best epoch), marked † with the table's note
+    own_table = [m for m in p.methods if crd and m in METHOD_TABLES]
     if imagenet:  # the published table's convention (best epoch) first, then the last epoch's Top-1 and Top-5
         src = "the published figure (" + IMAGENET_CONVENTION + ", kdpipe/published.yaml gives each source)"
         tables = [("Top-1 %, best epoch", "top1", lambda key, t, s: IMAGENET.get((t, s), {}).get(key, [None])[0],
@@ -257,7 +257,7 @@ def grid(p, manifest: dict, metrics_dir: Path, plots_dir: Path, out_dir: Path) -
                       "also last epoch." if crd else ""))]
     row_specs = [("Teacher", "teacher", lambda m, t, s, seed: trained_run(p.teacher.recipe, t, seed)),
                  ("Student (baseline)", "student", lambda m, t, s, seed: trained_run(p.student.recipe, s, seed))]
-    row_specs += [(method(m).label + (" †" if m in other_metric else ""), m,
+    row_specs += [(method(m).label + (" †" if m in own_table else ""), m,
                    lambda m, t, s, seed: distill_run(m, t, s, seed)) for m in p.methods]
     for i, (title, table_metric, reference, intro) in enumerate(tables):
         lines += [f"## Distillation ({title})", "",
@@ -266,7 +266,7 @@ def grid(p, manifest: dict, metrics_dir: Path, plots_dir: Path, out_dir: Path) -
         for label, key, name_of in row_specs:
             cells = []
             for j, (t, s) in enumerate(pairs):
-                metric_key = method(key).benchmark_metric if key in other_metric else table_metric
+                metric_key = METHOD_TABLES[key]["metric"] if key in own_table else table_metric
                 st = over_seeds(lambda seed: name_of(key, t, s, seed), metric_key)
                 ref = reference(key, t, s)
                 na = st is None and not_applicable(lambda seed: name_of(key, t, s, seed))
@@ -276,8 +276,8 @@ def grid(p, manifest: dict, metrics_dir: Path, plots_dir: Path, out_dir: Path) -
                     deltas.setdefault(key, {})[j] = st[0] - base[0]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += [f"† {method(m).label}: {METHOD_TABLES[m]['note']}" for m in other_metric if "note" in METHOD_TABLES.get(m, {})]
-    lines += [""] if other_metric else []
+    lines += [f"† {method(m).label}: {METHOD_TABLES[m]['note']}" for m in own_table]
+    lines += [""] if own_table else []
     lines += ["![test accuracy per epoch](accuracy.png)", "", "![Δ Top-1 over the student baseline](delta.png)", ""]
     text = "\n".join(lines)
     out_dir.mkdir(parents=True, exist_ok=True)

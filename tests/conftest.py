@@ -98,7 +98,7 @@ def tracing(traces: Path) -> dict:
     """Env for `sh` under which each `kdpipe` command records the kdpipe files it imports (trace_kdpipe.py)
     in the folder `traces`."""
     bin_dir = traces / "bin"
-    bin_dir.mkdir(parents=True)
+    bin_dir.mkdir(parents=True, exist_ok=True)
     script = bin_dir / "kdpipe"
     script.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{Path(__file__).with_name("trace_kdpipe.py")}" "$@"\n')
     script.chmod(0o755)

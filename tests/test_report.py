@@ -11,8 +11,8 @@ from .conftest import ROOT
 
 
 def fake_run(tmp_path, name, top1, epochs=2):
-    (tmp_path / "metrics").mkdir(exist_ok=True)
-    (tmp_path / "plots").mkdir(exist_ok=True)
+    for d in ("metrics", "plots"):  # a library model's name has a folder part: tv/resnet34
+        (tmp_path / d / name).parent.mkdir(parents=True, exist_ok=True)
     m = {"top1": top1, "top5": 90.0, "top1_last": top1 - 1, "best_epoch": 1, "params_m": 0.27, "epochs": epochs,
          "seconds": 1.0}
     (tmp_path / f"metrics/{name}.json").write_text(json.dumps(m))
@@ -94,8 +94,9 @@ def test_grid_report_crd_pairs_published_teachers_and_na(tmp_path):
     assert "| KD | 74.00 ± 0.00 (n=1) [74.83] | – [74.07] |" in text
     assert "| FSP | N/A | – |" in text  # RepDistiller: N/A across families; no CRD figure either
     assert "| DKD † | 76.50 ± 0.00 (n=1) [76.70] | – [76.45] |" in text  # mdistiller's README
-    # DIST's README: no figure for WRN-40-2 -> ShuffleNetV1; last epoch (its epoch is not stated), no †
-    assert "| DIST | – | 75.00 ± 0.00 (n=1) [76.34] |" in text and "† DKD:" in text and "† DIST" not in text
+    # DIST's README: no figure for WRN-40-2 -> ShuffleNetV1; last epoch (its epoch is not stated), its own note
+    assert "| DIST † | – | 75.00 ± 0.00 (n=1) [76.34] |" in text and "† DKD: in brackets mdistiller's" in text
+    assert "† DIST: in brackets DIST's README figure" in text
 
 
 def test_crd_figures_cover_the_13_pairs():
@@ -134,8 +135,34 @@ def test_published_figures_come_with_source_and_convention():
                                       "tv/resnet50": [76.16, 92.86], "mobilenetv1": [68.87, 88.76]}
     assert report.PUBLISHED["resnet110"] == (1.73, 1.74, 93.77, 99.78, 71.85, 91.36)  # the seed's target table
     assert report.published("resnet20", "cifar100") == (67.86, 90.11)
-    # each method is compared on the metric its published figures use: the registry's terms say which
-    from kdpipe import distill
+    # each method is compared on the metric its published figures use: CRD's last epoch, unless the method
+    # has a table of its own that says otherwise (DKD: mdistiller's best epoch)
+    assert ref["crd"]["metric"] == "top1_last" and report.METHOD_TABLES["dkd"]["metric"] == "top1"
+    assert set(report.METHOD_TABLES) == {"dkd", "dist"} <= set(config.METHODS)
+    assert all(t["note"] and t["source"] and t["convention"] for t in report.METHOD_TABLES.values())
 
-    assert distill.get("dkd").benchmark_metric == ref["dkd"]["metric"] == "top1"
-    assert {distill.get(m).benchmark_metric for m in config.METHODS if m != "dkd"} == {ref["crd"]["metric"]}
+
+def test_grid_report_imagenet_beside_dkds_table(tmp_path):
+    # ImageNet: published figures are the best epoch's (mdistiller), so our best-epoch Top-1 comes first with them
+    # in brackets, then the last epoch's Top-1 and Top-5; the teachers' and baselines' rows carry Top-1 / Top-5
+    raw = yaml.safe_load((ROOT / "pipelines/imagenet/params.yaml").read_text())
+    raw.update(methods=["kd", "fsp", "dkd"])
+    p = config.validate(raw)
+    for model, top1 in (("tv/resnet34", 73.3), ("tv/resnet50", 76.1), ("tv/resnet18", 69.0), ("mobilenetv1", 68.0)):
+        fake_run(tmp_path, f"imagenet-{model}-s0", top1)
+    fake_run(tmp_path, "kd-tv/resnet34-tv/resnet18-s0", 71.0)
+    fake_run(tmp_path, "dkd-tv/resnet50-mobilenetv1-s0", 72.5)
+    (tmp_path / "metrics/fsp-tv/resnet50-mobilenetv1-s0.json").parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "metrics/fsp-tv/resnet50-mobilenetv1-s0.json").write_text(json.dumps({"not_applicable": "fsp ..."}))
+    manifest = {"dataset": "imagenet", "train_size": 1281167, "test_size": 50000, "num_classes": 1000, "source": "x"}
+    text = report.grid(p, manifest, tmp_path / "metrics", tmp_path / "plots", tmp_path / "reports")
+    assert "| tv/resnet50 (published) | 0.27 | 76.10 ± 0.00 (n=1) | 90.00 ± 0.00 (n=1) | 75.10 ± 0.00 (n=1) | " \
+           "76.16 / 92.86 | -0.06 |" in text
+    assert "| tv/resnet18 | 0.27 | 69.00 ± 0.00 (n=1) | 90.00 ± 0.00 (n=1) | 68.00 ± 0.00 (n=1) | 69.76 / 89.08 | -0.76 |" in text
+    best, last, top5 = text.split("## Distillation")[1:]
+    assert best.startswith(" (Top-1 %, best epoch)") and last.startswith(" (Top-1 %, last epoch)")
+    assert "| KD | 71.00 ± 0.00 (n=1) [71.03] | – [70.50] |" in best  # mdistiller's KD (T 1) figures
+    assert "| DKD | – [71.70] | 72.50 ± 0.00 (n=1) [72.05] |" in best  # no † here: the whole table is best-epoch
+    assert "| FSP | – | N/A |" in best and "| KD | 70.00 ± 0.00 (n=1) | – |" in last
+    assert "| Teacher | 90.00 ± 0.00 (n=1) [91.42] | 90.00 ± 0.00 (n=1) [92.86] |" in top5  # torchvision's, OFD's
+    assert "| KD | 90.00 ± 0.00 (n=1) | – |" in top5  # no published Top-5 for KD

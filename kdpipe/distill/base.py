@@ -41,9 +41,6 @@ class Term(nn.Module):
 
     label = ""  # its name in tables and plots (default: the method's name upper-cased)
     supports_ddp = True  # False: refuses to run under torchrun
-    # the metric its published CIFAR-100 figures use, which the report compares ours with: the last epoch's
-    # Top-1 (CRD's and RepDistiller's convention) unless the reference says otherwise
-    benchmark_metric = "top1_last"
     init_trains_student = True
     loss_after_init = False
     uses_preact = False
@@ -63,7 +60,9 @@ class Term(nn.Module):
 def logits(b: "Batch", cfg) -> tuple[torch.Tensor, torch.Tensor]:
     """The student's and the teacher's logits a logit method reads: standardised per row when its params say
     `logit_std: true` (Sun et al. 2024; cross-entropy keeps the raw logits)."""
-    if getattr(cfg, "logit_std", False):  # the feature methods' KD term (alpha > 0) has no such key: raw
+    # the KD term a method adds with alpha > 0 is built from that method's params: standardised with dkd's or
+    # dist's `logit_std`, raw for the feature methods (no such key)
+    if getattr(cfg, "logit_std", False):
         from .functional import standardize
 
         return standardize(b.s_logits), standardize(b.t_logits)

@@ -9,8 +9,6 @@ from .base import Term, logits, register
 @register("dkd")
 class DecoupledKD(Term):
     weight = 1.0  # alpha (tckd) and beta weigh the two parts inside the loss
-    # mdistiller's README does not say best or last epoch, and its trainer tracks the best: compared with ours
-    benchmark_metric = "top1"
 
     def __init__(self, cfg, s_shapes, t_shapes, data):
         super().__init__()

@@ -9,8 +9,8 @@ from .base import Term, logits, register
 class KD(Term):
     def __init__(self, cfg, s_shapes=None, t_shapes=None, data=None):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.temperature = cfg, cfg.temperature
 
     def forward(self, b):
         s, t = logits(b, self.cfg)
-        return Fd.kd(s, t, self.cfg.temperature)
+        return Fd.kd(s, t, self.temperature)
