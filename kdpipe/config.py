@@ -308,6 +308,17 @@ class DISTParams(FeatureParams):
     logit_std: bool = logit_std_field()
 
 
+class CTKDParams(FeatureParams):
+    gamma: float = Field(0.1, ge=0)
+    beta: float = Field(0.9, ge=0, description="weight of KD at the curriculum temperature (CTKD's -a 0.9)")
+    t_start: float = Field(1.0, gt=0, description="tau = t_start + t_end * sigmoid(T)")
+    t_end: float = Field(20.0, gt=0)
+    decay_max: float = Field(0.0, description="the gradient reversal's lambda: cosine from decay_max ...")
+    decay_min: float = Field(-1.0, description="... to decay_min over the first decay_loops epochs, then flat")
+    decay_loops: int = Field(10, ge=0)
+    logit_std: bool = logit_std_field()
+
+
 class Distill(Strict):
     kd: KDParams = KDParams()
     at: ATParams = ATParams()
@@ -324,6 +335,7 @@ class Distill(Strict):
     crd: CRDParams = CRDParams()
     dkd: DKDParams = DKDParams()
     dist: DISTParams = DISTParams()
+    ctkd: CTKDParams = CTKDParams()
 
     def for_pair(self, teacher: str, student: str) -> "Distill":
         """These params with the per-pair settings of `teacher -> student` applied (DKD's beta)."""

@@ -1,6 +1,8 @@
 """The methods RepDistiller benchmarks beyond the first five, and DKD: wiring, trainable parts, CRD's
 memory bank and negative sampling, DKD's warm-up, and bit-identical resume."""
 
+import math
+
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ from kdpipe.distill.crd import NegativeSampler
 
 from .conftest import distill_runs, tiny_params
 
-NEW = ["sp", "cc", "vid", "rkd", "pkt", "crd", "dkd", "dist"]
+NEW = ["sp", "cc", "vid", "rkd", "pkt", "crd", "dkd", "dist", "ctkd"]
 LABELS = torch.arange(96) % 10
 
 
@@ -57,7 +59,8 @@ def test_default_weights_are_repdistillers_and_mdistillers():
     assert (d.crd.feat_dim, d.crd.nce_k, d.crd.nce_t, d.crd.nce_m, d.cc.feat_dim) == (128, 16384, 0.07, 0.5, 128)
     assert (d.rkd.w_dist, d.rkd.w_angle) == (25, 50)
     assert (d.dkd.gamma, d.dkd.tckd, d.dkd.beta, d.dkd.temperature, d.dkd.warmup_epochs) == (1, 1, 8, 4, 20)
-    assert all((getattr(d, m).gamma, getattr(d, m).alpha) == (1.0, 0.0) for m in NEW)
+    assert all((getattr(d, m).gamma, getattr(d, m).alpha) == (1.0, 0.0) for m in NEW if m != "ctkd")
+    assert (d.ctkd.gamma, d.ctkd.alpha, d.ctkd.beta) == (0.1, 0.0, 0.9)  # CTKD: -r 0.1 -a 0.9 on its learnable-T KD
 
 
 def test_terms_compute_the_documented_losses():
@@ -94,6 +97,35 @@ def test_dist_and_logit_standardisation_in_the_objective():
     loss, _ = obj(student, x, y, index=index, epoch=30)
     expected = (Fd.cross_entropy(sl, y) + Fd.dkd(z(sl), z(tl), y, 1.0, 8.0, 4.0) + 2.0 * Fd.dist(z(sl), z(tl), 1.0, 1.0, 1.0))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_ctkd_curriculum_temperature():
+    # zhengli97/CTKD: tau = 1 + 20 sigmoid(T), T = 1 at start; lambda = cosine 0 -> -1 over epochs 1..10 (then -1);
+    # T's gradient is lambda times the KD loss's gradient (reversed: T makes KD harder), the student's is not reversed
+    from kdpipe.distill.ctkd import cosine_lambda
+
+    assert [round(cosine_lambda(e, 0.0, -1.0, 10), 5) for e in (1, 5, 10, 11, 240)] == [-0.02447, -0.5, -1.0, -1.0, -1.0]
+    obj, teacher, student, p = build(["ctkd"])
+    term = obj.terms["ctkd"]
+    assert obj.gamma == 0.1 and obj.weights == {"ctkd": 0.9} and "kd" not in obj.terms
+    assert term.temperature(0).item() == pytest.approx(1 + 20 / (1 + math.exp(-1)), rel=1e-6)  # 15.62
+    x, y, index = batch()
+    student.eval()
+    with torch.no_grad():
+        tl = teacher(x)
+    for epoch in (0, 4, 30):
+        sl = student(x)
+        loss, _ = obj(student, x, y, index=index, epoch=epoch)
+        tau_param = term.global_t.detach().clone().requires_grad_(True)
+        tau = 1 + 20 * torch.sigmoid(tau_param)
+        expected = 0.1 * Fd.cross_entropy(sl, y) + 0.9 * Fd.kd(sl, tl, tau[0])
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+        g_t, = torch.autograd.grad(loss, term.global_t, retain_graph=True)
+        g_plain, = torch.autograd.grad(expected, tau_param, retain_graph=True)
+        lam = cosine_lambda(epoch + 1, 0.0, -1.0, 10)
+        torch.testing.assert_close(g_t, lam * g_plain)
+        g_s, = torch.autograd.grad(loss, student.fc.weight)
+        torch.testing.assert_close(g_s, torch.autograd.grad(expected, student.fc.weight)[0])
 
 
 def test_dkd_warmup_is_linear_then_flat():
@@ -146,7 +178,7 @@ def test_crd_needs_indices():
         obj(student, x, y)
 
 
-@pytest.mark.parametrize("methods", [["crd", "kd"], ["dkd"], ["vid"], ["dist"]])
+@pytest.mark.parametrize("methods", [["crd", "kd"], ["dkd"], ["vid"], ["dist"], ["ctkd"]])
 def test_resume_is_bit_identical(tmp_path, methods):
     p = config.validate(tiny_params(student={"epochs": 3}, distill={"crd": {"nce_k": 32}, "dkd": {"warmup_epochs": 2}}))
     prepared, run = distill_runs(tmp_path, p, methods)
