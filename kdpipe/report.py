@@ -114,14 +114,18 @@ def write(names: list[str], manifest: dict, metrics_dir: Path, logs_dir: Path, p
 DISTILL_METRIC = _REFERENCE["crd"]["metric"]
 CRD = {pair: {k: v for k, v in zip(_REFERENCE["crd"]["rows"], col) if v is not None}
        for pair, col in _pairs(_REFERENCE["crd"]["pairs"]).items()}
-# the same README's teacher and student rows, per model (one figure each: equal across the pairs they appear in)
-CRD_MODELS = {m: CRD[pair][role] for pair in CRD for m, role in zip(pair, ("teacher", "student"))}
+def _per_model(table: dict) -> dict:
+    """A table's teacher and student rows, per model (one figure each: equal across the pairs they appear in)."""
+    return {m: table[pair][role] for pair in table for m, role in zip(pair, ("teacher", "student"))}
+
+
+CRD_MODELS = _per_model(CRD)
 # the tables of methods published after CRD (DKD, DIST): method -> its table (source, convention, metric, note)
 METHOD_TABLES = {t["method"]: t for t in _REFERENCE.values() if "method" in t}
 METHOD_FIGURES = {m: _pairs(t["pairs"]) for m, t in METHOD_TABLES.items()}  # method -> {(teacher, student): Top-1}
 IMAGENET = _pairs(_REFERENCE["imagenet"]["pairs"])  # (teacher, student) -> {row: [Top-1, Top-5 or None]}
 IMAGENET_CONVENTION = _REFERENCE["imagenet"]["convention"]
-IMAGENET_MODELS = {m: IMAGENET[pair][role] for pair in IMAGENET for m, role in zip(pair, ("teacher", "student"))}
+IMAGENET_MODELS = _per_model(IMAGENET)
 
 
 def method(name: str):
@@ -183,6 +187,7 @@ def grid(p, manifest: dict, metrics_dir: Path, plots_dir: Path, out_dir: Path) -
              f"Data: {manifest['train_size']} train / {manifest['test_size']} test images, {manifest['num_classes']} "
              f"classes ({manifest['source']}). Seeds: {', '.join(map(str, p.seeds))}. Cells: mean ± sample std (n).", ""]
     cifar = dataset in ("cifar10", "cifar100")
+    crd, imagenet = dataset == "cifar100", dataset == "imagenet"  # the benchmarks with published figures
 
     def model_rows(models: list[str], recipe: str, reference) -> list[str]:
         """One row per model; `reference(model)` -> (label, our metric key, published value) or None."""
@@ -211,13 +216,11 @@ def grid(p, manifest: dict, metrics_dir: Path, plots_dir: Path, out_dir: Path) -
                   "|---|---|---|---|---|" + ("---|---|" if cifar else "")]
         lines += model_rows(p.table_models, p.table.recipe, seed_figure) + [""]
     if p.models or p.published:
-        crd_models = dataset == "cifar100"
-
-        def crd_figure(model):
-            if dataset == "imagenet":
+        def published_figure(model):
+            if imagenet:
                 t1, t5 = IMAGENET_MODELS.get(model, (None, None))
                 return (" / ".join("–" if v is None else f"{v:.2f}" for v in (t1, t5)), "top1", t1)
-            if not crd_models:
+            if not crd:
                 return None
             ref = CRD_MODELS.get(model)
             return (f"{ref:.2f}" if ref is not None else "–", DISTILL_METRIC, ref)
@@ -226,16 +229,15 @@ def grid(p, manifest: dict, metrics_dir: Path, plots_dir: Path, out_dir: Path) -
                       " Published teachers (imported, not trained; the same file for every seed): Top1 = Top1 last = "
                       "their test accuracy here." if p.published else "") + (
                       " Beside them CRD's figures for the same models (RepDistiller's README, last epoch), compared "
-                      "with our Top1 last." if crd_models else "") + (
+                      "with our Top1 last." if crd else "") + (
                       f" Beside them the published figures ({IMAGENET_CONVENTION}), compared with our Top1 (best)."
-                      if dataset == "imagenet" else ""), "",
-                  head + (" CRD Top1 (last) | Δ Top1 last |" if crd_models else "")
-                  + (" Published Top1 / Top5 (best) | Δ Top1 |" if dataset == "imagenet" else ""),
-                  "|---|---|---|---|---|" + ("---|---|" if crd_models or dataset == "imagenet" else "")]
-        lines += model_rows(p.models + p.published, p.teacher.recipe, crd_figure) + [""]
+                      if imagenet else ""), "",
+                  head + (" CRD Top1 (last) | Δ Top1 last |" if crd else "")
+                  + (" Published Top1 / Top5 (best) | Δ Top1 |" if imagenet else ""),
+                  "|---|---|---|---|---|" + ("---|---|" if crd or imagenet else "")]
+        lines += model_rows(p.models + p.published, p.teacher.recipe, published_figure) + [""]
 
     pairs = [(pr.teacher, pr.student) for pr in p.pairs]
-    crd, imagenet = dataset == "cifar100", dataset == "imagenet"
     cols = [f"{pretty(t)} → {pretty(s)}" for t, s in pairs]
     deltas: dict[str, dict[int, float]] = {}
     # a method with a published table of its own (DKD, DIST: kdpipe/published.yaml) is compared with its figures
@@ -243,10 +245,12 @@ def grid(p, manifest: dict, metrics_dir: Path, plots_dir: Path, out_dir: Path) -
     own_table = [m for m in p.methods if crd and m in METHOD_TABLES]
     if imagenet:  # the published table's convention (best epoch) first, then the last epoch's Top-1 and Top-5
         src = "the published figure (" + IMAGENET_CONVENTION + ", kdpipe/published.yaml gives each source)"
-        tables = [("Top-1 %, best epoch", "top1", lambda key, t, s: IMAGENET.get((t, s), {}).get(key, [None])[0],
+        def figure(column):  # the published [Top-1, Top-5] of a row of the pair's table, or None
+            return lambda key, t, s: IMAGENET.get((t, s), {}).get(key, [None, None])[column]
+        tables = [("Top-1 %, best epoch", "top1", figure(0),
                    f"Top-1 of the **best** epoch, the convention of DKD's ImageNet table; in brackets {src}."),
                   ("Top-1 %, last epoch", "top1_last", lambda key, t, s: None, "Top-1 of the **last** epoch."),
-                  ("Top-5 %, last epoch", "top5", lambda key, t, s: IMAGENET.get((t, s), {}).get(key, [None, None])[1],
+                  ("Top-5 %, last epoch", "top5", figure(1),
                    "Top-5 of the **last** epoch; in brackets the published best-epoch Top-5 where a source gives it.")]
     else:
         tables = [("Top-1 %, last epoch", DISTILL_METRIC,
