@@ -129,7 +129,8 @@ def run(model: str = "resnet20", teacher: str = "resnet56", batch_size: int = 12
     def kdpipe_trainer(name, objective=None):
         m = numerics.prepare_model(make(name))
         objective = (objective or CrossEntropy()).to(dev)
-        opt = make_optimizer(list(m.parameters()) + list(objective.parameters()), _train_cfg(name, batch_size, device), dev)
+        opt = make_optimizer(list(m.parameters()) + list(objective.parameters()), _train_cfg(name, batch_size, device), dev,
+                             objective.optimizer("main"))
 
         def step():
             xb, yb, idx = kdpipe_batch()

@@ -277,14 +277,11 @@ class CRDParams(FeatureParams):
     nce_m: float = Field(0.5, ge=0, lt=1, description="momentum of the memory-bank update")
 
 
-class DKDParams(FeatureParams):
-    beta: float = Field(8.0, ge=0, description="weight of NCKD (mdistiller's BETA; per pair in its configs)")
-    tckd: float = Field(1.0, ge=0, description="weight of TCKD (mdistiller's ALPHA)")
-    warmup_epochs: int = Field(20, ge=0, description="DKD's weight ramps up linearly over these epochs")
-    # mdistiller tunes BETA per pair (configs/cifar100/dkd/*.yaml): "teacher->student": beta, used
-    # instead of `beta` when distilling that pair
+class PerPairBeta(FeatureParams):
+    """A method whose references tune its weight per pair: "teacher->student": beta, used instead of `beta`
+    when distilling that pair (mdistiller's DKD configs, ReviewKD's script)."""
+
     beta_by_pair: dict[str, float] = {}
-    logit_std: bool = logit_std_field()
 
     @field_validator("beta_by_pair")
     @classmethod
@@ -298,6 +295,13 @@ class DKDParams(FeatureParams):
             if beta < 0:
                 raise ValueError(f"{key}: beta must be >= 0")
         return v
+
+
+class DKDParams(PerPairBeta):
+    beta: float = Field(8.0, ge=0, description="weight of NCKD (mdistiller's BETA; per pair in its configs)")
+    tckd: float = Field(1.0, ge=0, description="weight of TCKD (mdistiller's ALPHA)")
+    warmup_epochs: int = Field(20, ge=0, description="DKD's weight ramps up linearly over these epochs")
+    logit_std: bool = logit_std_field()
 
 
 class DISTParams(FeatureParams):
@@ -319,6 +323,30 @@ class CTKDParams(FeatureParams):
     logit_std: bool = logit_std_field()
 
 
+class ReviewKDParams(PerPairBeta):
+    beta: float = Field(5.0, ge=0, description="weight of the HCL term (mdistiller's REVIEWKD_WEIGHT for "
+                                               "resnet32x4 -> resnet8x4; the authors' script per pair)")
+    warmup_epochs: int = Field(20, ge=0, description="the weight ramps up linearly over these epochs")
+    stu_preact: bool = Field(False, description="the student's taps before their last ReLU (mdistiller's "
+                                                "ImageNet STU_PREACT); false: after it")
+
+
+class KDSVDParams(FeatureParams):
+    beta: float = Field(1.0, ge=0)
+    k: int = Field(1, ge=1, description="the teacher's singular vectors kept (the student's: k + 3)")
+
+
+class DOTParams(Strict):
+    """KD+DOT on its own; with other methods only `delta` counts (gamma, alpha, T come from the first method)."""
+
+    gamma: float = Field(0.1, ge=0)
+    alpha: float = Field(0.9, ge=0)
+    temperature: float = Field(4.0, gt=0)
+    delta: float = Field(0.075, ge=0, description="task momentum = optim.momentum - delta, distillation "
+                                                  "momentum = optim.momentum + delta")
+    logit_std: bool = logit_std_field()
+
+
 class Distill(Strict):
     kd: KDParams = KDParams()
     at: ATParams = ATParams()
@@ -336,13 +364,18 @@ class Distill(Strict):
     dkd: DKDParams = DKDParams()
     dist: DISTParams = DISTParams()
     ctkd: CTKDParams = CTKDParams()
+    reviewkd: ReviewKDParams = ReviewKDParams()
+    kdsvd: KDSVDParams = KDSVDParams()
+    dot: DOTParams = DOTParams()
 
     def for_pair(self, teacher: str, student: str) -> "Distill":
-        """These params with the per-pair settings of `teacher -> student` applied (DKD's beta)."""
-        beta = self.dkd.beta_by_pair.get(f"{teacher}->{student}")
-        if beta is None:
-            return self
-        return self.model_copy(update={"dkd": self.dkd.model_copy(update={"beta": beta})})
+        """These params with the per-pair weights of `teacher -> student` applied (DKD's, ReviewKD's beta)."""
+        pair, update = f"{teacher}->{student}", {}
+        for name in type(self).model_fields:
+            cfg = getattr(self, name)
+            if pair in getattr(cfg, "beta_by_pair", {}):
+                update[name] = cfg.model_copy(update={"beta": cfg.beta_by_pair[pair]})
+        return self.model_copy(update=update) if update else self
 
 
 # the methods: one params schema each above, one file each in kdpipe/distill/ (a test ties the two)

@@ -39,7 +39,10 @@ def learning_rate(cfg: Train, epoch: int, step: int, steps_per_epoch: int) -> fl
     return lr
 
 
-def make_optimizer(params, cfg: Train, device: torch.device) -> torch.optim.SGD:
+def make_optimizer(params, cfg: Train, device: torch.device, custom=None) -> torch.optim.Optimizer:
+    """SGD as `cfg.optim` says, or the optimiser a method brings, `custom(params, cfg)` (DOT)."""
+    if custom is not None:
+        return custom(params, cfg)
     o = cfg.optim
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.SGD(params, lr=cfg.lr, momentum=o.momentum, weight_decay=o.weight_decay,
@@ -49,13 +52,25 @@ def make_optimizer(params, cfg: Train, device: torch.device) -> torch.optim.SGD:
 def train_step(objective: nn.Module, model: nn.Module, optimizer, x, y, phase: str, numerics: Numerics,
                lr: float, ddp: Dist = Dist(), index=None, epoch: int = 0):
     """One optimisation step (shared by `train` and `kdpipe bench`). `index` (each sample's position in
-    the training set) and `epoch` (of the phase, from 0) reach the objective for methods that use them."""
+    the training set) and `epoch` (of the phase, from 0) reach the objective for methods that use them.
+    An optimiser with `step_distill` (DOT) takes the distillation loss's gradients and the task loss's apart:
+    backward of the first, `step_distill()`, backward of the second, `step()` (mdistiller's DOT trainer)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+    split = hasattr(optimizer, "step_distill")
     with numerics.autocast():
-        loss, logits = objective(model, x, y, phase, index=index, epoch=epoch)
+        loss, logits = objective(model, x, y, phase, index=index, epoch=epoch, **({"split": True} if split else {}))
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    if split:
+        task, distill = loss
+        if distill.requires_grad:
+            distill.backward(retain_graph=True)
+        optimizer.step_distill()
+        optimizer.zero_grad(set_to_none=True)
+        task.backward()
+        loss = (task + distill).detach()
+    else:
+        loss.backward()
     if ddp.world > 1:  # DDP syncs the model's gradients; the objective's own (regressor) ones we sync here
         for p in objective.parameters():
             if p.grad is not None:
@@ -97,6 +112,9 @@ class CrossEntropy(nn.Module):
 
     def trainable(self, model: nn.Module, phase: str) -> list[nn.Parameter]:
         return list(model.parameters())
+
+    def optimizer(self, phase: str):
+        return None  # SGD
 
 
 @dataclass
@@ -147,7 +165,7 @@ def train(run: Run, source) -> dict:
         objective.load_state_dict(state["objective"])
         g.set_state(state["generator"])
         history, start, seconds, opt_phase = state["history"], state["epoch"], state["seconds"], state["opt_phase"]
-        optimizer = make_optimizer(params(opt_phase), cfg, dev)
+        optimizer = make_optimizer(params(opt_phase), cfg, dev, objective.optimizer(opt_phase))
         optimizer.load_state_dict(state["optimizer"])
         if ddp.main:
             print(f"{run.name}: resuming after epoch {start}/{total} from {resume_path}", file=sys.stderr)
@@ -160,7 +178,7 @@ def train(run: Run, source) -> dict:
         for epoch in range(start, total):
             phase = "init" if epoch < init_epochs else "main"
             if opt_phase != phase:  # each phase starts with a fresh optimizer (FitNets/FSP stage 1 -> 2)
-                optimizer, opt_phase = make_optimizer(params(phase), cfg, dev), phase
+                optimizer, opt_phase = make_optimizer(params(phase), cfg, dev, objective.optimizer(phase)), phase
             e = epoch - init_epochs if phase == "main" else epoch
             t0 = time.perf_counter()
             model.train()

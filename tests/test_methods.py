@@ -13,7 +13,7 @@ from kdpipe.distill.crd import NegativeSampler
 
 from .conftest import distill_runs, tiny_params
 
-NEW = ["sp", "cc", "vid", "rkd", "pkt", "crd", "dkd", "dist", "ctkd"]
+NEW = ["sp", "cc", "vid", "rkd", "pkt", "crd", "dkd", "dist", "ctkd", "reviewkd", "kdsvd", "dot"]
 LABELS = torch.arange(96) % 10
 
 
@@ -59,7 +59,9 @@ def test_default_weights_are_repdistillers_and_mdistillers():
     assert (d.crd.feat_dim, d.crd.nce_k, d.crd.nce_t, d.crd.nce_m, d.cc.feat_dim) == (128, 16384, 0.07, 0.5, 128)
     assert (d.rkd.w_dist, d.rkd.w_angle) == (25, 50)
     assert (d.dkd.gamma, d.dkd.tckd, d.dkd.beta, d.dkd.temperature, d.dkd.warmup_epochs) == (1, 1, 8, 4, 20)
-    assert all((getattr(d, m).gamma, getattr(d, m).alpha) == (1.0, 0.0) for m in NEW if m != "ctkd")
+    assert all((getattr(d, m).gamma, getattr(d, m).alpha) == (1.0, 0.0) for m in NEW if m not in ("ctkd", "dot"))
+    assert (d.reviewkd.beta, d.reviewkd.warmup_epochs, d.reviewkd.stu_preact, d.kdsvd.beta, d.kdsvd.k) == (5, 20, False, 1, 1)
+    assert (d.dot.gamma, d.dot.alpha, d.dot.temperature, d.dot.delta) == (0.1, 0.9, 4, 0.075)  # mdistiller's KD+DOT
     assert (d.ctkd.gamma, d.ctkd.alpha, d.ctkd.beta) == (0.1, 0.0, 0.9)  # CTKD: -r 0.1 -a 0.9 on its learnable-T KD
 
 
@@ -178,7 +180,7 @@ def test_crd_needs_indices():
         obj(student, x, y)
 
 
-@pytest.mark.parametrize("methods", [["crd", "kd"], ["dkd"], ["vid"], ["dist"], ["ctkd"]])
+@pytest.mark.parametrize("methods", [["crd", "kd"], ["dkd"], ["vid"], ["dist"], ["ctkd"], ["reviewkd"], ["kd", "dot"]])
 def test_resume_is_bit_identical(tmp_path, methods):
     p = config.validate(tiny_params(student={"epochs": 3}, distill={"crd": {"nce_k": 32}, "dkd": {"warmup_epochs": 2}}))
     prepared, run = distill_runs(tmp_path, p, methods)
@@ -213,7 +215,9 @@ def test_every_method_runs_on_every_crd_pair(teacher_name, student_name):
     teacher, student = models.create(teacher_name, 100), models.create(student_name, 100)
     s_shapes, t_shapes = feature_shapes(student), feature_shapes(teacher)
     same_channels = [s[0] for s in s_shapes.stages] == [t[0] for t in t_shapes.stages]
-    methods = [m for m in config.METHODS if m != "fsp" or same_channels]  # RepDistiller: FSP N/A across widths
+    same_widths = all(s[2] == t[2] for s, t in zip(s_shapes.stages[1:], t_shapes.stages[1:]))
+    # RepDistiller: FSP N/A across channel counts; mdistiller's KD-SVD needs equal map widths
+    methods = [m for m in config.METHODS if (m != "fsp" or same_channels) and (m != "kdsvd" or same_widths)]
     labels = torch.arange(200) % 100
     p = config.validate(tiny_params(distill={"crd": {"nce_k": 16}}))
     obj = Distiller(teacher, methods, p.distill, s_shapes, t_shapes, TrainData(labels))
@@ -246,3 +250,168 @@ def test_lr_by_model_applies_to_the_model_trained():
     assert engine.learning_rate(p.student, 0, 0, 10) == 0.01
     again = config.validate({**p.student.model_dump(), "model": "resnet8"}, config.Train)  # --model override
     assert again.lr == 0.05
+
+
+# --- ReviewKD, KD-SVD, DOT (mdistiller's implementations) --------------------------------------------------
+def _pool(f, size):
+    """Average over size x size blocks, written out (independent of adaptive_avg_pool2d)."""
+    n, c, h, w = f.shape
+    return f.reshape(n, c, size, h // size, size, w // size).mean((3, 5))
+
+
+def test_hcl_weights_pooled_levels_as_mdistiller():
+    # levels 4, 2, 1 used where smaller than the map's height, weights 1/2, 1/4, 1/8 of those used, / their sum
+    g = torch.Generator().manual_seed(0)
+    maps = [(torch.randn(2, 3, h, h, generator=g), torch.randn(2, 3, h, h, generator=g)) for h in (8, 4, 2, 1)]
+    mse = lambda a, b: ((a - b) ** 2).mean().item()  # noqa: E731
+    expected = [
+        (mse(*maps[0]) + mse(_pool(maps[0][0], 4), _pool(maps[0][1], 4)) / 2 + mse(_pool(maps[0][0], 2), _pool(maps[0][1], 2)) / 4
+         + mse(_pool(maps[0][0], 1), _pool(maps[0][1], 1)) / 8) / 1.875,
+        (mse(*maps[1]) + mse(_pool(maps[1][0], 2), _pool(maps[1][1], 2)) / 2 + mse(_pool(maps[1][0], 1), _pool(maps[1][1], 1)) / 4) / 1.75,
+        (mse(*maps[2]) + mse(_pool(maps[2][0], 1), _pool(maps[2][1], 1)) / 2) / 1.5,
+        mse(*maps[3]),
+    ]
+    for (fs, ft), e in zip(maps, expected):
+        assert Fd.hcl([fs], [ft]).item() == pytest.approx(e, rel=1e-6)
+    assert Fd.hcl([m[0] for m in maps], [m[1] for m in maps]).item() == pytest.approx(sum(expected), rel=1e-6)
+
+
+def test_reviewkd_levels_shapes_fusion_and_warmup():
+    from kdpipe.distill.reviewkd import ABF
+
+    obj, teacher, student, p = build(["reviewkd"])
+    term = obj.terms["reviewkd"]
+    s_shapes, t_shapes = feature_shapes(student), feature_shapes(teacher)
+    # one ABF per teacher tap after its stem plus the pooled level; mid = min(512, student embedding)
+    assert len(term.abfs) == len(t_shapes.stages) and term.abfs[-1].att_conv is None
+    assert [a.conv1[0].in_channels for a in term.abfs] == [s[0] for s in s_shapes.stages[1:]] + [s_shapes.embedding]
+    assert [a.conv2[0].out_channels for a in term.abfs] == [t[0] for t in t_shapes.stages[1:]] + [t_shapes.embedding]
+    assert all(a.conv1[0].out_channels == min(512, s_shapes.embedding) for a in term.abfs)
+    assert obj.gamma == 1.0 and obj.weights == {"reviewkd": 5.0}
+    # fusion: attention (1, 0) keeps the level's own map, (0, 1) takes the deeper level's, nearest-upsampled
+    abf = ABF(4, 6, 5, fuse=True).eval()
+    x, deeper = torch.randn(2, 4, 4, 4), torch.randn(2, 6, 2, 2)
+    own = abf.conv1(x)
+    for bias, expected in (([50.0, -50.0], own), ([-50.0, 50.0], deeper.repeat_interleave(2, 2).repeat_interleave(2, 3))):
+        with torch.no_grad():
+            abf.att_conv[0].weight.zero_()
+            abf.att_conv[0].bias.copy_(torch.tensor(bias))
+        out, fused = abf(x, deeper, (8, 8))  # then upsampled to the teacher's 8x8 before conv2
+        torch.testing.assert_close(fused, expected.repeat_interleave(2, 2).repeat_interleave(2, 3))
+        torch.testing.assert_close(out, abf.conv2(fused))
+    # the loss against the teacher's pre-ReLU taps and embedding; weight ramps (epoch + 1) / 20
+    x, y, index = batch()
+    student.eval()
+    obj.eval()
+    with torch.no_grad():
+        t = teacher(x, features=True)
+        sf = student(x, features=True)
+    outs, res = [], None
+    feats = list(sf.stages[1:]) + [sf.embedding[:, :, None, None]]
+    for i in reversed(range(len(feats))):
+        o, res = term.abfs[i](feats[i], res, tuple(([u.shape[-2:] for u in t.preact[1:]] + [(1, 1)])[i]))
+        outs.insert(0, o)
+    targets = list(t.preact[1:]) + [t.embedding[:, :, None, None]]
+    hcl = Fd.hcl(outs, targets).item()
+    with torch.no_grad():
+        for epoch, ramp in ((0, 1 / 20), (9, 10 / 20), (19, 1.0), (100, 1.0)):
+            loss, _ = obj(student, x, y, epoch=epoch)
+            assert loss.item() == pytest.approx(Fd.cross_entropy(sf.logits, y).item() + 5.0 * ramp * hcl, rel=1e-5)
+    assert any(not torch.equal(a, b) for a, b in zip(t.preact, t.stages))  # it read the pre-ReLU taps
+
+
+def _kdsvd_by_loops(s_feats, t_feats, k=1):
+    """KD-SVD per sample with torch.svd (mdistiller's call), the matching student vector by argmax."""
+    total = 0.0
+    for i in range(s_feats[0].shape[0]):
+        prev = None
+        for fs, ft in zip(s_feats, t_feats):
+            def vectors(f, n):
+                c, h, w = f.shape[1:]
+                _, sv, v = torch.svd(f[i].reshape(c * h, w))
+                return sv[:n] / sv[:n].norm(), v[:, :n] / v[:, :n].norm(dim=0)
+            s_t, v_t = vectors(ft, k)
+            _, v_s = vectors(fs, k + 3)
+            cos = v_s.t() @ v_t  # (k + 3, k)
+            j = cos.abs().argmax(0)
+            v_s = v_s[:, j] * cos[j, torch.arange(k)].sign()
+            v_s, v_t = v_s * s_t, v_t * s_t
+            if prev is not None:
+                rbf = lambda a, b: torch.exp(-(a[:, None, :] - b[None, :, :]) ** 2 / 8)  # noqa: E731
+                total += ((rbf(v_s, prev[0]) - rbf(v_t, prev[1])) ** 2).sum().item()
+            prev = v_s, v_t
+    return total / s_feats[0].shape[0]
+
+
+def test_kdsvd_against_per_sample_svd():
+    obj, teacher, student, _ = build(["kdsvd"])
+    x, y, index = batch()
+    student.eval()
+    with torch.no_grad():
+        sf, tf = student(x, features=True).stages, teacher(x, features=True).stages
+    expected = _kdsvd_by_loops(sf[1:], tf[1:])
+    assert Fd.kdsvd(sf[1:], tf[1:], 1).item() == pytest.approx(expected, rel=1e-4)
+    loss, _ = obj(student, x, y)
+    assert loss.item() == pytest.approx(Fd.cross_entropy(student(x), y).item() + expected, rel=1e-4)
+    with pytest.raises(ValueError, match="kdsvd needs equal widths"):
+        Distiller(teacher, ["kdsvd"], config.Distill(), feature_shapes(models.create("shufflev2", 10)),
+                  feature_shapes(teacher))
+
+
+def test_dot_optimiser_by_hand():
+    # mdistiller's DistillationOrientedTrainer on three scalars: a both gradients, b the task's only, c the
+    # distillation loss's only; momentum 0.9, delta 0.075, lr 0.1, weight decay 0.01, two steps
+    from kdpipe.distill.dot import DistillationOrientedTrainer
+
+    a, b, c = (torch.nn.Parameter(torch.tensor([v])) for v in (1.0, 2.0, 3.0))
+    opt = DistillationOrientedTrainer([a, b, c], lr=0.1, momentum=0.9, delta=0.075, weight_decay=0.01)
+    grads = [({"a": 0.5, "b": -1.0}, {"a": 2.0, "c": 4.0}), ({"a": -0.25, "b": 0.5}, {"a": 1.0, "c": -2.0})]
+    pa, pb, pc = 1.0, 2.0, 3.0
+    ta = tb = ka = kc = None
+    for task, kd in grads:
+        for p, name in ((a, "a"), (c, "c")):
+            p.grad = torch.tensor([kd[name]])
+        b.grad = None
+        opt.step_distill()
+        opt.zero_grad(set_to_none=True)
+        a.grad, b.grad = torch.tensor([task["a"]]), torch.tensor([task["b"]])
+        opt.step()
+        # by hand: weight decay on the task gradient; c's distillation gradient gets it after its first step
+        da, db = task["a"] + 0.01 * pa, task["b"] + 0.01 * pb
+        ta = da if ta is None else (0.9 - 0.075) * ta + da
+        tb = db if tb is None else 0.9 * tb + db  # one gradient: the mean momentum
+        pa, pb = pa - 0.1 * ta, pb - 0.1 * tb
+        ka = kd["a"] if ka is None else (0.9 + 0.075) * ka + kd["a"]
+        kc = kd["c"] if kc is None else 0.9 * kc + kd["c"] + 0.01 * pc
+        pa, pc = pa - 0.1 * ka, pc - 0.1 * kc
+        assert (a.item(), b.item(), c.item()) == pytest.approx((pa, pb, pc), rel=1e-6)
+
+
+def test_dot_steps_task_and_distillation_gradients_apart(tmp_path):
+    # one engine step of kd+dot from fresh buffers: p - lr (g_task + wd p) - lr g_distill, with g_task of gamma CE
+    # and g_distill of alpha KD; plain SGD would give the same first step, so the second shows the two momenta
+    from kdpipe.distill.dot import DistillationOrientedTrainer
+
+    obj, teacher, student, p = build(["kd", "dot"])
+    assert "dot" not in obj.weights and obj.optimizer("init") is None
+    cfg = p.student
+    opt = engine.make_optimizer(list(student.parameters()), cfg, torch.device("cpu"), obj.optimizer("main"))
+    assert isinstance(opt, DistillationOrientedTrainer)
+    student.train()
+    w = student.fc.weight
+    bufs = {}
+    for step in range(2):
+        x, y, index = batch(seed=step)
+        snap = {k: v.clone() for k, v in student.state_dict().items()}
+        (task, distill), _ = obj(student, x, y, split=True)
+        g_task = torch.autograd.grad(task, w, retain_graph=True)[0] + cfg.optim.weight_decay * w.detach()
+        g_kd = torch.autograd.grad(distill, w)[0]
+        bt = g_task if step == 0 else (0.9 - 0.075) * bufs["t"] + g_task
+        bk = g_kd if step == 0 else (0.9 + 0.075) * bufs["k"] + g_kd
+        bufs = {"t": bt, "k": bk}
+        expected = w.detach() - 0.02 * bt - 0.02 * bk
+        student.load_state_dict(snap)  # the BN statistics as before this step's forward
+        engine.train_step(obj, student, opt, x, y, "main", engine.Numerics.from_runtime(cfg.runtime), 0.02)
+        torch.testing.assert_close(w.detach(), expected, rtol=1e-5, atol=1e-7)
+    with pytest.raises(config.Error, match="nesterov"):
+        obj.optimizer("main")(list(student.parameters()), cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"nesterov": True})}))

@@ -16,7 +16,9 @@ declaration, not a special case in the engine:
   AB: False, the student then trains with CE alone, as RepDistiller);
 - `trainable_parts(phase)` (default: all its parameters): its own parameters the optimiser updates in that
   phase (AB's connectors train in the init stage only; FT's paraphraser there, its translator after).
-A term that reads the pre-ReLU taps sets `uses_preact = True` (AB).
+A term that reads the pre-ReLU taps sets `uses_preact = True` (AB, ReviewKD). A term may bring the main phase's
+optimiser (`optimizer(params, train_cfg)`, DOT: it steps the task loss gamma * CE and the distillation loss, the
+sum of the other terms, apart: `forward(..., split=True)` returns the two) and have no loss (`has_loss = False`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import nn
 
 from ..models import Features
 from . import functional as Fd
-from .base import Batch, Shapes, TrainData, feature_shapes, get  # noqa: F401  (the package's public names)
+from .base import Batch, KDTerm, Shapes, TrainData, feature_shapes, get  # noqa: F401  (the package's public names)
 
 
 class Distiller(nn.Module):
@@ -52,14 +54,16 @@ class Distiller(nn.Module):
         self.weights: dict[str, float] = {}
         self.init_stage: dict[str, int] = {}  # method -> its init epochs
         if self.alpha > 0:
-            self.terms["kd"] = get("kd")(kd_src)
+            self.terms["kd"] = KDTerm(kd_src)
             self.weights["kd"] = self.alpha
         for m in methods:
+            term = get(m)  # imports the method's file (its stage depends on it) and no other method's
             if m == "kd":
                 continue
             cfg = getattr(params, m)
-            self.terms[m] = get(m)(cfg, s_shapes, t_shapes, data)
-            self.weights[m] = getattr(self.terms[m], "weight", cfg.beta)
+            self.terms[m] = term(cfg, s_shapes, t_shapes, data)
+            if self.terms[m].has_loss:
+                self.weights[m] = getattr(self.terms[m], "weight", cfg.beta)
             if getattr(cfg, "init_epochs", 0) > 0:
                 self.init_stage[m] = cfg.init_epochs
         self.init_trains_student = any(self.terms[m].init_trains_student for m in self.init_stage)
@@ -72,6 +76,13 @@ class Distiller(nn.Module):
     def init_epochs(self) -> int:
         return max(self.init_stage.values(), default=0)
 
+    def optimizer(self, phase: str):
+        """The optimiser a term brings for `phase` (a builder, `engine.make_optimizer`'s `custom`), or None: SGD."""
+        own = [t.optimizer for t in self.terms.values() if t.optimizer is not None]
+        if len(own) > 1:
+            raise ValueError("more than one method brings its own optimiser")
+        return own[0] if own and phase == "main" else None
+
     def trainable(self, model: nn.Module, phase: str) -> list[nn.Parameter]:
         """What the optimiser updates in `phase`: the student (unless no init term trains it) and the
         terms' declared parts (in the init stage only the init terms')."""
@@ -81,7 +92,7 @@ class Distiller(nn.Module):
                 params += list(term.trainable_parts(phase))
         return params
 
-    def forward(self, model, x, y, phase: str = "main", index=None, epoch: int = 0):
+    def forward(self, model, x, y, phase: str = "main", index=None, epoch: int = 0, split: bool = False):
         with torch.inference_mode():
             xt = x if self._teacher_input is None else x * self._teacher_input[0] + self._teacher_input[1]
             t = self.teacher(xt, features=True)
@@ -98,8 +109,10 @@ class Distiller(nn.Module):
         b = Batch(s, t, y, index, epoch)
         if phase == "init":  # RepDistiller's init(): the init terms' own losses, unweighted
             return sum(self.terms[n].init_loss(b) for n in self.init_stage), s.logits
-        loss = self.gamma * Fd.cross_entropy(s.logits, y)
+        task = loss = self.gamma * Fd.cross_entropy(s.logits, y)
+        distill = torch.zeros((), device=task.device)
         for n, w in self.weights.items():
             if n not in self.init_stage or self.terms[n].loss_after_init:
-                loss = loss + w * self.terms[n](b)
-        return loss, s.logits
+                term = w * self.terms[n](b)
+                loss, distill = loss + term, distill + term  # loss: summed in this order (the same bits as before)
+        return ((task, distill) if split else loss), s.logits

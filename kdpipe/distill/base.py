@@ -13,6 +13,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from . import functional as Fd
+
 
 REGISTRY: dict[str, type["Term"]] = {}
 
@@ -44,6 +46,8 @@ class Term(nn.Module):
     init_trains_student = True
     loss_after_init = False
     uses_preact = False
+    has_loss = True  # False: a term that changes how the student trains, not what it minimises (DOT)
+    optimizer = None  # a method's own optimiser for the main phase, optimizer(params, train_cfg) (DOT)
 
     def bench_parts(self, batch_size: int, sample_index, device) -> dict:
         """Steps of the term's own machinery that `kdpipe bench` times apart (label -> step function);
@@ -63,10 +67,23 @@ def logits(b: "Batch", cfg) -> tuple[torch.Tensor, torch.Tensor]:
     # the KD term a method adds with alpha > 0 is built from that method's params: standardised with dkd's or
     # dist's `logit_std`, raw for the feature methods (no such key)
     if getattr(cfg, "logit_std", False):
-        from .functional import standardize
-
-        return standardize(b.s_logits), standardize(b.t_logits)
+        return Fd.standardize(b.s_logits), Fd.standardize(b.t_logits)
     return b.s_logits, b.t_logits
+
+
+class KDTerm(Term):
+    """Hinton et al.'s KD at temperature T, on standardised logits with `logit_std`: the term the objective adds to
+    any method whose params say alpha > 0 (from `kd`'s params when `kd` is among the methods, else the first's)."""
+
+    label = "KD"
+
+    def __init__(self, cfg, s_shapes=None, t_shapes=None, data=None):
+        super().__init__()
+        self.cfg, self.temperature = cfg, cfg.temperature
+
+    def forward(self, b):
+        s, t = logits(b, self.cfg)
+        return Fd.kd(s, t, self.temperature)
 
 
 @dataclass

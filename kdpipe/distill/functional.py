@@ -241,3 +241,57 @@ def dist(student_logits: Tensor, teacher_logits: Tensor, beta: float = 1.0, gamm
     inter = 1 - _pearson_rows(ps, pt).mean()
     intra = 1 - _pearson_rows(ps.t(), pt.t()).mean()
     return tau ** 2 * (beta * inter + gamma * intra)
+
+
+def _finite(x: Tensor) -> Tensor:
+    """Non-finite entries set to 0 (mdistiller's `removenan`)."""
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+
+def _right_singular(f: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """mdistiller's KDSVD `svd`: a (B, C, H, W) map as B matrices of (C*H, W); the first `n` singular values
+    (B, n) and right singular vectors (B, W, n), each L2-normalised over dim 1, non-finite entries zeroed."""
+    b, c, h, w = f.shape
+    _, s, vh = torch.linalg.svd(f.reshape(b, c * h, w), full_matrices=False)
+    s, v = _finite(s), _finite(vh.mT)
+    return F.normalize(s[:, :n], dim=1), F.normalize(v[:, :, :n], dim=1)
+
+
+@fp32
+def kdsvd(s_feats: list[Tensor], t_feats: list[Tensor], k: int = 1) -> Tensor:
+    """Lee et al. 2018 (KD-SVD), as mdistiller's `kdsvd_loss`: per tap, the teacher's first k right singular
+    vectors and the student's first k + 3, each teacher vector matched by the student vector of largest
+    |cosine| (sign-aligned), both scaled by the teacher's normalised singular values; between consecutive
+    taps, the RBF kernel exp(-(v_i - v_(i-1))^2 / 8) over all position pairs; sum of squared student-teacher
+    kernel differences (non-finite ones zeroed), divided by the batch size, summed over tap pairs."""
+    total, prev = 0.0, None
+    for fs, ft in zip(s_feats, t_feats):
+        s_t, v_t = _right_singular(ft, k)
+        _, v_s = _right_singular(fs, k + 3)
+        cos = v_s.mT @ v_t  # (B, k + 3, k)
+        best = cos.abs().amax(1, keepdim=True)
+        v_s = v_s @ torch.where(best == cos.abs(), cos.sign(), torch.zeros_like(cos))
+        v_s, v_t = v_s * s_t[:, None], v_t * s_t[:, None]
+        if prev is not None:
+            rbf = lambda v, vb: torch.exp(-(v[:, :, None] - vb[:, None]).pow(2) / 8)  # noqa: E731
+            total = total + _finite((rbf(v_s, prev[0]) - rbf(v_t, prev[1]).detach()).pow(2)).sum() / fs.shape[0]
+        prev = v_s, v_t
+    return total
+
+
+@fp32
+def hcl(fs_list: list[Tensor], ft_list: list[Tensor]) -> Tensor:
+    """Chen et al. 2021 (ReviewKD), the hierarchical context loss as mdistiller's `hcl_loss`: per level, the MSE of
+    the full maps (weight 1) plus the MSEs of both maps average-pooled to 4x4, 2x2 and 1x1 where that is smaller than
+    the map's height (weights 1/2, 1/4, ... over the levels used), divided by the sum of the weights; summed."""
+    total = 0.0
+    for fs, ft in zip(fs_list, ft_list):
+        h = fs.shape[2]
+        loss, weight, weights = F.mse_loss(fs, ft), 1.0, 1.0
+        for size in (4, 2, 1):
+            if size < h:
+                weight /= 2
+                loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(fs, size), F.adaptive_avg_pool2d(ft, size))
+                weights += weight
+        total = total + loss / weights
+    return total

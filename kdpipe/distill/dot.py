@@ -1,0 +1,75 @@
+"""DOT: Zhao et al. 2023, "DOT: A Distillation-Oriented Trainer", as mdistiller's `engine/dot.py` and its DOT
+trainer run it. Not a loss: an optimiser that steps the task loss (gamma * CE) and the distillation loss (every
+other term) with momenta of their own, momentum - delta and momentum + delta, so the distillation gradient
+dominates the update. On its own (`--method dot`) it is KD+DOT, its published row (KD from `dot`'s gamma, alpha
+and temperature); combined (`kd+dot`, `dkd+dot`, ...) it trains the other methods' losses. Main phase only (an
+init stage keeps SGD); plain SGD's options it lacks (nesterov) are refused."""
+
+import torch
+
+from ..runtime import TrainingError
+from .base import Term, register
+
+
+class DistillationOrientedTrainer(torch.optim.Optimizer):
+    """mdistiller's DistillationOrientedTrainer with one parameter group. Per step: the distillation loss's
+    backward, `step_distill()` (keeps its gradients aside), the task loss's backward, `step()`. A parameter with
+    both gradients: task buffer at momentum - delta, distillation buffer at momentum + delta; with one of them:
+    that buffer at their mean. Weight decay is added once, to the task gradient (to the distillation gradient of
+    a parameter without a task one, after the first step, as there); each buffer starts as its first gradient.
+    The update is p -= lr * task buffer, then p -= lr * distillation buffer."""
+
+    def __init__(self, params, lr: float, momentum: float, delta: float, weight_decay: float):
+        super().__init__(params, dict(lr=lr, momentum=momentum, delta=delta, weight_decay=weight_decay))
+        if len(self.param_groups) != 1:
+            raise ValueError("dot: one parameter group only (as mdistiller's)")
+        self._distill_grads: dict = {}
+
+    @torch.no_grad()
+    def step_distill(self):
+        """Keep the distillation loss's gradients; the caller then clears .grad (set to None) for the task's."""
+        self._distill_grads = {p: p.grad for p in self.param_groups[0]["params"] if p.grad is not None}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        g = self.param_groups[0]
+        lr, wd = g["lr"], g["weight_decay"]
+        m_task, m_kd = g["momentum"] - g["delta"], g["momentum"] + g["delta"]
+        m_one = (m_kd + m_task) / 2.0
+        for p in g["params"]:
+            task, kd, state = p.grad, self._distill_grads.get(p), self.state[p]
+            if task is not None:
+                d = task.add(p, alpha=wd) if wd else task
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = d.clone()
+                else:
+                    buf.mul_(m_task if kd is not None else m_one).add_(d)
+                p.add_(buf, alpha=-lr)
+            if kd is not None:
+                buf = state.get("momentum_kd_buffer")
+                if buf is None:
+                    buf = state["momentum_kd_buffer"] = kd.clone()
+                elif task is not None:
+                    buf.mul_(m_kd).add_(kd)
+                else:
+                    buf.mul_(m_one).add_(kd.add(p, alpha=wd) if wd else kd)
+                p.add_(buf, alpha=-lr)
+        self._distill_grads = {}
+
+
+@register("dot")
+class DOT(Term):
+    label = "DOT"
+    supports_ddp = False  # two backward passes per step; DDP reduces gradients once per forward
+    has_loss = False
+
+    def __init__(self, cfg, s_shapes=None, t_shapes=None, data=None):
+        super().__init__()
+        self.delta = cfg.delta
+
+    def optimizer(self, params, train_cfg):
+        o = train_cfg.optim
+        if o.nesterov:
+            raise TrainingError("dot: mdistiller's DOT has no Nesterov momentum; set optim.nesterov: false")
+        return DistillationOrientedTrainer(params, train_cfg.lr, o.momentum, self.delta, o.weight_decay)

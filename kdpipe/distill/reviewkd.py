@@ -1,0 +1,72 @@
+"""ReviewKD: Chen et al. 2021, "Distilling Knowledge via Knowledge Review", as mdistiller's ReviewKD runs it.
+
+The student's taps after the stem (post-ReLU; pre-ReLU with `stu_preact`, mdistiller's ImageNet setting) and
+its pooled embedding, from the deepest up, pass through attention-based fusion (ABF) modules: each maps its tap
+to `mid` channels (1x1 conv + BN), fuses it with the deeper level's fused map (nearest-upsampled; a per-pixel
+sigmoid attention of two channels weighs the two), upsamples to the teacher's size and maps to the teacher's
+channels (3x3 conv + BN). Each level is compared with the teacher's pre-ReLU tap (its embedding for the
+pooled level) by the hierarchical context loss, `functional.hcl`. The weight ramps up linearly over
+`warmup_epochs` (mdistiller: epoch / 20, epochs counted from 1). mdistiller's per-pair IN/OUT_CHANNELS and
+SHAPES are the two models' feature shapes, read here; mid = min(512, the student's embedding width).
+The student's taps are paired with the teacher's from the deepest (the stem's is left out, as there)."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import functional as Fd
+from .base import Term, register
+
+
+class ABF(nn.Module):
+    """mdistiller's attention-based fusion module (the authors' `ABF`)."""
+
+    def __init__(self, in_channels: int, mid: int, out_channels: int, fuse: bool):
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(in_channels, mid, 1, bias=False), nn.BatchNorm2d(mid))
+        self.conv2 = nn.Sequential(nn.Conv2d(mid, out_channels, 3, 1, 1, bias=False), nn.BatchNorm2d(out_channels))
+        self.att_conv = nn.Sequential(nn.Conv2d(2 * mid, 2, 1), nn.Sigmoid()) if fuse else None
+        nn.init.kaiming_uniform_(self.conv1[0].weight, a=1)
+        nn.init.kaiming_uniform_(self.conv2[0].weight, a=1)
+
+    def forward(self, x, residual, out_size):
+        """(output compared with the teacher, fused map handed to the next shallower level)."""
+        x = self.conv1(x)
+        if self.att_conv is not None:
+            residual = F.interpolate(residual, x.shape[-2:], mode="nearest")
+            z = self.att_conv(torch.cat([x, residual], 1))
+            x = x * z[:, :1] + residual * z[:, 1:]
+        if x.shape[-2:] != out_size:
+            x = F.interpolate(x, out_size, mode="nearest")
+        return self.conv2(x), x
+
+
+@register("reviewkd")
+class ReviewKD(Term):
+    label = "ReviewKD"
+    uses_preact = True  # the teacher's taps are always pre-ReLU
+
+    def __init__(self, cfg, s_shapes, t_shapes, data=None):
+        super().__init__()
+        self.cfg = cfg
+        self.levels = len(t_shapes.stages) - 1  # the teacher's taps after its stem
+        if len(s_shapes.stages) < self.levels:
+            raise ValueError(f"reviewkd pairs the teacher's {self.levels} taps after its stem with the student's "
+                             f"deepest ones, but the student has {len(s_shapes.stages)}")
+        s_in = [s[0] for s in s_shapes.stages[-self.levels:]] + [s_shapes.embedding]
+        t_out = [t[0] for t in t_shapes.stages[1:]] + [t_shapes.embedding]
+        self.out_sizes = [tuple(t[1:]) for t in t_shapes.stages[1:]] + [(1, 1)]
+        mid = min(512, s_shapes.embedding)
+        self.abfs = nn.ModuleList(ABF(c_in, mid, c_out, i < self.levels)  # shallow to deep; the pooled one: no fusion
+                                  for i, (c_in, c_out) in enumerate(zip(s_in, t_out)))
+
+    def forward(self, b):
+        taps = b.s_preact if self.cfg.stu_preact else b.s_feats
+        xs = list(taps[-self.levels:]) + [b.s_embedding[:, :, None, None]]
+        targets = list(b.t_preact[1:]) + [b.t_embedding[:, :, None, None]]
+        outs, residual = [], None
+        for i in reversed(range(len(xs))):  # the review: from the deepest level up
+            out, residual = self.abfs[i](xs[i], residual, self.out_sizes[i])
+            outs.insert(0, out)
+        ramp = min((b.epoch + 1) / self.cfg.warmup_epochs, 1.0) if self.cfg.warmup_epochs else 1.0
+        return ramp * Fd.hcl(outs, targets)
