@@ -277,31 +277,31 @@ class CRDParams(FeatureParams):
     nce_m: float = Field(0.5, ge=0, lt=1, description="momentum of the memory-bank update")
 
 
-class PerPairBeta(FeatureParams):
-    """A method whose references tune its weight per pair: "teacher->student": beta, used instead of `beta`
-    when distilling that pair (mdistiller's DKD configs, ReviewKD's script)."""
-
-    beta_by_pair: dict[str, float] = {}
-
-    @field_validator("beta_by_pair")
-    @classmethod
-    def _pairs(cls, v: dict[str, float]) -> dict[str, float]:
-        for key, beta in v.items():
-            t, _, s = key.partition("->")
-            try:
-                check_name(t), check_name(s)
-            except ValueError:
-                raise ValueError(f"key {key!r} is not 'teacher->student' with two model names") from None
-            if beta < 0:
-                raise ValueError(f"{key}: beta must be >= 0")
-        return v
+def beta_by_pair_field():
+    """A weight per pair where a method's references tune it: "teacher->student": beta, used instead of `beta`
+    when distilling that pair (mdistiller's DKD configs, ReviewKD's script); `Distill.for_pair` applies it."""
+    return Field({}, description='"teacher->student": beta for that pair')
 
 
-class DKDParams(PerPairBeta):
+def check_pairs(v: dict[str, float]) -> dict[str, float]:
+    for key, beta in v.items():
+        t, _, s = key.partition("->")
+        try:
+            check_name(t), check_name(s)
+        except ValueError:
+            raise ValueError(f"key {key!r} is not 'teacher->student' with two model names") from None
+        if beta < 0:
+            raise ValueError(f"{key}: beta must be >= 0")
+    return v
+
+
+class DKDParams(FeatureParams):
     beta: float = Field(8.0, ge=0, description="weight of NCKD (mdistiller's BETA; per pair in its configs)")
     tckd: float = Field(1.0, ge=0, description="weight of TCKD (mdistiller's ALPHA)")
     warmup_epochs: int = Field(20, ge=0, description="DKD's weight ramps up linearly over these epochs")
+    beta_by_pair: dict[str, float] = beta_by_pair_field()
     logit_std: bool = logit_std_field()
+    _pairs = field_validator("beta_by_pair")(check_pairs)
 
 
 class DISTParams(FeatureParams):
@@ -323,17 +323,24 @@ class CTKDParams(FeatureParams):
     logit_std: bool = logit_std_field()
 
 
-class ReviewKDParams(PerPairBeta):
+class ReviewKDParams(FeatureParams):
     beta: float = Field(5.0, ge=0, description="weight of the HCL term (mdistiller's REVIEWKD_WEIGHT for "
                                                "resnet32x4 -> resnet8x4; the authors' script per pair)")
     warmup_epochs: int = Field(20, ge=0, description="the weight ramps up linearly over these epochs")
     stu_preact: bool = Field(False, description="the student's taps before their last ReLU (mdistiller's "
                                                 "ImageNet STU_PREACT); false: after it")
+    beta_by_pair: dict[str, float] = beta_by_pair_field()
+    _pairs = field_validator("beta_by_pair")(check_pairs)
 
 
 class KDSVDParams(FeatureParams):
     beta: float = Field(1.0, ge=0)
     k: int = Field(1, ge=1, description="the teacher's singular vectors kept (the student's: k + 3)")
+
+
+class OFDParams(FeatureParams):
+    beta: float = Field(0.001, ge=0, description="weight of the OFD term (mdistiller's FEAT_WEIGHT; OFD's loss / 1000 "
+                                                 "on CIFAR, / 10000 on ImageNet)")
 
 
 class DOTParams(Strict):
@@ -366,6 +373,7 @@ class Distill(Strict):
     ctkd: CTKDParams = CTKDParams()
     reviewkd: ReviewKDParams = ReviewKDParams()
     kdsvd: KDSVDParams = KDSVDParams()
+    ofd: OFDParams = OFDParams()
     dot: DOTParams = DOTParams()
 
     def for_pair(self, teacher: str, student: str) -> "Distill":

@@ -13,7 +13,7 @@ from kdpipe.distill.crd import NegativeSampler
 
 from .conftest import distill_runs, tiny_params
 
-NEW = ["sp", "cc", "vid", "rkd", "pkt", "crd", "dkd", "dist", "ctkd", "reviewkd", "kdsvd", "dot"]
+NEW = ["sp", "cc", "vid", "rkd", "pkt", "crd", "dkd", "dist", "ctkd", "reviewkd", "kdsvd", "ofd", "dot"]
 LABELS = torch.arange(96) % 10
 
 
@@ -62,6 +62,7 @@ def test_default_weights_are_repdistillers_and_mdistillers():
     assert all((getattr(d, m).gamma, getattr(d, m).alpha) == (1.0, 0.0) for m in NEW if m not in ("ctkd", "dot"))
     assert (d.reviewkd.beta, d.reviewkd.warmup_epochs, d.reviewkd.stu_preact, d.kdsvd.beta, d.kdsvd.k) == (5, 20, False, 1, 1)
     assert (d.dot.gamma, d.dot.alpha, d.dot.temperature, d.dot.delta) == (0.1, 0.9, 4, 0.075)  # mdistiller's KD+DOT
+    assert (d.ofd.gamma, d.ofd.beta) == (1, 0.001)  # mdistiller's CE_WEIGHT, FEAT_WEIGHT
     assert (d.ctkd.gamma, d.ctkd.alpha, d.ctkd.beta) == (0.1, 0.0, 0.9)  # CTKD: -r 0.1 -a 0.9 on its learnable-T KD
 
 
@@ -180,7 +181,7 @@ def test_crd_needs_indices():
         obj(student, x, y)
 
 
-@pytest.mark.parametrize("methods", [["crd", "kd"], ["dkd"], ["vid"], ["dist"], ["ctkd"], ["reviewkd"], ["kd", "dot"]])
+@pytest.mark.parametrize("methods", [["crd", "kd"], ["dkd"], ["vid"], ["dist"], ["ctkd"], ["reviewkd"], ["ofd"], ["kd", "dot"]])
 def test_resume_is_bit_identical(tmp_path, methods):
     p = config.validate(tiny_params(student={"epochs": 3}, distill={"crd": {"nce_k": 32}, "dkd": {"warmup_epochs": 2}}))
     prepared, run = distill_runs(tmp_path, p, methods)
@@ -415,3 +416,61 @@ def test_dot_steps_task_and_distillation_gradients_apart(tmp_path):
         torch.testing.assert_close(w.detach(), expected, rtol=1e-5, atol=1e-7)
     with pytest.raises(config.Error, match="nesterov"):
         obj.optimizer("main")(list(student.parameters()), cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"nesterov": True})}))
+
+
+def test_ofd_margin_by_hand():
+    # E[x | x < 0] for x ~ N(beta, gamma^2): -gamma phi(beta/gamma) / Phi(-beta/gamma) + beta; -3|gamma| where
+    # P(x < 0) <= 0.001
+    gamma, beta = torch.tensor([1.0, -2.0, 1.0, 0.5, 1.0]), torch.tensor([0.0, 1.0, 4.0, -1.0, 2.5])
+    phi = lambda z: math.exp(-z * z / 2) / math.sqrt(2 * math.pi)  # noqa: E731
+    cdf = lambda z: 0.5 * math.erfc(-z / math.sqrt(2))  # noqa: E731
+    expected = [-phi(0) / 0.5, -2 * phi(0.5) / cdf(-0.5) + 1.0, -3.0, -0.5 * phi(2) / cdf(2) - 1.0,
+                -phi(2.5) / cdf(-2.5) + 2.5]  # P(x < 0) = 0.0062: still the conditional mean
+    assert Fd.ofd_margin(gamma, beta).tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_ofd_loss_elementwise():
+    g = torch.Generator().manual_seed(0)
+    s, t, m = torch.randn(2, 3, 2, 2, generator=g), torch.randn(2, 3, 4, 4, generator=g), torch.tensor([-0.5, -0.1, -1.0])
+    t_pooled = t.reshape(2, 3, 2, 2, 2, 2).mean((3, 5))
+    total = 0.0
+    for idx in torch.cartesian_prod(*(torch.arange(k) for k in s.shape)).tolist():
+        sv, tv, mv = s[tuple(idx)].item(), t_pooled[tuple(idx)].item(), m[idx[1]].item()
+        if tv > 0 or (sv > tv > mv):  # the teacher's positive response, or above it while it is negative
+            total += (sv - tv) ** 2
+        elif sv > mv >= tv:  # teacher below its margin: only pull the student down to the margin
+            total += (sv - mv) ** 2
+    assert Fd.ofd([s], [t], [m]).item() == pytest.approx(total / 2, rel=1e-5)  # summed, mean over the batch
+    zero = torch.zeros_like(s)  # a level that adds nothing shows the other's weight: 1/2 first, 1 last
+    assert Fd.ofd([s, zero - 9], [t, t], [m, m]).item() == pytest.approx(0.5 * total / 2 + Fd.ofd([zero - 9], [t], [m]).item(), rel=1e-5)
+
+
+def test_ofd_margins_levels_and_teacher_batch_statistics():
+    obj, teacher, student, p = build(["ofd"])
+    term = obj.terms["ofd"]
+    with torch.no_grad():
+        for bn in teacher.bn_before_relu():  # give the BNs distinct affine parameters
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-1, 1)
+    term.from_teacher(teacher)
+    assert term.levels == 3 and obj.weights == {"ofd": 0.001} and obj.teacher_batch_stats
+    for i, bn in enumerate(teacher.bn_before_relu()):
+        torch.testing.assert_close(getattr(term, f"margin{i}"), Fd.ofd_margin(bn.weight, bn.bias))
+    x, y, index = batch()
+    running = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student.eval()
+    obj.eval()
+    loss, _ = obj(student, x, y)
+    assert not teacher.training and all(torch.equal(v, running[k]) for k, v in teacher.state_dict().items())
+    # the teacher's taps as a train-mode forward (batch statistics) of a copy gives them
+    import copy
+
+    twin = copy.deepcopy(teacher).train()
+    with torch.no_grad():
+        tp, sp_ = twin(x, features=True).preact, student(x, features=True).preact
+        expected = Fd.cross_entropy(student(x), y) + 0.001 * Fd.ofd([c(f) for c, f in zip(term.connectors, sp_[1:])], tp[1:],
+                                                                     [getattr(term, f"margin{i}") for i in range(3)])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="ofd takes its margins"):
+        Distiller(models.create("mobilenetv2", 10), ["ofd"], config.Distill(), feature_shapes(student),
+                  feature_shapes(models.create("mobilenetv2", 10)))

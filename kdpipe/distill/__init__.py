@@ -16,7 +16,9 @@ declaration, not a special case in the engine:
   AB: False, the student then trains with CE alone, as RepDistiller);
 - `trainable_parts(phase)` (default: all its parameters): its own parameters the optimiser updates in that
   phase (AB's connectors train in the init stage only; FT's paraphraser there, its translator after).
-A term that reads the pre-ReLU taps sets `uses_preact = True` (AB, ReviewKD). A term may bring the main phase's
+A term that reads the pre-ReLU taps sets `uses_preact = True` (AB, ReviewKD, OFD); one that reads the teacher's
+weights once has `from_teacher(teacher)` (OFD's margins); `teacher_batch_stats = True` runs the teacher's BN on
+each batch's statistics (OFD). A term may bring the main phase's
 optimiser (`optimizer(params, train_cfg)`, DOT: it steps the task loss gamma * CE and the distillation loss, the
 sum of the other terms, apart: `forward(..., split=True)` returns the two) and have no loss (`has_loss = False`).
 """
@@ -28,7 +30,7 @@ from torch import nn
 
 from ..models import Features
 from . import functional as Fd
-from .base import Batch, KDTerm, Shapes, TrainData, feature_shapes, get  # noqa: F401  (the package's public names)
+from .base import Batch, KDTerm, Shapes, TrainData, batch_statistics, feature_shapes, get  # noqa: F401  (the package's public names)
 
 
 class Distiller(nn.Module):
@@ -62,12 +64,14 @@ class Distiller(nn.Module):
                 continue
             cfg = getattr(params, m)
             self.terms[m] = term(cfg, s_shapes, t_shapes, data)
+            self.terms[m].from_teacher(teacher)
             if self.terms[m].has_loss:
                 self.weights[m] = getattr(self.terms[m], "weight", cfg.beta)
             if getattr(cfg, "init_epochs", 0) > 0:
                 self.init_stage[m] = cfg.init_epochs
         self.init_trains_student = any(self.terms[m].init_trains_student for m in self.init_stage)
         self.uses_preact = any(t.uses_preact for t in self.terms.values())
+        self.teacher_batch_stats = any(t.teacher_batch_stats for t in self.terms.values())
 
     @property
     def teacher(self) -> nn.Module:
@@ -93,7 +97,7 @@ class Distiller(nn.Module):
         return params
 
     def forward(self, model, x, y, phase: str = "main", index=None, epoch: int = 0, split: bool = False):
-        with torch.inference_mode():
+        with torch.inference_mode(), batch_statistics(self.teacher, self.teacher_batch_stats):
             xt = x if self._teacher_input is None else x * self._teacher_input[0] + self._teacher_input[1]
             t = self.teacher(xt, features=True)
         t = Features(t.logits.clone(), [f.clone() for f in t.stages], t.embedding.clone(),

@@ -7,6 +7,7 @@ imports (and its DVC stage depends on) that method's file and the shared ones, n
 from __future__ import annotations
 
 import importlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -47,12 +48,16 @@ class Term(nn.Module):
     loss_after_init = False
     uses_preact = False
     has_loss = True  # False: a term that changes how the student trains, not what it minimises (DOT)
+    teacher_batch_stats = False  # True: the teacher's BN normalises with each batch's statistics (OFD)
     optimizer = None  # a method's own optimiser for the main phase, optimizer(params, train_cfg) (DOT)
 
     def bench_parts(self, batch_size: int, sample_index, device) -> dict:
         """Steps of the term's own machinery that `kdpipe bench` times apart (label -> step function);
         `sample_index()` draws a batch of dataset indices."""
         return {}
+
+    def from_teacher(self, teacher: nn.Module) -> None:
+        """What the term reads from the teacher's weights once, before training (OFD's margins)."""
 
     def init_loss(self, b):
         return self(b)
@@ -84,6 +89,20 @@ class KDTerm(Term):
     def forward(self, b):
         s, t = logits(b, self.cfg)
         return Fd.kd(s, t, self.temperature)
+
+
+@contextmanager
+def batch_statistics(model: nn.Module, on: bool = True):
+    """Within: `model`'s BN layers normalise with each batch's statistics and leave their running ones untouched."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if on else []
+    saved = [(m.training, m.track_running_stats) for m in bns]
+    for m in bns:
+        m.training, m.track_running_stats = True, False
+    try:
+        yield
+    finally:
+        for m, (training, track) in zip(bns, saved):
+            m.training, m.track_running_stats = training, track
 
 
 @dataclass

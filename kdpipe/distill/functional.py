@@ -9,6 +9,8 @@ it is called from.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -294,4 +296,29 @@ def hcl(fs_list: list[Tensor], ft_list: list[Tensor]) -> Tensor:
                 loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(fs, size), F.adaptive_avg_pool2d(ft, size))
                 weights += weight
         total = total + loss / weights
+    return total
+
+
+def ofd_margin(gamma: Tensor, beta: Tensor) -> Tensor:
+    """Heo et al. 2019 (OFD): per channel, E[x | x < 0] for x ~ N(beta, gamma^2), the teacher's BN before its ReLU;
+    -3 |gamma| where P(x < 0) <= 0.001 (mdistiller's `init_ofd_modules`, computed in float64)."""
+    s, m = gamma.double().abs(), beta.double()
+    cdf = 0.5 * (1 + torch.erf(-m / s / math.sqrt(2)))
+    margin = -s * torch.exp(-(m / s) ** 2 / 2) / math.sqrt(2 * math.pi) / cdf + m
+    return torch.where(cdf > 0.001, margin, -3 * s).float()
+
+
+@fp32
+def ofd(s_feats: list[Tensor], t_feats: list[Tensor], margins: list[Tensor]) -> Tensor:
+    """Heo et al. 2019 (OFD), mdistiller's `feat_loss` summed over levels: the connected student pre-ReLU map s and
+    the teacher's t (average-pooled to s's size), squared error where t > 0, or where s > t > margin and t <= 0,
+    and (s - margin)^2 where s > margin >= t; summed over C, H, W, mean over the batch; level i of n weighted
+    1 / 2^(n - 1 - i) (the last 1)."""
+    n, total = len(s_feats), 0.0
+    for i, (s, t, m) in enumerate(zip(s_feats, t_feats, margins)):
+        t = F.adaptive_avg_pool2d(t, s.shape[-2:])
+        m = m.view(1, -1, 1, 1)
+        loss = ((s - m) ** 2 * ((s > m) & (t <= m)) + (s - t) ** 2 * ((s > t) & (t > m) & (t <= 0))
+                + (s - t) ** 2 * (t > 0))
+        total = total + loss.abs().mean(0).sum() / 2 ** (n - 1 - i)
     return total

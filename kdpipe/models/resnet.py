@@ -68,6 +68,10 @@ class CifarResNet(nn.Module):
         embedding = torch.flatten(F.adaptive_avg_pool2d(f3, 1), 1)
         return Features(self.fc(embedding), [f0, f1, f2, f3], embedding, [f0, p1, p2, p3])
 
+    def bn_before_relu(self) -> list[nn.BatchNorm2d]:
+        """The BN whose output (plus the shortcut) is each preact tap after the stem (OFD's margins)."""
+        return [stage[-1].bn2 for stage in (self.stage1, self.stage2, self.stage3)]
+
 
 for _name, _depth in DEPTHS.items():
     register(_name, lambda num_classes, d=_depth: CifarResNet(d, num_classes))

@@ -67,5 +67,9 @@ class BottleneckResNet(nn.Module):
         embedding = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
         return Features(self.linear(embedding), stages, embedding, preact)
 
+    def bn_before_relu(self) -> list[nn.BatchNorm2d]:
+        """The BN whose output (plus the shortcut) is each preact tap after the stem (OFD's margins)."""
+        return [layer[-1].bn3 for layer in (self.layer1, self.layer2, self.layer3, self.layer4)]
+
 
 register("resnet50", lambda num_classes: BottleneckResNet((3, 4, 6, 3), num_classes))

@@ -213,6 +213,13 @@ class _TvFeatures:
             embedding = torch.flatten(F.adaptive_avg_pool2d(stages[-1], 1), 1)
         return Features(out[taps.logits], stages, embedding, preact)
 
+    def bn_before_relu(self) -> list[nn.BatchNorm2d]:
+        """ResNets: the last block's last BN of each layer, whose output (plus the shortcut) is that layer's preact
+        tap (OFD's margins); the other torchvision families have none that kdpipe knows."""
+        if not isinstance(self, torchvision.models.ResNet):
+            raise AttributeError(f"{type(self).__name__}: no BN-before-ReLU taps known")
+        return [getattr(layer[-1], "bn3", None) or layer[-1].bn2 for layer in (self.layer1, self.layer2, self.layer3, self.layer4)]
+
 
 class _Taps:
     """The chosen node names and the two compiled graphs (eval, train). Shared, never copied: it holds no tensor."""

@@ -54,6 +54,10 @@ class VGG(nn.Module):
         logits = self.classifier(embedding)
         return Features(logits, [f0, f1, f2, f3, f4], embedding, [f0, p1, p2, p3, p4]) if features else logits
 
+    def bn_before_relu(self) -> list[nn.BatchNorm2d]:
+        """The BN that ends each block, i.e. makes each preact tap after the stem (OFD's margins)."""
+        return [block[-1] for block in (self.block1, self.block2, self.block3, self.block4)]
+
 
 for _name, _config in CONFIGS.items():
     register(_name, lambda num_classes, c=_config: VGG(c, num_classes))

@@ -75,6 +75,10 @@ class WideResNet(nn.Module):
         embedding = torch.flatten(F.adaptive_avg_pool2d(F.relu(p3), 1), 1)
         return Features(self.fc(embedding), [f0, f1, f2, f3], embedding, [f0, p1, p2, p3])
 
+    def bn_before_relu(self) -> list[nn.BatchNorm2d]:
+        """The BN that makes each preact tap after the stem (OFD's margins)."""
+        return [self.block2.layer[0].bn1, self.block3.layer[0].bn1, self.bn1]
+
 
 for _depth, _widen in ((16, 1), (16, 2), (40, 1), (40, 2)):
     register(f"wrn_{_depth}_{_widen}", lambda num_classes, d=_depth, w=_widen: WideResNet(d, w, num_classes))
