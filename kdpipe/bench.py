@@ -20,6 +20,7 @@ from .config import METHODS, Distill, Runtime
 from .distill import Distiller, TrainData, feature_shapes
 from .engine import CrossEntropy, make_optimizer, train_step
 from .runtime import Numerics, set_determinism
+from .randaugment import rand_augment
 from .sources import Normalise, pad_crop_flip
 
 
@@ -77,9 +78,12 @@ def run(model: str = "resnet20", teacher: str = "resnet56", batch_size: int = 12
     normalise = Normalise(manifest, numerics)
     g = torch.Generator(device=dev).manual_seed(0)
 
-    def kdpipe_batch():
+    def kdpipe_batch(strong: bool = False):
         idx = torch.randperm(len(y_dev), generator=g, device=dev)[:batch_size]
-        return normalise(pad_crop_flip(x_dev[idx], g)), y_dev[idx], idx
+        x = normalise(pad_crop_flip(x_dev[idx], g))
+        if strong:  # the strong view a method asks for (MLKD), as the memory source makes it
+            x = (x, normalise(rand_augment(pad_crop_flip(x_dev[idx], g), g)))
+        return x, y_dev[idx], idx
 
     def make(name):
         torch.manual_seed(0)
@@ -133,7 +137,7 @@ def run(model: str = "resnet20", teacher: str = "resnet56", batch_size: int = 12
                              objective.optimizer("main"))
 
         def step():
-            xb, yb, idx = kdpipe_batch()
+            xb, yb, idx = kdpipe_batch(bool(objective.views))
             train_step(objective, m, opt, xb, yb, "main", numerics, 0.1, index=idx, epoch=100)
         return step, m
 

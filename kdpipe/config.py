@@ -338,6 +338,13 @@ class KDSVDParams(FeatureParams):
     k: int = Field(1, ge=1, description="the teacher's singular vectors kept (the student's: k + 3)")
 
 
+class MLKDParams(FeatureParams):
+    gamma: float = Field(0.1, ge=0, description="weight of CE on each of the two views (MLKD's CE_WEIGHT)")
+    temperature: float = Field(4.0, gt=0, description="the first of MLKD's temperatures (T, 3, 5, 2, 6)")
+    beta: float = Field(0.9, ge=0, description="weight of every alignment term (MLKD's KD_WEIGHT)")
+    logit_std: bool = logit_std_field()
+
+
 class OFDParams(FeatureParams):
     beta: float = Field(0.001, ge=0, description="weight of the OFD term (mdistiller's FEAT_WEIGHT; OFD's loss / 1000 "
                                                  "on CIFAR, / 10000 on ImageNet)")
@@ -372,8 +379,9 @@ class Distill(Strict):
     dist: DISTParams = DISTParams()
     ctkd: CTKDParams = CTKDParams()
     reviewkd: ReviewKDParams = ReviewKDParams()
-    kdsvd: KDSVDParams = KDSVDParams()
+    mlkd: MLKDParams = MLKDParams()
     ofd: OFDParams = OFDParams()
+    kdsvd: KDSVDParams = KDSVDParams()
     dot: DOTParams = DOTParams()
 
     def for_pair(self, teacher: str, student: str) -> "Distill":

@@ -98,10 +98,12 @@ def evaluate(model: nn.Module, batches: Iterable) -> dict:
 
 class CrossEntropy(nn.Module):
     """The plain objective of teachers and student baselines. Distillation objectives share this
-    interface: `forward(model, x, y, phase) -> (loss, logits)`; their own trainable modules (e.g. a
+    interface: `forward(model, x, y, phase) -> (loss, logits)` (x: a batch, or a tuple of views where `views` asks
+    for more than one); their own trainable modules (e.g. a
     FitNets regressor) are submodules, so they are optimised and checkpointed with the model."""
 
     phases = ("main",)
+    views = ()  # the extra views of each batch it needs from the source (kdpipe/sources.py)
 
     def forward(self, model, x, y, phase: str = "main", index=None, epoch: int = 0):
         logits = model(x)
@@ -186,7 +188,7 @@ def train(run: Run, source) -> dict:
             loss_sum = torch.zeros((), device=dev)
             correct = torch.zeros((), device=dev, dtype=torch.long)
             lr, seen = cfg.lr, 0
-            for step, x, y, index in source.epoch(g, cfg.batch_size, ddp):
+            for step, x, y, index in source.epoch(g, cfg.batch_size, ddp, objective.views):
                 lr = learning_rate(cfg, e, step, steps) if phase == "main" else cfg.lr
                 loss, logits = train_step(objective, forward_model, optimizer, x, y, phase, numerics, lr, ddp,
                                           index=index, epoch=e)
@@ -240,7 +242,7 @@ def _compile_warmup(objective, forward_model, model, source, cfg, init_phase: bo
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     saved_obj = {k: v.clone() for k, v in objective.state_dict().items()}
     g = torch.Generator(device=source.numerics.device).manual_seed(0)
-    _, x, y, idx = next(iter(source.epoch(g, cfg.batch_size)))
+    _, x, y, idx = next(iter(source.epoch(g, cfg.batch_size, views=objective.views)))
     model.train()
     objective.train()
     for phase in (("init", "main") if init_phase else ("main",)):

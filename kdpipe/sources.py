@@ -1,7 +1,9 @@
 """Data sources: what the training loop draws batches from.
 
-A source gives `epoch(g, batch_size, ddp)` (the shuffled, augmented, normalised training batches of one
-epoch as `(step, x, y, index)`, `index` being each sample's position in the training set) and
+A source gives `epoch(g, batch_size, ddp, views)` (the shuffled, augmented, normalised training batches of one
+epoch as `(step, x, y, index)`, `index` being each sample's position in the training set; with
+`views=("strong",)`, x is the pair (the usual view, a strong view: its own crop and flip, then RandAugment and
+Cutout, kdpipe/randaugment.py), which MLKD asks for) and
 `test(batch_size)` (the normalised test batches, the evaluation view); the loop does not know which source
 it has. All randomness comes from the generator `g` the loop owns and checkpoints, so a resumed run draws
 exactly what an uninterrupted one would. `open_source` picks the source the prepared data was made for.
@@ -34,6 +36,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from . import data as data_mod
 from .data import Prepared
+from .randaugment import rand_augment
 from .runtime import Dist, Numerics
 
 
@@ -98,6 +101,17 @@ def random_resized_crop_flip(x: torch.Tensor, size: int, g: torch.Generator) -> 
     return torch.stack([img.flip(2) if f else img for img, f in zip(out, flip)])
 
 
+VIEWS = ("strong",)  # the extra views a source can add to each batch
+
+
+def check_views(views) -> bool:
+    """Whether the strong view is asked for (the only extra view there is)."""
+    unknown = [v for v in views if v not in VIEWS]
+    if unknown:
+        raise ValueError(f"unknown data views {unknown}; known: {list(VIEWS)}")
+    return "strong" in views
+
+
 def batches(n: int, batch_size: int, g: torch.Generator, ddp: Dist) -> Iterator:
     """One epoch's shuffled batches of sample indices, `(step, global batch)`: equal shards for every rank,
     and no batch of a single image per rank (BatchNorm cannot train on it)."""
@@ -131,23 +145,29 @@ class MemorySource:
     def train_labels(self) -> torch.Tensor:
         return self.data.train.y
 
-    def augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def crop_flip(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         if self.manifest.get("augment", "cifar") == "imagenet":
-            return self.normalise(random_resized_crop_flip(x, self.image_size, g))
-        return self.normalise(pad_crop_flip(x, g))
+            return random_resized_crop_flip(x, self.image_size, g)
+        return pad_crop_flip(x, g)
+
+    def augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        return self.normalise(self.crop_flip(x, g))
 
     @property
     def image_size(self) -> int:
         return self.manifest.get("image_size", 32)
 
-    def epoch(self, g: torch.Generator, batch_size: int, ddp: Dist = Dist()) -> Iterator:
-        train = self.data.train
+    def epoch(self, g: torch.Generator, batch_size: int, ddp: Dist = Dist(), views=()) -> Iterator:
+        train, strong = self.data.train, check_views(views)
         for step, idx in batches(self.train_size, batch_size, g, ddp):
             # every rank augments the whole global batch with the shared generator, then takes its
             # shard: the random streams stay in step and the augmentation equals a single process's
             x, y = self.augment(train.x[idx], g), train.y[idx]
+            if strong:
+                x = (x, self.normalise(rand_augment(self.crop_flip(train.x[idx], g), g)))
             if ddp.world > 1:
-                x, y, idx = x[ddp.rank::ddp.world], y[ddp.rank::ddp.world], idx[ddp.rank::ddp.world]
+                x = tuple(v[ddp.rank::ddp.world] for v in x) if strong else x[ddp.rank::ddp.world]
+                y, idx = y[ddp.rank::ddp.world], idx[ddp.rank::ddp.world]
             yield step, x, y, idx
 
     def test_pixels(self, batch_size: int = 1000) -> Iterator:
@@ -169,6 +189,7 @@ class Images(torch.utils.data.Dataset):
                  train: bool):
         self.paths, self.sizes, self.labels = paths, sizes, labels
         self.image_size, self.augment, self.train = image_size, augment, train
+        self.strong = False  # train: also return the strong view (its own crop and flip, then RandAugment + Cutout)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -182,6 +203,11 @@ class Images(torch.utils.data.Dataset):
         if not self.train:
             return data_mod.test_view(x, n, self.augment)  # what the memory source's test sees, exactly
         g = torch.Generator().manual_seed(seed)
+        weak = self.crop_flip(x, g)
+        return (weak, rand_augment(self.crop_flip(x, g)[None], g)[0]) if self.strong else weak
+
+    def crop_flip(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        n = self.image_size
         if self.augment == "cifar":
             return pad_crop_flip(data_mod.fit(x, n, "cifar")[None], g)[0]
         top, left, h, w = (int(v) for v in resized_crop_boxes(1, x.shape[1], x.shape[2], g)[0])
@@ -222,10 +248,11 @@ class StreamSource:
                                              worker_init_fn=_one_thread if self.workers else None,
                                              pin_memory=self.numerics.device.type == "cuda")
         dev = self.numerics.device
-        for x in loader:
-            yield x.to(dev, non_blocking=True)
+        for x in loader:  # a list of views where the items are pairs
+            yield tuple(v.to(dev, non_blocking=True) for v in x) if isinstance(x, list) else x.to(dev, non_blocking=True)
 
-    def epoch(self, g: torch.Generator, batch_size: int, ddp: Dist = Dist()) -> Iterator:
+    def epoch(self, g: torch.Generator, batch_size: int, ddp: Dist = Dist(), views=()) -> Iterator:
+        self.splits["train"].strong = check_views(views)
         # the epoch's plan is drawn up front from `g` (what a resume restores): batches, then one seed
         plan = [(step, idx[ddp.rank::ddp.world].tolist()) for step, idx in batches(self.train_size, batch_size, g, ddp)]
         epoch_seed = int(torch.randint(2 ** 62, (1,), generator=g, device=g.device))
@@ -233,7 +260,8 @@ class StreamSource:
         labels = self.train_labels
         for (step, idx), x in zip(plan, self._load("train", items)):
             index = torch.tensor(idx, device=self.numerics.device)
-            yield step, self.normalise(x), labels[index], index
+            x = tuple(self.normalise(v) for v in x) if isinstance(x, tuple) else self.normalise(x)
+            yield step, x, labels[index], index
 
     def test_pixels(self, batch_size: int = 1000) -> Iterator:
         n = len(self.splits["test"])

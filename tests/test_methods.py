@@ -13,7 +13,7 @@ from kdpipe.distill.crd import NegativeSampler
 
 from .conftest import distill_runs, tiny_params
 
-NEW = ["sp", "cc", "vid", "rkd", "pkt", "crd", "dkd", "dist", "ctkd", "reviewkd", "kdsvd", "ofd", "dot"]
+NEW = ["sp", "cc", "vid", "rkd", "pkt", "crd", "dkd", "dist", "ctkd", "reviewkd", "mlkd", "kdsvd", "ofd", "dot"]
 LABELS = torch.arange(96) % 10
 
 
@@ -41,6 +41,7 @@ def test_gradients_reach_student_and_method_parts_only(method):
     obj.train()
     for step in range(2):
         x, y, index = batch(seed=step)
+        x = (x, x.flip(3)) if obj.views else x  # MLKD: a second view
         loss, _ = obj(student, x, y, index=index, epoch=5)
         assert torch.isfinite(loss)
         opt.zero_grad()
@@ -59,10 +60,11 @@ def test_default_weights_are_repdistillers_and_mdistillers():
     assert (d.crd.feat_dim, d.crd.nce_k, d.crd.nce_t, d.crd.nce_m, d.cc.feat_dim) == (128, 16384, 0.07, 0.5, 128)
     assert (d.rkd.w_dist, d.rkd.w_angle) == (25, 50)
     assert (d.dkd.gamma, d.dkd.tckd, d.dkd.beta, d.dkd.temperature, d.dkd.warmup_epochs) == (1, 1, 8, 4, 20)
-    assert all((getattr(d, m).gamma, getattr(d, m).alpha) == (1.0, 0.0) for m in NEW if m not in ("ctkd", "dot"))
+    assert all((getattr(d, m).gamma, getattr(d, m).alpha) == (1.0, 0.0) for m in NEW if m not in ("ctkd", "dot", "mlkd"))
     assert (d.reviewkd.beta, d.reviewkd.warmup_epochs, d.reviewkd.stu_preact, d.kdsvd.beta, d.kdsvd.k) == (5, 20, False, 1, 1)
     assert (d.dot.gamma, d.dot.alpha, d.dot.temperature, d.dot.delta) == (0.1, 0.9, 4, 0.075)  # mdistiller's KD+DOT
     assert (d.ofd.gamma, d.ofd.beta) == (1, 0.001)  # mdistiller's CE_WEIGHT, FEAT_WEIGHT
+    assert (d.mlkd.gamma, d.mlkd.beta, d.mlkd.temperature) == (0.1, 0.9, 4)  # MLKD's CE_WEIGHT, KD_WEIGHT, T
     assert (d.ctkd.gamma, d.ctkd.alpha, d.ctkd.beta) == (0.1, 0.0, 0.9)  # CTKD: -r 0.1 -a 0.9 on its learnable-T KD
 
 
@@ -181,7 +183,7 @@ def test_crd_needs_indices():
         obj(student, x, y)
 
 
-@pytest.mark.parametrize("methods", [["crd", "kd"], ["dkd"], ["vid"], ["dist"], ["ctkd"], ["reviewkd"], ["ofd"], ["kd", "dot"]])
+@pytest.mark.parametrize("methods", [["crd", "kd"], ["dkd"], ["vid"], ["dist"], ["ctkd"], ["reviewkd"], ["ofd"], ["mlkd"], ["kd", "dot"]])
 def test_resume_is_bit_identical(tmp_path, methods):
     p = config.validate(tiny_params(student={"epochs": 3}, distill={"crd": {"nce_k": 32}, "dkd": {"warmup_epochs": 2}}))
     prepared, run = distill_runs(tmp_path, p, methods)
@@ -224,7 +226,7 @@ def test_every_method_runs_on_every_crd_pair(teacher_name, student_name):
     obj = Distiller(teacher, methods, p.distill, s_shapes, t_shapes, TrainData(labels))
     index = torch.arange(0, 200, 50)
     x = torch.randn(4, 3, 32, 32)
-    loss, logits = obj(student.train(), x, labels[index], index=index)
+    loss, logits = obj(student.train(), (x, x.flip(3)) if obj.views else x, labels[index], index=index)
     loss.backward()
     assert torch.isfinite(loss) and logits.shape == (4, 100)
     assert all(q.grad is not None for q in student.parameters())
@@ -474,3 +476,64 @@ def test_ofd_margins_levels_and_teacher_batch_statistics():
     with pytest.raises(ValueError, match="ofd takes its margins"):
         Distiller(models.create("mobilenetv2", 10), ["ofd"], config.Distill(), feature_shapes(student),
                   feature_shapes(models.create("mobilenetv2", 10)))
+
+
+def _mlkd_by_hand(sw, tw, ss, ts, t0=4.0):
+    """MLKD's KD_ours.py written out with numpy's percentile, explicit KL sums and Gram matrices (no LS)."""
+    import numpy as np
+
+    def p(z, t):
+        return torch.softmax(z.double() / t, 1)
+
+    def kl(s, t, temp):  # sum_c p_t (log p_t - log p_s), batch mean, x T^2
+        ps, pt = p(s, temp), p(t, temp)
+        return (pt * (pt.log() - ps.log())).sum(1).mean().item() * temp ** 2
+
+    temps = [t0, 3.0, 5.0, 2.0, 6.0]
+    conf = p(tw, 1).max(1).values.numpy()
+    mask = (conf <= np.percentile(conf, 50)).mean()
+    cls = p(tw, 1).sum(0).numpy()
+    cmask = (cls <= np.percentile(cls, 50)).mean()
+    kd_weak = sum(kl(sw, tw, t) * mask for t in temps)
+    kd_strong = kl(ss, ts, t0) + kl(ss, ts, 3) + kl(ss, ts, 5) + kl(sw, tw, 2) + kl(sw, tw, 6)
+    cc = sum(((p(tw, t).T @ p(tw, t) - p(sw, t).T @ p(sw, t)) ** 2).sum().item() / sw.shape[1] * cmask for t in temps)
+    bc = sum(((p(tw, t) @ p(tw, t).T - p(sw, t) @ p(sw, t).T) ** 2).sum().item() / sw.shape[0] * mask for t in temps)
+    return kd_weak + kd_strong + cc + bc
+
+
+@pytest.mark.parametrize("n", [8, 7])  # an odd batch: the "masks" keep (n + 1) / 2n of the samples
+def test_mlkd_as_its_code_computes_it(n):
+    g = torch.Generator().manual_seed(n)
+    sw, tw, ss, ts = (torch.randn(n, 10, generator=g) * 3 for _ in range(4))
+    assert Fd.mlkd(sw, tw, ss, ts, 4.0).item() == pytest.approx(_mlkd_by_hand(sw, tw, ss, ts), rel=1e-5)
+    z = lambda v: (v - v.mean(1, keepdim=True)) / (1e-7 + v.std(1, keepdim=True))  # noqa: E731
+    # logit_std: the KD terms on standardised logits, the correlation terms on the raw ones
+    corr = lambda a, b, c, d: Fd.mlkd(a, b, c, d, 2.0).item() - _kd_parts(a, b, c, d, 2.0)  # noqa: E731
+    expected = _kd_parts(z(sw), z(tw), z(ss), z(ts), 2.0) + corr(sw, tw, ss, ts)
+    assert Fd.mlkd(sw, tw, ss, ts, 2.0, logit_std=True).item() == pytest.approx(expected, rel=1e-5)
+
+
+def _kd_parts(sw, tw, ss, ts, t0):
+    """MLKD's KD terms alone (weak view x the samples' fraction, strong view as its code has it)."""
+    import numpy as np
+
+    conf = torch.softmax(tw, 1).max(1).values.numpy()
+    mask = (conf <= np.percentile(conf, 50)).mean()
+    temps = [t0, 3.0, 5.0, 2.0, 6.0]
+    return (sum(Fd.kd(sw, tw, t).item() for t in temps) * mask + Fd.kd(ss, ts, t0).item() + Fd.kd(ss, ts, 3.0).item()
+            + Fd.kd(ss, ts, 5.0).item() + Fd.kd(sw, tw, 2.0).item() + Fd.kd(sw, tw, 6.0).item())
+
+
+def test_mlkd_in_the_objective_sees_both_views():
+    obj, teacher, student, p = build(["mlkd"])
+    assert obj.views == ("strong",) and obj.gamma == 0.1 and obj.weights == {"mlkd": 1.0}
+    x, y, index = batch()
+    xs = torch.flip(x, [3]) * 0.5
+    student.eval()
+    loss, logits = obj(student, (x, xs), y, index=index)
+    with torch.no_grad():
+        tw, ts = teacher(x), teacher(xs)
+    sw, ss = student(x), student(xs)
+    expected = 0.1 * (Fd.cross_entropy(sw, y) + Fd.cross_entropy(ss, y)) + 0.9 * Fd.mlkd(sw, tw, ss, ts, 4.0)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(logits, sw)

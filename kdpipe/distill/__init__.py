@@ -72,6 +72,7 @@ class Distiller(nn.Module):
         self.init_trains_student = any(self.terms[m].init_trains_student for m in self.init_stage)
         self.uses_preact = any(t.uses_preact for t in self.terms.values())
         self.teacher_batch_stats = any(t.teacher_batch_stats for t in self.terms.values())
+        self.views = tuple(sorted({v for t in self.terms.values() for v in t.views}))
 
     @property
     def teacher(self) -> nn.Module:
@@ -97,9 +98,15 @@ class Distiller(nn.Module):
         return params
 
     def forward(self, model, x, y, phase: str = "main", index=None, epoch: int = 0, split: bool = False):
+        views = dict(zip(self.views, x[1:])) if self.views else {}  # x: (the batch, its extra views)
+        x = x[0] if self.views else x
+
+        def teacher_input(v):
+            return v if self._teacher_input is None else v * self._teacher_input[0] + self._teacher_input[1]
+
         with torch.inference_mode(), batch_statistics(self.teacher, self.teacher_batch_stats):
-            xt = x if self._teacher_input is None else x * self._teacher_input[0] + self._teacher_input[1]
-            t = self.teacher(xt, features=True)
+            t = self.teacher(teacher_input(x), features=True)
+            t_views = {k: self.teacher(teacher_input(v)) for k, v in views.items()}
         t = Features(t.logits.clone(), [f.clone() for f in t.stages], t.embedding.clone(),
                      [f.clone() for f in t.preact] if self.uses_preact else None)
         if phase == "init" and not self.init_trains_student:  # RepDistiller: model_s.eval(), not updated
@@ -110,7 +117,8 @@ class Distiller(nn.Module):
             model.train(was_training)
         else:
             s = model(x, features=True)
-        b = Batch(s, t, y, index, epoch)
+        # each extra view: the student's logits after the batch's (its BN sees them in that order, as MLKD's)
+        b = Batch(s, t, y, index, epoch, {k: (model(v), t_views[k].clone()) for k, v in views.items()})
         if phase == "init":  # RepDistiller's init(): the init terms' own losses, unweighted
             return sum(self.terms[n].init_loss(b) for n in self.init_stage), s.logits
         task = loss = self.gamma * Fd.cross_entropy(s.logits, y)

@@ -49,6 +49,7 @@ class Term(nn.Module):
     uses_preact = False
     has_loss = True  # False: a term that changes how the student trains, not what it minimises (DOT)
     teacher_batch_stats = False  # True: the teacher's BN normalises with each batch's statistics (OFD)
+    views: tuple[str, ...] = ()  # extra views of each batch the source adds, e.g. ("strong",) (MLKD)
     optimizer = None  # a method's own optimiser for the main phase, optimizer(params, train_cfg) (DOT)
 
     def bench_parts(self, batch_size: int, sample_index, device) -> dict:
@@ -115,13 +116,14 @@ class TrainData:
 class Batch:
     """Everything a term sees of one step: the models' `Features` (`s_feats`/`t_feats` are the stage maps,
     `s_embedding`/`t_embedding` the pooled pre-classifier vectors). `epoch` counts the main phase's epochs
-    from 0 (DKD's warm-up); `index` holds each sample's position in the training set (CRD's memory bank)."""
+    from 0 (DKD's warm-up); `index` holds each sample's position in the training set (CRD's memory bank);
+    `views` the student's and the teacher's logits on each extra view, e.g. views["strong"] = (s, t) (MLKD)."""
 
-    def __init__(self, s_out, t_out, y, index=None, epoch: int = 0):
+    def __init__(self, s_out, t_out, y, index=None, epoch: int = 0, views: dict | None = None):
         self.s_logits, self.s_feats, self.s_embedding = s_out.logits, s_out.stages, s_out.embedding
         self.t_logits, self.t_feats, self.t_embedding = t_out.logits, t_out.stages, t_out.embedding
         self.s_preact, self.t_preact = s_out.preact, t_out.preact  # the taps before their last ReLU (AB)
-        self.y, self.index, self.epoch = y, index, epoch
+        self.y, self.index, self.epoch, self.views = y, index, epoch, views or {}
 
 
 class Shapes(NamedTuple):

@@ -1,0 +1,95 @@
+"""The strong view (MLKD's FixMatch RandAugment + Cutout) against PIL, which MLKD's code runs, and the sources'
+strong views: drawn from the run's generator, paired with the usual view, independent of the worker count."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw, ImageEnhance, ImageOps
+from torchvision.transforms.v2 import functional as TF
+
+from kdpipe import data, randaugment as R, sources
+from kdpipe.runtime import Numerics
+
+from .test_sources import folder_data
+
+CPU = Numerics(torch.device("cpu"), False, False)
+
+
+@pytest.fixture
+def image():
+    a = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    return Image.fromarray(a), torch.from_numpy(a).permute(2, 0, 1).contiguous()
+
+
+def diff(ours: torch.Tensor, pil: Image.Image) -> int:
+    return int(np.abs(ours.permute(1, 2, 0).numpy().astype(int) - np.asarray(pil).astype(int)).max())
+
+
+@pytest.mark.parametrize("v", [0.3, -0.17])
+def test_geometric_operations_equal_pils(image, v):
+    pil, t = image
+    assert diff(R.pil_affine(t, 1, v, 0, 0, 1, 0), pil.transform(pil.size, Image.AFFINE, (1, v, 0, 0, 1, 0))) == 0
+    assert diff(R.pil_affine(t, 1, 0, 0, v, 1, 0), pil.transform(pil.size, Image.AFFINE, (1, 0, 0, v, 1, 0))) == 0
+    assert diff(R.pil_affine(t, 1, 0, v * 32, 0, 1, 0), pil.transform(pil.size, Image.AFFINE, (1, 0, v * 32, 0, 1, 0))) == 0
+    assert diff(R.rotate(t, 100 * v), pil.rotate(100 * v)) == 0
+
+
+def test_colour_operations_and_cutout_match_pils(image):
+    pil, t = image
+    assert diff(TF.autocontrast(t), ImageOps.autocontrast(pil)) == 0
+    assert diff(TF.equalize(t), ImageOps.equalize(pil)) == 0
+    assert diff(TF.posterize(t, 5), ImageOps.posterize(pil, 5)) == 0
+    solarize = R.OPERATIONS[11][0]
+    assert diff(solarize(t, 100.5), ImageOps.solarize(pil, 100.5)) == 0
+    for v in (0.3, 0.8):
+        assert diff(TF.adjust_brightness(t, v), ImageEnhance.Brightness(pil).enhance(v)) == 0
+        assert diff(TF.adjust_sharpness(t, v), ImageEnhance.Sharpness(pil).enhance(v)) == 0
+        assert diff(TF.adjust_saturation(t, v), ImageEnhance.Color(pil).enhance(v)) <= 1  # rounding
+        assert diff(TF.adjust_contrast(t, v), ImageEnhance.Contrast(pil).enhance(v)) <= 1
+    side, cx, cy = 11.3, 17.6, 5.2  # CutoutAbs: corners (int(max(0, c - side / 2)), + side), both drawn
+    x0, y0 = int(max(0, cx - side / 2)), int(max(0, cy - side / 2))
+    drawn = pil.copy()
+    ImageDraw.Draw(drawn).rectangle((x0, y0, min(32, x0 + side), min(32, y0 + side)), R.CUTOUT_FILL)
+    assert diff(R.cutout(t, side, cx, cy), drawn) == 0
+
+
+def test_rand_augment_draws_two_operations_and_a_cutout_from_the_generator(image):
+    _, t = image
+    batch = t[None].repeat(4, 1, 1, 1)
+    a = R.rand_augment(batch, torch.Generator().manual_seed(1))
+    b = R.rand_augment(batch, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.dtype == torch.uint8 and a.shape == batch.shape
+    assert not torch.equal(a[0], a[1])  # each image its own draws
+    fill = torch.tensor(R.CUTOUT_FILL)[:, None]
+    assert all((img.flatten(1) == fill).all(0).any() for img in a)  # a Cutout square on every image (side > 0)
+
+
+def test_memory_source_adds_the_strong_view(tmp_path):
+    from .conftest import tiny_params
+    from kdpipe import config
+
+    data.prepare(config.validate(tiny_params()).data, tmp_path / "m")
+    src = sources.open_source(tmp_path / "m", CPU)
+    g = torch.Generator().manual_seed(0)
+    step, (x, xs), y, idx = next(iter(src.epoch(g, 8, views=("strong",))))
+    replay = torch.Generator().manual_seed(0)
+    order = torch.randperm(src.train_size, generator=replay)[:8]
+    pixels = src.data.train.x[order]
+    weak = src.normalise(sources.pad_crop_flip(pixels, replay))
+    strong = src.normalise(R.rand_augment(sources.pad_crop_flip(pixels, replay), replay))
+    assert torch.equal(idx, order) and torch.equal(x, weak) and torch.equal(xs, strong)
+    with pytest.raises(ValueError, match="unknown data views"):
+        next(iter(src.epoch(g, 8, views=("weird",))))
+
+
+def test_stream_strong_view_is_independent_of_workers(tmp_path, photos):
+    data.prepare(folder_data(photos, image_size=40, augment="imagenet", source="stream"), tmp_path / "s")
+
+    def one_epoch(workers):
+        g = torch.Generator().manual_seed(0)
+        return [x for _, x, _, _ in sources.open_source(tmp_path / "s", CPU, workers).epoch(g, 8, views=("strong",))]
+
+    a, b = one_epoch(0), one_epoch(2)
+    assert all(isinstance(x, tuple) and len(x) == 2 for x in a)
+    assert all(torch.equal(u, v) for x, z in zip(a, b) for u, v in zip(x, z))
+    assert not torch.equal(a[0][0], a[0][1])
