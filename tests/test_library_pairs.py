@@ -38,10 +38,12 @@ def test_method_runs_one_step_or_says_na(pair, method):
         obj = Distiller(teacher, [method], p.distill, s_shapes, t_shapes, TrainData(labels))
     except ValueError as e:  # the pipelines' N/A cell: one line naming the method and why
         assert method in str(e) and "\n" not in str(e)
-        assert method == "fsp" and "channel counts" in str(e)  # FSP across widths: N/A as in RepDistiller
+        # FSP across widths (RepDistiller's N/A), KD-SVD across map widths, OFD without the teacher's BN-before-ReLU
+        assert {"fsp": "channel counts", "kdsvd": "equal widths", "ofd": "margins"}.get(method, "-") in str(e)
         return
     index = torch.arange(0, 40, 10)
     x = torch.randn(4, 3, SIZE, SIZE)
+    x = (x, x.flip(3)) if obj.views else x  # MLKD: a second view
     for phase in ["init"] * (obj.init_epochs() > 0) + ["main"]:  # FT's paraphraser, FitNets' hints, ...: stage 1
         student.zero_grad(set_to_none=True)
         obj.zero_grad(set_to_none=True)
