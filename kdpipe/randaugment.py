@@ -5,7 +5,7 @@ operations drawn with replacement from fourteen, each at a magnitude uniform in 
 of side U(0, 0.5) x the image width filled with (125, 123, 114), always. All draws come from the caller's generator.
 The geometric operations follow PIL's affine convention (each output pixel centre mapped to the input, nearest
 pixel, black outside) and equal PIL's outputs; the colour operations are torchvision's tensor versions of PIL's
-(`ImageEnhance`, `ImageOps`): equal to PIL's, but Color and Contrast within one grey level (rounding); tested.
+(`ImageEnhance`, `ImageOps`): equal to PIL's, but AutoContrast, Color and Contrast within one grey level (rounding); tested.
 """
 
 from __future__ import annotations

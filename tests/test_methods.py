@@ -223,14 +223,17 @@ def test_every_method_runs_on_every_crd_pair(teacher_name, student_name):
     methods = [m for m in config.METHODS if (m != "fsp" or same_channels) and (m != "kdsvd" or same_widths)]
     labels = torch.arange(200) % 100
     p = config.validate(tiny_params(distill={"crd": {"nce_k": 16}}))
-    obj = Distiller(teacher, methods, p.distill, s_shapes, t_shapes, TrainData(labels))
     index = torch.arange(0, 200, 50)
     x = torch.randn(4, 3, 32, 32)
-    loss, logits = obj(student.train(), (x, x.flip(3)) if obj.views else x, labels[index], index=index)
-    loss.backward()
-    assert torch.isfinite(loss) and logits.shape == (4, 100)
-    assert all(q.grad is not None for q in student.parameters())
-    assert all(q.grad is None for q in teacher.parameters())
+    # every method at once, and OFD alone (it runs the teacher's BN on batch statistics)
+    for chosen in ([m for m in methods if m != "ofd"], ["ofd"]):
+        obj = Distiller(teacher, chosen, p.distill, s_shapes, t_shapes, TrainData(labels))
+        student.zero_grad(set_to_none=True)
+        loss, logits = obj(student.train(), (x, x.flip(3)) if obj.views else x, labels[index], index=index)
+        loss.backward()
+        assert torch.isfinite(loss) and logits.shape == (4, 100)
+        assert all(q.grad is not None for q in student.parameters())
+        assert all(q.grad is None for q in teacher.parameters())
     if not same_channels:
         with pytest.raises(ValueError, match="fsp needs equal channel counts per tap"):
             Distiller(teacher, ["fsp"], p.distill, s_shapes, t_shapes)
@@ -537,3 +540,33 @@ def test_mlkd_in_the_objective_sees_both_views():
     expected = 0.1 * (Fd.cross_entropy(sw, y) + Fd.cross_entropy(ss, y)) + 0.9 * Fd.mlkd(sw, tw, ss, ts, 4.0)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     torch.testing.assert_close(logits, sw)
+
+
+def test_dot_takes_gamma_from_the_method_it_trains_and_ofd_runs_alone():
+    # dkd+dot and dot+dkd: CE 1 + DKD (dkd's gamma), no KD term added from dot's alpha
+    for methods in (["dkd", "dot"], ["dot", "dkd"]):
+        obj, *_ = build(methods)
+        assert obj.gamma == 1.0 and obj.weights == {"dkd": 1.0} and obj.optimizer("main") is not None
+    with pytest.raises(ValueError, match="ofd runs the teacher's BN on batch statistics"):
+        build(["kd", "ofd"])
+
+
+def test_ofd_and_reviewkd_pair_the_deepest_taps_of_unequal_models():
+    # VGG-13 (5 taps) -> ResNet-8 (4): the three deepest teacher taps and their BNs; ReviewKD: the student's last four
+    torch.manual_seed(0)
+    teacher, student = models.create("vgg13", 10), models.create("resnet8", 10)
+    with torch.no_grad():
+        for bn in teacher.bn_before_relu():
+            bn.bias.uniform_(-1, 1)
+    p = config.validate(tiny_params())
+    obj = Distiller(teacher, ["ofd"], p.distill, feature_shapes(student), feature_shapes(teacher))
+    term = obj.terms["ofd"]
+    assert term.levels == 3 and [c[0].out_channels for c in term.connectors] == [256, 512, 512]
+    for i, bn in enumerate(teacher.bn_before_relu()[1:]):  # block2..block4
+        torch.testing.assert_close(getattr(term, f"margin{i}"), Fd.ofd_margin(bn.weight, bn.bias))
+    with pytest.raises(ValueError, match="reviewkd pairs the teacher's 4 taps"):
+        Distiller(teacher, ["reviewkd"], p.distill, feature_shapes(student), feature_shapes(teacher))
+    one_tap = feature_shapes(student)._replace(stages=feature_shapes(student).stages[:1])
+    for method in ("ofd", "kdsvd"):
+        with pytest.raises(ValueError, match=method):
+            Distiller(teacher, [method], p.distill, one_tap, feature_shapes(teacher))

@@ -15,7 +15,7 @@ from kdpipe.distill import functional as Fd
 
 from .conftest import tiny_params
 
-HELPERS = {"match_spatial"}  # public functions of `functional` that are not losses
+HELPERS = {"match_spatial", "ofd_margin"}  # public functions of `functional` that are not losses
 
 
 def near_equal(shape, seed=0):
@@ -53,6 +53,10 @@ def cases():
         "dist": (s_logits, t_logits, 1.0, 1.0, 4.0),
         "vid": (fs, ft, torch.zeros(16)),
         "nce": (torch.exp(near_equal((8, 17), seed=3)[0]), 1000),
+        "hcl": ([s for s, _ in taps[1:]], [t for _, t in taps[1:]]),
+        "kdsvd": ([s for s, _ in taps[1:]], [t for _, t in taps[1:]], 1),
+        "ofd": (pre_s, pre_t, [torch.full((c,), -0.5) for c in (16, 32, 64)]),
+        "mlkd": (s_logits, t_logits, 0.9 * s_logits, t_logits, 4.0),
         "contrast_scores": (F.normalize(fs.mean((2, 3)), dim=1), F.normalize(ft.mean((2, 3)), dim=1),
                             torch.randint(0, 8, (8, 5), generator=torch.Generator().manual_seed(0)), 0.07),
     }

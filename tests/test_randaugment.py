@@ -34,6 +34,37 @@ def test_geometric_operations_equal_pils(image, v):
     assert diff(R.rotate(t, 100 * v), pil.rotate(100 * v)) == 0
 
 
+# FixMatch's list as MLKD runs it: (PIL's operation at magnitude v, lowest, highest), in its order
+PIL_OPERATIONS = [
+    (lambda im, v: ImageOps.autocontrast(im), 0, 1),
+    (lambda im, v: ImageEnhance.Brightness(im).enhance(v), 0.05, 0.95),
+    (lambda im, v: ImageEnhance.Color(im).enhance(v), 0.05, 0.95),
+    (lambda im, v: ImageEnhance.Contrast(im).enhance(v), 0.05, 0.95),
+    (lambda im, v: ImageOps.equalize(im), 0, 1),
+    (lambda im, v: im, 0, 1),
+    (lambda im, v: ImageOps.posterize(im, max(1, int(v))), 4, 8),
+    (lambda im, v: im.rotate(v), -30, 30),
+    (lambda im, v: ImageEnhance.Sharpness(im).enhance(v), 0.05, 0.95),
+    (lambda im, v: im.transform(im.size, Image.AFFINE, (1, v, 0, 0, 1, 0)), -0.3, 0.3),
+    (lambda im, v: im.transform(im.size, Image.AFFINE, (1, 0, 0, v, 1, 0)), -0.3, 0.3),
+    (lambda im, v: ImageOps.solarize(im, v), 0, 256),
+    (lambda im, v: im.transform(im.size, Image.AFFINE, (1, 0, v * im.size[0], 0, 1, 0)), -0.3, 0.3),
+    (lambda im, v: im.transform(im.size, Image.AFFINE, (1, 0, 0, 0, 1, v * im.size[1])), -0.3, 0.3),
+]
+
+
+@pytest.mark.parametrize("u", [0.0, 0.37, 0.999])
+def test_each_operation_is_fixmatchs_at_its_magnitude(u):
+    # a low-contrast image (autocontrast and equalize then change it), not square (width vs height)
+    a = np.random.default_rng(1).integers(40, 170, (24, 32, 3), dtype=np.uint8)
+    pil, t = Image.fromarray(a), torch.from_numpy(a).permute(2, 0, 1).contiguous()
+    assert len(R.OPERATIONS) == len(PIL_OPERATIONS) == 14
+    for i, ((op, low, high), (ref, ref_low, ref_high)) in enumerate(zip(R.OPERATIONS, PIL_OPERATIONS)):
+        assert (low, high) == (ref_low, ref_high), i
+        v = low + (high - low) * u
+        assert diff(op(t, v), ref(pil, v)) <= (1 if i in (0, 2, 3) else 0), i  # AutoContrast, Color, Contrast: rounding
+
+
 def test_colour_operations_and_cutout_match_pils(image):
     pil, t = image
     assert diff(TF.autocontrast(t), ImageOps.autocontrast(pil)) == 0

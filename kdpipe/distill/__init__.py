@@ -47,7 +47,9 @@ class Distiller(nn.Module):
         # (scale, shift) re-normalising the batch for a teacher trained with other input statistics
         # (an imported one): x_teacher = x * scale + shift, per channel
         self._teacher_input = teacher_input
-        first = getattr(params, methods[0])
+        # gamma (and alpha, T without kd) from the first method with a loss of its own: dkd+dot = dot+dkd
+        lead = next((m for m in methods if get(m).has_loss), methods[0])
+        first = getattr(params, lead)
         kd_src = params.kd if "kd" in methods else first
         self.methods = methods
         self.gamma, self.alpha = first.gamma, kd_src.alpha
@@ -72,6 +74,9 @@ class Distiller(nn.Module):
         self.init_trains_student = any(self.terms[m].init_trains_student for m in self.init_stage)
         self.uses_preact = any(t.uses_preact for t in self.terms.values())
         self.teacher_batch_stats = any(t.teacher_batch_stats for t in self.terms.values())
+        if self.teacher_batch_stats and len(self.terms) > 1:
+            raise ValueError(f"{'+'.join(methods)}: ofd runs the teacher's BN on batch statistics (as OFD does), which "
+                             "would change what the other terms read from the teacher; run it alone (alpha 0)")
         self.views = tuple(sorted({v for t in self.terms.values() for v in t.views}))
 
     @property
@@ -106,7 +111,7 @@ class Distiller(nn.Module):
 
         with torch.inference_mode(), batch_statistics(self.teacher, self.teacher_batch_stats):
             t = self.teacher(teacher_input(x), features=True)
-            t_views = {k: self.teacher(teacher_input(v)) for k, v in views.items()}
+            t_views = {k: self.teacher(teacher_input(v)) for k, v in views.items()} if phase == "main" else {}
         t = Features(t.logits.clone(), [f.clone() for f in t.stages], t.embedding.clone(),
                      [f.clone() for f in t.preact] if self.uses_preact else None)
         if phase == "init" and not self.init_trains_student:  # RepDistiller: model_s.eval(), not updated
@@ -118,7 +123,8 @@ class Distiller(nn.Module):
         else:
             s = model(x, features=True)
         # each extra view: the student's logits after the batch's (its BN sees them in that order, as MLKD's)
-        b = Batch(s, t, y, index, epoch, {k: (model(v), t_views[k].clone()) for k, v in views.items()})
+        b = Batch(s, t, y, index, epoch,
+                  {k: (model(v), t_views[k].clone()) for k, v in views.items()} if phase == "main" else {})
         if phase == "init":  # RepDistiller's init(): the init terms' own losses, unweighted
             return sum(self.terms[n].init_loss(b) for n in self.init_stage), s.logits
         task = loss = self.gamma * Fd.cross_entropy(s.logits, y)

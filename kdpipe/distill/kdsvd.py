@@ -15,6 +15,8 @@ class KDSVD(Term):
         super().__init__()
         self.k = cfg.k
         widths = [(s[2], t[2]) for s, t in zip(s_shapes.stages[1:], t_shapes.stages[1:])]
+        if len(widths) < 2:
+            raise ValueError("kdsvd relates consecutive stage taps after the stem: both models need two or more")
         if any(ws != wt for ws, wt in widths):
             raise ValueError(f"kdsvd needs equal widths of the paired feature maps; student vs teacher: {widths}")
 

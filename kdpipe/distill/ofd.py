@@ -30,12 +30,15 @@ class OFD(Term):
     def __init__(self, cfg, s_shapes, t_shapes, data=None):
         super().__init__()
         self.levels = min(len(s_shapes.stages), len(t_shapes.stages)) - 1
-        pairs = list(zip(s_shapes.stages[-self.levels:], t_shapes.stages[-self.levels:]))
+        if self.levels < 1:
+            raise ValueError("ofd needs stage taps after the stem in both models; one has a single tap or none")
+        pairs = list(zip(s_shapes.stages[len(s_shapes.stages) - self.levels:], t_shapes.stages[len(t_shapes.stages) - self.levels:]))
         self.connectors = nn.ModuleList(connector(s[0], t[0]) for s, t in pairs)
 
     def from_teacher(self, teacher: nn.Module) -> None:
         try:
-            bns = teacher.bn_before_relu()[-self.levels:]
+            bns = teacher.bn_before_relu()
+            bns = bns[len(bns) - self.levels:]
         except AttributeError:
             raise ValueError(f"ofd takes its margins from the teacher's BN before each ReLU; {type(teacher).__name__} "
                              "has none known (ResNets, WRN, VGG have)") from None
@@ -43,6 +46,6 @@ class OFD(Term):
             self.register_buffer(f"margin{i}", Fd.ofd_margin(bn.weight.detach(), bn.bias.detach()), persistent=False)
 
     def forward(self, b):
-        s = [c(f) for c, f in zip(self.connectors, b.s_preact[-self.levels:])]
+        s = [c(f) for c, f in zip(self.connectors, b.s_preact[len(b.s_preact) - self.levels:])]
         margins = [getattr(self, f"margin{i}") for i in range(self.levels)]
-        return Fd.ofd(s, b.t_preact[-self.levels:], margins)
+        return Fd.ofd(s, b.t_preact[len(b.t_preact) - self.levels:], margins)

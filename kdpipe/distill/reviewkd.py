@@ -50,10 +50,12 @@ class ReviewKD(Term):
         super().__init__()
         self.cfg = cfg
         self.levels = len(t_shapes.stages) - 1  # the teacher's taps after its stem
-        if len(s_shapes.stages) < self.levels:
+        if self.levels < 1:
+            raise ValueError(f"reviewkd needs the teacher's stage taps after its stem; it has {len(t_shapes.stages)} tap(s)")
+        if len(s_shapes.stages) - 1 < self.levels:
             raise ValueError(f"reviewkd pairs the teacher's {self.levels} taps after its stem with the student's "
-                             f"deepest ones, but the student has {len(s_shapes.stages)}")
-        s_in = [s[0] for s in s_shapes.stages[-self.levels:]] + [s_shapes.embedding]
+                             f"deepest ones, but the student has {len(s_shapes.stages) - 1}")
+        s_in = [s[0] for s in s_shapes.stages[len(s_shapes.stages) - self.levels:]] + [s_shapes.embedding]
         t_out = [t[0] for t in t_shapes.stages[1:]] + [t_shapes.embedding]
         self.out_sizes = [tuple(t[1:]) for t in t_shapes.stages[1:]] + [(1, 1)]
         mid = min(512, s_shapes.embedding)
@@ -62,7 +64,7 @@ class ReviewKD(Term):
 
     def forward(self, b):
         taps = b.s_preact if self.cfg.stu_preact else b.s_feats
-        xs = list(taps[-self.levels:]) + [b.s_embedding[:, :, None, None]]
+        xs = list(taps[len(taps) - self.levels:]) + [b.s_embedding[:, :, None, None]]
         targets = list(b.t_preact[1:]) + [b.t_embedding[:, :, None, None]]
         outs, residual = [], None
         for i in reversed(range(len(xs))):  # the review: from the deepest level up
