@@ -419,7 +419,7 @@ def test_dot_steps_task_and_distillation_gradients_apart(tmp_path):
         student.load_state_dict(snap)  # the BN statistics as before this step's forward
         engine.train_step(obj, student, opt, x, y, "main", engine.Numerics.from_runtime(cfg.runtime), 0.02)
         torch.testing.assert_close(w.detach(), expected, rtol=1e-5, atol=1e-7)
-    with pytest.raises(config.Error, match="nesterov"):
+    with pytest.raises(config.ParamsError, match="nesterov"):
         obj.optimizer("main")(list(student.parameters()), cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"nesterov": True})}))
 
 

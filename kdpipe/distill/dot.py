@@ -7,7 +7,7 @@ init stage keeps SGD); plain SGD's options it lacks (nesterov) are refused."""
 
 import torch
 
-from ..runtime import TrainingError
+from ..config import ParamsError
 from .base import Term, register
 
 
@@ -71,5 +71,5 @@ class DOT(Term):
     def optimizer(self, params, train_cfg):
         o = train_cfg.optim
         if o.nesterov:
-            raise TrainingError("dot: mdistiller's DOT has no Nesterov momentum; set optim.nesterov: false")
+            raise ParamsError(["dot: mdistiller's DOT has no Nesterov momentum; set optim.nesterov: false"])
         return DistillationOrientedTrainer(params, train_cfg.lr, o.momentum, self.delta, o.weight_decay)
