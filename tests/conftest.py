@@ -163,6 +163,16 @@ def published_checkpoint(model_name: str, path: Path, num_classes: int = 10, siz
         torch.save({"model": to_reference(model_name, model.state_dict()), "epoch": 240, "accuracy": 0.0}, path)
 
 
+def linked_subset(images: Path, out: Path, splits: dict) -> None:
+    """A class-balanced subset of an image folder as links (.ci/run's smoke runs on the real JPEGs):
+    splits maps each new split to (the split it is taken from, images per class), e.g. {"val": ("test", 4)}."""
+    for split, (src, n) in splits.items():
+        for c in sorted(d.name for d in (images / src).iterdir() if d.is_dir()):
+            (out / split / c).mkdir(parents=True)
+            for f in sorted((images / src / c).iterdir())[:n]:
+                os.symlink(f, out / split / c / f.name)
+
+
 @pytest.fixture(scope="session")
 def smoke_pipeline(tmp_path_factory) -> Path:
     """pipelines/cifar100 (the full pipelines' one stage definition) in a git repo on `smoke_params`,

@@ -84,7 +84,23 @@ def test_one_definition_for_every_pipeline():
         assert f.read_text() == render(name), f"{f} differs from pipelines/stages.yaml: run `make pipelines`"
         body = f.read_text().partition("\n")[2]
         library = "      - ../../kdpipe/models/tv.py\n"  # every stage of the ImageNet pipeline validates tv/ names
-        assert body.replace(library, "") == stages and (library in body) == (name == "imagenet")
+        methods = "".join(f"      - ../../kdpipe/distill/{m}.py\n" for m in sorted(config.METHODS))  # the report's
+        marker = "      # the files of params.yaml's `methods`: written here by pipelines/render.py\n"
+        assert body.replace(library, "") == stages.replace(marker, methods) and (library in body) == (name == "imagenet")
+
+
+def test_report_deps_follow_the_methods_list(tmp_path):
+    # the report imports the files of the methods it lists (their labels), no other: a pipeline running a subset
+    # of methods renders with that subset's files, so its deps still equal its imports (tests/test_stage_deps.py)
+    import runpy
+
+    render = runpy.run_path(str(ROOT / "pipelines" / "render.py"))["render"]
+    params = yaml.safe_load((ROOT / "pipelines" / "cifar100" / "params.yaml").read_text())
+    params["methods"] = ["kd", "crd", "dkd"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    report = yaml.safe_load(render(str(tmp_path)))["stages"]["report"]
+    methods = sorted(d.split("/")[-1] for d in report["deps"] if "/distill/" in d)
+    assert methods == ["__init__.py", "base.py", "crd.py", "dkd.py", "functional.py", "kd.py"]
 
 
 def test_stage_graph_cifar100_published_teachers():
