@@ -67,6 +67,12 @@ class Term(nn.Module):
         return self.parameters()
 
 
+def warmup(epoch: int, epochs: int) -> float:
+    """A loss weight's linear warm-up: min(epoch / epochs, 1) with epochs counted from 1, as mdistiller's
+    DKD and ReviewKD ramp theirs (`epoch` counts from 0 here); 1 throughout when `epochs` is 0."""
+    return min((epoch + 1) / epochs, 1.0) if epochs else 1.0
+
+
 def logits(b: "Batch", cfg) -> tuple[torch.Tensor, torch.Tensor]:
     """The student's and the teacher's logits a logit method reads: standardised per row when its params say
     `logit_std: true` (Sun et al. 2024; cross-entropy keeps the raw logits)."""

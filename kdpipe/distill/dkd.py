@@ -3,7 +3,7 @@ linear warm-up min(epoch / warmup_epochs, 1) with epochs counted from 1, as mdis
 `logit_std`, on standardised logits (Sun et al. 2024)."""
 
 from . import functional as Fd
-from .base import Term, logits, register
+from .base import Term, logits, register, warmup
 
 
 @register("dkd")
@@ -16,6 +16,5 @@ class DecoupledKD(Term):
 
     def forward(self, b):
         c = self.cfg
-        warm = min((b.epoch + 1) / c.warmup_epochs, 1.0) if c.warmup_epochs else 1.0
         s, t = logits(b, c)
-        return warm * Fd.dkd(s, t, b.y, c.tckd, c.beta, c.temperature)
+        return warmup(b.epoch, c.warmup_epochs) * Fd.dkd(s, t, b.y, c.tckd, c.beta, c.temperature)

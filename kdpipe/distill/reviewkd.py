@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional as Fd
-from .base import Term, register
+from .base import Term, register, warmup
 
 
 class ABF(nn.Module):
@@ -70,5 +70,4 @@ class ReviewKD(Term):
         for i in reversed(range(len(xs))):  # the review: from the deepest level up
             out, residual = self.abfs[i](xs[i], residual, self.out_sizes[i])
             outs.insert(0, out)
-        ramp = min((b.epoch + 1) / self.cfg.warmup_epochs, 1.0) if self.cfg.warmup_epochs else 1.0
-        return ramp * Fd.hcl(outs, targets)
+        return warmup(b.epoch, self.cfg.warmup_epochs) * Fd.hcl(outs, targets)
