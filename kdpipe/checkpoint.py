@@ -57,6 +57,16 @@ def check_writable(*folders: Path, error: type[Exception] = Error) -> None:
             raise error(f"{d}: cannot write outputs there ({e.strerror or type(e).__name__})") from None
 
 
+def model_path(name: str) -> Path:
+    """The one naming rule of outputs: a run called NAME writes models/NAME.pt (checkpoint) and logs/NAME.json
+    (its history), and `kdpipe evaluate NAME` writes metrics/NAME.json and plots/NAME.csv."""
+    return Path(f"models/{name}.pt")
+
+
+def log_path(name: str) -> Path:
+    return Path(f"logs/{name}.json")
+
+
 def timing_path(log: Path) -> Path:
     """logs/NAME.timing.json: wall-clock figures, kept out of DVC-tracked outputs so that re-running a
     stage by hand leaves `dvc status` clean (logs/NAME.json itself is deterministic)."""

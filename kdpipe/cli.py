@@ -152,10 +152,11 @@ def evaluate_cmd(name: str = typer.Argument(..., help="run name: evaluates model
                  params: Path = ParamsOpt, data_dir: Path = DataOpt):
     """Test a trained model; write metrics/NAME.json and plots/NAME.csv."""
     from . import evaluate, runtime
+    from .checkpoint import model_path
 
     p = load(params, "evaluate")
     runtime.pin_cpu(p.evaluate)
-    m = evaluate.run(name, Path(f"models/{name}.pt"), data_dir,
+    m = evaluate.run(name, model_path(name), data_dir,
                      Path(f"metrics/{name}.json"), Path(f"plots/{name}.csv"), p.evaluate)
     if "not_applicable" in m:
         typer.echo(f"{name}: not applicable ({m['not_applicable']})")
@@ -222,6 +223,7 @@ def import_teacher_cmd(path: Path = typer.Argument(..., help="RepDistiller/mdist
     """Import a published teacher (RepDistiller / mdistiller checkpoint, or a tv/ / timm/ state dict) as models/NAME.pt."""
     from . import models
     from .data import read_manifest
+    from .checkpoint import model_path
     from .import_teacher import DATASET_CLASSES, REFERENCE_NORMALIZATION, import_teacher
 
     try:
@@ -250,7 +252,7 @@ def import_teacher_cmd(path: Path = typer.Argument(..., help="RepDistiller/mdist
         fail(f"--num-classes {num_classes} but {dataset} has {DATASET_CLASSES[dataset]} classes", 2)
     if norm is None and dataset not in REFERENCE_NORMALIZATION:
         fail(f"--dataset {dataset}: no reference normalisation known for it: give --mean and --std", 2)
-    out = Path(f"models/{name}.pt")
+    out = model_path(name)
     ckpt = import_teacher(path, model, num_classes, out, dataset, norm)
     src = ckpt["meta"]["imported"]
     acc = f", source accuracy {src['accuracy']:.2f}%" if "accuracy" in src else ""
@@ -269,6 +271,7 @@ def export_cmd(names: list[str] = typer.Argument(..., help="run name (models/NAM
     """Export a trained student (ONNX or TorchScript) and check it against PyTorch on test images."""
     import json
 
+    from .checkpoint import model_path
     from .export import export
 
     if fmt not in ("onnx", "torchscript"):
@@ -281,8 +284,8 @@ def export_cmd(names: list[str] = typer.Argument(..., help="run name (models/NAM
         top1 = {n: json.loads(Path(f"metrics/{n}.json").read_text()).get("top1", float("-inf")) for n in names}
         name = max(names, key=lambda n: top1[n])  # the first of equals
     suffix = ".onnx" if fmt == "onnx" else ".torchscript.pt"
-    out = out or Path(f"models/{name}{suffix}")
-    r = export(Path(f"models/{name}.pt"), out, data_dir, fmt, opset)
+    out = out or model_path(name).with_suffix(suffix)
+    r = export(model_path(name), out, data_dir, fmt, opset)
     typer.echo(f"{name} -> {out}: max |logit difference| {r['max_abs_diff']:.2e}, top-1 agreement "
                f"{r['top1_agreement']:.2f}% on {r['images']} test images")
 

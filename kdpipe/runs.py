@@ -2,8 +2,7 @@
 
 Everything here decides results (seeds, the teacher's checks and input normalisation, the objective), so
 every training stage of the pipelines depends on this file; `cli.py` only parses arguments and prints.
-Outputs follow one naming rule: a run called NAME writes models/NAME.pt (checkpoint), logs/NAME.json
-(timings), and `kdpipe evaluate NAME` writes metrics/NAME.json and plots/NAME.csv.
+A run called NAME writes checkpoint.model_path(NAME) and checkpoint.log_path(NAME).
 """
 
 from __future__ import annotations
@@ -19,14 +18,6 @@ import torch
 from . import checkpoint as ckpt_io
 from . import config, engine, models, runtime, sources
 from .config import ParamsError
-
-
-def checkpoint(name: str) -> Path:
-    return Path(f"models/{name}.pt")
-
-
-def timing_log(name: str) -> Path:
-    return Path(f"logs/{name}.json")
 
 
 def with_overrides(cfg: config.Train, model: Optional[str], seed: Optional[int]) -> config.Train:
@@ -47,7 +38,7 @@ def train(section: str, cfg: config.Train, name: str, data_dir: Path) -> None:
     source = sources.open_source(data_dir, numerics, cfg.runtime.workers)
     torch.manual_seed(cfg.seed)
     model = models.create(cfg.model, source.num_classes, cfg.weights)
-    run = engine.Run(name=name, model=model, cfg=cfg, out=checkpoint(name), log=timing_log(name),
+    run = engine.Run(name=name, model=model, cfg=cfg, out=ckpt_io.model_path(name), log=ckpt_io.log_path(name),
                      meta={"role": "student" if section == "student" else "teacher"})
     engine.train(run, source)
 
@@ -94,9 +85,9 @@ def distill(methods: list[str], params: config.Params, cfg: config.Train, teache
     except ValueError as e:  # an impossible teacher/student combination for this method
         if not na_ok:
             raise ParamsError([str(e)]) from None
-        ckpt_io.write_not_applicable(checkpoint(name), timing_log(name), cfg.model, source.num_classes, str(e), meta)
+        ckpt_io.write_not_applicable(ckpt_io.model_path(name), ckpt_io.log_path(name), cfg.model, source.num_classes, str(e), meta)
         return str(e)
-    run = engine.Run(name=name, model=student_model, cfg=cfg, out=checkpoint(name), log=timing_log(name),
+    run = engine.Run(name=name, model=student_model, cfg=cfg, out=ckpt_io.model_path(name), log=ckpt_io.log_path(name),
                      objective=objective, meta=meta)
     engine.train(run, source)
     return None

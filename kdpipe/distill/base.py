@@ -91,11 +91,11 @@ class KDTerm(Term):
 
     def __init__(self, cfg, s_shapes=None, t_shapes=None, data=None):
         super().__init__()
-        self.cfg, self.temperature = cfg, cfg.temperature
+        self.cfg = cfg
 
     def forward(self, b):
         s, t = logits(b, self.cfg)
-        return Fd.kd(s, t, self.temperature)
+        return Fd.kd(s, t, self.cfg.temperature)
 
 
 @contextmanager
