@@ -3,7 +3,7 @@
 Baseline (RepDistiller/torchdistill style): a torchvision Dataset of PIL images with RandomCrop(32, 4),
 RandomHorizontalFlip, ToTensor, Normalize, a DataLoader with worker processes, fp32, default memory
 format. kdpipe: uint8 data on the device, batched on-device augmentation, the device's defaults
-(fp32 on CPU; bf16 + channels_last on CUDA). Same model, data, batch size and step count; warm-up
+(fp32 + channels_last on a native-ISA CPU; bf16 + channels_last on CUDA). Same model, data, batch size and step count; warm-up
 steps excluded; repeats interleaved (baseline, kdpipe, baseline, ...) and the median reported.
 """
 
@@ -19,9 +19,9 @@ from . import models, synthetic
 from .config import METHODS, Distill, Runtime
 from .distill import Distiller, TrainData, feature_shapes
 from .engine import CrossEntropy, make_optimizer, train_step
+from .data import Prepared, Split
 from .runtime import Numerics, set_determinism
-from .randaugment import rand_augment
-from .sources import Normalise, pad_crop_flip
+from .sources import MemorySource
 
 
 def _sync(device):
@@ -58,32 +58,37 @@ class PILDataset(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), self.labels[i]
 
 
-def _train_cfg(model: str, batch_size: int, device: str):
+def _train_cfg(model: str, batch_size: int, runtime: Runtime):
     from .config import Train
 
-    return Train(model=model, batch_size=batch_size, epochs=1, runtime=Runtime(device=device))
+    return Train(model=model, batch_size=batch_size, epochs=1, runtime=runtime)
 
 
 def run(model: str = "resnet20", teacher: str = "resnet56", batch_size: int = 128, steps: int = 10,
-        warmup: int = 3, repeats: int = 3, workers: int = 2, device: str = "auto",
+        warmup: int = 3, repeats: int = 3, workers: int = 2, runtime: Runtime = Runtime(),
         methods: tuple[str, ...] = METHODS, images: int = 4096) -> dict:
-    numerics = Numerics.from_runtime(Runtime(device=device))
+    """`runtime`: kdpipe's side (device, memory format, CPU pin: applied by the caller, `runtime.pin_cpu`)."""
+    numerics = Numerics.from_runtime(runtime)
     dev = numerics.device
     set_determinism(dev)
     (x, y), _ = synthetic.generate(10, max(images, batch_size * 4), 10, seed=0)
     mean = (x.float() / 255).mean((0, 2, 3)).tolist()
     std = (x.float() / 255).std((0, 2, 3)).tolist()
-    manifest = {"mean": mean, "std": std}
-    x_dev, y_dev = x.to(dev), y.to(dev)
-    normalise = Normalise(manifest, numerics)
+    # kdpipe's side reads batches as its engine does: from the memory source, with the views a method asks for
+    source = MemorySource(Prepared(Split(x, y), Split(x[:1], y[:1]), {"mean": mean, "std": std, "num_classes": 10}),
+                          numerics)
+    y_dev = source.train_labels
     g = torch.Generator(device=dev).manual_seed(0)
+    streams = {}
 
-    def kdpipe_batch(strong: bool = False):
-        idx = torch.randperm(len(y_dev), generator=g, device=dev)[:batch_size]
-        x = normalise(pad_crop_flip(x_dev[idx], g))
-        if strong:  # the strong view a method asks for (MLKD), as the memory source makes it
-            x = (x, normalise(rand_augment(pad_crop_flip(x_dev[idx], g), g)))
-        return x, y_dev[idx], idx
+    def kdpipe_batch(views=()):
+        """(x, y, idx), the next full batch of an endless run of epochs."""
+        if views not in streams:
+            streams[views] = (b for _ in iter(int, 1) for b in source.epoch(g, batch_size, views=views))
+        while True:
+            _, xb, yb, idx = next(streams[views])
+            if len(yb) == batch_size:
+                return xb, yb, idx
 
     def make(name):
         torch.manual_seed(0)
@@ -133,11 +138,11 @@ def run(model: str = "resnet20", teacher: str = "resnet56", batch_size: int = 12
     def kdpipe_trainer(name, objective=None):
         m = numerics.prepare_model(make(name))
         objective = (objective or CrossEntropy()).to(dev)
-        opt = make_optimizer(list(m.parameters()) + list(objective.parameters()), _train_cfg(name, batch_size, device), dev,
+        opt = make_optimizer(list(m.parameters()) + list(objective.parameters()), _train_cfg(name, batch_size, runtime), dev,
                              objective.optimizer("main"))
 
         def step():
-            xb, yb, idx = kdpipe_batch(bool(objective.views))
+            xb, yb, idx = kdpipe_batch(objective.views)
             train_step(objective, m, opt, xb, yb, "main", numerics, 0.1, index=idx, epoch=100)
         return step, m
 
@@ -157,8 +162,12 @@ def run(model: str = "resnet20", teacher: str = "resnet56", batch_size: int = 12
     floor = timings[f"train {model} (student)"] + timings[f"{teacher} inference forward"]
     for method in methods:
         s = make(model)
-        objective = Distiller(t_model, [method], Distill(), feature_shapes(s), feature_shapes(t_model, dev),
-                              TrainData(y_dev))
+        try:
+            objective = Distiller(t_model, [method], Distill(), feature_shapes(s), feature_shapes(t_model, dev),
+                                  TrainData(y_dev))
+        except ValueError as e:  # a method this pair does not admit (FSP across widths): a row that says so
+            results.append({"case": f"distill {method}: {teacher} -> {model}", "not_applicable": str(e)})
+            continue
         step, _ = kdpipe_trainer(model, objective)
         measure(f"distill {method}: {teacher} -> {model}", step)
         results[-1]["vs_student_plus_teacher_forward"] = round(timings[results[-1]["case"]] / floor, 2)
@@ -166,7 +175,8 @@ def run(model: str = "resnet20", teacher: str = "resnet56", batch_size: int = 12
         for part, part_step in objective.terms[method].bench_parts(batch_size, lambda: kdpipe_batch()[2], dev).items():
             measure(f"{method} {part}", part_step)
             results[-1][f"share_of_{method}_step"] = round(timings[results[-1]["case"]] / timings[step_case], 2)
-    return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+    cpu = f"cpu ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
+    return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu,
             "torch": torch.__version__, "bf16": numerics.bf16, "channels_last": numerics.channels_last,
             "batch_size": batch_size, "images": len(y), "steps": steps, "warmup": warmup, "repeats": repeats, "workers": workers,
             "results": results}

@@ -298,6 +298,8 @@ def bench(model: str = typer.Option("resnet20", help="student model"),
           warmup: int = typer.Option(3, min=0), repeats: int = typer.Option(3, min=1),
           workers: int = typer.Option(2, min=0, help="DataLoader workers of the baseline"),
           device: str = typer.Option("auto"), methods: str = typer.Option(",".join(config.METHODS)),
+          channels_last: str = typer.Option("auto", help="kdpipe's memory format: auto | on | off (runtime.channels_last)"),
+          cpu_isa: str = typer.Option("native", help="native | avx2: pin the CPU kernels as runtime.cpu_isa does"),
           images: int = typer.Option(4096, min=2, help="training images (CRD's memory bank has a row per image: "
                                                        "50000 for CIFAR)"),
           as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")):
@@ -314,7 +316,14 @@ def bench(model: str = typer.Option("resnet20", help="student model"),
             fail(str(e), 2)
     chosen = tuple(m for m in methods.split(",") if m)
     config.parse_methods("+".join(chosen)) if chosen else None
-    out = bench_mod.run(model, teacher, batch_size, steps, warmup, repeats, workers, device, chosen, images)
+    try:
+        runtime = config.Runtime(device=device, channels_last=channels_last, cpu_isa=cpu_isa)
+    except ValueError as e:
+        fail(f"bench: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}", 2)
+    from .runtime import pin_cpu
+
+    pin_cpu(runtime)
+    out = bench_mod.run(model, teacher, batch_size, steps, warmup, repeats, workers, runtime, chosen, images)
     if as_json:
         typer.echo(json.dumps(out, indent=2))
         return
@@ -326,10 +335,16 @@ def bench(model: str = typer.Option("resnet20", help="student model"),
     for col in ("case", "kdpipe img/s", "baseline img/s", "speed-up", "÷ (student step + teacher fwd)"):
         table.add_column(col, justify="left" if col == "case" else "right")
     for r in out["results"]:
+        if "not_applicable" in r:
+            table.add_row(r["case"], "N/A", "", "", "")
+            continue
         table.add_row(r["case"], f"{r['images_per_s']:.0f}", f"{r.get('baseline_images_per_s', 0):.0f}" if "speedup" in r else "",
                       f"{r['speedup']:.2f}x" if "speedup" in r else "",
                       f"{r['vs_student_plus_teacher_forward']:.2f}" if "vs_student_plus_teacher_forward" in r else "")
     Console().print(table)
+    for r in out["results"]:
+        if "not_applicable" in r:
+            typer.echo(f"N/A: {r['case']}: {r['not_applicable']}")
 
 
 def main():

@@ -126,7 +126,7 @@ class CpuPin(Strict):
 class Runtime(CpuPin):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     bf16: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA, off for CPU (exact fp32)
-    channels_last: Literal["auto", "on", "off"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA and a native-ISA CPU, off under cpu_isa avx2
     compile: bool = False
     sync_bn: bool = False  # under torchrun: SyncBatchNorm instead of per-rank BN statistics (CUDA only)
     workers: int = Field(2, ge=0, description="data: source stream: decoding processes (results do not depend on it)")

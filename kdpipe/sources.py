@@ -162,9 +162,10 @@ class MemorySource:
         for step, idx in batches(self.train_size, batch_size, g, ddp):
             # every rank augments the whole global batch with the shared generator, then takes its
             # shard: the random streams stay in step and the augmentation equals a single process's
-            x, y = self.augment(train.x[idx], g), train.y[idx]
+            pixels, y = train.x[idx], train.y[idx]
+            x = self.augment(pixels, g)
             if strong:
-                x = (x, self.normalise(rand_augment(self.crop_flip(train.x[idx], g), g)))
+                x = (x, self.normalise(rand_augment(self.crop_flip(pixels, g), g)))
             if ddp.world > 1:
                 x = tuple(v[ddp.rank::ddp.world] for v in x) if strong else x[ddp.rank::ddp.world]
                 y, idx = y[ddp.rank::ddp.world], idx[ddp.rank::ddp.world]

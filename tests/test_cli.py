@@ -86,9 +86,21 @@ def test_bench_json_reports_every_case(workdir):
     assert 0 < crd["share_of_crd_step"]
     assert all(r["images_per_s"] > 0 for r in report["results"])
     assert report["results"][0]["speedup"] > 0 and "baseline_images_per_s" in report["results"][1]
-    assert report["bf16"] is False and report["channels_last"] is False  # CPU default: exact fp32
+    assert report["bf16"] is False and report["channels_last"] is True  # CPU default at native ISA: fp32, channels_last
+    assert report["device"].startswith("cpu (")
     result = CliRunner().invoke(app, ["bench", "--model", "resnet9"])
     assert result.exit_code == 2 and "unknown model 'resnet9'" in result.output
+
+
+def test_bench_says_which_methods_a_pair_does_not_admit(workdir):
+    # FSP compares C x C' Gram matrices, so it needs the teacher's widths: N/A across widths, the other methods run
+    args = ["bench", "--model", "resnet8", "--teacher", "wrn_16_2", "--methods", "fsp,kd", "--batch-size", "8",
+            "--steps", "1", "--warmup", "0", "--repeats", "1", "--workers", "0", "--device", "cpu"]
+    fsp, kd = json.loads(invoke(*args, "--json"))["results"][3:]
+    assert "fsp needs equal channel counts" in fsp["not_applicable"] and "images_per_s" not in fsp
+    assert kd["case"] == "distill kd: wrn_16_2 -> resnet8" and kd["images_per_s"] > 0 and "not_applicable" not in kd
+    out = invoke(*args)
+    assert "N/A: distill fsp: wrn_16_2 -> resnet8: fsp needs equal channel counts" in out and "N/A: distill kd" not in out
 
 
 def test_timings_stay_out_of_tracked_outputs(workdir):

@@ -2,6 +2,10 @@
 region it is called from, and the per-epoch test evaluation never runs in bf16."""
 
 import inspect
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -133,3 +137,34 @@ def test_test_evaluation_is_fp32_whatever_the_training_numerics(tmp_path):
     fp32 = engine.evaluate(model, MemorySource(prepared, Numerics(torch.device("cpu"), False, False)).test())
     bf16 = engine.evaluate(model, MemorySource(prepared, Numerics(torch.device("cpu"), True, False)).test())
     assert bf16 == fp32  # bit-equal: no autocast in the evaluation that picks the best epoch
+
+
+@pytest.mark.parametrize("isa, channels_last, expected", [("native", "auto", True), ("avx2", "auto", False),
+                                                          ("avx2", "on", True), ("native", "off", False)])
+def test_cpu_memory_format_follows_the_isa_pin(isa, channels_last, expected):
+    # auto: channels_last on a native-ISA CPU (faster oneDNN convolutions), the default layout under the AVX2 pin
+    # (whose same-bits-everywhere promise was verified in that layout); bf16 stays off on the CPU either way
+    n = Numerics.from_runtime(config.Runtime(device="cpu", cpu_isa=isa, channels_last=channels_last))
+    assert (n.channels_last, n.bf16) == (expected, False)
+    model = n.prepare_model(models.create("resnet8", 10))
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) == expected
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available() or platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="an x86-64 torch build with MKL")
+def test_the_avx2_pin_covers_every_cpu_library():
+    # torch's CPU kernels come from three libraries, each with its own ISA dispatch; the pin must reach all three, or
+    # a linear layer's GEMM runs MKL's AVX-512 code on one CPU and another path on the next (seen: an Intel Xeon)
+    code = ("import torch; from kdpipe import config, runtime; runtime.pin_cpu(config.Runtime(cpu_isa='avx2')); "
+            "torch.ones(8, 8) @ torch.ones(8, 8); print(torch.backends.cpu.get_cpu_capability())")
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "DNNL_MAX_CPU_ISA", "MKL_CBWR")}
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "MKL_VERBOSE": "1"},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split()[-1] == "AVX2" and "CNR:COMPATIBLE" in out
+    conv = ("import torch; from kdpipe import config, runtime; runtime.pin_cpu(config.Runtime(cpu_isa='avx2')); "
+            "torch.nn.functional.conv2d(torch.ones(2, 16, 16, 16), torch.ones(16, 16, 3, 3), padding=1)")
+    out = subprocess.run([sys.executable, "-c", conv], env={**env, "ONEDNN_VERBOSE": "1"},
+                         capture_output=True, text=True, check=True).stdout
+    isa = [line for line in out.splitlines() if ",isa:" in line]
+    assert len(isa) == 1 and isa[0].endswith("AVX2") and "convolution" in out and "avx512" not in out.lower()
