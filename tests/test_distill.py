@@ -68,9 +68,9 @@ def test_combination_rules():
     obj, _, _ = build(["at"])
     assert (obj.gamma, obj.alpha, obj.weights) == (1.0, 0.0, {"at": 1000.0})  # no KD term at alpha = 0
     obj, _, _ = build(["at", "kd"], kd={"temperature": 8.0})
-    assert (obj.gamma, obj.alpha, obj.terms["kd"].temperature) == (1.0, 0.9, 8.0)
+    assert (obj.gamma, obj.alpha, obj.terms["kd"].cfg.temperature) == (1.0, 0.9, 8.0)
     obj, _, _ = build(["nst"], nst={"alpha": 0.5, "temperature": 2.0})
-    assert obj.weights == {"kd": 0.5, "nst": 50.0} and obj.terms["kd"].temperature == 2.0
+    assert obj.weights == {"kd": 0.5, "nst": 50.0} and obj.terms["kd"].cfg.temperature == 2.0
 
 
 def test_default_hyper_parameters():
