@@ -316,10 +316,7 @@ def bench(model: str = typer.Option("resnet20", help="student model"),
             fail(str(e), 2)
     chosen = tuple(m for m in methods.split(",") if m)
     config.parse_methods("+".join(chosen)) if chosen else None
-    try:
-        runtime = config.Runtime(device=device, channels_last=channels_last, cpu_isa=cpu_isa)
-    except ValueError as e:
-        fail(f"bench: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}", 2)
+    runtime = config.validate({"device": device, "channels_last": channels_last, "cpu_isa": cpu_isa}, config.Runtime)
     from .runtime import pin_cpu
 
     pin_cpu(runtime)

@@ -90,6 +90,8 @@ def test_bench_json_reports_every_case(workdir):
     assert report["device"].startswith("cpu (")
     result = CliRunner().invoke(app, ["bench", "--model", "resnet9"])
     assert result.exit_code == 2 and "unknown model 'resnet9'" in result.output
+    result = CliRunner().invoke(app, ["bench", "--cpu-isa", "avx3"])
+    assert result.exit_code == 2 and "cpu_isa: Input should be 'native' or 'avx2' (got 'avx3')" in result.output
 
 
 def test_bench_says_which_methods_a_pair_does_not_admit(workdir):
