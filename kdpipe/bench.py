@@ -20,7 +20,7 @@ from .config import METHODS, Distill, Runtime
 from .distill import Distiller, TrainData, feature_shapes
 from .engine import CrossEntropy, make_optimizer, train_step
 from .data import Prepared, Split
-from .runtime import Numerics, set_determinism
+from .runtime import context
 from .sources import MemorySource
 
 
@@ -67,10 +67,9 @@ def _train_cfg(model: str, batch_size: int, runtime: Runtime):
 def run(model: str = "resnet20", teacher: str = "resnet56", batch_size: int = 128, steps: int = 10,
         warmup: int = 3, repeats: int = 3, workers: int = 2, runtime: Runtime = Runtime(),
         methods: tuple[str, ...] = METHODS, images: int = 4096) -> dict:
-    """`runtime`: kdpipe's side (device, memory format, CPU pin: applied by the caller, `runtime.pin_cpu`)."""
-    numerics = Numerics.from_runtime(runtime)
+    """`runtime`: kdpipe's side (device, memory format, CPU pin), its run context (runtime.context)."""
+    numerics = context(runtime).numerics
     dev = numerics.device
-    set_determinism(dev)
     (x, y), _ = synthetic.generate(10, max(images, batch_size * 4), 10, seed=0)
     mean = (x.float() / 255).mean((0, 2, 3)).tolist()
     std = (x.float() / 255).std((0, 2, 3)).tolist()

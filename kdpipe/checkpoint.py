@@ -23,6 +23,7 @@ from torch import nn
 from .config import Error
 
 FORMAT = "kdpipe-checkpoint/1"
+RESUME_FORMAT = "kdpipe-resume/2"  # part of the fingerprint: a state of an older layout is not resumed from
 
 
 class CheckpointError(Error):
@@ -139,6 +140,34 @@ def final_checkpoint(model: nn.Module, cfg, num_classes: int, manifest: dict, hi
         "normalization": {"mean": manifest["mean"], "std": manifest["std"]},
         "history": canonical["history"],
     }
+
+
+def random_streams(device: torch.device) -> dict:
+    """The process-wide random generators a run draws from besides its own generator: torch's CPU and CUDA
+    default generators (Dropout, timm's drop-path, any op without a `generator`), numpy's and Python's. Saved
+    in the resume state, so a resumed process continues them where the interrupted one was."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+            "python": random.getstate()}
+
+
+def restore_random_streams(state: dict, device: torch.device) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
 
 
 def resume_path(out: Path) -> Path:

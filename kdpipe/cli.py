@@ -317,9 +317,6 @@ def bench(model: str = typer.Option("resnet20", help="student model"),
     chosen = tuple(m for m in methods.split(",") if m)
     config.parse_methods("+".join(chosen)) if chosen else None
     runtime = config.validate({"device": device, "channels_last": channels_last, "cpu_isa": cpu_isa}, config.Runtime)
-    from .runtime import pin_cpu
-
-    pin_cpu(runtime)
     out = bench_mod.run(model, teacher, batch_size, steps, warmup, repeats, workers, runtime, chosen, images)
     if as_json:
         typer.echo(json.dumps(out, indent=2))

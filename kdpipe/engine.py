@@ -2,9 +2,10 @@
 
 A run is a pure function of its params: one `torch.Generator`, seeded from the config, drives shuffling
 and augmentation (through the data source, kdpipe/sources.py), `torch.manual_seed(seed)` drives
-initialisation, so on the CPU two runs are bit-identical. After every epoch the full training state is
+initialisation and the process's default generators (Dropout, drop-path), so on the CPU two runs are
+bit-identical. After every epoch the full training state, the default generators' states included, is
 written atomically to `<out>.resume`; re-running the same command resumes from it and ends bit-identical
-to an uninterrupted run (kdpipe/checkpoint.py). Device, numerics and DDP: kdpipe/runtime.py.
+to an uninterrupted run (kdpipe/checkpoint.py). Device, numerics and DDP: the run context (kdpipe/runtime.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from . import checkpoint as ckpt_io
 from .config import Train
 from .losses import cross_entropy
 from .progress import Reporter
-from .runtime import Dist, Numerics, TrainingError, all_sum, barrier, init_distributed, set_determinism, wrap
+from .runtime import Context, Dist, Numerics, TrainingError, all_sum, barrier, context, wrap
 from .sources import MemorySource
 
 
@@ -135,13 +136,13 @@ class Run:
     progress: bool = True
 
 
-def train(run: Run, source) -> dict:
-    """Train `run.model` on `source` (a kdpipe/sources.py source, or prepared data for a MemorySource)."""
+def train(run: Run, source, ctx: Optional[Context] = None) -> dict:
+    """Train `run.model` on `source` (a kdpipe/sources.py source opened in `ctx`, or prepared data for a
+    MemorySource) in the run context `ctx` (runtime.context of the run's params when not given)."""
     cfg = run.cfg
-    ddp = init_distributed()
-    numerics = Numerics.from_runtime(cfg.runtime, ddp.local_rank)
+    ctx = ctx or context(cfg.runtime)
+    ddp, numerics = ctx.dist, ctx.numerics
     dev = numerics.device
-    set_determinism(dev)
     if not hasattr(source, "epoch"):
         source = MemorySource(source, numerics)
     objective = run.objective.to(dev)
@@ -157,8 +158,8 @@ def train(run: Run, source) -> dict:
         ckpt_io.check_writable(run.out.parent, run.log.parent, error=TrainingError)
     steps, total = source.steps(cfg.batch_size), init_epochs + cfg.epochs
     resume_path = ckpt_io.resume_path(run.out)
-    fp = ckpt_io.fingerprint(cfg.model_dump(), run.meta, source.manifest["sha256"], dev.type, numerics.bf16,
-                             numerics.channels_last, ddp.world)
+    fp = ckpt_io.fingerprint(ckpt_io.RESUME_FORMAT, cfg.model_dump(), run.meta, source.manifest["sha256"], dev.type,
+                             numerics.bf16, numerics.channels_last, ddp.world)
     g = torch.Generator(device=dev).manual_seed(cfg.seed)
     history, start, seconds, opt_phase, optimizer = [], 0, 0.0, None, None
     state = ckpt_io.read_resume(resume_path, fp)
@@ -166,6 +167,7 @@ def train(run: Run, source) -> dict:
         model.load_state_dict(state["model"])
         objective.load_state_dict(state["objective"])
         g.set_state(state["generator"])
+        ckpt_io.restore_random_streams(state["random"], dev)
         history, start, seconds, opt_phase = state["history"], state["epoch"], state["seconds"], state["opt_phase"]
         optimizer = make_optimizer(params(opt_phase), cfg, dev, objective.optimizer(opt_phase))
         optimizer.load_state_dict(state["optimizer"])
@@ -211,7 +213,8 @@ def train(run: Run, source) -> dict:
                 reporter.epoch(row, source.train_size / dt)
                 ckpt_io.atomic_save({"fingerprint": fp, "epoch": epoch + 1, "model": model.state_dict(),
                                      "objective": objective.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "opt_phase": opt_phase, "generator": g.get_state(), "history": history,
+                                     "opt_phase": opt_phase, "generator": g.get_state(),
+                                     "random": ckpt_io.random_streams(dev), "history": history,
                                      "seconds": seconds}, resume_path)
             barrier(ddp)  # the other ranks wait until the epoch's checkpoint is safely written
             stop_after = run.stop_after or int(os.environ.get("KDPIPE_STOP_AFTER", "0")) or None
@@ -236,9 +239,10 @@ def train(run: Run, source) -> dict:
 
 def _compile_warmup(objective, forward_model, model, source, cfg, init_phase: bool) -> float:
     """Trigger torch.compile's compilation before the timed epochs, without changing the run: one
-    forward/backward on a batch drawn from a separate generator, then weights, BN statistics and
-    gradients are put back exactly as they were."""
+    forward/backward on a batch drawn from a separate generator, then weights, BN statistics, gradients and
+    the process's random streams (Dropout's) are put back exactly as they were."""
     t0 = time.perf_counter()
+    streams = ckpt_io.random_streams(source.numerics.device)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     saved_obj = {k: v.clone() for k, v in objective.state_dict().items()}
     g = torch.Generator(device=source.numerics.device).manual_seed(0)
@@ -253,6 +257,7 @@ def _compile_warmup(objective, forward_model, model, source, cfg, init_phase: bo
     objective.load_state_dict(saved_obj)
     for p in list(model.parameters()) + list(objective.parameters()):
         p.grad = None
+    ckpt_io.restore_random_streams(streams, source.numerics.device)
     if source.numerics.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0

@@ -33,14 +33,13 @@ def with_overrides(cfg: config.Train, model: Optional[str], seed: Optional[int])
 
 def train(section: str, cfg: config.Train, name: str, data_dir: Path) -> None:
     """Train `cfg.model` from scratch with cross-entropy (a teacher, a baseline, a table's model)."""
-    runtime.pin_cpu(cfg.runtime)
-    numerics = runtime.Numerics.from_runtime(cfg.runtime)
-    source = sources.open_source(data_dir, numerics, cfg.runtime.workers)
+    ctx = runtime.context(cfg.runtime)
+    source = sources.open_source(data_dir, ctx.numerics, cfg.runtime.workers)
     torch.manual_seed(cfg.seed)
     model = models.create(cfg.model, source.num_classes, cfg.weights)
     run = engine.Run(name=name, model=model, cfg=cfg, out=ckpt_io.model_path(name), log=ckpt_io.log_path(name),
                      meta={"role": "student" if section == "student" else "teacher"})
-    engine.train(run, source)
+    engine.train(run, source, ctx)
 
 
 def distill(methods: list[str], params: config.Params, cfg: config.Train, teacher: Path, name: str,
@@ -50,13 +49,13 @@ def distill(methods: list[str], params: config.Params, cfg: config.Train, teache
     from . import distill as distill_mod
     from .distill import Distiller, TrainData, feature_shapes
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # before the process group starts
         single = [m for m in methods if not distill_mod.get(m).supports_ddp]
         if single:
             raise ParamsError([f"{', '.join(single)} under torchrun is not supported (e.g. CRD's memory bank is "
                                "not shared across processes); run it in one process"])
-    runtime.pin_cpu(cfg.runtime)
-    numerics = runtime.Numerics.from_runtime(cfg.runtime)
+    ctx = runtime.context(cfg.runtime)
+    numerics = ctx.numerics
     source = sources.open_source(data_dir, numerics, cfg.runtime.workers)
     manifest, size = source.manifest, source.manifest.get("image_size", 32)
     ckpt = ckpt_io.load_checkpoint(teacher, num_classes=source.num_classes)
@@ -89,5 +88,5 @@ def distill(methods: list[str], params: config.Params, cfg: config.Train, teache
         return str(e)
     run = engine.Run(name=name, model=student_model, cfg=cfg, out=ckpt_io.model_path(name), log=ckpt_io.log_path(name),
                      objective=objective, meta=meta)
-    engine.train(run, source)
+    engine.train(run, source, ctx)
     return None

@@ -40,7 +40,7 @@ class Numerics:
     @classmethod
     def from_runtime(cls, runtime, local_rank: int = 0) -> "Numerics":
         device = resolve_device(runtime.device)
-        if device.type == "cuda" and device.index is None and local_rank:  # one GPU per DDP rank
+        if device.type == "cuda" and device.index is None:  # one GPU per process: torchrun's LOCAL_RANK
             device = torch.device("cuda", local_rank)
         # bf16 `auto`: on for CUDA only, so CPU results stay exact fp32. channels_last `auto`: on for CUDA and for a
         # CPU at its native ISA (1.3x per fp32 step on oneDNN, other rounding); off under `cpu_isa: avx2`, whose
@@ -104,16 +104,38 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed() -> Dist:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; one process (the default) needs nothing."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    import torch.distributed as dist
+def processes() -> Dist:
+    """This process's place among torchrun's (WORLD_SIZE/RANK/LOCAL_RANK); one process (the default) needs nothing."""
+    env = os.environ
+    return Dist(int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0")))
 
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+@dataclass(frozen=True)
+class Context:
+    """Where a run computes, built once per process by `context` and handed to everything that places tensors:
+    the processes, the device (under torchrun cuda:LOCAL_RANK, made the current device before NCCL starts, so
+    the data, the teacher, the student and NCCL's buffers share it) and the number format."""
+
+    dist: Dist
+    numerics: Numerics
+
+
+def context(cfg) -> Context:
+    """The run context of a `runtime` params section (config.Runtime): pins the CPU, picks and sets the device,
+    joins torchrun's process group, and switches on determinism."""
+    pin_cpu(cfg)
+    ddp = processes()
+    numerics = Numerics.from_runtime(cfg, ddp.local_rank)
+    if numerics.device.type == "cuda":
+        torch.cuda.set_device(numerics.device)
+    if ddp.world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if numerics.device.type == "cuda" else "gloo")
+        ddp = Dist(dist.get_rank(), dist.get_world_size(), ddp.local_rank)
+    set_determinism(numerics.device)
+    return Context(ddp, numerics)
 
 
 def all_sum(t: torch.Tensor, ddp: Dist) -> torch.Tensor:

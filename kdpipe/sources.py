@@ -244,9 +244,12 @@ class StreamSource:
     def steps(self, batch_size: int) -> int:
         return math.ceil(self.train_size / batch_size)
 
-    def _load(self, split: str, item_batches: list) -> Iterator:
+    def _load(self, split: str, item_batches: list, seed: int = 0) -> Iterator:
+        # its own generator: the workers' seeds come from `seed`, not from the process's default generator
+        # (which Dropout draws from), so loading draws nothing a run's results depend on
         loader = torch.utils.data.DataLoader(self.splits[split], batch_sampler=item_batches, num_workers=self.workers,
                                              worker_init_fn=_one_thread if self.workers else None,
+                                             generator=torch.Generator().manual_seed(seed),
                                              pin_memory=self.numerics.device.type == "cuda")
         dev = self.numerics.device
         for x in loader:  # a list of views where the items are pairs
@@ -259,7 +262,7 @@ class StreamSource:
         epoch_seed = int(torch.randint(2 ** 62, (1,), generator=g, device=g.device))
         items = [[(i, epoch_seed + i) for i in idx] for _, idx in plan]
         labels = self.train_labels
-        for (step, idx), x in zip(plan, self._load("train", items)):
+        for (step, idx), x in zip(plan, self._load("train", items, epoch_seed)):
             index = torch.tensor(idx, device=self.numerics.device)
             x = tuple(self.normalise(v) for v in x) if isinstance(x, tuple) else self.normalise(x)
             yield step, x, labels[index], index

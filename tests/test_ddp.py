@@ -77,3 +77,51 @@ def test_ddp_with_the_stream_source(workdir, photos):
     assert [r["epoch"] for r in ddp["history"]] == [1, 2]
     assert abs(single["history"][0]["train_loss"] - ddp["history"][0]["train_loss"]) < 0.05
     assert sorted(p.name for p in (workdir / "models").iterdir()) == ["ddp.pt", "single.pt"]
+
+
+def test_run_context_puts_each_rank_on_its_own_gpu(monkeypatch):
+    """torchrun's rank 1 of 2 on a machine of GPUs (simulated on the CPU): the device is cuda:LOCAL_RANK, made
+    the current device before NCCL starts, so nothing lands on cuda:0 by default."""
+    import torch.distributed as dist
+
+    from kdpipe import config, runtime
+
+    calls = []
+    for k, v in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", torch.device(d))))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # set_determinism's CUDA choice, undone after
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(("init", backend)))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    for device in ("auto", "cuda"):
+        calls.clear()
+        ctx = runtime.context(config.Runtime(device=device))
+        assert ctx.numerics.device == torch.device("cuda", 1) and ctx.dist == runtime.Dist(1, 2, 1)
+        assert calls == [("set_device", torch.device("cuda", 1)), ("init", "nccl")]
+        assert ctx.numerics.bf16 and ctx.numerics.channels_last
+
+
+def test_a_distillation_places_everything_by_one_run_context(workdir, monkeypatch):
+    """`kdpipe distill` builds the run context once: the data source, the teacher, the objective and the loop
+    all take their device from it (a second, differently resolved one put rank 1's data on cuda:0)."""
+    from kdpipe import config, data, engine, runs, runtime
+
+    p = config.validate(tiny_params())
+    data.prepare(p.data, workdir / "data/prepared")
+    runs.train("teacher", p.teacher, "teacher", workdir / "data/prepared")
+    made, seen = [], {}
+    context = runtime.context
+    monkeypatch.setattr(runtime, "context", lambda cfg: made.append(context(cfg)) or made[-1])
+    numerics = runtime.Numerics.from_runtime
+    monkeypatch.setattr(runtime.Numerics, "from_runtime", lambda *a, **k: seen.setdefault("numerics", []).append(1)
+                        or numerics(*a, **k))
+    monkeypatch.setattr(engine, "train", lambda run, source, ctx: seen.update(run=run, source=source, ctx=ctx))
+    runs.distill(["kd"], p, p.student, workdir / "models/teacher.pt", "kd", workdir / "data/prepared")
+    assert len(made) == 1 and seen["numerics"] == [1] and seen["ctx"] is made[0]
+    dev = made[0].numerics.device
+    assert seen["source"].numerics is made[0].numerics and seen["source"].train_labels.device == dev
+    teacher = seen["run"].objective.teacher
+    assert {t.device for t in [*teacher.parameters(), *teacher.buffers()]} == {dev}
