@@ -60,7 +60,8 @@ def train_step(objective: nn.Module, model: nn.Module, optimizer, x, y, phase: s
         group["lr"] = lr
     split = hasattr(optimizer, "step_distill")
     with numerics.autocast():
-        loss, logits = objective(model, x, y, phase, index=index, epoch=epoch, **({"split": True} if split else {}))
+        loss, logits, terms = objective(model, x, y, phase, index=index, epoch=epoch,
+                                        **({"split": True} if split else {}))
     optimizer.zero_grad(set_to_none=True)
     if split:
         task, distill = loss
@@ -77,7 +78,7 @@ def train_step(objective: nn.Module, model: nn.Module, optimizer, x, y, phase: s
             if p.grad is not None:
                 all_sum(p.grad, ddp).div_(ddp.world)
     optimizer.step()
-    return loss, logits
+    return loss, logits, terms
 
 
 def evaluate(model: nn.Module, batches: Iterable) -> dict:
@@ -99,8 +100,9 @@ def evaluate(model: nn.Module, batches: Iterable) -> dict:
 
 class CrossEntropy(nn.Module):
     """The plain objective of teachers and student baselines. Distillation objectives share this
-    interface: `forward(model, x, y, phase) -> (loss, logits)` (x: a batch, or a tuple of views where `views` asks
-    for more than one); their own trainable modules (e.g. a
+    interface: `forward(model, x, y, phase) -> (loss, logits, terms)` (x: a batch, or a tuple of views where `views`
+    asks for more than one; terms: the loss's named parts, which the run's history records per epoch as
+    `loss_<name>`); their own trainable modules (e.g. a
     FitNets regressor) are submodules, so they are optimised and checkpointed with the model."""
 
     phases = ("main",)
@@ -108,7 +110,8 @@ class CrossEntropy(nn.Module):
 
     def forward(self, model, x, y, phase: str = "main", index=None, epoch: int = 0):
         logits = model(x)
-        return cross_entropy(logits, y), logits
+        loss = cross_entropy(logits, y)
+        return loss, logits, {"ce": loss}
 
     def init_epochs(self) -> int:
         return 0
@@ -188,13 +191,16 @@ def train(run: Run, source, ctx: Optional[Context] = None) -> dict:
             model.train()
             objective.train()
             loss_sum = torch.zeros((), device=dev)
+            term_sums: dict[str, torch.Tensor] = {}
             correct = torch.zeros((), device=dev, dtype=torch.long)
             lr, seen = cfg.lr, 0
             for step, x, y, index in source.epoch(g, cfg.batch_size, ddp, objective.views):
                 lr = learning_rate(cfg, e, step, steps) if phase == "main" else cfg.lr
-                loss, logits = train_step(objective, forward_model, optimizer, x, y, phase, numerics, lr, ddp,
-                                          index=index, epoch=e)
+                loss, logits, terms = train_step(objective, forward_model, optimizer, x, y, phase, numerics, lr, ddp,
+                                                 index=index, epoch=e)
                 loss_sum += loss.detach().float() * len(y)
+                for n, v in terms.items():
+                    term_sums[n] = term_sums.get(n, 0) + v.detach().float() * len(y)
                 correct += (logits.detach().argmax(1) == y).sum()
                 seen += len(y) * ddp.world
                 reporter.step()
@@ -203,7 +209,8 @@ def train(run: Run, source, ctx: Optional[Context] = None) -> dict:
                 raise TrainingError(f"{run.name}: loss became {train_loss} in epoch {epoch + 1}; "
                                     "lower the learning rate or a loss weight")
             row = {"epoch": epoch + 1, "phase": phase, "lr": lr, "train_loss": train_loss,
-                   "train_top1": 100 * all_sum(correct, ddp).item() / seen}
+                   "train_top1": 100 * all_sum(correct, ddp).item() / seen,
+                   **{f"loss_{n}": all_sum(v, ddp).item() / seen for n, v in term_sums.items()}}
             if phase == "main":
                 row.update(evaluate(model, source.test()))
             dt = time.perf_counter() - t0
@@ -227,7 +234,11 @@ def train(run: Run, source, ctx: Optional[Context] = None) -> dict:
     if ddp.main:  # only rank 0 writes checkpoints, metrics and logs
         ckpt_io.atomic_save(final, run.out)
         log = {"name": run.name, "model": cfg.model, **run.meta, "device": str(dev), "bf16": numerics.bf16,
-               "channels_last": numerics.channels_last, "torch": torch.__version__, "world_size": ddp.world}
+               "channels_last": numerics.channels_last, "torch": torch.__version__, "world_size": ddp.world,
+               # what each part of the loss did, epoch by epoch (the report shows the last epoch's)
+               "loss_terms": [{"epoch": r["epoch"], "phase": r["phase"],
+                               **{k.removeprefix("loss_"): v for k, v in r.items() if k.startswith("loss_")}}
+                              for r in history]}
         timing = {"seconds": round(seconds, 3), "images_per_s": round(source.train_size * total / max(seconds, 1e-9), 1),
                   "compile_seconds": round(compile_seconds, 3)}
         ckpt_io.atomic_write(run.log, json.dumps(log, indent=2) + "\n")
@@ -251,7 +262,7 @@ def _compile_warmup(objective, forward_model, model, source, cfg, init_phase: bo
     objective.train()
     for phase in (("init", "main") if init_phase else ("main",)):
         with source.numerics.autocast():
-            loss, _ = objective(forward_model, x, y, phase, index=idx)
+            loss, _, _ = objective(forward_model, x, y, phase, index=idx)
         loss.backward()
     model.load_state_dict(saved)
     objective.load_state_dict(saved_obj)

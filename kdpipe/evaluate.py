@@ -5,7 +5,8 @@ top5 (last epoch's test Top-5), top1_last, best_epoch, params_m, epochs. All are
 re-run gives the same file; training time lives in logs/<name>.timing.json. An imported teacher has no
 training history: its top1 is the test accuracy measured here (= top1_last), best_epoch and epochs are the
 source's epoch count where the source says it, else 0.
-plots/<name>.csv holds the per-epoch history for `dvc plots`.
+plots/<name>.csv holds the per-epoch history for `dvc plots`: PLOT_COLUMNS, then the loss's named terms
+(`loss_ce`, `loss_kd`, one per method: engine.CrossEntropy says what they are).
 """
 
 from __future__ import annotations
@@ -57,11 +58,12 @@ def run(name: str, ckpt_path: Path, data_dir: Path, metrics_path: Path, plots_pa
         "params_m": ckpt["params_m"],
         "epochs": len(main) or best_epoch,
     }
+    columns = PLOT_COLUMNS + tuple(k for k in (main[0] if main else {}) if k.startswith("loss_"))
     table = io.StringIO()
     w = csv.writer(table, lineterminator="\n")
-    w.writerow(PLOT_COLUMNS)
+    w.writerow(columns)
     for i, row in enumerate(main, 1):
-        w.writerow([i] + [f"{row[c]:.6g}" for c in PLOT_COLUMNS[1:]])
+        w.writerow([i] + [f"{row[c]:.6g}" for c in columns[1:]])
     atomic_write(metrics_path, json.dumps(metrics, indent=2) + "\n")
     atomic_write(plots_path, table.getvalue())
     return metrics

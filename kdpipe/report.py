@@ -74,6 +74,23 @@ def table(rows: list[dict], dataset: str) -> str:
     return "\n".join(lines)
 
 
+def loss_terms(rows: list[dict]) -> str:
+    """What each part of the distilled students' loss was in their last epoch: the training loss is the sum of
+    gamma * CE (`ce`), alpha * KD (`kd`) and each method's beta * term (the per-epoch values: plots/NAME.csv)."""
+    lines = []
+    for r in rows:
+        last = (r.get("loss_terms") or [{}])[-1]
+        terms = {k: v for k, v in last.items() if k not in ("epoch", "phase")}
+        if r["role"] == "distill" and terms:
+            parts = " + ".join(f"{k} {v:.4f}" for k, v in terms.items())
+            lines.append(f"| {r['name']} | {sum(terms.values()):.4f} = {parts} |")
+    if not lines:
+        return ""
+    return ("\n## Loss terms\n\nThe training loss of each distilled student in its last epoch, as the sum of its "
+            "weighted terms: `ce` = gamma · cross-entropy, `kd` = alpha · KD, and beta · each method's own term "
+            "(plots/NAME.csv has them per epoch).\n\n| run | loss = terms |\n|---|---|\n" + "\n".join(lines) + "\n")
+
+
 def plot(rows: list[dict], plots_dir: Path, out: Path) -> None:
     import matplotlib
 
@@ -102,7 +119,8 @@ def write(names: list[str], manifest: dict, metrics_dir: Path, logs_dir: Path, p
             f"Data: {manifest['train_size']} train / {manifest['test_size']} test images, "
             f"{manifest['num_classes']} classes ({manifest['source']}).\n"
             "Top1 is the best epoch's test Top-1, Top5 the last epoch's test Top-5 (the published convention); "
-            "Top1 last is the last epoch's Top-1.\n\n" + table(rows, dataset) + "\n\n![test accuracy](accuracy.png)\n")
+            "Top1 last is the last epoch's Top-1.\n\n" + table(rows, dataset) + "\n\n![test accuracy](accuracy.png)\n"
+            + loss_terms(rows))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.md").write_text(text)
     plot(rows, plots_dir, out_dir / "accuracy.png")

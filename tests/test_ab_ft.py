@@ -72,7 +72,7 @@ def phase_step(obj, student, phase, seed=0):
     g = torch.Generator().manual_seed(seed)
     x, y = torch.randn(8, 3, 32, 32, generator=g), LABELS[:8]
     opt = torch.optim.SGD(obj.trainable(student, phase), lr=0.1, momentum=0.9)
-    loss, _ = obj(student.train(), x, y, phase)
+    loss, _, _ = obj(student.train(), x, y, phase)
     opt.zero_grad()
     loss.backward()
     opt.step()
@@ -92,14 +92,14 @@ def test_ab_phases():
     # the init loss is AB on the pre-ReLU taps, unweighted
     x, y = torch.randn(4, 3, 32, 32), LABELS[:4]
     student.eval()
-    loss, _ = obj(student, x, y, "init")
+    loss, _, _ = obj(student, x, y, "init")
     with torch.no_grad():
         t = teacher(x, features=True)
     s = student(x, features=True)
     expected = Fd.ab([c(f) for c, f in zip(term.connectors, s.preact[1:])], t.preact[1:])
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     # after it the student trains with CE alone, as RepDistiller (loss_kd = 0)
-    loss, logits = obj(student, x, y, "main")
+    loss, logits, _ = obj(student, x, y, "main")
     assert loss.item() == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
     # one init step trains the student's layers and the connectors, never the teacher
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -132,7 +132,7 @@ def test_ft_phases_train_the_paraphraser_then_the_student_and_translator():
     student.eval()
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(4, 3, 32, 32, generator=g), LABELS[:4]
-    loss, logits = obj(student, x, y, "main")
+    loss, logits, _ = obj(student, x, y, "main")
     with torch.no_grad():
         code = term.paraphraser.encoder(teacher(x, features=True).stages[-1])
     s = student(x, features=True)
@@ -140,7 +140,7 @@ def test_ft_phases_train_the_paraphraser_then_the_student_and_translator():
     expected = F.cross_entropy(logits, y) + 200 * Fd.ft(term.translator(s.stages[-1]), code)
     term.translator.train()
     obj.eval()
-    loss, logits = obj(student, x, y, "main")
+    loss, logits, _ = obj(student, x, y, "main")
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     obj.train()
     phase_step(obj, student, "main", seed=4)

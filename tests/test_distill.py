@@ -32,7 +32,7 @@ def test_teacher_frozen_and_gradients_reach_only_student_and_regressor():
     obj.train()  # must not put the teacher in training mode
     for _ in range(3):
         x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-        loss, _ = obj(student, x, y)
+        loss, _, _ = obj(student, x, y)
         opt.zero_grad()
         loss.backward()
         assert all(p.grad is not None for p in student.parameters())
@@ -50,16 +50,50 @@ def test_teacher_frozen_and_gradients_reach_only_student_and_regressor():
 def test_loss_is_the_documented_weighted_sum():
     obj, teacher, student = build(["kd", "at", "nst"], at={"beta": 10.0}, nst={"beta": 3.0})
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    loss, logits = obj(student, x, y)
+    loss, logits, terms = obj(student, x, y)
     teacher.eval()
     with torch.no_grad():
         tl, tf = teacher(x, features=True)
     sl, sf = student(x, features=True)
-    expected = (0.1 * F.cross_entropy(sl, y) + 0.9 * Fd.kd(sl, tl, 4.0)
-                + 10.0 * sum(Fd.attention(sf[i], tf[i]) for i in (1, 2, 3))
-                + 3.0 * sum(Fd.nst(sf[i], tf[i]) for i in (1, 2, 3)))
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    kl = (F.softmax(tl / 4, 1) * (F.log_softmax(tl / 4, 1) - F.log_softmax(sl / 4, 1))).sum(1).mean() * 16
+    expected = {"ce": 0.1 * F.cross_entropy(sl, y), "kd": 0.9 * kl,
+                "at": 10.0 * sum(Fd.attention(sf[i], tf[i]) for i in (1, 2, 3)),
+                "nst": 3.0 * sum(Fd.nst(sf[i], tf[i]) for i in (1, 2, 3))}
+    assert list(terms) == list(expected)  # the loss's named parts, in the order they are summed
+    for k, v in expected.items():
+        assert terms[k].item() == pytest.approx(v.item(), rel=1e-5), k
+    assert loss.item() == pytest.approx(sum(v.item() for v in expected.values()), rel=1e-5)
     torch.testing.assert_close(logits, sl)
+
+
+def test_each_epoch_records_the_loss_terms(tmp_path, workdir):
+    """The run's history, log, plots/NAME.csv and report have each term per epoch; they add up to the loss."""
+    import csv
+    import json
+
+    from kdpipe import evaluate, report
+
+    p = config.validate(tiny_params(student={"epochs": 2}, distill={"dkd": {"warmup_epochs": 2}}))
+    prepared, make = distill_runs(tmp_path, p, ["kd", "dkd"])
+    run = make(workdir / "models/kd+dkd.pt")
+    run.log, run.meta = workdir / "logs/kd+dkd.json", {"role": "distill", "method": "kd+dkd"}
+    history = engine.train(run, prepared)["history"]
+    for row in history:
+        assert row["train_loss"] == pytest.approx(row["loss_ce"] + row["loss_kd"] + row["loss_dkd"], rel=1e-5)
+    log = json.loads(run.log.read_text())
+    assert log["loss_terms"] == [{"epoch": r["epoch"], "phase": "main", "ce": r["loss_ce"], "kd": r["loss_kd"],
+                                  "dkd": r["loss_dkd"]} for r in history]
+    evaluate.run("kd+dkd", run.out, tmp_path / "prepared", workdir / "metrics/kd+dkd.json",
+                 workdir / "plots/kd+dkd.csv", p.evaluate)
+    rows = list(csv.DictReader((workdir / "plots/kd+dkd.csv").open()))
+    assert [float(r["loss_dkd"]) for r in rows] == pytest.approx([h["loss_dkd"] for h in history], rel=1e-5)
+    text = report.write(["kd+dkd"], {"dataset": "synthetic", "train_size": 96, "test_size": 40, "num_classes": 10,
+                                     "source": "memory"}, workdir / "metrics", workdir / "logs", workdir / "plots",
+                        workdir / "reports")
+    last = history[-1]
+    total = last["loss_ce"] + last["loss_kd"] + last["loss_dkd"]
+    assert (f"| kd+dkd | {total:.4f} = ce {last['loss_ce']:.4f} + kd {last['loss_kd']:.4f} + "
+            f"dkd {last['loss_dkd']:.4f} |") in text
 
 
 def test_combination_rules():
@@ -86,7 +120,7 @@ def test_two_stage_phases():
     obj, teacher, student = build(["fitnets"], fitnets={"init_epochs": 2, "alpha": 0.9})
     assert obj.init_epochs() == 2
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    loss, _ = obj(student, x, y, "init")
+    loss, _, _ = obj(student, x, y, "init")
     with torch.no_grad():
         tf = teacher(x, features=True)[1]
     sf = student(x, features=True)[1]
@@ -97,7 +131,7 @@ def test_two_stage_phases():
     assert student.stage3[0].conv1.weight.grad is None and student.fc.weight.grad is None
     assert student.stage2[0].conv1.weight.grad is not None
     student.zero_grad()
-    loss, logits = obj(student, x, y, "main")  # stage 2: gamma * CE + alpha * KD, no hint term
+    loss, logits, _ = obj(student, x, y, "main")  # stage 2: gamma * CE + alpha * KD, no hint term
     with torch.no_grad():
         tl = teacher(x)
     assert loss.item() == pytest.approx((F.cross_entropy(logits, y) + 0.9 * Fd.kd(logits, tl, 4.0)).item(), rel=1e-5)

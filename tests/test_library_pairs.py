@@ -48,7 +48,7 @@ def test_method_runs_one_step_or_says_na(pair, method):
     for phase in ["init"] * (obj.init_epochs() > 0) + ["main"]:  # FT's paraphraser, FitNets' hints, ...: stage 1
         student.zero_grad(set_to_none=True)
         obj.zero_grad(set_to_none=True)
-        loss, logits = obj(student.train(), x, labels[index], phase, index=index)
+        loss, logits, _ = obj(student.train(), x, labels[index], phase, index=index)
         loss.backward()
         assert torch.isfinite(loss) and logits.shape == (4, CLASSES)
         assert all(q.grad is None for q in teacher.parameters())

@@ -42,7 +42,7 @@ def test_gradients_reach_student_and_method_parts_only(method):
     for step in range(2):
         x, y, index = batch(seed=step)
         x = (x, x.flip(3)) if obj.views else x  # MLKD: a second view
-        loss, _ = obj(student, x, y, index=index, epoch=5)
+        loss, _, _ = obj(student, x, y, index=index, epoch=5)
         assert torch.isfinite(loss)
         opt.zero_grad()
         loss.backward()
@@ -72,7 +72,7 @@ def test_terms_compute_the_documented_losses():
     obj, teacher, student, p = build(["sp", "rkd", "pkt", "dkd"])
     x, y, index = batch()
     student.eval()  # same BN statistics in both calls
-    loss, logits = obj(student, x, y, index=index, epoch=4)
+    loss, logits, _ = obj(student, x, y, index=index, epoch=4)
     with torch.no_grad():
         tl, tf = teacher(x, features=True)
     sl, sf = student(x, features=True)
@@ -90,7 +90,7 @@ def test_dist_and_logit_standardisation_in_the_objective():
                                      dist={"logit_std": False})
     x, y, index = batch()
     student.eval()
-    loss, _ = obj(student, x, y, index=index)
+    loss, _, _ = obj(student, x, y, index=index)
     with torch.no_grad():
         tl = teacher(x)
     sl = student(x)
@@ -99,7 +99,7 @@ def test_dist_and_logit_standardisation_in_the_objective():
                 + 2.0 * Fd.dist(sl, tl, 1.0, 1.0, 4.0))
     assert obj.weights == {"kd": 9.0, "dist": 2.0} and loss.item() == pytest.approx(expected.item(), rel=1e-5)
     obj, *_ = build(["dkd", "dist"], dkd={"logit_std": True}, dist={"logit_std": True, "temperature": 1.0})
-    loss, _ = obj(student, x, y, index=index, epoch=30)
+    loss, _, _ = obj(student, x, y, index=index, epoch=30)
     expected = (Fd.cross_entropy(sl, y) + Fd.dkd(z(sl), z(tl), y, 1.0, 8.0, 4.0) + 2.0 * Fd.dist(z(sl), z(tl), 1.0, 1.0, 1.0))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
@@ -120,7 +120,7 @@ def test_ctkd_curriculum_temperature():
         tl = teacher(x)
     for epoch in (0, 4, 30):
         sl = student(x)
-        loss, _ = obj(student, x, y, index=index, epoch=epoch)
+        loss, _, _ = obj(student, x, y, index=index, epoch=epoch)
         tau_param = term.global_t.detach().clone().requires_grad_(True)
         tau = 1 + 20 * torch.sigmoid(tau_param)
         expected = 0.1 * Fd.cross_entropy(sl, y) + 0.9 * Fd.kd(sl, tl, tau[0])
@@ -229,7 +229,7 @@ def test_every_method_runs_on_every_crd_pair(teacher_name, student_name):
     for chosen in ([m for m in methods if m != "ofd"], ["ofd"]):
         obj = Distiller(teacher, chosen, p.distill, s_shapes, t_shapes, TrainData(labels))
         student.zero_grad(set_to_none=True)
-        loss, logits = obj(student.train(), (x, x.flip(3)) if obj.views else x, labels[index], index=index)
+        loss, logits, _ = obj(student.train(), (x, x.flip(3)) if obj.views else x, labels[index], index=index)
         loss.backward()
         assert torch.isfinite(loss) and logits.shape == (4, 100)
         assert all(q.grad is not None for q in student.parameters())
@@ -321,7 +321,7 @@ def test_reviewkd_levels_shapes_fusion_and_warmup():
     hcl = Fd.hcl(outs, targets).item()
     with torch.no_grad():
         for epoch, ramp in ((0, 1 / 20), (9, 10 / 20), (19, 1.0), (100, 1.0)):
-            loss, _ = obj(student, x, y, epoch=epoch)
+            loss, _, _ = obj(student, x, y, epoch=epoch)
             assert loss.item() == pytest.approx(Fd.cross_entropy(sf.logits, y).item() + 5.0 * ramp * hcl, rel=1e-5)
     assert any(not torch.equal(a, b) for a, b in zip(t.preact, t.stages))  # it read the pre-ReLU taps
 
@@ -357,7 +357,7 @@ def test_kdsvd_against_per_sample_svd():
         sf, tf = student(x, features=True).stages, teacher(x, features=True).stages
     expected = _kdsvd_by_loops(sf[1:], tf[1:])
     assert Fd.kdsvd(sf[1:], tf[1:], 1).item() == pytest.approx(expected, rel=1e-4)
-    loss, _ = obj(student, x, y)
+    loss, _, _ = obj(student, x, y)
     assert loss.item() == pytest.approx(Fd.cross_entropy(student(x), y).item() + expected, rel=1e-4)
     with pytest.raises(ValueError, match="kdsvd needs equal widths"):
         Distiller(teacher, ["kdsvd"], config.Distill(), feature_shapes(models.create("shufflev2", 10)),
@@ -409,7 +409,7 @@ def test_dot_steps_task_and_distillation_gradients_apart(tmp_path):
     for step in range(2):
         x, y, index = batch(seed=step)
         snap = {k: v.clone() for k, v in student.state_dict().items()}
-        (task, distill), _ = obj(student, x, y, split=True)
+        (task, distill), _, _ = obj(student, x, y, split=True)
         g_task = torch.autograd.grad(task, w, retain_graph=True)[0] + cfg.optim.weight_decay * w.detach()
         g_kd = torch.autograd.grad(distill, w)[0]
         bt = g_task if step == 0 else (0.9 - 0.075) * bufs["t"] + g_task
@@ -465,7 +465,7 @@ def test_ofd_margins_levels_and_teacher_batch_statistics():
     running = {k: v.clone() for k, v in teacher.state_dict().items()}
     student.eval()
     obj.eval()
-    loss, _ = obj(student, x, y)
+    loss, _, _ = obj(student, x, y)
     assert not teacher.training and all(torch.equal(v, running[k]) for k, v in teacher.state_dict().items())
     # the teacher's taps as a train-mode forward (batch statistics) of a copy gives them
     import copy
@@ -533,7 +533,7 @@ def test_mlkd_in_the_objective_sees_both_views():
     x, y, index = batch()
     xs = torch.flip(x, [3]) * 0.5
     student.eval()
-    loss, logits = obj(student, (x, xs), y, index=index)
+    loss, logits, _ = obj(student, (x, xs), y, index=index)
     with torch.no_grad():
         tw, ts = teacher(x), teacher(xs)
     sw, ss = student(x), student(xs)

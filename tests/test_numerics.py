@@ -121,9 +121,9 @@ def test_distiller_step_under_autocast_matches_fp32(methods):
     obj = Distiller(teacher, methods, p.distill, feature_shapes(student), feature_shapes(teacher))
     student.eval()  # BN in eval mode: both calls see the same statistics
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
-    ref, _ = obj(student, x, y)
+    ref, _, _ = obj(student, x, y)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got, _ = obj(student, x, y)
+        got, _, _ = obj(student, x, y)
     assert got.dtype == torch.float32
     assert got.item() == pytest.approx(ref.item(), rel=1e-2)
 

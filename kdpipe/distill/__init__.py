@@ -34,7 +34,9 @@ from .base import Batch, KDTerm, Shapes, TrainData, batch_statistics, feature_sh
 
 
 class Distiller(nn.Module):
-    """The training objective of a distilled student (same interface as engine.CrossEntropy).
+    """The training objective of a distilled student (same interface as engine.CrossEntropy). Its named terms
+    are the weighted parts of the loss: `ce` (gamma * CE), `kd` (alpha * KD) and each method's (beta * term);
+    in an init stage, each init term's own loss.
 
     The teacher is held outside the module tree: it is not optimised, not checkpointed with the
     student, and stays in eval mode. It runs under `torch.inference_mode()`; its outputs are cloned
@@ -126,11 +128,13 @@ class Distiller(nn.Module):
         b = Batch(s, t, y, index, epoch,
                   {k: (model(v), t_views[k].clone()) for k, v in views.items()} if phase == "main" else {})
         if phase == "init":  # RepDistiller's init(): the init terms' own losses, unweighted
-            return sum(self.terms[n].init_loss(b) for n in self.init_stage), s.logits
+            init = {n: self.terms[n].init_loss(b) for n in self.init_stage}
+            return sum(init.values()), s.logits, init
         task = loss = self.gamma * Fd.cross_entropy(s.logits, y)
         distill = torch.zeros((), device=task.device)
+        terms = {"ce": task}
         for n, w in self.weights.items():
             if n not in self.init_stage or self.terms[n].loss_after_init:
-                term = w * self.terms[n](b)
-                loss, distill = loss + term, distill + term  # loss: summed in this order (the same bits as before)
-        return ((task, distill) if split else loss), s.logits
+                terms[n] = w * self.terms[n](b)
+                loss, distill = loss + terms[n], distill + terms[n]  # loss: summed in this order (the same bits as before)
+        return ((task, distill) if split else loss), s.logits, terms
