@@ -9,6 +9,7 @@ from kdpipe import config, engine, models
 from kdpipe.cli import app
 from kdpipe.distill import Distiller, feature_shapes
 from kdpipe.distill import functional as Fd
+from kdpipe.distill import at, nst
 from kdpipe.distill.base import regressor
 from kdpipe.distill.fsp import check_channels
 
@@ -56,8 +57,8 @@ def test_loss_is_the_documented_weighted_sum():
         tl, tf = teacher(x, features=True)
     sl, sf = student(x, features=True)
     expected = (0.1 * F.cross_entropy(sl, y) + 0.9 * Fd.kd(sl, tl, 4.0)
-                + 10.0 * sum(Fd.attention(sf[i], tf[i]) for i in (1, 2, 3))
-                + 3.0 * sum(Fd.nst(sf[i], tf[i]) for i in (1, 2, 3)))
+                + 10.0 * sum(at.attention(sf[i], tf[i]) for i in (1, 2, 3))
+                + 3.0 * sum(nst.nst(sf[i], tf[i]) for i in (1, 2, 3)))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     torch.testing.assert_close(logits, sl)
 
