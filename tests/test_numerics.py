@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from kdpipe import config, data, engine, models
+from kdpipe.prepare import prepare
 from kdpipe.runtime import Numerics
 from kdpipe.sources import MemorySource
 from kdpipe.distill import Distiller, feature_shapes
@@ -135,7 +136,7 @@ def test_distiller_step_under_autocast_matches_fp32(methods):
 
 def test_test_evaluation_is_fp32_whatever_the_training_numerics(tmp_path):
     p = config.validate(tiny_params())
-    data.prepare(p.data, tmp_path / "prepared")
+    prepare(p.data, tmp_path / "prepared")
     prepared = data.load(tmp_path / "prepared")
     torch.manual_seed(0)
     model = models.create("resnet8", 10)
