@@ -38,7 +38,7 @@ def main():
     import torchvision.transforms.v2 as T
     from torchvision.datasets import ImageFolder
 
-    from kdpipe import config, data, sources
+    from kdpipe import config, prepare, sources
     from kdpipe.runtime import Numerics
 
     torch.set_num_threads(1)
@@ -47,11 +47,11 @@ def main():
         make_photos(Path(args.source), tmp / "photos", args.images)
         cfg = config.Data(dataset="folder", path=str(tmp / "photos"), image_size=224, augment="imagenet",
                           normalize="imagenet", source="stream")
-        data.prepare(cfg, tmp / "prepared")
+        prepare.prepare(cfg, tmp / "prepared")
         numerics = Numerics(torch.device("cpu"), False, False)
         # the peers' ImageNet training transforms (torchvision's reference recipe), normalised floats out
         reference = T.Compose([T.RandomResizedCrop(224, antialias=True), T.RandomHorizontalFlip(), T.PILToTensor(),
-                               T.ToDtype(torch.float32, scale=True), T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+                               T.ToDtype(torch.float32, scale=True), T.Normalize(prepare.IMAGENET_MEAN, prepare.IMAGENET_STD)])
         for workers in args.workers:
             src = sources.open_source(tmp / "prepared", numerics, workers)
             loader = torch.utils.data.DataLoader(ImageFolder(str(tmp / "photos" / "train"), reference), batch_size=64,

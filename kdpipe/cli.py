@@ -85,7 +85,7 @@ def guarded(fn):
 def data(params: Path = ParamsOpt, out: Path = typer.Option(Path("data/prepared"), help="output folder"),
          raw: Path = typer.Option(Path("data/raw"), help="where downloaded archives are kept")):
     """Download CIFAR (md5-checked), read an image folder, or draw the synthetic set; write compact uint8 arrays."""
-    from .data import prepare
+    from .prepare import prepare
 
     p = load(params, "data")
     manifest = prepare(p.data, out, raw)

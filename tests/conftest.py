@@ -65,9 +65,10 @@ def distill_runs(tmp_path: Path, p, methods: list[str]):
     import torch
 
     from kdpipe import data, engine, models
+    from kdpipe.prepare import prepare
     from kdpipe.distill import Distiller, TrainData, feature_shapes
 
-    data.prepare(p.data, tmp_path / "prepared")
+    prepare(p.data, tmp_path / "prepared")
     prepared = data.load(tmp_path / "prepared")
     torch.manual_seed(5)
     teacher = models.create("resnet14", 10)

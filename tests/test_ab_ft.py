@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from kdpipe import config, engine, models
 from kdpipe.distill import Distiller, TrainData, feature_shapes
-from kdpipe.distill import functional as Fd
+from kdpipe.distill import ab, ft as factor_transfer
 
 from .conftest import distill_runs, tiny_params
 
@@ -38,10 +38,10 @@ def test_ab_loss_against_an_elementwise_loop():
             if tv > 0 and sv <= margin:  # on: push above +margin
                 layer += (sv - margin) ** 2
         expected += 2 ** (i - 2) * layer / 2 * 3 / 1000  # weights 1/4, 1/2, 1; / batch; x 3/1000
-    assert Fd.ab(gs, gt, margin).item() == pytest.approx(expected, rel=1e-6)
+    assert ab.ab(gs, gt, margin).item() == pytest.approx(expected, rel=1e-6)
     # hand value: one element, teacher on, student 0.5 inside the margin: (0.5 - 1)^2 * 3 / 1000
-    assert Fd.ab([torch.tensor([[[[0.5]]]])], [torch.tensor([[[[2.0]]]])]).item() == pytest.approx(0.25 * 3e-3)
-    assert Fd.ab([torch.tensor([[[[1.5]]]])], [torch.tensor([[[[2.0]]]])]).item() == 0.0  # beyond the margin
+    assert ab.ab([torch.tensor([[[[0.5]]]])], [torch.tensor([[[[2.0]]]])]).item() == pytest.approx(0.25 * 3e-3)
+    assert ab.ab([torch.tensor([[[[1.5]]]])], [torch.tensor([[[[2.0]]]])]).item() == 0.0  # beyond the margin
 
 
 def test_ft_loss_against_an_explicit_formula():
@@ -54,8 +54,8 @@ def test_ft_loss_against_an_explicit_formula():
         return v / v.norm(dim=1, keepdim=True)
 
     expected = (factor(pooled) - factor(ft)).abs().mean()
-    torch.testing.assert_close(Fd.ft(fs, ft), expected)
-    torch.testing.assert_close(Fd.ft(fs, ft, p2=2), (factor(pooled) - factor(ft)).pow(2).mean())
+    torch.testing.assert_close(factor_transfer.ft(fs, ft), expected)
+    torch.testing.assert_close(factor_transfer.ft(fs, ft, p2=2), (factor(pooled) - factor(ft)).pow(2).mean())
 
 
 def test_ab_connectors_as_repdistiller():
@@ -96,7 +96,7 @@ def test_ab_phases():
     with torch.no_grad():
         t = teacher(x, features=True)
     s = student(x, features=True)
-    expected = Fd.ab([c(f) for c, f in zip(term.connectors, s.preact[1:])], t.preact[1:])
+    expected = ab.ab([c(f) for c, f in zip(term.connectors, s.preact[1:])], t.preact[1:])
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     # after it the student trains with CE alone, as RepDistiller (loss_kd = 0)
     loss, logits, _ = obj(student, x, y, "main")
@@ -137,7 +137,7 @@ def test_ft_phases_train_the_paraphraser_then_the_student_and_translator():
         code = term.paraphraser.encoder(teacher(x, features=True).stages[-1])
     s = student(x, features=True)
     term.translator.eval()
-    expected = F.cross_entropy(logits, y) + 200 * Fd.ft(term.translator(s.stages[-1]), code)
+    expected = F.cross_entropy(logits, y) + 200 * factor_transfer.ft(term.translator(s.stages[-1]), code)
     term.translator.train()
     obj.eval()
     loss, logits, _ = obj(student, x, y, "main")

@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kdpipe import data as data_mod
+from kdpipe import prepare
 from kdpipe.cli import app
 
 from .conftest import tiny_params, write_params
@@ -22,7 +23,7 @@ from .conftest import tiny_params, write_params
 def make_cifar_archive(path, dataset="cifar10", n_train=200, n_test=50, seed=0):
     """A small archive laid out exactly like the official python-pickle CIFAR tarballs."""
     rng = np.random.default_rng(seed)
-    spec = data_mod.CIFAR[dataset]
+    spec = prepare.CIFAR[dataset]
     n_classes = 10 if dataset == "cifar10" else 100
     names = [f"class{i}".encode() for i in range(n_classes)]
     batches = {}
@@ -75,11 +76,11 @@ def server(tmp_path, monkeypatch):
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
 def test_download_and_prepare_from_local_mirror(dataset, server, workdir, monkeypatch):
     www, url = server
-    archive = www / data_mod.CIFAR[dataset].filename
+    archive = www / prepare.CIFAR[dataset].filename
     xs, ys = make_cifar_archive(archive, dataset)
     md5 = hashlib.md5(archive.read_bytes()).hexdigest()
-    monkeypatch.setitem(data_mod.CIFAR, dataset, data_mod.CIFAR[dataset].__class__(
-        **{**data_mod.CIFAR[dataset].__dict__, "md5": md5}))
+    monkeypatch.setitem(prepare.CIFAR, dataset, prepare.CIFAR[dataset].__class__(
+        **{**prepare.CIFAR[dataset].__dict__, "md5": md5}))
     write_params(workdir / "params.yaml", tiny_params(data={"dataset": dataset, "mirror": url}))
 
     result = CliRunner().invoke(app, ["data"])
@@ -100,15 +101,15 @@ def test_download_and_prepare_from_local_mirror(dataset, server, workdir, monkey
 
 
 def test_mirror_from_environment_wins(monkeypatch):
-    monkeypatch.setenv(data_mod.MIRROR_ENV, "http://127.0.0.1:1/m")
-    assert data_mod.mirror_url("http://elsewhere/") == "http://127.0.0.1:1/m/"
-    monkeypatch.delenv(data_mod.MIRROR_ENV)
-    assert data_mod.mirror_url(None) == data_mod.OFFICIAL_MIRROR
+    monkeypatch.setenv(prepare.MIRROR_ENV, "http://127.0.0.1:1/m")
+    assert prepare.mirror_url("http://elsewhere/") == "http://127.0.0.1:1/m/"
+    monkeypatch.delenv(prepare.MIRROR_ENV)
+    assert prepare.mirror_url(None) == prepare.OFFICIAL_MIRROR
 
 
 def test_corrupt_archive_is_rejected_and_nothing_written(server, workdir):
     www, url = server
-    archive = www / data_mod.CIFAR["cifar10"].filename
+    archive = www / prepare.CIFAR["cifar10"].filename
     make_cifar_archive(archive)  # its md5 is not the official one: treated as corrupt
     write_params(workdir / "params.yaml", tiny_params(data={"dataset": "cifar10", "mirror": url}))
     result = CliRunner().invoke(app, ["data"])
@@ -121,11 +122,11 @@ def test_corrupt_archive_is_rejected_and_nothing_written(server, workdir):
 
 def test_truncated_archive_with_right_md5_gives_clear_error(server, workdir, monkeypatch):
     www, url = server
-    archive = www / data_mod.CIFAR["cifar10"].filename
+    archive = www / prepare.CIFAR["cifar10"].filename
     make_cifar_archive(archive)
     archive.write_bytes(archive.read_bytes()[:500])
-    spec = data_mod.CIFAR["cifar10"]
-    monkeypatch.setitem(data_mod.CIFAR, "cifar10", spec.__class__(
+    spec = prepare.CIFAR["cifar10"]
+    monkeypatch.setitem(prepare.CIFAR, "cifar10", spec.__class__(
         **{**spec.__dict__, "md5": hashlib.md5(archive.read_bytes()).hexdigest()}))
     write_params(workdir / "params.yaml", tiny_params(data={"dataset": "cifar10", "mirror": url}))
     result = CliRunner().invoke(app, ["data"])

@@ -9,6 +9,7 @@ from kdpipe import config, engine, models
 from kdpipe.cli import app
 from kdpipe.distill import Distiller, feature_shapes
 from kdpipe.distill import functional as Fd
+from kdpipe.distill import at, nst
 from kdpipe.distill.base import regressor
 from kdpipe.distill.fsp import check_channels
 
@@ -57,8 +58,8 @@ def test_loss_is_the_documented_weighted_sum():
     sl, sf = student(x, features=True)
     kl = (F.softmax(tl / 4, 1) * (F.log_softmax(tl / 4, 1) - F.log_softmax(sl / 4, 1))).sum(1).mean() * 16
     expected = {"ce": 0.1 * F.cross_entropy(sl, y), "kd": 0.9 * kl,
-                "at": 10.0 * sum(Fd.attention(sf[i], tf[i]) for i in (1, 2, 3)),
-                "nst": 3.0 * sum(Fd.nst(sf[i], tf[i]) for i in (1, 2, 3))}
+                "at": 10.0 * sum(at.attention(sf[i], tf[i]) for i in (1, 2, 3)),
+                "nst": 3.0 * sum(nst.nst(sf[i], tf[i]) for i in (1, 2, 3))}
     assert list(terms) == list(expected)  # the loss's named parts, in the order they are summed
     for k, v in expected.items():
         assert terms[k].item() == pytest.approx(v.item(), rel=1e-5), k

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kdpipe.distill import functional as Fd
+from kdpipe.distill import at, cc, crd, dist, dkd, fsp, nst, pkt, rkd, sp, vid
 
 torch.manual_seed(0)
 
@@ -49,24 +50,24 @@ def _attention_loop(fs, ft, p):
 @pytest.mark.parametrize("p", [2.0, 1.0, 4.0])
 def test_attention_matches_loop(p):
     fs, ft = torch.rand(2, 3, 4, 4), torch.rand(2, 5, 4, 4)  # channel counts may differ
-    assert Fd.attention(fs, ft, p).item() == pytest.approx(_attention_loop(fs, ft, p), rel=1e-5)
+    assert at.attention(fs, ft, p).item() == pytest.approx(_attention_loop(fs, ft, p), rel=1e-5)
 
 
 def test_attention_pools_the_larger_map():
     fs, ft = torch.rand(2, 3, 8, 8), torch.rand(2, 4, 4, 4)
     pooled = fs.view(2, 3, 4, 2, 4, 2).mean((3, 5))  # 2x2 average pooling, written out
-    assert Fd.attention(fs, ft).item() == pytest.approx(_attention_loop(pooled, ft, 2), rel=1e-5)
-    assert Fd.attention(ft, fs).item() == pytest.approx(_attention_loop(ft, pooled, 2), rel=1e-5)
+    assert at.attention(fs, ft).item() == pytest.approx(_attention_loop(pooled, ft, 2), rel=1e-5)
+    assert at.attention(ft, fs).item() == pytest.approx(_attention_loop(ft, pooled, 2), rel=1e-5)
 
 
 def test_attention_properties():
     f = torch.rand(3, 4, 5, 5)
-    assert Fd.attention(f, f).item() == pytest.approx(0, abs=1e-7)
-    assert Fd.attention(f, 7 * f).item() == pytest.approx(0, abs=1e-7)  # scale-invariant (normalised maps)
+    assert at.attention(f, f).item() == pytest.approx(0, abs=1e-7)
+    assert at.attention(f, 7 * f).item() == pytest.approx(0, abs=1e-7)  # scale-invariant (normalised maps)
     # orthogonal maps (disjoint supports) give the maximum: ||a - b||^2 = 2 per sample, over H*W positions
     a, b = torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2)
     a[0, 0, 0, 0], b[0, 0, 1, 1] = 1, 1
-    assert Fd.attention(a, b).item() == pytest.approx(2 / 4)
+    assert at.attention(a, b).item() == pytest.approx(2 / 4)
 
 
 def _nst_loop(fs, ft):
@@ -84,27 +85,27 @@ def _nst_loop(fs, ft):
 
 def test_nst_matches_loop():
     fs, ft = torch.rand(2, 3, 3, 3), torch.rand(2, 4, 3, 3)
-    assert Fd.nst(fs, ft).item() == pytest.approx(_nst_loop(fs, ft), rel=1e-5)
+    assert nst.nst(fs, ft).item() == pytest.approx(_nst_loop(fs, ft), rel=1e-5)
 
 
 def test_nst_hand_value_and_properties():
     s, t = torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2)
     s[..., 0], t[..., 1] = 1, 1  # orthogonal single channels: K(t,t) = K(s,s) = 1, K(s,t) = 0
-    assert Fd.nst(s, t).item() == pytest.approx(2.0)
+    assert nst.nst(s, t).item() == pytest.approx(2.0)
     f = torch.rand(2, 4, 3, 3)
-    assert Fd.nst(f, f).item() == pytest.approx(0, abs=1e-6)
-    assert Fd.nst(f, 3 * f).item() == pytest.approx(0, abs=1e-6)  # rows are normalised
+    assert nst.nst(f, f).item() == pytest.approx(0, abs=1e-6)
+    assert nst.nst(f, 3 * f).item() == pytest.approx(0, abs=1e-6)  # rows are normalised
     big = torch.rand(2, 4, 6, 6)
     pooled = big.view(2, 4, 3, 2, 3, 2).mean((3, 5))
-    assert Fd.nst(big, f).item() == pytest.approx(_nst_loop(pooled, f), rel=1e-5)
+    assert nst.nst(big, f).item() == pytest.approx(_nst_loop(pooled, f), rel=1e-5)
 
 
 def test_fsp_matrix_hand_value_and_loop():
     bottom = torch.ones(1, 1, 2, 2)
     top = torch.cat([torch.ones(1, 1, 2, 2), 2 * torch.ones(1, 1, 2, 2)], 1)
-    torch.testing.assert_close(Fd.fsp_matrix(bottom, top), torch.tensor([[[1.0], [2.0]]]))
+    torch.testing.assert_close(fsp.fsp_matrix(bottom, top), torch.tensor([[[1.0], [2.0]]]))
     bottom, top = torch.rand(2, 3, 4, 4), torch.rand(2, 5, 2, 2)
-    G = Fd.fsp_matrix(bottom, top)
+    G = fsp.fsp_matrix(bottom, top)
     assert G.shape == (2, 5, 3)
     pooled = bottom.view(2, 3, 2, 2, 2, 2).mean((3, 5))
     for b in range(2):
@@ -117,9 +118,9 @@ def test_fsp_matrix_hand_value_and_loop():
 def test_fsp_sums_consecutive_pairs():
     s = [torch.rand(2, 4, 8, 8), torch.rand(2, 4, 8, 8), torch.rand(2, 6, 4, 4), torch.rand(2, 8, 2, 2)]
     t = [torch.rand_like(f) for f in s]
-    expected = sum(((Fd.fsp_matrix(s[i], s[i + 1]) - Fd.fsp_matrix(t[i], t[i + 1])) ** 2).mean() for i in range(3))
-    assert Fd.fsp(s, t).item() == pytest.approx(expected.item(), rel=1e-6)
-    assert Fd.fsp(s, s).item() == 0.0
+    expected = sum(((fsp.fsp_matrix(s[i], s[i + 1]) - fsp.fsp_matrix(t[i], t[i + 1])) ** 2).mean() for i in range(3))
+    assert fsp.fsp(s, t).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert fsp.fsp(s, s).item() == 0.0
 
 
 def test_hint_is_mse():
@@ -140,8 +141,8 @@ def test_sp_matches_loop():
     gs = [_normalize([float((fs[i] * fs[j]).sum()) for j in range(B)]) for i in range(B)]
     gt = [_normalize([float((ft[i] * ft[j]).sum()) for j in range(B)]) for i in range(B)]
     total = sum((gt[i][j] - gs[i][j]) ** 2 for i in range(B) for j in range(B)) / B ** 2
-    assert Fd.sp(fs, ft).item() == pytest.approx(total, rel=1e-5)
-    assert Fd.sp(ft, ft).item() == 0.0
+    assert sp.sp(fs, ft).item() == pytest.approx(total, rel=1e-5)
+    assert sp.sp(ft, ft).item() == 0.0
 
 
 def test_pkt_matches_loop():
@@ -152,7 +153,7 @@ def test_pkt_matches_loop():
         return [[v / sum(row) for v in row] for row in sim]
     ps, pt = probs(es), probs(et)
     expected = sum(pt[i][j] * math.log(pt[i][j] / ps[i][j]) for i in range(5) for j in range(5)) / 25
-    assert Fd.pkt(es, et).item() == pytest.approx(expected, rel=1e-4)
+    assert pkt.pkt(es, et).item() == pytest.approx(expected, rel=1e-4)
 
 
 def _huber(a, b):
@@ -181,15 +182,15 @@ def test_rkd_matches_loop():
     ds, dt = dists(es), dists(et)
     loss_d = sum(_huber(ds[i][j], dt[i][j]) for i in range(4) for j in range(4)) / 16
     loss_a = sum(_huber(a, b) for a, b in zip(angles(es), angles(et))) / 64
-    assert Fd.rkd(es, et).item() == pytest.approx(25 * loss_d + 50 * loss_a, rel=1e-4)
-    assert Fd.rkd(es, et, w_dist=1.0, w_angle=0.0).item() == pytest.approx(loss_d, rel=1e-4)
+    assert rkd.rkd(es, et).item() == pytest.approx(25 * loss_d + 50 * loss_a, rel=1e-4)
+    assert rkd.rkd(es, et, w_dist=1.0, w_angle=0.0).item() == pytest.approx(loss_d, rel=1e-4)
 
 
 def test_cc_hand_value():
     es = torch.tensor([[1.0, 2.0], [0.0, 1.0], [3.0, 0.0]])
     et = torch.zeros(3, 2)
     # d = |es|: rows (1,2), (0,1), (3,0): pairs (0,1) -> 0*1 + 2*1 = 2, (1,2) -> 0*3 + 1*0 = 0; mean = 1
-    assert Fd.cc(es, et).item() == pytest.approx(1.0)
+    assert cc.cc(es, et).item() == pytest.approx(1.0)
 
 
 def test_dkd_matches_its_definition():
@@ -206,9 +207,9 @@ def test_dkd_matches_its_definition():
         qt = [v / (1 - pt[g]) for i, v in enumerate(pt) if i != g]
         nckd += sum(q * math.log(q / p) for p, q in zip(qs, qt))
     expected = (1.5 * tckd + 8.0 * nckd) / 6 * T * T
-    assert Fd.dkd(s, t, y, alpha=1.5, beta=8.0, temperature=T).item() == pytest.approx(expected, rel=1e-4)
+    assert dkd.dkd(s, t, y, alpha=1.5, beta=8.0, temperature=T).item() == pytest.approx(expected, rel=1e-4)
     # the paper's identity: KD = TCKD + (1 - p_t) NCKD, per sample; check it on one sample
-    one = Fd.dkd(s[:1], t[:1], y[:1], 1.0, 0.0, T) + (1 - torch.softmax(t[:1] / T, 1)[0, y[0]]) * Fd.dkd(s[:1], t[:1], y[:1], 0.0, 1.0, T)
+    one = dkd.dkd(s[:1], t[:1], y[:1], 1.0, 0.0, T) + (1 - torch.softmax(t[:1] / T, 1)[0, y[0]]) * dkd.dkd(s[:1], t[:1], y[:1], 0.0, 1.0, T)
     assert one.item() == pytest.approx(Fd.kd(s[:1], t[:1], T).item(), rel=1e-4)
 
 
@@ -216,18 +217,18 @@ def test_vid_hand_value():
     mean, target = torch.zeros(1, 2, 1, 1), torch.tensor([[[[1.0]], [[2.0]]]])
     log_scale = torch.log(torch.expm1(torch.tensor([1.0, 4.0])))  # variances 1 and 4 (eps 0)
     expected = (0.5 * (1 / 1 + math.log(1)) + 0.5 * (4 / 4 + math.log(4))) / 2
-    assert Fd.vid(mean, target, log_scale, eps=0.0).item() == pytest.approx(expected, rel=1e-6)
+    assert vid.vid(mean, target, log_scale, eps=0.0).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_nce_and_contrast_scores_hand_values():
     # n_data 4, K = 2 negatives: m = K / N = 0.5; h(x) = x / (x + m)
     scores = torch.tensor([[1.0, 0.5, 1.5]])
     expected = -(math.log(1 / 1.5) + math.log(0.5 / 1.0) + math.log(0.5 / 2.0))
-    assert Fd.nce(scores, 4, eps=0.0).item() == pytest.approx(expected, rel=1e-6)
+    assert crd.nce(scores, 4, eps=0.0).item() == pytest.approx(expected, rel=1e-6)
     anchor, memory = torch.tensor([[1.0, 0.0]]), torch.tensor([[7.0, 1.0], [0.5, 9.0], [-1.0, 3.0]])
     idx = torch.tensor([[1, 2, 1]])  # rows may repeat (negatives drawn with replacement)
     expected = torch.tensor([[math.exp(1.0), math.exp(-2.0), math.exp(1.0)]])
-    torch.testing.assert_close(Fd.contrast_scores(anchor, memory, idx, 0.5), expected)
+    torch.testing.assert_close(crd.contrast_scores(anchor, memory, idx, 0.5), expected)
 
 
 def test_standardize_matches_statistics():
@@ -256,5 +257,5 @@ def test_dist_matches_loops_over_samples_and_classes():
     inter = 1 - sum(_pearson(a, b) for a, b in zip(ps, pt)) / 6
     cols = lambda p: [list(c) for c in zip(*p)]  # noqa: E731
     intra = 1 - sum(_pearson(a, b) for a, b in zip(cols(ps), cols(pt))) / 5
-    assert Fd.dist(s, t, 2.0, 3.0, tau).item() == pytest.approx(tau ** 2 * (2.0 * inter + 3.0 * intra), rel=1e-5)
-    assert Fd.dist(t, t, 1.0, 1.0, tau).item() == pytest.approx(0.0, abs=1e-3)  # the reference's +1e-8 on small norms
+    assert dist.dist(s, t, 2.0, 3.0, tau).item() == pytest.approx(tau ** 2 * (2.0 * inter + 3.0 * intra), rel=1e-5)
+    assert dist.dist(t, t, 1.0, 1.0, tau).item() == pytest.approx(0.0, abs=1e-3)  # the reference's +1e-8 on small norms

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from kdpipe import checkpoint, config, data, engine, models, sources
+from kdpipe.prepare import prepare
 
 from .conftest import tiny_params
 
@@ -12,7 +13,7 @@ from .conftest import tiny_params
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "prepared"
-    data.prepare(config.validate(tiny_params()).data, out)
+    prepare(config.validate(tiny_params()).data, out)
     return data.load(out)
 
 

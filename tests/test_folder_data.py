@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from kdpipe import config, data
 from kdpipe.cli import app
+from kdpipe.prepare import prepare as prepare_data
 
 from .conftest import ROOT, tiny_params, write_params
 
@@ -28,7 +29,7 @@ def make_folder(root: Path, sizes=((32, 32),), classes=("b_cat", "a_dog")):
 
 
 def prepare(root, out):
-    return data.prepare(config.Data(dataset="folder", path=str(root)), out)
+    return prepare_data(config.Data(dataset="folder", path=str(root)), out)
 
 
 def test_pixels_labels_and_manifest(tmp_path):

@@ -9,6 +9,7 @@ import torch
 from kdpipe import config, engine, models
 from kdpipe.distill import Distiller, TrainData, feature_shapes
 from kdpipe.distill import functional as Fd
+from kdpipe.distill import dist, dkd, kdsvd, mlkd, ofd, pkt, reviewkd, rkd, sp
 from kdpipe.distill.crd import NegativeSampler
 
 from .conftest import distill_runs, tiny_params
@@ -77,8 +78,8 @@ def test_terms_compute_the_documented_losses():
         tl, tf = teacher(x, features=True)
     sl, sf = student(x, features=True)
     es, et = sf[-1].mean((2, 3)), tf[-1].mean((2, 3))
-    expected = (Fd.cross_entropy(sl, y) + 3000 * Fd.sp(sf[3], tf[3]) + Fd.rkd(es, et) + 30000 * Fd.pkt(es, et)
-                + 5 / 20 * Fd.dkd(sl, tl, y, 1.0, 8.0, 4.0))  # DKD warm-up: epoch 5 (counted from 1) of 20
+    expected = (Fd.cross_entropy(sl, y) + 3000 * sp.sp(sf[3], tf[3]) + rkd.rkd(es, et) + 30000 * pkt.pkt(es, et)
+                + 5 / 20 * dkd.dkd(sl, tl, y, 1.0, 8.0, 4.0))  # DKD warm-up: epoch 5 (counted from 1) of 20
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert obj.weights["dkd"] == 1.0  # DKD weighs TCKD and NCKD inside
 
@@ -96,11 +97,11 @@ def test_dist_and_logit_standardisation_in_the_objective():
     sl = student(x)
     z = lambda v: (v - v.mean(1, keepdim=True)) / (1e-7 + v.std(1, keepdim=True))  # noqa: E731  (Sun et al.'s normalize)
     expected = (p.distill.kd.gamma * Fd.cross_entropy(sl, y) + 9.0 * Fd.kd(z(sl), z(tl), 2.0)
-                + 2.0 * Fd.dist(sl, tl, 1.0, 1.0, 4.0))
+                + 2.0 * dist.dist(sl, tl, 1.0, 1.0, 4.0))
     assert obj.weights == {"kd": 9.0, "dist": 2.0} and loss.item() == pytest.approx(expected.item(), rel=1e-5)
     obj, *_ = build(["dkd", "dist"], dkd={"logit_std": True}, dist={"logit_std": True, "temperature": 1.0})
     loss, _, _ = obj(student, x, y, index=index, epoch=30)
-    expected = (Fd.cross_entropy(sl, y) + Fd.dkd(z(sl), z(tl), y, 1.0, 8.0, 4.0) + 2.0 * Fd.dist(z(sl), z(tl), 1.0, 1.0, 1.0))
+    expected = (Fd.cross_entropy(sl, y) + dkd.dkd(z(sl), z(tl), y, 1.0, 8.0, 4.0) + 2.0 * dist.dist(z(sl), z(tl), 1.0, 1.0, 1.0))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
@@ -278,8 +279,8 @@ def test_hcl_weights_pooled_levels_as_mdistiller():
         mse(*maps[3]),
     ]
     for (fs, ft), e in zip(maps, expected):
-        assert Fd.hcl([fs], [ft]).item() == pytest.approx(e, rel=1e-6)
-    assert Fd.hcl([m[0] for m in maps], [m[1] for m in maps]).item() == pytest.approx(sum(expected), rel=1e-6)
+        assert reviewkd.hcl([fs], [ft]).item() == pytest.approx(e, rel=1e-6)
+    assert reviewkd.hcl([m[0] for m in maps], [m[1] for m in maps]).item() == pytest.approx(sum(expected), rel=1e-6)
 
 
 def test_reviewkd_levels_shapes_fusion_and_warmup():
@@ -318,7 +319,7 @@ def test_reviewkd_levels_shapes_fusion_and_warmup():
         o, res = term.abfs[i](feats[i], res, tuple(([u.shape[-2:] for u in t.preact[1:]] + [(1, 1)])[i]))
         outs.insert(0, o)
     targets = list(t.preact[1:]) + [t.embedding[:, :, None, None]]
-    hcl = Fd.hcl(outs, targets).item()
+    hcl = reviewkd.hcl(outs, targets).item()
     with torch.no_grad():
         for epoch, ramp in ((0, 1 / 20), (9, 10 / 20), (19, 1.0), (100, 1.0)):
             loss, _, _ = obj(student, x, y, epoch=epoch)
@@ -356,7 +357,7 @@ def test_kdsvd_against_per_sample_svd():
     with torch.no_grad():
         sf, tf = student(x, features=True).stages, teacher(x, features=True).stages
     expected = _kdsvd_by_loops(sf[1:], tf[1:])
-    assert Fd.kdsvd(sf[1:], tf[1:], 1).item() == pytest.approx(expected, rel=1e-4)
+    assert kdsvd.kdsvd(sf[1:], tf[1:], 1).item() == pytest.approx(expected, rel=1e-4)
     loss, _, _ = obj(student, x, y)
     assert loss.item() == pytest.approx(Fd.cross_entropy(student(x), y).item() + expected, rel=1e-4)
     with pytest.raises(ValueError, match="kdsvd needs equal widths"):
@@ -431,7 +432,7 @@ def test_ofd_margin_by_hand():
     cdf = lambda z: 0.5 * math.erfc(-z / math.sqrt(2))  # noqa: E731
     expected = [-phi(0) / 0.5, -2 * phi(0.5) / cdf(-0.5) + 1.0, -3.0, -0.5 * phi(2) / cdf(2) - 1.0,
                 -phi(2.5) / cdf(-2.5) + 2.5]  # P(x < 0) = 0.0062: still the conditional mean
-    assert Fd.ofd_margin(gamma, beta).tolist() == pytest.approx(expected, rel=1e-6)
+    assert ofd.ofd_margin(gamma, beta).tolist() == pytest.approx(expected, rel=1e-6)
 
 
 def test_ofd_loss_elementwise():
@@ -445,9 +446,9 @@ def test_ofd_loss_elementwise():
             total += (sv - tv) ** 2
         elif sv > mv >= tv:  # teacher below its margin: only pull the student down to the margin
             total += (sv - mv) ** 2
-    assert Fd.ofd([s], [t], [m]).item() == pytest.approx(total / 2, rel=1e-5)  # summed, mean over the batch
+    assert ofd.ofd([s], [t], [m]).item() == pytest.approx(total / 2, rel=1e-5)  # summed, mean over the batch
     zero = torch.zeros_like(s)  # a level that adds nothing shows the other's weight: 1/2 first, 1 last
-    assert Fd.ofd([s, zero - 9], [t, t], [m, m]).item() == pytest.approx(0.5 * total / 2 + Fd.ofd([zero - 9], [t], [m]).item(), rel=1e-5)
+    assert ofd.ofd([s, zero - 9], [t, t], [m, m]).item() == pytest.approx(0.5 * total / 2 + ofd.ofd([zero - 9], [t], [m]).item(), rel=1e-5)
 
 
 def test_ofd_margins_levels_and_teacher_batch_statistics():
@@ -460,7 +461,7 @@ def test_ofd_margins_levels_and_teacher_batch_statistics():
     term.from_teacher(teacher)
     assert term.levels == 3 and obj.weights == {"ofd": 0.001} and obj.teacher_batch_stats
     for i, bn in enumerate(teacher.bn_before_relu()):
-        torch.testing.assert_close(getattr(term, f"margin{i}"), Fd.ofd_margin(bn.weight, bn.bias))
+        torch.testing.assert_close(getattr(term, f"margin{i}"), ofd.ofd_margin(bn.weight, bn.bias))
     x, y, index = batch()
     running = {k: v.clone() for k, v in teacher.state_dict().items()}
     student.eval()
@@ -473,7 +474,7 @@ def test_ofd_margins_levels_and_teacher_batch_statistics():
     twin = copy.deepcopy(teacher).train()
     with torch.no_grad():
         tp, sp_ = twin(x, features=True).preact, student(x, features=True).preact
-        expected = Fd.cross_entropy(student(x), y) + 0.001 * Fd.ofd([c(f) for c, f in zip(term.connectors, sp_[1:])], tp[1:],
+        expected = Fd.cross_entropy(student(x), y) + 0.001 * ofd.ofd([c(f) for c, f in zip(term.connectors, sp_[1:])], tp[1:],
                                                                      [getattr(term, f"margin{i}") for i in range(3)])
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     with pytest.raises(ValueError, match="ofd takes its margins"):
@@ -508,12 +509,12 @@ def _mlkd_by_hand(sw, tw, ss, ts, t0=4.0):
 def test_mlkd_as_its_code_computes_it(n):
     g = torch.Generator().manual_seed(n)
     sw, tw, ss, ts = (torch.randn(n, 10, generator=g) * 3 for _ in range(4))
-    assert Fd.mlkd(sw, tw, ss, ts, 4.0).item() == pytest.approx(_mlkd_by_hand(sw, tw, ss, ts), rel=1e-5)
+    assert mlkd.mlkd(sw, tw, ss, ts, 4.0).item() == pytest.approx(_mlkd_by_hand(sw, tw, ss, ts), rel=1e-5)
     z = lambda v: (v - v.mean(1, keepdim=True)) / (1e-7 + v.std(1, keepdim=True))  # noqa: E731
     # logit_std: the KD terms on standardised logits, the correlation terms on the raw ones
-    corr = lambda a, b, c, d: Fd.mlkd(a, b, c, d, 2.0).item() - _kd_parts(a, b, c, d, 2.0)  # noqa: E731
+    corr = lambda a, b, c, d: mlkd.mlkd(a, b, c, d, 2.0).item() - _kd_parts(a, b, c, d, 2.0)  # noqa: E731
     expected = _kd_parts(z(sw), z(tw), z(ss), z(ts), 2.0) + corr(sw, tw, ss, ts)
-    assert Fd.mlkd(sw, tw, ss, ts, 2.0, logit_std=True).item() == pytest.approx(expected, rel=1e-5)
+    assert mlkd.mlkd(sw, tw, ss, ts, 2.0, logit_std=True).item() == pytest.approx(expected, rel=1e-5)
 
 
 def _kd_parts(sw, tw, ss, ts, t0):
@@ -537,7 +538,7 @@ def test_mlkd_in_the_objective_sees_both_views():
     with torch.no_grad():
         tw, ts = teacher(x), teacher(xs)
     sw, ss = student(x), student(xs)
-    expected = 0.1 * (Fd.cross_entropy(sw, y) + Fd.cross_entropy(ss, y)) + 0.9 * Fd.mlkd(sw, tw, ss, ts, 4.0)
+    expected = 0.1 * (Fd.cross_entropy(sw, y) + Fd.cross_entropy(ss, y)) + 0.9 * mlkd.mlkd(sw, tw, ss, ts, 4.0)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     torch.testing.assert_close(logits, sw)
 
@@ -563,7 +564,7 @@ def test_ofd_and_reviewkd_pair_the_deepest_taps_of_unequal_models():
     term = obj.terms["ofd"]
     assert term.levels == 3 and [c[0].out_channels for c in term.connectors] == [256, 512, 512]
     for i, bn in enumerate(teacher.bn_before_relu()[1:]):  # block2..block4
-        torch.testing.assert_close(getattr(term, f"margin{i}"), Fd.ofd_margin(bn.weight, bn.bias))
+        torch.testing.assert_close(getattr(term, f"margin{i}"), ofd.ofd_margin(bn.weight, bn.bias))
     with pytest.raises(ValueError, match="reviewkd pairs the teacher's 4 taps"):
         Distiller(teacher, ["reviewkd"], p.distill, feature_shapes(student), feature_shapes(teacher))
     one_tap = feature_shapes(student)._replace(stages=feature_shapes(student).stages[:1])

@@ -1,6 +1,7 @@
 """fp32 losses under bf16 autocast (the fidelity issue): every loss computes in fp32 whatever autocast
 region it is called from, and the per-epoch test evaluation never runs in bf16."""
 
+import importlib
 import inspect
 import os
 import platform
@@ -12,14 +13,19 @@ import torch
 import torch.nn.functional as F
 
 from kdpipe import config, data, engine, models
+from kdpipe.prepare import prepare
 from kdpipe.runtime import Numerics
 from kdpipe.sources import MemorySource
 from kdpipe.distill import Distiller, feature_shapes
 from kdpipe.distill import functional as Fd
+from kdpipe.distill import nst
 
 from .conftest import tiny_params
 
-HELPERS = {"match_spatial", "ofd_margin"}  # public functions of `functional` that are not losses
+# the shared losses and each method's own, at the top of its file
+MODULES = [Fd] + [importlib.import_module(f"kdpipe.distill.{m}") for m in config.METHODS]
+# their public functions that are not losses
+HELPERS = {"match_spatial", "ofd_margin", "cosine_lambda", "check_channels", "lrelu", "encoder", "connector"}
 
 
 def near_equal(shape, seed=0):
@@ -66,21 +72,21 @@ def cases():
     }
 
 
-def public_functions():
-    own = [n for n, f in vars(Fd).items()
-           if inspect.isfunction(f) and not n.startswith("_") and f.__module__ == Fd.__name__ and n not in HELPERS]
-    return sorted(own + ["cross_entropy"])  # the CE term (kdpipe/losses.py) is public in `functional` too
+def public_functions() -> dict:
+    own = {n: f for m in MODULES for n, f in vars(m).items()
+           if inspect.isfunction(f) and not n.startswith("_") and f.__module__ == m.__name__ and n not in HELPERS}
+    return {**own, "cross_entropy": Fd.cross_entropy}  # the CE term (kdpipe/losses.py) is public in `functional` too
 
 
 def test_every_loss_is_declared_fp32_and_tested_here():
     # a new loss without @fp32, or without a case below, fails here
-    assert public_functions() == sorted(cases())
-    assert all(getattr(getattr(Fd, n), "fp32", False) for n in public_functions())
+    assert sorted(public_functions()) == sorted(cases())
+    assert all(getattr(f, "fp32", False) for f in public_functions().values())
 
 
 @pytest.mark.parametrize("name", sorted(cases()))
 def test_loss_under_bf16_autocast_equals_fp32(name):
-    fn, args = getattr(Fd, name), cases()[name]
+    fn, args = public_functions()[name], cases()[name]
     ref = fn(*args)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = fn(*args)
@@ -93,9 +99,9 @@ def test_loss_under_bf16_autocast_equals_fp32(name):
 def test_the_check_would_catch_bf16_matmuls():
     # without the decorator, NST of near-equal maps under autocast is far off (bmm in bf16): the tests above can fail
     fs, ft = near_equal((8, 16, 8, 8))
-    ref = Fd.nst(fs, ft).item()
+    ref = nst.nst(fs, ft).item()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        raw = Fd.nst.__wrapped__(fs, ft).item()
+        raw = nst.nst.__wrapped__(fs, ft).item()
     assert abs(raw - ref) > 0.1 * ref
 
 
@@ -106,7 +112,7 @@ def test_gradients_under_autocast_match_fp32(name):
     def grad(autocast: bool):
         x = fs.clone().requires_grad_(True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = getattr(Fd, name)(x, ft)
+            out = public_functions()[name](x, ft)
         (out.sum() if out.dim() else out).backward()  # as in engine.train_step: backward outside autocast
         return x.grad
 
@@ -130,7 +136,7 @@ def test_distiller_step_under_autocast_matches_fp32(methods):
 
 def test_test_evaluation_is_fp32_whatever_the_training_numerics(tmp_path):
     p = config.validate(tiny_params())
-    data.prepare(p.data, tmp_path / "prepared")
+    prepare(p.data, tmp_path / "prepared")
     prepared = data.load(tmp_path / "prepared")
     torch.manual_seed(0)
     model = models.create("resnet8", 10)

@@ -7,7 +7,8 @@ import torch
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 from torchvision.transforms.v2 import functional as TF
 
-from kdpipe import data, randaugment as R, sources
+from kdpipe import randaugment as R, sources
+from kdpipe.prepare import prepare
 from kdpipe.runtime import Numerics
 
 from .test_sources import folder_data
@@ -99,7 +100,7 @@ def test_memory_source_adds_the_strong_view(tmp_path):
     from .conftest import tiny_params
     from kdpipe import config
 
-    data.prepare(config.validate(tiny_params()).data, tmp_path / "m")
+    prepare(config.validate(tiny_params()).data, tmp_path / "m")
     src = sources.open_source(tmp_path / "m", CPU)
     g = torch.Generator().manual_seed(0)
     step, (x, xs), y, idx = next(iter(src.epoch(g, 8, views=("strong",))))
@@ -114,7 +115,7 @@ def test_memory_source_adds_the_strong_view(tmp_path):
 
 
 def test_stream_strong_view_is_independent_of_workers(tmp_path, photos):
-    data.prepare(folder_data(photos, image_size=40, augment="imagenet", source="stream"), tmp_path / "s")
+    prepare(folder_data(photos, image_size=40, augment="imagenet", source="stream"), tmp_path / "s")
 
     def one_epoch(workers):
         g = torch.Generator().manual_seed(0)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from kdpipe import config, data, sources
+from kdpipe.prepare import IMAGENET_MEAN, prepare
 from kdpipe.runtime import Dist, Numerics
 
 from .conftest import tiny_params
@@ -70,18 +71,18 @@ def test_fit_conventions(photos):
 
 
 def test_folder_at_image_size_is_not_squeezed_to_32(tmp_path, photos):
-    m = data.prepare(folder_data(photos, image_size=48), tmp_path / "p")
+    m = prepare(folder_data(photos, image_size=48), tmp_path / "p")
     prepared = data.load(tmp_path / "p")
     assert prepared.train.x.shape == (18, 3, 48, 48) and m["image_size"] == 48 and m["resized"] == 27
-    m = data.prepare(folder_data(photos, image_size=48, augment="imagenet", normalize="imagenet"), tmp_path / "q")
+    m = prepare(folder_data(photos, image_size=48, augment="imagenet", normalize="imagenet"), tmp_path / "q")
     src = sources.open_source(tmp_path / "q", CPU)
-    assert data.load(tmp_path / "q").train.x.shape[-1] == 55 and m["mean"] == data.IMAGENET_MEAN
+    assert data.load(tmp_path / "q").train.x.shape[-1] == 55 and m["mean"] == IMAGENET_MEAN
     _, x, y, idx = next(src.epoch(torch.Generator().manual_seed(0), 8))
     assert x.shape == (8, 3, 48, 48) and next(src.test(5))[0].shape == (5, 3, 48, 48)
 
 
 def test_stream_source_is_independent_of_workers_and_resumes(tmp_path, photos):
-    data.prepare(folder_data(photos, image_size=40, augment="imagenet", source="stream"), tmp_path / "s")
+    prepare(folder_data(photos, image_size=40, augment="imagenet", source="stream"), tmp_path / "s")
     assert not list((tmp_path / "s").glob("*.npy"))  # nothing decoded up front
 
     def two_epochs(workers, state=None):
@@ -104,8 +105,8 @@ def test_stream_source_is_independent_of_workers_and_resumes(tmp_path, photos):
 
 @pytest.mark.parametrize("augment", ["cifar", "imagenet"])
 def test_stream_and_memory_see_the_same_test_images(tmp_path, photos, augment):
-    data.prepare(folder_data(photos, image_size=40, augment=augment), tmp_path / "m")
-    data.prepare(folder_data(photos, image_size=40, augment=augment, source="stream"), tmp_path / "s")
+    prepare(folder_data(photos, image_size=40, augment=augment), tmp_path / "m")
+    prepare(folder_data(photos, image_size=40, augment=augment, source="stream"), tmp_path / "s")
     mem, stream = (sources.open_source(tmp_path / d, CPU, 0) for d in ("m", "s"))
     assert mem.manifest["mean"] == pytest.approx(stream.manifest["mean"], abs=1e-3)  # all 18 train images seen
     for (a, y), (b, z) in zip(mem.test_pixels(4), stream.test_pixels(4)):
@@ -113,7 +114,7 @@ def test_stream_and_memory_see_the_same_test_images(tmp_path, photos, augment):
 
 
 def test_stream_shards_per_rank(tmp_path, photos):
-    data.prepare(folder_data(photos, image_size=32, source="stream"), tmp_path / "s")
+    prepare(folder_data(photos, image_size=32, source="stream"), tmp_path / "s")
     src = sources.open_source(tmp_path / "s", CPU, 0)
     single = [i for _, _, _, i in src.epoch(torch.Generator().manual_seed(0), 8)]
     ranks = [[i for _, _, _, i in src.epoch(torch.Generator().manual_seed(0), 8, Dist(r, 2))] for r in (0, 1)]
@@ -122,7 +123,7 @@ def test_stream_shards_per_rank(tmp_path, photos):
 
 
 def test_stream_refuses_a_changed_file(tmp_path, photos):
-    data.prepare(folder_data(photos, image_size=32, source="stream"), tmp_path / "s")
+    prepare(folder_data(photos, image_size=32, source="stream"), tmp_path / "s")
     victim = sorted((photos / "test" / "cat").glob("*"))[0]
     victim.write_bytes(victim.read_bytes() + b"\0" * 10)
     with pytest.raises(data.DataError, match="changed since `kdpipe data` listed it"):
@@ -151,9 +152,9 @@ def test_imagenet_checks_ilsvrc2012s_counts(tmp_path, ilsvrc):
     with pytest.raises(data.DataError, match=rf"not the whole ILSVRC2012: {n_classes} classes \(ILSVRC2012: 1,000\), "
                                              rf"{n_train:,} train images \(ILSVRC2012: 1,281,167\), .* val images "
                                              r"\(ILSVRC2012: 50,000\); set data.subset: true"):
-        data.prepare(cfg, tmp_path / "prepared")
+        prepare(cfg, tmp_path / "prepared")
     assert not (tmp_path / "prepared").exists() and not (tmp_path / "prepared.tmp").exists()
-    manifest = data.prepare(cfg.model_copy(update={"subset": True}), tmp_path / "prepared")  # val/ is the test split
+    manifest = prepare(cfg.model_copy(update={"subset": True}), tmp_path / "prepared")  # val/ is the test split
     assert (manifest["dataset"], manifest["train_size"], manifest["num_classes"]) == ("imagenet", n_train, n_classes)
     assert manifest["test_size"] == sum(1 for f in (ilsvrc / "val").rglob("*") if f.is_file())
     assert manifest["sha256"].keys() == {"samples"}  # a hash of the file list; nothing decoded up front

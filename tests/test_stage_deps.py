@@ -4,6 +4,7 @@ it, and an edit elsewhere does not. cli.py (argument parsing) and the package's 
 
 import json
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -79,6 +80,52 @@ def test_each_method_is_one_file_registering_its_own_name():
     assert files == set(config.METHODS)
     for m in config.METHODS:
         assert distill.get(m).method == m and distill.get(m).__module__ == f"kdpipe.distill.{m}"
+
+
+def defined_in(function: str) -> Path:
+    """The kdpipe file that defines `function` (at its top level)."""
+    from .conftest import ROOT
+
+    files = [f for f in (ROOT / "kdpipe").rglob("*.py") if re.search(rf"^def {function}\(", f.read_text(), re.M)]
+    assert len(files) == 1, files
+    return files[0]
+
+
+def listed_by(project: Path, path: Path) -> tuple[set[str], set[str]]:
+    """(the names of `project`'s stages, those whose deps list `path`)."""
+    from dvc.repo import Repo
+
+    with Repo(str(project)) as repo:
+        stages = repo.index.stages
+    return {s.name for s in stages}, {s.name for s in stages if any(d.fs_path == str(path) for d in s.deps)}
+
+
+@pytest.mark.parametrize("project", [".", "pipelines/cifar10", "pipelines/cifar100", "pipelines/imagenet",
+                                     "examples/compress"])
+def test_dkds_loss_and_the_download_are_deps_of_their_stages_alone(project):
+    # editing DKD's loss re-runs the DKD distillations (and the report, which reads each method's label), no other
+    # method's; editing the CIFAR download re-runs the data stage, not the training that reads its output
+    from .conftest import ROOT
+
+    names, dkd = listed_by(ROOT / project, defined_in("dkd"))
+    distill_dkd = {n for n in names if re.match(r"distill@dkd(-|$)", n)}
+    assert distill_dkd and distill_dkd <= dkd <= distill_dkd | {"report"}, sorted(dkd - distill_dkd)
+    assert listed_by(ROOT / project, defined_in("download"))[1] == {"data"}
+
+
+def test_dvc_status_after_editing_dkds_loss_or_the_download(repo):
+    # the same on the reproduced quickstart, as DVC sees it: each edit makes its own stage stale, undone after
+    from .conftest import DVC, ROOT, sh
+
+    for function, stale in (("dkd", {"distill@dkd"}), ("download", {"data"})):
+        path = repo / defined_in(function).relative_to(ROOT)
+        text = path.read_text()
+        try:
+            path.write_text(text + "\n# edited\n")
+            assert set(json.loads(sh(DVC, "status", "--json", cwd=repo))) == stale
+        finally:
+            path.write_text(text)
+    assert json.loads(sh(DVC, "status", "--json", cwd=repo)) == {}
 
 
 def test_check_reports_a_missing_and_an_unused_dep(repo, monkeypatch):

@@ -4,10 +4,27 @@ for equal channels and size, else `ConvReg` without ReLU) learn the teacher's ac
 alternative L2 loss (margin 1). RepDistiller trains this in a 30-epoch init stage (connectors and the
 student's feature layers), then the student with CE alone; the connectors are not used after it."""
 
-from torch import nn
+from torch import Tensor, nn
 
+from ..losses import fp32
 from .base import Term, check_paired_stages, register, regressor
-from . import functional as Fd
+
+
+# the loss, a pure function (tensors in, a scalar out)
+@fp32
+def ab(gs: list[Tensor], gt: list[Tensor], margin: float = 1.0) -> Tensor:
+    """Heo et al. 2019 (AB), as RepDistiller's ABLoss: per layer, the alternative L2 loss on the (connected)
+    student pre-activation s and the teacher's t, sum over elements of
+    (s + m)^2 [s > -m and t <= 0] + (s - m)^2 [s <= m and t > 0];
+    layer i of n weighted 2^(i - n + 1) (the last layer 1), divided by the batch size, times 3 / 1000; summed."""
+    n, bsz = len(gs), gs[0].shape[0]
+    total = 0.0
+    for i, (s, t) in enumerate(zip(gs, gt)):
+        on, off = (t > 0).to(s.dtype), (t <= 0).to(s.dtype)
+        layer = ((s + margin).pow(2) * ((s > -margin).to(s.dtype) * off)
+                 + (s - margin).pow(2) * ((s <= margin).to(s.dtype) * on)).sum()
+        total = total + 2.0 ** (i - n + 1) * layer / bsz * 3 / 1000
+    return total
 
 
 @register("ab")
@@ -28,4 +45,4 @@ class ActivationBoundaries(Term):
 
     def forward(self, b):
         gs = [c(f) for c, f in zip(self.connectors, b.s_preact[1:])]
-        return Fd.ab(gs, b.t_preact[1:], self.margin)
+        return ab(gs, b.t_preact[1:], self.margin)

@@ -1,8 +1,26 @@
 """AT: Zagoruyko & Komodakis 2017, attention transfer summed over the stage outputs (every tap but the stem's,
 as RepDistiller's `feat[1:-1]`: f1, f2, f3 for the CIFAR ResNets)."""
 
-from . import functional as Fd
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..losses import fp32
 from .base import Term, check_paired_stages, register
+from .functional import match_spatial
+
+
+# the loss and its helpers, pure functions (tensors in, tensors out)
+@fp32
+def attention_map(f: Tensor, p: float = 2) -> Tensor:
+    """Zagoruyko & Komodakis 2017: mean over channels of f^p, flattened per sample, L2-normalised."""
+    return F.normalize(f.pow(p).mean(1).flatten(1), dim=1)
+
+
+@fp32
+def attention(fs: Tensor, ft: Tensor, p: float = 2) -> Tensor:
+    """Attention transfer between two feature maps: mean over batch and positions of (a_s - a_t)^2."""
+    fs, ft = match_spatial(fs, ft)
+    return (attention_map(fs, p) - attention_map(ft, p)).pow(2).mean()
 
 
 @register("at")
@@ -13,4 +31,4 @@ class AttentionTransfer(Term):
         self.p = cfg.p
 
     def forward(self, b):
-        return sum(Fd.attention(fs, ft, self.p) for fs, ft in zip(b.s_feats[1:], b.t_feats[1:]))
+        return sum(attention(fs, ft, self.p) for fs, ft in zip(b.s_feats[1:], b.t_feats[1:]))

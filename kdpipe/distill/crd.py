@@ -16,11 +16,32 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
+from ..losses import fp32
 from ..models.base import Features
-from . import functional as Fd
 from .base import Batch, Term, register
+
+
+# the loss and the scores it takes, pure functions (tensors in, tensors out)
+@fp32
+def nce(scores: Tensor, n_data: int, eps: float = 1e-7) -> Tensor:
+    """CRD's contrastive (NCE) loss, Eq. 18: `scores` (B, 1 + K) are exp(<u, v> / T) / Z with the positive
+    first; with noise probability P_n = 1 / n_data, -(sum log h(pos) + sum log(1 - h(neg))) / B where
+    h(x) = x / (x + K P_n)."""
+    k = scores.shape[1] - 1
+    m = k / n_data
+    pos, neg = scores[:, 0], scores[:, 1:]
+    return -((pos / (pos + m + eps)).log().sum() + (m / (neg + m + eps)).log().sum()) / scores.shape[0]
+
+
+@fp32
+def contrast_scores(anchor: Tensor, memory: Tensor, idx: Tensor, temperature: float) -> Tensor:
+    """CRD's unnormalised scores exp(<memory[idx[b, j]], anchor[b]> / T), (B, 1 + K), for anchors (B, D),
+    a memory bank (N, D) and sampled indices (B, 1 + K). Computed as one (B, N) matrix product and a
+    gather of the sampled scores: a GEMM instead of gathering B x (1 + K) x D memory rows, which made
+    the memory traffic dominate the step (same dot products)."""
+    return torch.exp((anchor @ memory.t()).gather(1, idx) / temperature)
 
 
 class Embed(nn.Module):
@@ -85,11 +106,11 @@ class ContrastiveRepresentation(Term):
             raise ValueError("crd needs each sample's dataset index")
         vs, vt = self.embed_s(b.s_embedding).float(), self.embed_t(b.t_embedding).float()
         idx = torch.cat([b.index[:, None], self.sampler(b.index, self.k)], 1)  # positive first
-        out_t = Fd.contrast_scores(vt, self.memory_s, idx, self.t)  # teacher anchor against the student memory
-        out_s = Fd.contrast_scores(vs, self.memory_t, idx, self.t)  # student anchor against the teacher memory
+        out_t = contrast_scores(vt, self.memory_s, idx, self.t)  # teacher anchor against the student memory
+        out_s = contrast_scores(vs, self.memory_t, idx, self.t)  # student anchor against the teacher memory
         if self.z[0] < 0:  # RepDistiller: Z = mean score x N, fixed from the first batch on
             self.z.copy_(torch.stack([out_s.detach().mean(), out_t.detach().mean()]) * self.n_data)
-        loss = Fd.nce(out_s / self.z[0], self.n_data) + Fd.nce(out_t / self.z[1], self.n_data)
+        loss = nce(out_s / self.z[0], self.n_data) + nce(out_t / self.z[1], self.n_data)
         if self.training:
             with torch.no_grad():
                 for name, v in (("memory_s", vs), ("memory_t", vt)):

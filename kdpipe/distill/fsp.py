@@ -1,7 +1,26 @@
 """FSP: Yim et al. 2017, flow-of-solution-procedure matrices of consecutive taps (f0,f1), (f1,f2), (f2,f3)."""
 
-from . import functional as Fd
+import torch
+from torch import Tensor
+
+from ..losses import fp32
 from .base import Term, check_paired_stages, register
+from .functional import match_spatial
+
+
+# the loss and its helpers, pure functions (tensors in, tensors out)
+@fp32
+def fsp_matrix(bottom: Tensor, top: Tensor) -> Tensor:
+    """Yim et al. 2017: G[b, i, j] = mean over positions of top[b, i] * bottom[b, j], (B, C_top, C_bottom)."""
+    bottom, top = match_spatial(bottom, top)
+    return torch.bmm(top.flatten(2), bottom.flatten(2).transpose(1, 2)) / (top.shape[2] * top.shape[3])
+
+
+@fp32
+def fsp(s_feats: list[Tensor], t_feats: list[Tensor]) -> Tensor:
+    """Sum over the consecutive tap pairs (f0,f1), (f1,f2), (f2,f3) of mean (G_s - G_t)^2."""
+    return sum((fsp_matrix(s_feats[i], s_feats[i + 1]) - fsp_matrix(t_feats[i], t_feats[i + 1])).pow(2).mean()
+               for i in range(len(s_feats) - 1))
 
 
 def check_channels(s_shapes, t_shapes) -> None:
@@ -20,4 +39,4 @@ class FSP(Term):
         check_channels(s_shapes, t_shapes)
 
     def forward(self, b):
-        return Fd.fsp(b.s_feats, b.t_feats)
+        return fsp(b.s_feats, b.t_feats)

@@ -6,10 +6,28 @@ student's last stage; loss = mean |F(translator(s)) - F(paraphraser code of t)| 
 mean of the squared factor. The paraphraser is frozen after its stage, the translator trains with the student."""
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from . import functional as Fd
+from ..losses import fp32
 from .base import Term, register
+from .functional import hint, match_spatial
+
+
+# the loss and its helpers, pure functions (tensors in, tensors out)
+@fp32
+def factor(f: Tensor, p1: float = 2.0) -> Tensor:
+    """Kim et al. 2018 (FT): a map's factor as RepDistiller computes it, the L2-normalised channel mean of f^p1."""
+    return F.normalize(f.pow(p1).mean(1).flatten(1), dim=1)
+
+
+@fp32
+def ft(factor_s: Tensor, factor_t: Tensor, p1: float = 2.0, p2: int = 1) -> Tensor:
+    """Kim et al. 2018 (FT), RepDistiller's FactorTransfer: the larger of the two factor maps (translator
+    output, paraphraser code) pooled to the smaller's size, then mean |F(s) - F(t)|^p2 of their factors."""
+    factor_s, factor_t = match_spatial(factor_s, factor_t)
+    diff = factor(factor_s, p1) - factor(factor_t, p1)
+    return diff.abs().mean() if p2 == 1 else diff.pow(p2).mean()
 
 
 def lrelu() -> nn.Module:
@@ -48,9 +66,9 @@ class FactorTransfer(Term):
         return (self.paraphraser if phase == "init" else self.translator).parameters()
 
     def init_loss(self, b):
-        return Fd.hint(self.paraphraser.decoder(self.paraphraser.encoder(b.t_feats[-1])), b.t_feats[-1])
+        return hint(self.paraphraser.decoder(self.paraphraser.encoder(b.t_feats[-1])), b.t_feats[-1])
 
     def forward(self, b):
         with torch.no_grad():  # frozen after the init stage
             factor_t = self.paraphraser.encoder(b.t_feats[-1])
-        return Fd.ft(self.translator(b.s_feats[-1]), factor_t, self.p1, self.p2)
+        return ft(self.translator(b.s_feats[-1]), factor_t, self.p1, self.p2)

@@ -1,17 +1,45 @@
 """OFD: Heo et al. 2019, "A Comprehensive Overhaul of Feature Distillation", as mdistiller's OFD runs it.
 
 The student's pre-ReLU taps after the stem, each through a connector (1x1 conv + BN to the teacher's channels),
-against the teacher's pre-ReLU taps by the margin-based partial L2 (`functional.ofd`); the margins come from the
+against the teacher's pre-ReLU taps by the margin-based partial L2 (`ofd` below); the margins come from the
 teacher's BN before each of those ReLUs (its `bn_before_relu()`: ResNets, WRN, VGG, torchvision's ResNets). The
 taps are paired from the deepest (mdistiller's `_align_list`). The teacher runs its BN on each batch's statistics
 (its running statistics untouched), as OFD's authors and mdistiller do (their Table 8: better than eval mode)."""
 
 import math
 
-from torch import nn
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from . import functional as Fd
+from ..losses import fp32
 from .base import Term, register
+
+
+# the loss and its helpers, pure functions (tensors in, tensors out)
+def ofd_margin(gamma: Tensor, beta: Tensor) -> Tensor:
+    """Heo et al. 2019 (OFD): per channel, E[x | x < 0] for x ~ N(beta, gamma^2), the teacher's BN before its ReLU;
+    -3 |gamma| where P(x < 0) <= 0.001 (mdistiller's `init_ofd_modules`, computed in float64)."""
+    s, m = gamma.double().abs(), beta.double()
+    cdf = 0.5 * (1 + torch.erf(-m / s / math.sqrt(2)))
+    margin = -s * torch.exp(-(m / s) ** 2 / 2) / math.sqrt(2 * math.pi) / cdf + m
+    return torch.where(cdf > 0.001, margin, -3 * s).float()
+
+
+@fp32
+def ofd(s_feats: list[Tensor], t_feats: list[Tensor], margins: list[Tensor]) -> Tensor:
+    """Heo et al. 2019 (OFD), mdistiller's `feat_loss` summed over levels: the connected student pre-ReLU map s and
+    the teacher's t (average-pooled to s's size), squared error where t > 0, or where s > t > margin and t <= 0,
+    and (s - margin)^2 where s > margin >= t; summed over C, H, W, mean over the batch; level i of n weighted
+    1 / 2^(n - 1 - i) (the last 1)."""
+    n, total = len(s_feats), 0.0
+    for i, (s, t, m) in enumerate(zip(s_feats, t_feats, margins)):
+        t = F.adaptive_avg_pool2d(t, s.shape[-2:])
+        m = m.view(1, -1, 1, 1)
+        loss = ((s - m) ** 2 * ((s > m) & (t <= m)) + (s - t) ** 2 * ((s > t) & (t > m) & (t <= 0))
+                + (s - t) ** 2 * (t > 0))
+        total = total + loss.abs().mean(0).sum() / 2 ** (n - 1 - i)
+    return total
 
 
 def connector(c_s: int, c_t: int) -> nn.Sequential:
@@ -43,9 +71,9 @@ class OFD(Term):
             raise ValueError(f"ofd takes its margins from the teacher's BN before each ReLU; {type(teacher).__name__} "
                              "has none known (ResNets, WRN, VGG have)") from None
         for i, bn in enumerate(bns):
-            self.register_buffer(f"margin{i}", Fd.ofd_margin(bn.weight.detach(), bn.bias.detach()), persistent=False)
+            self.register_buffer(f"margin{i}", ofd_margin(bn.weight.detach(), bn.bias.detach()), persistent=False)
 
     def forward(self, b):
         s = [c(f) for c, f in zip(self.connectors, b.s_preact[len(b.s_preact) - self.levels:])]
         margins = [getattr(self, f"margin{i}") for i in range(self.levels)]
-        return Fd.ofd(s, b.t_preact[len(b.t_preact) - self.levels:], margins)
+        return ofd(s, b.t_preact[len(b.t_preact) - self.levels:], margins)

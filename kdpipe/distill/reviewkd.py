@@ -5,17 +5,36 @@ its pooled embedding, from the deepest up, pass through attention-based fusion (
 to `mid` channels (1x1 conv + BN), fuses it with the deeper level's fused map (nearest-upsampled; a per-pixel
 sigmoid attention of two channels weighs the two), upsamples to the teacher's size and maps to the teacher's
 channels (3x3 conv + BN). Each level is compared with the teacher's pre-ReLU tap (its embedding for the
-pooled level) by the hierarchical context loss, `functional.hcl`. The weight ramps up linearly over
+pooled level) by the hierarchical context loss, `hcl` below. The weight ramps up linearly over
 `warmup_epochs` (mdistiller: epoch / 20, epochs counted from 1). mdistiller's per-pair IN/OUT_CHANNELS and
 SHAPES are the two models' feature shapes, read here; mid = min(512, the student's embedding width).
 The student's taps are paired with the teacher's from the deepest (the stem's is left out, as there)."""
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
-from . import functional as Fd
+from ..losses import fp32
 from .base import Term, register, warmup
+
+
+# the loss, a pure function (tensors in, a scalar out)
+@fp32
+def hcl(fs_list: list[Tensor], ft_list: list[Tensor]) -> Tensor:
+    """Chen et al. 2021 (ReviewKD), the hierarchical context loss as mdistiller's `hcl_loss`: per level, the MSE of
+    the full maps (weight 1) plus the MSEs of both maps average-pooled to 4x4, 2x2 and 1x1 where that is smaller than
+    the map's height (weights 1/2, 1/4, ... over the levels used), divided by the sum of the weights; summed."""
+    total = 0.0
+    for fs, ft in zip(fs_list, ft_list):
+        h = fs.shape[2]
+        loss, weight, weights = F.mse_loss(fs, ft), 1.0, 1.0
+        for size in (4, 2, 1):
+            if size < h:
+                weight /= 2
+                loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(fs, size), F.adaptive_avg_pool2d(ft, size))
+                weights += weight
+        total = total + loss / weights
+    return total
 
 
 class ABF(nn.Module):
@@ -70,4 +89,4 @@ class ReviewKD(Term):
         for i in reversed(range(len(xs))):  # the review: from the deepest level up
             out, residual = self.abfs[i](xs[i], residual, self.out_sizes[i])
             outs.insert(0, out)
-        return warmup(b.epoch, self.cfg.warmup_epochs) * Fd.hcl(outs, targets)
+        return warmup(b.epoch, self.cfg.warmup_epochs) * hcl(outs, targets)

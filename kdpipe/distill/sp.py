@@ -1,7 +1,21 @@
 """SP: Tung & Mori 2019, similarity-preserving KD on the last stage's feature map."""
 
-from . import functional as Fd
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..losses import fp32
 from .base import Term, register
+
+
+# the loss, a pure function (tensors in, a scalar out)
+@fp32
+def sp(fs: Tensor, ft: Tensor) -> Tensor:
+    """Tung & Mori 2019, similarity-preserving: the batch Gram matrices G = f f^T of the flattened maps,
+    each row L2-normalised; sum of squared differences / B^2."""
+    b = fs.shape[0]
+    gs = F.normalize(fs.reshape(b, -1) @ fs.reshape(b, -1).t(), dim=1)
+    gt = F.normalize(ft.reshape(b, -1) @ ft.reshape(b, -1).t(), dim=1)
+    return (gt - gs).pow(2).sum() / (b * b)
 
 
 @register("sp")
@@ -10,4 +24,4 @@ class SimilarityPreserving(Term):
         super().__init__()
 
     def forward(self, b):
-        return Fd.sp(b.s_feats[-1], b.t_feats[-1])
+        return sp(b.s_feats[-1], b.t_feats[-1])

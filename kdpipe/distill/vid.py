@@ -6,11 +6,21 @@ variance (softplus, initialised to 5); loss = mean of 0.5 (log var + (mu - t)^2 
 import math
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from . import functional as Fd
+from ..losses import fp32
 from .base import Term, check_paired_stages, register
+from .functional import match_spatial
 
+
+# the loss, a pure function (tensors in, a scalar out)
+@fp32
+def vid(mean: Tensor, target: Tensor, log_scale: Tensor, eps: float = 1e-5) -> Tensor:
+    """Ahn et al. 2019: Gaussian negative log-likelihood (without the constant) of the teacher's map under
+    the predicted mean and per-channel variance softplus(log_scale) + eps, mean over all elements."""
+    var = (F.softplus(log_scale) + eps).view(1, -1, 1, 1)
+    return (0.5 * ((mean - target).pow(2) / var + var.log())).mean()
 
 
 class VIDTap(nn.Module):
@@ -24,8 +34,8 @@ class VIDTap(nn.Module):
         self.eps = eps
 
     def forward(self, fs, ft):
-        fs, ft = Fd.match_spatial(fs, ft)
-        return Fd.vid(self.regressor(fs), ft, self.log_scale, self.eps)
+        fs, ft = match_spatial(fs, ft)
+        return vid(self.regressor(fs), ft, self.log_scale, self.eps)
 
 
 @register("vid")
