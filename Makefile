@@ -20,7 +20,7 @@ quickstart: install
 	dvc metrics show
 
 test: install
-	pytest -q
+	pytest -q -n auto --dist loadgroup
 
 # removes what the pipeline produced (git-ignored files only); tracked files (dvc.lock, committed
 # metrics, the folders' .gitignore) stay

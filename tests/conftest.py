@@ -33,6 +33,32 @@ TINY = {
 }
 
 
+# The suite runs in parallel (`make test`: pytest-xdist, one worker per core, one torch thread each, so the workers
+# do not oversubscribe the cores). Tests on one of the DVC projects reproduced once per session share a worker
+# (`--dist loadgroup`), so each project is built once; they are `slow` (`pytest -m "not slow"` skips them).
+PROJECT_FIXTURES = ("repo", "smoke_pipeline")
+TIMEOUT = {"slow": 1800, "fast": 600}  # seconds per test, fixtures included: a hung test fails instead of CI
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"  # for the commands the tests start, too
+        import torch
+
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        project = next((f for f in PROJECT_FIXTURES if f in item.fixturenames), None)
+        speed = "slow" if project or item.get_closest_marker("slow") else "fast"
+        item.add_marker(getattr(pytest.mark, speed))
+        if project:
+            item.add_marker(pytest.mark.xdist_group(project))
+        if not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(TIMEOUT[speed]))
+
+
 def deep_update(d: dict, updates: dict) -> dict:
     for k, v in updates.items():
         if isinstance(v, dict) and isinstance(d.get(k), dict):

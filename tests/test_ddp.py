@@ -107,10 +107,11 @@ def test_run_context_puts_each_rank_on_its_own_gpu(monkeypatch):
 def test_a_distillation_places_everything_by_one_run_context(workdir, monkeypatch):
     """`kdpipe distill` builds the run context once: the data source, the teacher, the objective and the loop
     all take their device from it (a second, differently resolved one put rank 1's data on cuda:0)."""
-    from kdpipe import config, data, engine, runs, runtime
+    from kdpipe import config, engine, runs, runtime
+    from kdpipe.prepare import prepare
 
     p = config.validate(tiny_params())
-    data.prepare(p.data, workdir / "data/prepared")
+    prepare(p.data, workdir / "data/prepared")
     runs.train("teacher", p.teacher, "teacher", workdir / "data/prepared")
     made, seen = [], {}
     context = runtime.context

@@ -1,5 +1,5 @@
-"""The full pipelines: params, stage graphs, one stage definition, and experiments compared across git
-revisions (on the smoke fixture; the full smoke run with three of CRD's pairs is in .ci/run)."""
+"""The full pipelines: params, stage graphs, one stage definition, the report of a whole grid, and experiments
+compared across git revisions (on the smoke fixture: pipelines/cifar100 with every method and kind of stage)."""
 
 import json
 
@@ -144,6 +144,23 @@ def test_root_dvc_project_is_the_quickstart_alone():
     stages = {line.split()[0] for line in sh(DVC, "stage", "list", cwd=ROOT).splitlines()}
     assert "teacher" in stages and "report" in stages
     assert not any("pair" in s or s.startswith("evaluate-") for s in stages), stages
+
+
+def test_the_report_of_a_whole_grid(smoke_pipeline):
+    """Every method has its row, the imported teacher is reported, and the seed's table and the baselines train
+    the same model under their own recipes (two checkpoints)."""
+    from kdpipe import distill
+
+    p = config.load_params(smoke_pipeline / "params.yaml")
+    text = (smoke_pipeline / "reports/results.md").read_text()
+    assert "## Distillation" in text
+    missing = [m for m in config.METHODS if f"| {distill.get(m).label} |" not in text]
+    assert not missing, f"the report lacks rows for {missing}"
+    assert "| ResNet-14 (published) |" in text
+    assert "## The seed's ResNet table" in text
+    assert p.table.recipe != p.teacher.recipe
+    for recipe in (p.table.recipe, p.teacher.recipe):
+        assert (smoke_pipeline / f"models/{recipe}-resnet8-s0.pt").stat().st_size > 0
 
 
 def test_experiments_compare_across_revisions(smoke_pipeline):

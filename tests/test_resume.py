@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from kdpipe import config, data, engine, models, runs
+from kdpipe.prepare import prepare
 from kdpipe.checkpoint import model_path
 
 from .conftest import tiny_params
@@ -20,17 +21,17 @@ from .conftest import tiny_params
 pytest.importorskip("torchvision")
 
 
-def prepare(workdir, photos, source: str) -> config.Params:
+def folder_project(workdir, photos, source: str) -> config.Params:
     d = {"dataset": "folder", "path": str(photos), "image_size": 32, "source": source} if source else {}
     p = config.validate(tiny_params(data=d, student={"model": "tv/mobilenet_v3_small", "epochs": 3, "batch_size": 6,
                                                      "runtime": {"workers": 2}}))
-    data.prepare(p.data, workdir / "data/prepared")
+    prepare(p.data, workdir / "data/prepared")
     return p
 
 
 @pytest.mark.parametrize("source", ["memory", "stream"])
 def test_resume_continues_dropout_where_it_stopped(workdir, photos, monkeypatch, source):
-    p = prepare(workdir, photos, source)
+    p = folder_project(workdir, photos, source)
     assert any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in models.create(p.student.model, 3).modules())
     runs.train("student", p.student, "full", workdir / "data/prepared")
     monkeypatch.setenv("KDPIPE_STOP_AFTER", "1")
@@ -47,7 +48,7 @@ def test_resume_continues_timm_drop_path(tmp_path):
     from kdpipe.models.timm_models import _with_features
 
     p = config.validate(tiny_params(student={"epochs": 3}))
-    data.prepare(p.data, tmp_path / "prepared")
+    prepare(p.data, tmp_path / "prepared")
     prepared = data.load(tmp_path / "prepared")
 
     def run(out, stop_after=None):
@@ -84,7 +85,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(workdir, photos):
                     distill={"crd": {"nce_k": 8}})
     (workdir / "params.yaml").write_text(yaml.safe_dump(p))
     p = config.validate(p)
-    data.prepare(p.data, workdir / "data/prepared")
+    prepare(p.data, workdir / "data/prepared")
     runs.train("teacher", p.teacher, "teacher", workdir / "data/prepared")
     full = kdpipe("distill", "-m", "crd+mlkd", "--name", "full", cwd=workdir)
     cut = kdpipe("distill", "-m", "crd+mlkd", "--name", "cut", cwd=workdir)
