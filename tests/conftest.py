@@ -48,6 +48,7 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
         project = next((f for f in PROJECT_FIXTURES if f in item.fixturenames), None)
