@@ -34,9 +34,9 @@ def compress(size: int) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "real-images":
+    if sys.argv[1:] == ["real-images"]:
         real_images()
-    elif sys.argv[1] == "compress":
+    elif sys.argv[1:2] == ["compress"] and len(sys.argv) == 3:
         compress(int(sys.argv[2]))
     else:
         sys.exit(__doc__)

@@ -70,11 +70,12 @@ def check(project: Path, traces: list[Path] | None = None) -> int:
     return len(stages)
 
 
-def main(what: str, where: str, *rest: str):
+def main(args: list[str]):
+    if len(args) < 2 or args[0] not in ("run", "check"):
+        return __doc__
+    what, where, *rest = args
     if what == "run":
         return subprocess.run(rest, env={**os.environ, **tracing(Path(where).absolute())}).returncode
-    if what != "check":
-        return __doc__
     try:
         n = check(Path(where).resolve(), [Path(t) for t in rest] or None)
     except AssertionError as e:
@@ -84,4 +85,4 @@ def main(what: str, where: str, *rest: str):
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))
