@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tools.stage_deps import tracing
+from tools.stand_in_teacher import published_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 
 _TRAIN = {
@@ -122,17 +125,6 @@ def sh(*args, cwd, env=None):
     return proc.stdout
 
 
-def tracing(traces: Path) -> dict:
-    """Env for `sh` under which each `kdpipe` command records the kdpipe files it imports (trace_kdpipe.py)
-    in the folder `traces`."""
-    bin_dir = traces / "bin"
-    bin_dir.mkdir(parents=True, exist_ok=True)
-    script = bin_dir / "kdpipe"
-    script.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{Path(__file__).with_name("trace_kdpipe.py")}" "$@"\n')
-    script.chmod(0o755)
-    return {"PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}", "KDPIPE_TRACE": str(traces)}
-
-
 @pytest.fixture(scope="session")
 def repo(tmp_path_factory):
     """A git+DVC repo with the project's dvc.yaml and kdpipe sources, reproduced once on tiny params (that
@@ -165,40 +157,6 @@ def smoke_params(raw: dict) -> dict:
     deep_update(p["distill"], {"fsp": {"init_epochs": 1}, "ab": {"init_epochs": 1}, "ft": {"init_epochs": 1},
                                "crd": {"nce_k": 16}, "dkd": {"warmup_epochs": 1}})
     return p
-
-
-def published_checkpoint(model_name: str, path: Path, num_classes: int = 10, size: int = 32) -> None:
-    """A stand-in for a published teacher: random weights in the reference's layout (RepDistiller's; a library
-    model's own state dict, as torchvision publishes it), BN statistics calibrated on noise images (with untrained
-    statistics deep features explode and FSP diverges). .ci/run makes the smoke pipelines' teachers with it."""
-    import torch
-
-    from kdpipe import models
-    from kdpipe.import_teacher import to_reference
-
-    torch.manual_seed(0)
-    model = models.create(model_name, num_classes)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None  # cumulative average over the calibration batches
-    with torch.no_grad():
-        for _ in range(4):
-            model(torch.randn(32, 3, size, size))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if model_name.startswith(tuple(models.LIBRARIES)):
-        torch.save(model.state_dict(), path)
-    else:
-        torch.save({"model": to_reference(model_name, model.state_dict()), "epoch": 240, "accuracy": 0.0}, path)
-
-
-def linked_subset(images: Path, out: Path, splits: dict) -> None:
-    """A class-balanced subset of an image folder as links (.ci/run's smoke runs on the real JPEGs):
-    splits maps each new split to (the split it is taken from, images per class), e.g. {"val": ("test", 4)}."""
-    for split, (src, n) in splits.items():
-        for c in sorted(d.name for d in (images / src).iterdir() if d.is_dir()):
-            (out / split / c).mkdir(parents=True)
-            for f in sorted((images / src / c).iterdir())[:n]:
-                os.symlink(f, out / split / c / f.name)
 
 
 @pytest.fixture(scope="session")

@@ -1,56 +1,15 @@
 """Each DVC stage depends on exactly the kdpipe files its command imports or opens (traced while the stages
-ran: see trace_kdpipe.py), so an edit anywhere in the code or data that decides a stage's results re-runs
+ran: tools/stage_deps.py), so an edit anywhere in the code or data that decides a stage's results re-runs
 it, and an edit elsewhere does not. cli.py (argument parsing) and the package's top __init__.py are exempt."""
 
 import json
-import os
 import re
-import shlex
-import sys
 from pathlib import Path
 
 import pytest
 
-EXEMPT = {"__init__.py", "__main__.py", "cli.py"}  # the package top and argument parsing
-
-
-def code_deps(stage, kdpipe_dir: Path) -> list[str]:
-    rel = [os.path.relpath(d.fs_path, kdpipe_dir) for d in stage.deps]
-    return [r for r in rel if not r.startswith("..")]
-
-
-def traced_stages(project: Path, traces: list[Path] | None = None) -> list[tuple[str, set[str], list[str]]]:
-    """(stage name, kdpipe files its command imported, its kdpipe deps) for every stage of `project`, from the
-    records in `traces` (default: the repository's `<repo>-traces`; several folders: clones of one repository
-    that ran disjoint slices of the stages, matched by the stage's folder within its clone)."""
-    from dvc.repo import Repo
-
-    root = next(p for p in [project, *project.parents] if (p / "kdpipe").is_dir())
-    records = [json.loads(f.read_text()) for d in (traces or [root.with_name(root.name + "-traces")])
-               for f in d.glob("*.json")]
-    out = []
-    with Repo(str(project)) as repo:
-        for stage in repo.index.stages:
-            argv = shlex.split(stage.cmd)[1:]
-            where = Path(stage.wdir).relative_to(root).parts
-            runs = [r for r in records if r["argv"] == argv and Path(r["cwd"]).parts[len(Path(r["cwd"]).parts) - len(where):] == where]
-            assert runs, f"{stage.name}: its command never ran under the tracer"
-            out.append((stage.name, set(runs[0]["files"]) - EXEMPT, code_deps(stage, root / "kdpipe")))
-    return out
-
-
-def check(project: Path, traces: list[Path] | None = None) -> int:
-    problems = []
-    stages = traced_stages(project, traces)
-    for name, imported, deps in stages:
-        def covers(dep, f):
-            return f == dep or f.startswith(dep.rstrip("/") + "/")
-        missing = sorted(f for f in imported if not any(covers(d, f) for d in deps))
-        unused = sorted(d for d in deps if not any(covers(d, f) for f in imported))
-        if missing or unused:
-            problems.append(f"{name}: imports but does not depend on {missing}; depends on but never imports {unused}")
-    assert not problems, "\n".join(problems)
-    return len(stages)
+from tools import stage_deps
+from tools.stage_deps import check, traced_stages
 
 
 def test_quickstart_stage_deps_are_the_code_each_stage_imports(repo):
@@ -133,7 +92,7 @@ def test_check_reports_a_missing_and_an_unused_dep(repo, monkeypatch):
     stages = traced_stages(repo)
     name, imported, deps = next(s for s in stages if s[0] == "distill@kd")
     fake = [(name, imported, [d for d in deps if d != "runs.py"] + ["distill/crd.py"])]
-    monkeypatch.setattr(sys.modules[__name__], "traced_stages", lambda project, traces=None: fake)
+    monkeypatch.setattr(stage_deps, "traced_stages", lambda project, traces=None: fake)
     with pytest.raises(AssertionError, match=r"distill@kd: imports but does not depend on \['runs.py'\]; "
                                              r"depends on but never imports \['distill/crd.py'\]"):
         check(repo)

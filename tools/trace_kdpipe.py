@@ -1,6 +1,7 @@
 """Runs the kdpipe command line as the `kdpipe` script does, and records which kdpipe files the run imported
-or opened (data files such as published.yaml) in $KDPIPE_TRACE/<hash>.json, with its folder and arguments:
-tests/test_stage_deps.py checks them against each DVC stage's deps."""
+or opened (data files such as published.yaml) in $KDPIPE_TRACE/<hash>.json, with its folder and arguments.
+Not called by hand: tools/stage_deps.py puts it first on PATH as `kdpipe` (`tracing`), then checks the records
+against each DVC stage's deps."""
 
 import atexit
 import hashlib
