@@ -432,14 +432,14 @@ class Params(Strict):
     recipes: dict[str, Recipe] = {}
     teacher: Train = Train(model="resnet56")
     student: Train = Train(model="resnet20")
-    table: Train = Train()  # the full pipelines' `table@` stages: the seed's ResNet table (He et al.'s recipe)
+    table: Train = Train()  # the full pipelines' `table@` stages: the ResNet table (He et al.'s recipe)
     distill: Distill = Distill()
     evaluate: Evaluate = Evaluate()
     # the grid of the full pipelines (pipelines/cifar10, cifar100, imagenet)
     # the command their training stages run: kdpipe, or kdpipe under torchrun for DDP on several GPUs
     # (`torchrun --nproc-per-node 8 -m kdpipe`); the global batch_size and lr stay the params' (runtime.py)
     launch: str = "kdpipe"
-    table_models: list[ModelName] = []  # trained from scratch with `table`: the seed's published table
+    table_models: list[ModelName] = []  # trained from scratch with `table`: the ResNet table's figures
     models: list[ModelName] = []  # trained from scratch with `teacher`: the benchmark's teachers and baselines
     published: list[ModelName] = []  # teachers imported from published/<model>.pth (RepDistiller/mdistiller)
     seeds: list[int] = [0]

@@ -18,7 +18,7 @@ def _pairs(table: dict) -> dict[tuple[str, str], object]:
 
 
 PUBLISHED = {m: tuple(row) for m, row in _REFERENCE["he2016"]["models"].items()}
-SEED_TABLE_METRIC = _REFERENCE["he2016"]["metric"]  # the Top-1 the seed's table reports: the best epoch's
+RESNET_TABLE_METRIC = _REFERENCE["he2016"]["metric"]  # the Top-1 the ResNet table reports: the best epoch's
 
 
 def published(model: str, dataset: str):
@@ -226,8 +226,8 @@ def grid(p, manifest: dict, metrics_dir: Path, plots_dir: Path, out_dir: Path) -
     if p.table_models:
         def seed_figure(model):
             pub = published(model, dataset)
-            return (f"{pub[0]:.2f} / {pub[1]:.2f}" if pub else "–", SEED_TABLE_METRIC, pub[0] if pub else None) if cifar else None
-        lines += ["## The seed's ResNet table", "",
+            return (f"{pub[0]:.2f} / {pub[1]:.2f}" if pub else "–", RESNET_TABLE_METRIC, pub[0] if pub else None) if cifar else None
+        lines += ["## The ResNet table", "",
                   f"Our numbers: recipe {recipe_text(p.table)}. Top1 = best epoch's test Top-1, Top5 = last epoch's "
                   "test Top-5, the convention of the published table; Top1 last = last epoch's Top-1.", "",
                   head + (" Published Top1 / Top5 | Δ Top1 |" if cifar else ""),
@@ -305,9 +305,9 @@ def grid(p, manifest: dict, metrics_dir: Path, plots_dir: Path, out_dir: Path) -
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.md").write_text(text)
     seed = p.seeds[0]
-    panels = []  # (title, [(label, run name)]): the seed's table, then one panel per pair
+    panels = []  # (title, [(label, run name)]): the ResNet table, then one panel per pair
     if p.table_models:
-        panels.append((f"the seed's table ({p.table.recipe})",
+        panels.append((f"the ResNet table ({p.table.recipe})",
                        [(pretty(m), trained_run(p.table.recipe, m, seed)) for m in p.table_models]))
     for t, s in pairs:
         panels.append((f"{pretty(t)} → {pretty(s)}",
@@ -320,7 +320,7 @@ def grid(p, manifest: dict, metrics_dir: Path, plots_dir: Path, out_dir: Path) -
 
 
 def curves_by_pair(panels: list[tuple[str, list[tuple[str, str]]]], plots_dir: Path, out: Path, title: str) -> None:
-    """Small multiples: a panel per pair (and one for the seed's table), a colour per label across panels,
+    """Small multiples: a panel per pair (and one for the ResNet table), a colour per label across panels,
     one legend for the figure: readable at 13 pairs x 16 runs, where one plot with a legend entry per run is not."""
     import matplotlib
 

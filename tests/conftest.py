@@ -146,7 +146,7 @@ def repo(tmp_path_factory):
 
 def smoke_params(raw: dict) -> dict:
     """A full pipeline's params shrunk to seconds on a CPU: tiny synthetic data, one-epoch recipes, one seed, a
-    grid with every kind of stage (the seed's table, a trained model and a published teacher under another
+    grid with every kind of stage (the ResNet table, a trained model and a published teacher under another
     recipe, one pair) and every method."""
     p = copy.deepcopy(raw)
     p["data"].update(dataset="synthetic", synthetic={"num_classes": 10, "train_size": 64, "test_size": 32, "seed": 0})

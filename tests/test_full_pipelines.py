@@ -38,7 +38,7 @@ def test_params_validate_with_recipes(name):
     # FSP and FitNets as RepDistiller runs them
     assert p.distill.fsp.init_epochs == 30 and p.distill.fitnets.regressor_kernel == 1
     assert (p.distill.ab.init_epochs, p.distill.ab.beta, p.distill.ft.init_epochs, p.distill.ft.beta) == (30, 1, 30, 200)
-    # the seed's table in both: the five ResNets with He et al.'s recipe (Top1 best epoch, Top5 last epoch)
+    # the ResNet table in both: the five ResNets with He et al.'s recipe (Top1 best epoch, Top5 last epoch)
     assert p.table_models == ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]
     assert p.table.recipe == "he2016" and p.table.model_dump(exclude={"recipe", "model", "weights", "seed", "runtime"}) == \
         p.recipes["he2016"].model_dump()
@@ -114,7 +114,7 @@ def test_stage_graph_cifar100_published_teachers():
     edges = dag_edges(folder)
     assert {a for a, b in edges if b == "distill@kd-pair11-1"} == {"data", "import-teacher@resnet32x4-1"}
     assert ("import-teacher@resnet56-0", "evaluate-published@resnet56-0") in edges
-    # ResNet-20 twice, under two recipes: the seed's table (he2016) and CRD's baseline (repdistiller)
+    # ResNet-20 twice, under two recipes: the ResNet table (he2016) and CRD's baseline (repdistiller)
     assert "table@resnet20-0" in stages and "teacher@resnet20-0" in stages
     assert ("table@resnet20-0", "evaluate-table@resnet20-0") in edges and ("teacher@resnet20-0", "report") not in edges
 
@@ -147,7 +147,7 @@ def test_root_dvc_project_is_the_quickstart_alone():
 
 
 def test_the_report_of_a_whole_grid(smoke_pipeline):
-    """Every method has its row, the imported teacher is reported, and the seed's table and the baselines train
+    """Every method has its row, the imported teacher is reported, and the ResNet table and the baselines train
     the same model under their own recipes (two checkpoints)."""
     from kdpipe import distill
 
@@ -157,7 +157,7 @@ def test_the_report_of_a_whole_grid(smoke_pipeline):
     missing = [m for m in config.METHODS if f"| {distill.get(m).label} |" not in text]
     assert not missing, f"the report lacks rows for {missing}"
     assert "| ResNet-14 (published) |" in text
-    assert "## The seed's ResNet table" in text
+    assert "## The ResNet table" in text
     assert p.table.recipe != p.teacher.recipe
     for recipe in (p.table.recipe, p.teacher.recipe):
         assert (smoke_pipeline / f"models/{recipe}-resnet8-s0.pt").stat().st_size > 0

@@ -90,7 +90,7 @@ def test_features_contract(name):
     model = models.create(name, 100).eval()
     x = torch.randn(2, 3, 32, 32)
     out = model(x, features=True)
-    logits, stages = out  # unpacks as the seed's (logits, stages)
+    logits, stages = out  # unpacks as (logits, stages)
     assert out.logits is logits and out.stages is stages
     assert ([tuple(f.shape[1:]) for f in stages], out.embedding.shape[1]) == STAGES[name]
     head = dict(model.named_children())[next(n for n in ("fc", "linear", "classifier") if hasattr(model, n))]
@@ -106,7 +106,7 @@ def test_reference_state_dict_layout(name):
 
 
 def test_seed_resnet_checkpoints_keep_their_keys():
-    # the seed's checkpoints (stage1..3, shortcut, fc) load unchanged; RepDistiller's names are mapped on import
+    # kdpipe's checkpoints (stage1..3, shortcut, fc) load unchanged; RepDistiller's names are mapped on import
     keys = list(models.create("resnet20", 10).state_dict())
     assert keys[:3] == ["conv1.weight", "bn1.weight", "bn1.bias"] and keys[-2:] == ["fc.weight", "fc.bias"]
     assert "stage2.0.shortcut.0.weight" in keys and "stage3.2.bn2.running_var" in keys

@@ -32,16 +32,16 @@ def test_grid_report(tmp_path):
         fake_run(tmp_path, f"repdistiller-resnet56-s{seed}", t)
         fake_run(tmp_path, f"repdistiller-resnet20-s{seed}", s)
         fake_run(tmp_path, f"kd-resnet56-resnet20-s{seed}", kd)
-        fake_run(tmp_path, f"he2016-resnet56-s{seed}", t + 1)  # the seed's table: another recipe, another run
+        fake_run(tmp_path, f"he2016-resnet56-s{seed}", t + 1)  # the ResNet table: another recipe, another run
     fake_run(tmp_path, "fsp-resnet56-resnet20-s0", 69.5)  # one seed missing: n=1
     fake_run(tmp_path, "dkd-resnet56-resnet20-s0", 71.0)
     manifest = {"dataset": "cifar100", "train_size": 50000, "test_size": 10000, "num_classes": 100, "source": "x"}
     text = report.grid(p, manifest, tmp_path / "metrics", tmp_path / "plots", tmp_path / "reports")
     table_part, models_part = text.split("## Teachers and students' baselines")
-    # the seed's table (he2016 runs): ResNet-56 mean 74 ± sqrt(2) over 2 seeds vs the seed's CIFAR-100 71.09 / 91.56,
+    # the ResNet table (he2016 runs): ResNet-56 mean 74 ± sqrt(2) over 2 seeds vs the ResNet table's CIFAR-100 71.09 / 91.56,
     # best-epoch Top1 and last-epoch Top5 as that table
     he = "`he2016` (164 epochs, batch 128, SGD lr 0.1 x0.1 at epochs 82/123, wd 0.0001)"
-    assert f"## The seed's ResNet table\n\nOur numbers: recipe {he}. Top1 = best epoch's" in table_part
+    assert f"## The ResNet table\n\nOur numbers: recipe {he}. Top1 = best epoch's" in table_part
     assert "| ResNet-56 | 0.27 | 74.00 ± 1.41 (n=2) | 90.00 ± 0.00 (n=2) | 73.00 ± 1.41 (n=2) | 71.09 / 91.56 | +2.91 |" \
         in table_part
     # CRD's models (repdistiller runs) beside CRD's own figures for them, last epoch vs last epoch
@@ -133,7 +133,7 @@ def test_published_figures_come_with_source_and_convention():
     assert report.IMAGENET[("tv/resnet34", "tv/resnet18")]["dkd"] == [71.70, None]
     assert report.IMAGENET_MODELS == {"tv/resnet34": [73.31, 91.42], "tv/resnet18": [69.76, 89.08],
                                       "tv/resnet50": [76.16, 92.86], "mobilenetv1": [68.87, 88.76]}
-    assert report.PUBLISHED["resnet110"] == (1.73, 1.74, 93.77, 99.78, 71.85, 91.36)  # the seed's target table
+    assert report.PUBLISHED["resnet110"] == (1.73, 1.74, 93.77, 99.78, 71.85, 91.36)  # the ResNet table (the project's targets)
     assert report.published("resnet20", "cifar100") == (67.86, 90.11)
     # each method is compared on the metric its published figures use: CRD's last epoch, unless the method
     # has a table of its own that says otherwise (DKD: mdistiller's best epoch)

@@ -2,7 +2,7 @@
 
 `create(name, num_classes, weights)` builds any model below, and any of torchvision's (`tv/<name>`,
 kdpipe/models/tv.py) and timm's (`timm/<name>`, kdpipe/models/timm_models.py), with their pretrained weights. Every model's `forward(x)` returns logits and
-`forward(x, features=True)` returns `Features`, which unpacks as `(logits, stages)` (the seed's contract)
+`forward(x, features=True)` returns `Features`, which unpacks as `(logits, stages)` (so code that unpacks two values keeps working)
 and also carries `.embedding`:
 
 - `stages`: the stem's output and each stage's output, as RepDistiller's `is_feat=True, preact=False`

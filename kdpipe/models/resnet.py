@@ -17,7 +17,7 @@ DEPTHS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32, "resnet4
 WIDTHS = (16, 16, 32, 64)  # stem, stage 1, stage 2, stage 3
 WIDE = {"resnet8x4": 8, "resnet32x4": 32}
 WIDTHS_X4 = (32, 64, 128, 256)
-# RepDistiller's names -> kdpipe's (kdpipe keeps the seed's names so old checkpoints load)
+# RepDistiller's names -> kdpipe's (kdpipe keeps its own names, which its checkpoints use)
 REFERENCE_KEYS = {"layer1": "stage1", "layer2": "stage2", "layer3": "stage3", "downsample": "shortcut"}
 
 
