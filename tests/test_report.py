@@ -55,6 +55,7 @@ def test_grid_report(tmp_path):
     assert "| FSP | 68.50 ± 0.00 (n=1) [69.95] |" in text
     # DKD's published figure (mdistiller) does not say best or last: compared with our best epoch, marked †
     assert "| DKD † | 71.00 ± 0.00 (n=1) [71.97] |" in text and "† DKD:" in text
+    assert "the mean of 5 runs" in text.split("† DKD:")[1]  # the footnote says how many runs the figure averages
     # each table says which recipe produced our numbers and which convention it uses
     recipe = ("`repdistiller` (240 epochs, batch 64, SGD lr 0.05 x0.1 at epochs 150/180/210, wd 0.0005; "
               "lr 0.01 for mobilenetv2, shufflev1, shufflev2)")
