@@ -76,6 +76,7 @@ def finish(proc) -> str:
     return err
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(workdir, photos):
     """Real processes on streamed images with 2 workers: a MobileNetV3 (Dropout) student distilled with MLKD
     (the strong view) and CRD (the memory bank), killed with SIGKILL during its second epoch."""
