@@ -15,7 +15,7 @@ from kdpipe.cli import app
 
 from .conftest import tiny_params, write_params
 
-pytestmark = pytest.mark.slow  # whole processes under torchrun (the context tests below are quick, but few)
+pytestmark = pytest.mark.slow  # most tests here start whole processes under torchrun
 TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
 TOLERANCE = 0.1  # per-epoch train loss, |DDP - single|: ranks keep their own BN statistics (batch 8 vs 16)
 
