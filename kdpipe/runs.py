@@ -8,7 +8,6 @@ A run called NAME writes checkpoint.model_path(NAME) and checkpoint.log_path(NAM
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -49,7 +48,7 @@ def distill(methods: list[str], params: config.Params, cfg: config.Train, teache
     from . import distill as distill_mod
     from .distill import Distiller, TrainData, feature_shapes
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # before the process group starts
+    if runtime.processes().world > 1:  # before the process group starts
         single = [m for m in methods if not distill_mod.get(m).supports_ddp]
         if single:
             raise ParamsError([f"{', '.join(single)} under torchrun is not supported (e.g. CRD's memory bank is "
