@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: quickstart test install clean pipelines
+.PHONY: quickstart test install clean pipelines examples
 
 install: $(VENV)/.installed
 
@@ -35,3 +35,9 @@ pipelines: $(PIPELINES:params.yaml=dvc.yaml)
 
 pipelines/%/dvc.yaml: pipelines/stages.yaml pipelines/%/params.yaml pipelines/render.py
 	$(BIN)/python pipelines/render.py $* > $@.tmp && mv $@.tmp $@
+
+# examples/compress is what `kdpipe init` writes (tests/test_project.py fails when it differs): after editing the
+# template (kdpipe/project.py, kdpipe/templates/) or any kdpipe file (kdpipe-code.yaml holds their hashes)
+examples:
+	$(BIN)/python -c 'from pathlib import Path; from kdpipe import project; from tests.test_project import EXAMPLE; \
+	  [(Path("examples/compress") / n).write_text(t) for n, t in project.project_files(**EXAMPLE).items()]'

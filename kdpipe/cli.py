@@ -15,7 +15,7 @@ from . import config
 from .config import ParamsError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Knowledge distillation for CIFAR ResNets, driven by params.yaml.")
+                  help="Teacher -> student knowledge distillation, driven by params.yaml.")
 
 def _version(value: bool):
     if value:
@@ -28,7 +28,7 @@ def _version(value: bool):
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="print kdpipe's version and exit")):
-    """Knowledge distillation for CIFAR ResNets, driven by params.yaml."""
+    """Teacher -> student knowledge distillation, driven by params.yaml."""
 
 
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="params file to read")
@@ -54,6 +54,13 @@ def require_metrics(names: list[str]) -> None:
     missing = [n for n in names if not Path(f"metrics/{n}.json").is_file()]
     if missing:
         fail(f"no metrics for {', '.join(missing)} (run `kdpipe evaluate NAME` first)")
+
+
+def code_check(kind: str, methods: Optional[list[str]] = None) -> None:
+    """In a `kdpipe init` project: the installed kdpipe is the code kdpipe-code.yaml records for this stage."""
+    from . import project
+
+    project.check(kind, methods)
 
 
 def guarded(fn):
@@ -88,6 +95,7 @@ def data(params: Path = ParamsOpt, out: Path = typer.Option(Path("data/prepared"
     from .prepare import prepare
 
     p = load(params, "data")
+    code_check("data")
     manifest = prepare(p.data, out, raw)
     typer.echo(f"{manifest['dataset']}: {manifest['train_size']} train / {manifest['test_size']} test images, "
                f"{manifest['num_classes']} classes -> {out}")
@@ -106,6 +114,7 @@ def _train(role: str, section: Optional[str], name: str, params: Path, data_dir:
     if section not in config.TRAIN_SECTIONS:
         fail(f"--section: {section!r} is not a training section ({', '.join(config.TRAIN_SECTIONS)})", 2)
     p = load(params, section)
+    code_check("train")
     runs.train(section, runs.with_overrides(getattr(p, section), model, seed), name, data_dir)
 
 
@@ -140,6 +149,7 @@ def distill(method: str = typer.Option(..., "--method", "-m", help="one of: " + 
 
     p = load(params, "student", "distill")
     methods = config.parse_methods(method)
+    code_check("distill", methods)
     name = name or "+".join(methods)
     reason = runs.distill(methods, p, runs.with_overrides(p.student, model, seed), teacher, name, data_dir, na_ok)
     if reason:
@@ -155,6 +165,7 @@ def evaluate_cmd(name: str = typer.Argument(..., help="run name: evaluates model
     from .checkpoint import model_path
 
     p = load(params, "evaluate")
+    code_check("evaluate")
     runtime.pin_cpu(p.evaluate)
     m = evaluate.run(name, model_path(name), data_dir,
                      Path(f"metrics/{name}.json"), Path(f"plots/{name}.csv"), p.evaluate)
@@ -177,6 +188,7 @@ def report(names: Optional[list[str]] = typer.Argument(None, help="run names, in
     from . import report as report_mod
     from .data import read_manifest
 
+    code_check("report")
     manifest = read_manifest(data_dir)
     if not names:
         p = load(params)
@@ -274,6 +286,7 @@ def export_cmd(names: list[str] = typer.Argument(..., help="run name (models/NAM
     from .checkpoint import model_path
     from .export import export
 
+    code_check("export")
     if fmt not in ("onnx", "torchscript"):
         fail(f"--format: {fmt!r} is not onnx or torchscript", 2)
     if len(names) > 1 and not best:
@@ -339,6 +352,51 @@ def bench(model: str = typer.Option("resnet20", help="student model"),
     for r in out["results"]:
         if "not_applicable" in r:
             typer.echo(f"N/A: {r['case']}: {r['not_applicable']}")
+
+
+@app.command()
+@guarded
+def init(folder: Path = typer.Argument(..., help="the project's folder (created if absent)"),
+         data: Optional[Path] = typer.Option(None, help="your image folder, train/<class>/* and test/<class>/* "
+                                                       "(default: the synthetic set, to try the pipeline)"),
+         teacher: str = typer.Option("tv/resnet50", help="teacher model (docs/models.md)"),
+         student: str = typer.Option("tv/mobilenet_v3_small", help="student model"),
+         image_size: int = typer.Option(224, "--image-size", min=8, help="the side the models see"),
+         methods: str = typer.Option("kd,dkd", help="distillation methods, comma-separated: "
+                                                    + ", ".join(config.METHODS)),
+         epochs: int = typer.Option(10, min=1, help="training epochs of each run"),
+         force: bool = typer.Option(False, "--force", help="overwrite the files of an existing project")):
+    """Write a DVC project of your own: data, teacher, student, distillation, evaluation, export, INT8, measure, report."""
+    import os
+
+    from . import project
+
+    chosen = [m for m in methods.split(",") if m]
+    for m in chosen:
+        config.parse_methods(m)
+    if not chosen or len(set(chosen)) != len(chosen):
+        fail(f"--methods: {methods!r}: name each method once", 2)
+    if data is not None and not data.is_dir():
+        fail(f"--data: {data} is not a folder", 2)
+    # params.yaml's paths are read from its own folder: a relative --data (from here) is rewritten to that
+    data_path = None if data is None else str(data) if data.is_absolute() else \
+        os.path.relpath(data.resolve(), folder.resolve())
+    size = image_size if data is not None else 32  # the synthetic set's images are 32 px
+    done = project.init(folder, data_path, teacher, student, size, chosen, epochs, force)
+    typer.echo(f"{folder}: params.yaml, dvc.yaml, kdpipe-code.yaml, README.md written"
+               + (f" ({', '.join(done)})" if done else "") + f"; next: cd {folder} && dvc repro")
+
+
+@app.command()
+@guarded
+def sync():
+    """Rewrite kdpipe-code.yaml from the installed kdpipe (after an upgrade): `dvc repro` re-runs what changed."""
+    from . import project
+
+    if not Path(project.CODE_FILE).is_file():
+        fail(f"no {project.CODE_FILE} here: run `kdpipe sync` in a project written by `kdpipe init`")
+    changed = project.sync()
+    typer.echo(f"{project.CODE_FILE}: " + (f"code changed for {', '.join(changed)}" if changed else "unchanged"))
 
 
 def main():

@@ -26,7 +26,7 @@ def test_full_pipeline_stage_deps_are_the_code_each_stage_imports(smoke_pipeline
 
 @pytest.mark.parametrize("method", ["kd", "crd"])
 def test_a_distillation_imports_its_own_method_file_alone(repo, method):
-    stages = {name: imported for name, imported, _ in traced_stages(repo)}
+    stages = {name: imported for name, imported, *_ in traced_stages(repo)}
     method_files = {f for f in stages[f"distill@{method}"] if f.startswith("distill/")}
     assert method_files == {"distill/__init__.py", "distill/base.py", "distill/functional.py", f"distill/{method}.py"}
 
@@ -51,12 +51,17 @@ def defined_in(function: str) -> Path:
 
 
 def listed_by(project: Path, path: Path) -> tuple[set[str], set[str]]:
-    """(the names of `project`'s stages, those whose deps list `path`)."""
+    """(the names of `project`'s stages, those whose deps list `path`: by path, or by a key of kdpipe-code.yaml)."""
     from dvc.repo import Repo
 
+    from tools.stage_deps import code_deps
+
+    from .conftest import ROOT
+
+    rel = str(path.relative_to(ROOT / "kdpipe"))
     with Repo(str(project)) as repo:
         stages = repo.index.stages
-    return {s.name for s in stages}, {s.name for s in stages if any(d.fs_path == str(path) for d in s.deps)}
+        return {s.name for s in stages}, {s.name for s in stages if rel in code_deps(s, ROOT / "kdpipe")}
 
 
 @pytest.mark.parametrize("project", [".", "pipelines/cifar10", "pipelines/cifar100", "pipelines/imagenet",
@@ -90,8 +95,8 @@ def test_dvc_status_after_editing_dkds_loss_or_the_download(repo):
 def test_check_reports_a_missing_and_an_unused_dep(repo, monkeypatch):
     # the check itself fails when a stage's deps drift from its imports
     stages = traced_stages(repo)
-    name, imported, deps = next(s for s in stages if s[0] == "distill@kd")
-    fake = [(name, imported, [d for d in deps if d != "runs.py"] + ["distill/crd.py"])]
+    name, imported, deps, by_key = next(s for s in stages if s[0] == "distill@kd")
+    fake = [(name, imported, [d for d in deps if d != "runs.py"] + ["distill/crd.py"], by_key)]
     monkeypatch.setattr(stage_deps, "traced_stages", lambda project, traces=None: fake)
     with pytest.raises(AssertionError, match=r"distill@kd: imports but does not depend on \['runs.py'\]; "
                                              r"depends on but never imports \['distill/crd.py'\]"):

@@ -30,28 +30,44 @@ def tracing(traces: Path) -> dict:
     return {"PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}", "KDPIPE_TRACE": str(traces)}
 
 
-def code_deps(stage, kdpipe_dir: Path) -> list[str]:
-    rel = [os.path.relpath(d.fs_path, kdpipe_dir) for d in stage.deps]
-    return [r for r in rel if not r.startswith("..")]
+def code_deps(stage, kdpipe_dir: Path | None) -> list[str]:
+    """The kdpipe files (relative to the package) a stage depends on: by path (this repository's projects) or by
+    its keys of kdpipe-code.yaml (a `kdpipe init` project: kdpipe.project.code_files says what each key covers)."""
+    from kdpipe.project import CODE_FILE, code_files
+
+    files = []
+    for d in stage.deps:
+        if Path(getattr(d, "def_path", "")).name == CODE_FILE:
+            files += [f for key in d.params for f in code_files(*key.split(".", 1))]
+        elif kdpipe_dir is not None and not os.path.relpath(d.fs_path, kdpipe_dir).startswith(".."):
+            files.append(os.path.relpath(d.fs_path, kdpipe_dir))
+    return files
 
 
-def traced_stages(project: Path, traces: list[Path] | None = None) -> list[tuple[str, set[str], list[str]]]:
-    """(stage name, kdpipe files its command imported, its kdpipe deps) for every stage of `project`, from the
+def root_of(project: Path) -> Path | None:
+    """The repository holding kdpipe's source, for its own projects; None for a `kdpipe init` project elsewhere."""
+    return next((p for p in [project, *project.parents] if (p / "kdpipe").is_dir()), None)
+
+
+def traced_stages(project: Path, traces: list[Path] | None = None) -> list[tuple[str, set[str], list[str], bool]]:
+    """(stage name, kdpipe files its command imported, its kdpipe deps, whether they are kdpipe-code.yaml keys)
+    for every stage of `project`, from the
     records in `traces` (default: the repository's `<repo>-traces`; several folders: clones of one repository
     that ran disjoint slices of the stages, matched by the stage's folder within its clone)."""
     from dvc.repo import Repo
 
-    root = next(p for p in [project, *project.parents] if (p / "kdpipe").is_dir())
-    records = [json.loads(f.read_text()) for d in (traces or [root.with_name(root.name + "-traces")])
+    root = root_of(project)
+    records = [json.loads(f.read_text()) for d in (traces or [(root or project).with_name((root or project).name + "-traces")])
                for f in d.glob("*.json")]
     out = []
     with Repo(str(project)) as repo:
         for stage in repo.index.stages:
             argv = shlex.split(stage.cmd)[1:]
-            where = Path(stage.wdir).relative_to(root).parts
+            where = Path(stage.wdir).relative_to(root or project).parts
             runs = [r for r in records if r["argv"] == argv and Path(r["cwd"]).parts[len(Path(r["cwd"]).parts) - len(where):] == where]
             assert runs, f"{stage.name}: its command never ran under the tracer"
-            out.append((stage.name, set(runs[0]["files"]) - EXEMPT, code_deps(stage, root / "kdpipe")))
+            by_key = any(Path(getattr(d, "def_path", "")).name == "kdpipe-code.yaml" for d in stage.deps)
+            out.append((stage.name, set(runs[0]["files"]) - EXEMPT, code_deps(stage, root and root / "kdpipe"), by_key))
     return out
 
 
@@ -59,11 +75,13 @@ def check(project: Path, traces: list[Path] | None = None) -> int:
     """The number of `project`'s stages; AssertionError naming each stage whose deps differ from its imports."""
     problems = []
     stages = traced_stages(project, traces)
-    for name, imported, deps in stages:
+    for name, imported, deps, by_key in stages:
         def covers(dep, f):
             return f == dep or f.startswith(dep.rstrip("/") + "/")
         missing = sorted(f for f in imported if not any(covers(d, f) for d in deps))
-        unused = sorted(d for d in deps if not any(covers(d, f) for f in imported))
+        # a kdpipe-code.yaml key covers every model family file: the params may name any model library
+        unused = sorted(d for d in deps if not any(covers(d, f) for f in imported)
+                        and not (by_key and d.startswith("models/")))
         if missing or unused:
             problems.append(f"{name}: imports but does not depend on {missing}; depends on but never imports {unused}")
     assert not problems, "\n".join(problems)

@@ -1,0 +1,313 @@
+"""`kdpipe init`: a DVC project of one's own, and the code its stages depend on (`kdpipe sync`).
+
+A project lives outside this repository, with kdpipe installed by pip, so its stages cannot depend on kdpipe's
+source files by path (the quickstart's `../kdpipe/engine.py`): the installed files sit at another place on each
+machine. Instead, `kdpipe-code.yaml` in the project holds, per kind of stage, a hash of the installed kdpipe files
+that decide its results (`CODE`), and each stage depends on its own key of it as a DVC param. `kdpipe sync`
+rewrites the file from the installed package: after an upgrade that changed, say, DKD's loss, only the
+`distill.dkd` key changes and `dvc repro` re-runs `distill@dkd` and what follows it; an unchanged package writes
+the same bytes, so nothing else is ever marked stale. A stage command run with a kdpipe whose code differs from
+what the file says refuses to start (`check`), so a result never comes from code its record does not name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from . import config
+
+CODE_FILE = "kdpipe-code.yaml"
+
+# The package files (relative to kdpipe/) each kind of stage imports or reads: tools/stage_deps.py checks them
+# against the files the stages of a project really imported (CI's `kdpipe init` run). models/*: the model registry
+# and every family file, torchvision's and timm's included (the params may name any of them).
+MODELS = ["config.py", "data.py", "models/*.py"]
+LOADING = ["checkpoint.py", "runtime.py", "randaugment.py", "sources.py"]
+LOOP = [*LOADING, "engine.py", "progress.py", "losses.py"]
+CODE = {
+    "data": [*MODELS, "prepare.py", "synthetic.py"],
+    "train": [*MODELS, *LOOP, "runs.py"],
+    "distill": [*MODELS, *LOOP, "runs.py", "distill/__init__.py", "distill/base.py", "distill/functional.py"],
+    "evaluate": [*MODELS, *LOOP, "evaluate.py"],
+    "export": [*MODELS, *LOADING, "export.py"],
+    "quantize": [*MODELS, *LOADING, "export.py", "quantize.py"],
+    "measure": [*MODELS, *LOADING, "measure.py"],
+    "report": [*MODELS, "report.py", "published.yaml"],
+}
+# the command each kind of stage runs (cli.py calls `check` with it)
+COMMAND_CODE = {"data": "data", "teacher": "train", "student": "train", "evaluate": "evaluate",
+                "export": "export", "quantize": "quantize", "measure": "measure", "report": "report"}
+
+
+class ProjectError(config.Error):
+    pass
+
+
+def package_root() -> Path:
+    return Path(__file__).resolve().parent
+
+
+def code_files(kind: str, method: str | None = None) -> list[str]:
+    """The files (relative to the package) a kind of stage depends on; `distill` per method."""
+    root = package_root()
+    files = {str(p.relative_to(root)) for pattern in CODE[kind] for p in root.glob(pattern)}
+    if method:
+        files.add(f"distill/{method}.py")
+    return sorted(files)
+
+
+def code_hash(kind: str, method: str | None = None) -> str:
+    h = hashlib.sha256()
+    for rel in code_files(kind, method):
+        h.update(rel.encode() + b"\0" + (package_root() / rel).read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def code_record() -> dict:
+    """What `kdpipe-code.yaml` holds: the kdpipe version (for people) and one hash per kind of stage."""
+    from importlib.metadata import version
+
+    record = {"version": version("kdpipe")}
+    for kind in CODE:
+        if kind == "distill":
+            record[kind] = {m: code_hash(kind, m) for m in config.METHODS}
+        else:
+            record[kind] = code_hash(kind)
+    return record
+
+
+def code_text() -> str:
+    return ("# The installed kdpipe's code, per kind of stage (written by `kdpipe init` and `kdpipe sync`; do not edit).\n"
+            "# Each stage depends on its key: after upgrading kdpipe, `kdpipe sync` then `dvc repro` re-runs exactly\n"
+            "# the stages whose code changed. A stage run by a kdpipe that differs from this record refuses to start.\n"
+            + yaml.safe_dump(code_record(), sort_keys=False))
+
+
+def sync(project: Path = Path(".")) -> list[str]:
+    """Rewrite the project's kdpipe-code.yaml from the installed package; the keys whose hash changed."""
+    path = project / CODE_FILE
+    old = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    text = code_text()
+    new = yaml.safe_load(text)
+    if not path.is_file() or path.read_text() != text:
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    changed = [k for k in new if k != "version" and not isinstance(new[k], dict) and old.get(k) != new[k]]
+    changed += [f"{k}.{m}" for k in new if isinstance(new[k], dict)
+                for m in new[k] if (old.get(k) or {}).get(m) != new[k][m]]
+    return changed
+
+
+def check(kind: str, methods: list[str] | None = None, project: Path = Path(".")) -> None:
+    """In a project with kdpipe-code.yaml: the installed code of this stage is the code the file records."""
+    path = project / CODE_FILE
+    if not path.is_file():
+        return  # not a `kdpipe init` project (the quickstart and pipelines depend on the source files by path)
+    try:
+        recorded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        raise ProjectError(f"{path}: not valid YAML; run `kdpipe sync` to rewrite it") from None
+    keys = [(f"{kind}.{m}", (recorded.get(kind) or {}).get(m), code_hash(kind, m)) for m in methods] if methods \
+        else [(kind, recorded.get(kind), code_hash(kind))]
+    for key, was, now in keys:
+        if was != now:
+            raise ProjectError(f"{path}: the installed kdpipe's code for `{key}` differs from the record (written by "
+                               f"kdpipe {recorded.get('version', '?')}): run `kdpipe sync`, then `dvc repro`")
+
+
+# ---- kdpipe init ----------------------------------------------------------------------------------------------
+TEACHER, STUDENT = "tv/resnet50", "tv/mobilenet_v3_small"
+CIFAR_EPOCHS = 240  # the epochs the methods' epoch counts (warm-up, init stage) are set for
+
+
+def _flow(value) -> str:
+    """`value` as one line of YAML."""
+    if isinstance(value, (dict, list)):
+        return yaml.safe_dump(value, default_flow_style=True, width=10**6, sort_keys=False).strip()
+    if value is None:
+        return "null"
+    return str(value) if yaml.safe_load(str(value)) == value else json.dumps(value)
+
+
+def _default_weights(model: str) -> str | None:
+    """torchvision's recommended weights for a `tv/` model (what fine-tuning starts from), timm's pretrained tag,
+    None for kdpipe's CIFAR models."""
+    if model.startswith("tv/"):
+        return "DEFAULT"
+    return "pretrained" if model.startswith("timm/") else None
+
+
+def _method_params(method: str, epochs: int) -> dict:
+    """A method's keys with its defaults, its epoch counts scaled from the CIFAR recipe's 240 epochs to `epochs`
+    (DKD's 20-epoch warm-up is 1 epoch of 10)."""
+    values = getattr(config.Distill(), method).model_dump()
+    for key in ("warmup_epochs", "init_epochs"):
+        if values.get(key):
+            values[key] = max(1, round(values[key] * epochs / CIFAR_EPOCHS))
+    return values
+
+
+def _train_section(model: str, weights: str | None, epochs: int) -> list[str]:
+    runtime = config.Runtime(workers=8).model_dump()
+    runtime = {k: runtime[k] for k in ("device", "bf16", "channels_last", "compile", "sync_bn", "cpu_isa", "cpu_threads",
+                                       "workers")}  # the order docs/params.md explains them in
+    return [
+        "  recipe: null",
+        f"  model: {model}",
+        f"  weights: {_flow(weights)}" + ("          # where the fine-tuning starts (docs/models.md)" if weights else ""),
+        "  seed: 0",
+        f"  epochs: {epochs}",
+        "  batch_size: 64",
+        "  optim: " + _flow(config.Optim(lr=0.01, weight_decay=1e-4).model_dump()) + "   # fine-tuning: a small lr",
+        "  schedule: " + _flow(config.Schedule(warmup_epochs=1 if epochs > 1 else 0).model_dump()),
+        "  runtime: " + _flow(runtime),
+    ]
+
+
+def params_text(data: str | None, teacher: str, student: str, image_size: int, methods: list[str],
+                epochs: int = 10) -> str:
+    folder = data is not None
+    lines = [
+        "# Every key kdpipe reads, validated when a stage starts (docs/params.md says what each means). Change one and",
+        "# `dvc repro` re-runs only the stages that read it; `dvc exp run -S student.seed=1` runs a variation.",
+        "data:",
+        f"  dataset: {'folder' if folder else 'synthetic'}",
+        "  mirror: null",
+        f"  path: {_flow(data)}" + ("   # your images: train/<class>/*, test/<class>/* (relative to this folder)"
+                                    if folder else "   # a folder of your images: train/<class>/*, test/<class>/*"),
+        "  subset: false",
+        "  synthetic: " + _flow(config.Synthetic().model_dump()) + ("   # unused (dataset: folder)" if folder else ""),
+        f"  image_size: {image_size}" + ("   # the side the models see (pretrained weights: 224)" if folder else ""),
+        f"  augment: {'imagenet' if folder else 'cifar'}" + ("   # RandomResizedCrop + flip; test: resize, centre crop"
+                                                           if folder else ""),
+        f"  normalize: {'imagenet' if folder else 'dataset'}" + ("   # the mean/std pretrained weights saw"
+                                                               if folder else ""),
+        f"  source: {'stream' if folder else 'memory'}" + ("   # decoded per epoch: any number of images, any size"
+                                                         if folder else ""),
+        "",
+        "teacher:",
+        *_train_section(teacher, _default_weights(teacher), epochs),
+        "",
+        "student:                   # the baseline and every distilled student: the same model, recipe and seed",
+        *_train_section(student, _default_weights(student), epochs),
+        "",
+        f"distill:                   # each method's weights and settings (docs/methods.md); epoch counts for {epochs} epochs",
+        *[f"  {m}: {_flow(_method_params(m, epochs))}" for m in methods],
+        "",
+        "evaluate: " + _flow({k: v for k, v in sorted(config.Evaluate(batch_size=256, workers=8).model_dump().items(),
+                                                      key=lambda kv: kv[0] in ("cpu_isa", "cpu_threads", "workers"))}),
+        "",
+    ] + ([
+        "# INT8: post-training static quantization of each student's ONNX file (docs/export.md)",
+        "quantize: " + _flow(config.Params().quantize.model_dump()),
+        "# latency and throughput of every ONNX file on this machine's CPU (docs/export.md)",
+        "measure: " + _flow(config.Params().measure.model_dump()),
+    ] if hasattr(config.Params(), "quantize") else [])
+    return "\n".join(lines) + "\n"
+
+
+def dvc_text(methods: list[str], folder: bool = True) -> str:
+    runs = ["teacher", "student", *methods]
+    students = ["student", *methods]
+    measured = [*runs, *(f"{s}.int8" for s in students)]
+    text = (resources.files("kdpipe") / "templates" / "dvc.yaml").read_text()
+    indent = " " * 6
+    fills = {
+        "@DATA_DEPS@": "    deps:\n      - ${data.path}\n" if folder else "",  # the synthetic set is drawn, not read
+        "@METHODS@": _flow(methods), "@RUNS@": _flow(runs), "@STUDENTS@": _flow(students),
+        "@MEASURED@": " ".join(measured),
+        "@MEASURE_DEPS@": "\n".join([f"{indent}- models/{n}.onnx" for n in measured]
+                                    + [f"{indent}- metrics/{n}.json" for n in [*runs, *(f"{s}.int8" for s in students)]]),
+        "@REPORTED@": " ".join(runs),
+        "@REPORT_DEPS@": "\n".join(f"{indent}- {f}" for n in runs
+                                   for f in (f"metrics/{n}.json", f"logs/{n}.json", f"plots/{n}.csv"))
+                         + "\n" + "\n".join(f"{indent}- metrics/{s}.int8.json" for s in students)
+                         + f"\n{indent}- metrics/measure.json",
+        "@PLOT_FILES@": "\n".join(f"{' ' * 8}plots/{n}.csv: test_top1" for n in runs),
+    }
+    for key, value in fills.items():
+        text = text.replace(key, value)
+    return text
+
+
+def readme_text(methods: list[str]) -> str:
+    return f"""# A kdpipe project
+
+Written by `kdpipe init`: a teacher fine-tuned on your images, distilled into a small student with
+{", ".join(methods)}, beside the student trained alone; each exported to ONNX, the students quantized to INT8,
+measured (latency, size, MACs) and reported.
+
+```bash
+source .venv/bin/activate    # or wherever kdpipe is installed: `.venv/bin/dvc repro` works too
+dvc repro                    # data -> teacher / student -> distill -> evaluate -> export -> quantize -> measure -> report
+cat reports/results.md       # accuracy, the INT8 drop, latency and size per model
+dvc plots show               # accuracy per epoch, and Top-1 against latency (dvc_plots/index.html)
+git add -A && git commit -m "results"      # the metrics are committed: `dvc exp show` compares them
+dvc exp run -S student.seed=1              # a variation; `dvc exp show` puts it beside the committed run
+```
+
+- params.yaml: every setting; `data.path` is your image folder (train/<class>/*, test/<class>/*).
+- dvc.yaml: the stages. kdpipe-code.yaml: the installed kdpipe's code per stage; after upgrading kdpipe run
+  `kdpipe sync`, then `dvc repro` re-runs the stages whose code changed.
+- An interrupted training stage resumes from its last finished epoch when run again (`dvc repro` too).
+"""
+
+
+GITIGNORE = """# what the pipeline writes that DVC caches (it adds its own entries for the outputs); metrics/ and plots/ are
+# committed, so `dvc exp show` and `dvc metrics diff` read them in every revision
+/dvc_plots/
+*.resume
+.*.tmp*
+"""
+
+
+def project_files(data: str | None, teacher: str, student: str, image_size: int, methods: list[str],
+                  epochs: int = 10) -> dict[str, str]:
+    """The files `kdpipe init` writes (relative path -> text), kdpipe-code.yaml included."""
+    return {
+        "params.yaml": params_text(data, teacher, student, image_size, methods, epochs),
+        "dvc.yaml": dvc_text(methods, data is not None),
+        "README.md": readme_text(methods),
+        ".gitignore": GITIGNORE,
+        CODE_FILE: code_text(),
+    }
+
+
+def _run(args: list[str], cwd: Path) -> None:
+    r = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
+    if r.returncode:
+        raise ProjectError(f"`{' '.join(args)}` in {cwd} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+
+
+def init(folder: Path, data: str | None, teacher: str, student: str, image_size: int, methods: list[str],
+         epochs: int = 10, force: bool = False) -> list[str]:
+    """Write the project into `folder` (created if absent); git and DVC initialised where they are not. Validated
+    before anything is written: the params must load, and no existing file is overwritten without `force`."""
+    files = project_files(data, teacher, student, image_size, methods, epochs)
+    config.validate(yaml.safe_load(files["params.yaml"]))  # a typo in a model name fails here, with nothing written
+    clash = sorted(n for n in files if (folder / n).exists())
+    if clash and not force:
+        raise ProjectError(f"{folder}: {', '.join(clash)} already exist (--force overwrites them)")
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    done = []
+    top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=folder, capture_output=True, text=True)
+    if top.returncode:
+        _run(["git", "init", "-q"], folder)
+        done.append("git init")
+    # a project inside another git repository (this repository's examples/compress) is a DVC subdir project
+    subdir = top.returncode == 0 and Path(top.stdout.strip()).resolve() != folder.resolve()
+    if not (folder / ".dvc").is_dir():
+        _run([sys.executable, "-m", "dvc", "init", "-q"] + (["--subdir"] if subdir else []), folder)
+        done.append("dvc init" + (" --subdir" if subdir else ""))
+    return done

@@ -1,0 +1,158 @@
+"""`kdpipe init` (a project of one's own) and kdpipe-code.yaml (its stages' dependency on the installed kdpipe)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdpipe import config, project
+
+from .conftest import DVC, ROOT, sh
+
+KDPIPE = str(Path(sys.executable).with_name("kdpipe"))
+# examples/compress is `kdpipe init`'s output for these arguments (`make examples` writes it)
+EXAMPLE = dict(data="../../../shared/data/cifar10-jpeg-mini", teacher="tv/resnet50", student="tv/mobilenet_v3_small",
+               image_size=224, methods=["kd", "dkd"])
+
+
+def kdpipe(*args, cwd, env=None):
+    return subprocess.run([KDPIPE, *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **(env or {})})
+
+
+def installed_copy(tmp_path: Path) -> dict:
+    """A copy of the package standing in for a pip-installed kdpipe (edited by the tests, never the source): the
+    env whose PYTHONPATH makes `kdpipe` import it."""
+    site = tmp_path / "site"
+    shutil.copytree(ROOT / "kdpipe", site / "kdpipe", ignore=shutil.ignore_patterns("__pycache__"))
+    return {"PYTHONPATH": str(site)}
+
+
+def test_init_writes_a_project_whose_params_validate(tmp_path):
+    r = kdpipe("init", "proj", "--methods", "kd,dist", "--epochs", "5", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    proj = tmp_path / "proj"
+    assert (proj / ".git").is_dir() and (proj / ".dvc").is_dir()
+    p = config.load_params(proj / "params.yaml")
+    assert p.data.dataset == "synthetic" and p.teacher.epochs == p.student.epochs == 5
+    assert p.teacher.model == "tv/resnet50" and p.teacher.weights == "DEFAULT"
+    stages = sh(DVC, "stage", "list", "--names-only", cwd=proj).split()
+    assert stages == ["data", "teacher", "student", "distill@kd", "distill@dist",
+                      *(f"evaluate@{n}" for n in ("teacher", "student", "kd", "dist")),
+                      *(f"export@{n}" for n in ("teacher", "student", "kd", "dist")),
+                      *(f"quantize@{n}" for n in ("student", "kd", "dist")), "measure", "report"]
+    # every key spelled out: a changed default in kdpipe never changes a project's results silently
+    from .test_full_pipelines import unspelled
+
+    raw = yaml.safe_load((proj / "params.yaml").read_text())
+    grid = {"recipes", "table", "table_models", "models", "published", "seeds", "launch", "methods", "pairs"}
+    assert unspelled(raw, config.Params, skip=frozenset(grid | {f"distill.{m}" for m in config.METHODS
+                                                                if m not in ("kd", "dist")})) == []
+    # metrics and curves are committed (dvc exp show and metrics diff read them from git revisions)
+    ignored = subprocess.run(["git", "check-ignore", "metrics/kd.json", "plots/kd.csv"], cwd=proj).returncode
+    assert ignored == 1
+
+
+def test_init_scales_the_methods_epoch_counts():
+    # DKD warms up for 20 of CIFAR's 240 epochs: 1 of 10; FSP's init stage 30 of 240: 4 of 30
+    text = project.params_text(None, "resnet56", "resnet20", 32, ["dkd", "fsp"], epochs=30)
+    raw = yaml.safe_load(text)
+    assert raw["distill"]["dkd"]["warmup_epochs"] == round(20 * 30 / 240) == 2
+    assert raw["distill"]["fsp"]["init_epochs"] == round(30 * 30 / 240) == 4
+    assert yaml.safe_load(project.params_text(None, "resnet56", "resnet20", 32, ["dkd"], epochs=10))[
+        "distill"]["dkd"]["warmup_epochs"] == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "kd,dkdd"], "dkdd"),
+    (["--student", "tv/mobilenet_v9"], "mobilenet_v9"),
+    (["--data", "no/such/folder"], "no/such/folder"),
+    (["--methods", "kd,kd"], "once"),
+])
+def test_init_refuses_bad_input_and_writes_nothing(tmp_path, args, message):
+    r = kdpipe("init", "proj", *args, cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and message in lines[0], r.stderr
+    assert not (tmp_path / "proj").exists()
+
+
+def test_init_does_not_overwrite_a_project(tmp_path):
+    assert kdpipe("init", "proj", cwd=tmp_path).returncode == 0
+    (tmp_path / "proj" / "params.yaml").write_text("# mine\n")
+    r = kdpipe("init", "proj", cwd=tmp_path)
+    assert r.returncode == 1 and "--force" in r.stderr
+    assert (tmp_path / "proj" / "params.yaml").read_text() == "# mine\n"
+
+
+def record_of(env: dict) -> dict:
+    out = subprocess.run([sys.executable, "-c", "import json; from kdpipe import project; "
+                          "print(json.dumps(project.code_record()))"], env={**os.environ, **env}, cwd=env["PYTHONPATH"],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+def flat(record: dict) -> dict:
+    return {(f"{k}.{m}" if isinstance(v, dict) else k): h for k, v in record.items() if k != "version"
+            for m, h in (v.items() if isinstance(v, dict) else [(None, v)])}
+
+
+@pytest.mark.parametrize("edited, changed", [
+    ("distill/dkd.py", {"distill.dkd"}),
+    ("report.py", {"report"}),
+    ("quantize.py", {"quantize"}),
+    ("prepare.py", {"data"}),
+    # the training loop decides every trained and evaluated result, never the data, export or report
+    ("engine.py", {"train", "evaluate"} | {f"distill.{m}" for m in config.METHODS}),
+])
+def test_an_edit_of_the_installed_package_changes_its_stages_keys_alone(tmp_path, edited, changed):
+    env = installed_copy(tmp_path)
+    before = flat(record_of(env))
+    path = tmp_path / "site" / "kdpipe" / edited
+    path.write_text(path.read_text() + "\n# edited\n")
+    after = flat(record_of(env))
+    assert {k for k in before if before[k] != after[k]} == changed
+    assert flat(record_of(env)) == after  # deterministic
+
+
+def test_examples_compress_is_what_init_writes():
+    # one template: the example is `kdpipe init`'s output (`make examples` rewrites it after a template or code change)
+    files = project.project_files(**EXAMPLE)
+    stale = [name for name, text in files.items() if (ROOT / "examples/compress" / name).read_text() != text]
+    assert not stale, f"examples/compress differs from `kdpipe init`'s output in {stale}: run `make examples`"
+
+
+@pytest.mark.slow
+def test_a_package_change_reruns_its_stage_alone(tmp_path):
+    # kdpipe installed (a copy on PYTHONPATH), a project trained on tiny synthetic data; then the installed DKD loss
+    # changes: its stage refuses to run until `kdpipe sync`, after which DVC finds distill@dkd stale, nothing else
+    env = installed_copy(tmp_path)
+    assert kdpipe("init", "proj", "--teacher", "resnet14", "--student", "resnet8", "--methods", "kd,dkd",
+                  "--epochs", "1", cwd=tmp_path, env=env).returncode == 0
+    proj = tmp_path / "proj"
+    raw = yaml.safe_load((proj / "params.yaml").read_text())
+    raw["data"]["synthetic"].update(train_size=64, test_size=32)
+    for section in ("teacher", "student"):
+        raw[section].update(batch_size=16)
+        raw[section]["runtime"].update(device="cpu", workers=0)
+    (proj / "params.yaml").write_text(yaml.safe_dump(raw))
+    stages = ["data", "teacher", "distill@kd", "distill@dkd"]
+    sh(DVC, "repro", "-q", *stages[2:], cwd=proj, env=env)
+    assert json.loads(sh(DVC, "status", "--json", *stages, cwd=proj, env=env)) == {}
+
+    dkd = tmp_path / "site" / "kdpipe" / "distill" / "dkd.py"
+    dkd.write_text(dkd.read_text() + "\n# a new release\n")
+    r = kdpipe("distill", "-m", "dkd", cwd=proj, env=env)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "distill.dkd" in r.stderr and "kdpipe sync" in r.stderr
+    record = (proj / project.CODE_FILE).read_bytes()
+    r = kdpipe("sync", cwd=proj, env=env)
+    assert r.returncode == 0 and "distill.dkd" in r.stdout
+    assert set(json.loads(sh(DVC, "status", "--json", *stages, cwd=proj, env=env))) == {"distill@dkd"}
+    assert (proj / project.CODE_FILE).read_bytes() != record
+    record = (proj / project.CODE_FILE).read_bytes()
+    r = kdpipe("sync", cwd=proj, env=env)
+    assert "unchanged" in r.stdout and (proj / project.CODE_FILE).read_bytes() == record
