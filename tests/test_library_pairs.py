@@ -1,4 +1,4 @@
-"""Every method on torchvision pairs (issue: beyond 32x32): ResNet-34 -> ResNet-18 and the cross-family
+"""Every method on torchvision pairs at more than 32 px: ResNet-34 -> ResNet-18 and the cross-family
 ResNet-50 -> MobileNetV3-Small, at 64 px, one step each: a finite loss, gradients on the student and the
 method's parts, none on the teacher; a method that cannot pair the taps says so in one line (N/A)."""
 

@@ -14,7 +14,8 @@ from kdpipe.distill.crd import NegativeSampler
 
 from .conftest import distill_runs, tiny_params
 
-NEW = ["sp", "cc", "vid", "rkd", "pkt", "crd", "dkd", "dist", "ctkd", "reviewkd", "mlkd", "kdsvd", "ofd", "dot"]
+# the methods without an init stage (FSP, AB and FT: tests/test_ab_ft.py and test_distill.py)
+ONE_PHASE = [m for m in config.METHODS if not getattr(config.Distill(), m).model_dump().get("init_epochs")]
 LABELS = torch.arange(96) % 10
 
 
@@ -33,7 +34,7 @@ def batch(n=8, seed=0):
     return torch.randn(n, 3, 32, 32, generator=g), LABELS[index], index
 
 
-@pytest.mark.parametrize("method", NEW)
+@pytest.mark.parametrize("method", ONE_PHASE)
 def test_gradients_reach_student_and_method_parts_only(method):
     obj, teacher, student, _ = build([method])
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -61,7 +62,7 @@ def test_default_weights_are_repdistillers_and_mdistillers():
     assert (d.crd.feat_dim, d.crd.nce_k, d.crd.nce_t, d.crd.nce_m, d.cc.feat_dim) == (128, 16384, 0.07, 0.5, 128)
     assert (d.rkd.w_dist, d.rkd.w_angle) == (25, 50)
     assert (d.dkd.gamma, d.dkd.tckd, d.dkd.beta, d.dkd.temperature, d.dkd.warmup_epochs) == (1, 1, 8, 4, 20)
-    assert all((getattr(d, m).gamma, getattr(d, m).alpha) == (1.0, 0.0) for m in NEW if m not in ("ctkd", "dot", "mlkd"))
+    assert all((getattr(d, m).gamma, getattr(d, m).alpha) == (1.0, 0.0) for m in config.METHODS if m not in ("kd", "ctkd", "dot", "mlkd"))
     assert (d.reviewkd.beta, d.reviewkd.warmup_epochs, d.reviewkd.stu_preact, d.kdsvd.beta, d.kdsvd.k) == (5, 20, False, 1, 1)
     assert (d.dot.gamma, d.dot.alpha, d.dot.temperature, d.dot.delta) == (0.1, 0.9, 4, 0.075)  # mdistiller's KD+DOT
     assert (d.ofd.gamma, d.ofd.beta) == (1, 0.001)  # mdistiller's CE_WEIGHT, FEAT_WEIGHT

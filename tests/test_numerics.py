@@ -1,4 +1,4 @@
-"""fp32 losses under bf16 autocast (the fidelity issue): every loss computes in fp32 whatever autocast
+"""fp32 losses under bf16 autocast: every loss computes in fp32 whatever autocast
 region it is called from, and the per-epoch test evaluation never runs in bf16."""
 
 import importlib
