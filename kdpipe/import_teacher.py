@@ -28,13 +28,13 @@ REFERENCE_NORMALIZATION = {"cifar100": {"mean": [0.5071, 0.4867, 0.4408], "std":
 DATASET_CLASSES = {"cifar10": 10, "cifar100": 100}
 
 
-class ImportError_(CheckpointError):  # noqa: N801  (a checkpoint that cannot be imported)
+class TeacherImportError(CheckpointError):  # a checkpoint that cannot be imported
     pass
 
 
 def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """The state dict of a reference checkpoint, and what else it says (epoch, accuracy)."""
-    obj = read_weights(path, ImportError_)
+    obj = read_weights(path, TeacherImportError)
     info = {}
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         # RepDistiller saves its accuracy as a 0-dim tensor (an AverageMeter of tensors)
@@ -45,7 +45,7 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ImportError_(f"{path}: holds no state dict (expected a dict with 'model', or a bare state dict)")
+        raise TeacherImportError(f"{path}: holds no state dict (expected a dict with 'model', or a bare state dict)")
     if all(k.startswith("module.") for k in obj):  # saved from nn.DataParallel
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj, info
@@ -68,13 +68,13 @@ def map_state_dict(source: dict[str, torch.Tensor], name: str, num_classes: int,
     if unexpected or missing:
         what = "; ".join(filter(None, [f"unexpected keys {', '.join(unexpected[:3])}" if unexpected else "",
                                        f"missing keys {', '.join(missing[:3])}" if missing else ""]))
-        raise ImportError_(f"{path}: not a {name} checkpoint ({what})")
+        raise TeacherImportError(f"{path}: not a {name} checkpoint ({what})")
     for k, v in target.items():
         got = mapped.get(k, v)
         if got.shape != v.shape:
             hint = f" (a model for {got.shape[0]} classes?)" if got.dim() >= 1 and got.shape[1:] == v.shape[1:] \
                 and v.shape[0] == num_classes and k.endswith(("weight", "bias")) else ""
-            raise ImportError_(f"{path}: {k} has shape {tuple(got.shape)}, {name} with {num_classes} classes "
+            raise TeacherImportError(f"{path}: {k} has shape {tuple(got.shape)}, {name} with {num_classes} classes "
                                f"needs {tuple(v.shape)}{hint}")
         mapped[k] = got.to(v.dtype)
     return {k: mapped[k].contiguous() for k in target}
@@ -85,7 +85,7 @@ def import_teacher(path: Path, name: str, num_classes: int, out: Path, dataset: 
     """Write `out` as a kdpipe checkpoint of the reference checkpoint `path` (nothing written on error)."""
     normalization = normalization or REFERENCE_NORMALIZATION.get(dataset)
     if normalization is None:
-        raise ImportError_(f"no reference normalisation known for {dataset!r}: pass --mean and --std")
+        raise TeacherImportError(f"no reference normalisation known for {dataset!r}: pass --mean and --std")
     if name in models.REGISTRY:  # a RepDistiller/mdistiller checkpoint of kdpipe's own model
         source, info = read_state_dict(path)
         state = map_state_dict(source, name, num_classes, path)
@@ -100,13 +100,13 @@ def import_teacher(path: Path, name: str, num_classes: int, out: Path, dataset: 
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         wrong = next((k for k, v in source.items() if k in state and v.shape != state[k].shape), None)
         if wrong:  # a teacher is used as it is: never with a new, untrained classifier
-            raise ImportError_(f"{path}: {wrong} has shape {tuple(source[wrong].shape)}, but {name} for "
+            raise TeacherImportError(f"{path}: {wrong} has shape {tuple(source[wrong].shape)}, but {name} for "
                                f"{num_classes} classes has {tuple(state[wrong].shape)}")
         imported = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     else:  # a library's weights name (IMAGENET1K_V1, pretrained, ...): the published teachers of ImageNet tables
         classes = models.weights_classes(name, str(path))
         if classes != num_classes:
-            raise ImportError_(f"{name} {path}: weights for {classes} classes, but the data has {num_classes}")
+            raise TeacherImportError(f"{name} {path}: weights for {classes} classes, but the data has {num_classes}")
         model = models.create(name, num_classes, weights=str(path))
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         digest = hashlib.sha256()  # the weights' identity: their tensors, in key order
