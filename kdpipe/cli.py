@@ -161,8 +161,10 @@ def evaluate_cmd(name: str = typer.Argument(..., help="run name: evaluates model
     if "not_applicable" in m:
         typer.echo(f"{name}: not applicable ({m['not_applicable']})")
         return
-    typer.echo(f"{name}: top1 {m['top1']:.2f}% (epoch {m['best_epoch']}), top5 {m['top5']:.2f}%, "
-               f"last top1 {m['top1_last']:.2f}%")
+    top5 = f", top5 {m['top5']:.2f}%" if "top5" in m else ""  # none for 5 classes or fewer
+    typer.echo(f"{name}: top1 {m['top1']:.2f}% (epoch {m['best_epoch']}){top5}, last top1 {m['top1_last']:.2f}%")
+    if "warning" in m:
+        typer.echo(f"warning: {name}: {m['warning']}", err=True)
 
 
 @app.command()
