@@ -44,6 +44,7 @@ def test_onnx_export_matches_pytorch_with_a_dynamic_batch(trained):
     proto = onnx.load(trained / "models/student.onnx")
     meta = {p.key: p.value for p in proto.metadata_props}
     assert "normalisation is folded" in meta["kdpipe.input"] and meta["kdpipe.model"] == "resnet8"
+    assert meta["kdpipe.epoch"] == "2" and "kdpipe.top1" not in meta  # not evaluated: no accuracy to say
     # no absolute paths (the exporter's stack traces): the same bytes from any checkout folder
     data = (trained / "models/student.onnx").read_bytes()
     assert str(trained).encode() not in data and str(engine.__file__).rsplit("/", 2)[0].encode() not in data
@@ -69,11 +70,24 @@ def test_torchscript_export(trained):
 def test_best_of_several_runs(trained):
     for n in ("student", "teacher"):
         invoke("evaluate", n)
-    top1 = {n: json.loads((trained / f"metrics/{n}.json").read_text())["top1"] for n in ("student", "teacher")}
+    top1 = {n: json.loads((trained / f"metrics/{n}.json").read_text())["top1_last"] for n in ("student", "teacher")}
     best = max(top1, key=top1.get)
     out = invoke("export", "student", "teacher", "--best", "--out", "models/best.onnx")
-    assert out.startswith(f"{best} -> models/best.onnx")
+    assert out.startswith(f"{best} (highest last-epoch top1 {top1[best]:.2f}% of 2) -> models/best.onnx")
     assert invoke("export", "student", "teacher", code=2)  # several names need --best
+
+
+def test_best_is_chosen_by_the_exported_weights_accuracy(trained):
+    """The file holds the last epoch's weights: the best epoch's Top-1 (metrics' top1) says nothing of them."""
+    for n, top1, last in (("student", 90.0, 20.0), ("teacher", 50.0, 40.0)):
+        invoke("evaluate", n)
+        f = trained / f"metrics/{n}.json"
+        f.write_text(json.dumps({**json.loads(f.read_text()), "top1": top1, "top1_last": last}))
+    out = invoke("export", "student", "teacher", "--best", "--out", "models/best.onnx")
+    assert out.startswith("teacher (highest last-epoch top1 40.00% of 2) -> models/best.onnx")
+    meta = {p.key: p.value for p in onnx.load(trained / "models/best.onnx").metadata_props}
+    assert meta["kdpipe.checkpoint"] == "models/teacher.pt"
+    assert meta["kdpipe.epoch"] == "2" and meta["kdpipe.top1"] == "40.00"  # the last of 2 epochs, its top1_last
 
 
 def test_a_mismatch_beyond_tolerance_fails_and_leaves_nothing(trained, monkeypatch):
