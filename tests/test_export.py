@@ -100,3 +100,44 @@ def test_a_mismatch_beyond_tolerance_fails_and_leaves_nothing(trained, monkeypat
 def test_missing_checkpoint_is_one_line(trained):
     result = CliRunner().invoke(app, ["export", "ghost"])
     assert result.exit_code == 1 and result.output.strip() == "error: models/ghost.pt: checkpoint not found"
+
+
+def docs_preprocess(size, augment):
+    """docs/export.md's preprocessing snippet, run as written (up to the session, which needs the file)."""
+    from .conftest import ROOT
+
+    text = (ROOT / "docs/export.md").read_text()
+    code = text.split("```python\nimport numpy as np, onnxruntime")[1].split("```")[0]
+    namespace = {}
+    exec("import numpy as np, onnxruntime" + code.split("\nsession = ")[0], namespace)
+    namespace.update(SIZE=size, AUGMENT=augment)
+    return namespace["preprocess"], code.split("\nsession = ")[1]
+
+
+@pytest.mark.parametrize("augment", ["imagenet", "cifar"])
+def test_the_documented_preprocessing_is_kdpipes(workdir, photos, augment):
+    import yaml
+
+    from kdpipe import sources
+    from kdpipe.runtime import Numerics
+
+    from .conftest import tiny_params
+
+    size = 32
+    p = tiny_params(data={"dataset": "folder", "path": str(photos), "image_size": size, "augment": augment})
+    (workdir / "params.yaml").write_text(yaml.safe_dump(p))
+    invoke("data")
+    preprocess, _ = docs_preprocess(size, augment)
+    source = sources.open_source(workdir / "data/prepared", Numerics(torch.device("cpu"), False, False), 0)
+    pixels = next(iter(source.test_pixels(100)))[0]
+    files = sorted((photos / "test").rglob("*.*"))  # the test split in ImageFolder's order
+    for i, f in enumerate(files):
+        np.testing.assert_array_equal(preprocess(f), (pixels[i:i + 1].float() / 255).numpy())
+    if augment == "imagenet":  # and the rest of the snippet on an exported model
+        invoke("student")
+        invoke("export", "student", "--out", "models/best-student.onnx")
+        _, rest = docs_preprocess(size, augment)
+        namespace = {"ort": ort, "preprocess": preprocess}
+        exec("session = " + rest.replace('"cat.jpg"', repr(str(files[0]))), namespace)
+        np.testing.assert_allclose(namespace["logits"], reference_logits(workdir, "student", pixels[:1]).numpy(),
+                                   atol=1e-4, rtol=0)
