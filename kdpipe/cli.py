@@ -173,8 +173,10 @@ def evaluate_cmd(name: str = typer.Argument(..., help="run name: evaluates model
     if "not_applicable" in m:
         typer.echo(f"{name}: not applicable ({m['not_applicable']})")
         return
-    typer.echo(f"{name}: top1 {m['top1']:.2f}% (epoch {m['best_epoch']}), top5 {m['top5']:.2f}%, "
-               f"last top1 {m['top1_last']:.2f}%")
+    top5 = f", top5 {m['top5']:.2f}%" if "top5" in m else ""  # none for 5 classes or fewer
+    typer.echo(f"{name}: top1 {m['top1']:.2f}% (epoch {m['best_epoch']}){top5}, last top1 {m['top1_last']:.2f}%")
+    if "warning" in m:
+        typer.echo(f"warning: {name}: {m['warning']}", err=True)
 
 
 @app.command()
@@ -278,7 +280,8 @@ def import_teacher_cmd(path: Path = typer.Argument(..., help="RepDistiller/mdist
 def export_cmd(names: list[str] = typer.Argument(..., help="run name (models/NAME.pt); with --best, several"),
                fmt: str = typer.Option("onnx", "--format", help="onnx or torchscript"),
                opset: Optional[int] = typer.Option(None, help="ONNX opset (default: the exporter's)"),
-               best: bool = typer.Option(False, "--best", help="export the run with the highest metrics top1"),
+               best: bool = typer.Option(False, "--best", help="export the run with the highest metrics top1_last "
+                                         "(the accuracy of the weights exported: the last epoch's)"),
                out: Optional[Path] = typer.Option(None, help="output file (default models/NAME.onnx)"),
                data_dir: Path = DataOpt):
     """Export a trained student (ONNX or TorchScript) and check it against PyTorch on test images."""
@@ -291,16 +294,21 @@ def export_cmd(names: list[str] = typer.Argument(..., help="run name (models/NAM
     if fmt not in ("onnx", "torchscript"):
         fail(f"--format: {fmt!r} is not onnx or torchscript", 2)
     if len(names) > 1 and not best:
-        fail("several names need --best (export the one with the highest top1)", 2)
+        fail("several names need --best (export the one with the highest top1_last)", 2)
     name = names[0]
     if best:
         require_metrics(names)
-        top1 = {n: json.loads(Path(f"metrics/{n}.json").read_text()).get("top1", float("-inf")) for n in names}
+    # the file holds the checkpoint's last-epoch weights: runs are compared, and described, by their accuracy
+    # (top1_last), not by the best epoch's (top1), whose weights are not kept
+    metrics = {n: json.loads(Path(f"metrics/{n}.json").read_text()) for n in names if Path(f"metrics/{n}.json").is_file()}
+    top1 = {n: metrics.get(n, {}).get("top1_last", float("-inf")) for n in names}
+    if best:
         name = max(names, key=lambda n: top1[n])  # the first of equals
     suffix = ".onnx" if fmt == "onnx" else ".torchscript.pt"
     out = out or model_path(name).with_suffix(suffix)
-    r = export(model_path(name), out, data_dir, fmt, opset)
-    typer.echo(f"{name} -> {out}: max |logit difference| {r['max_abs_diff']:.2e}, top-1 agreement "
+    r = export(model_path(name), out, data_dir, fmt, opset, top1=metrics[name]["top1_last"] if name in metrics else None)
+    chosen = f" (highest last-epoch top1 {top1[name]:.2f}% of {len(names)})" if best else ""
+    typer.echo(f"{name}{chosen} -> {out}: max |logit difference| {r['max_abs_diff']:.2e}, top-1 agreement "
                f"{r['top1_agreement']:.2f}% on {r['images']} test images")
 
 

@@ -7,7 +7,8 @@ Output folder (a DVC output), `data.source: memory`: train_x.npy (N x 3 x S x S 
 test_x.npy, test_y.npy and manifest.json (dataset, classes, counts, image size, augmentation, per-channel
 mean/std, sha256 of each array). S is `image_size` for the `cifar` augmentation; for `imagenet` it is the
 evaluation's resize, round(image_size / 0.875), every image's centre square (see `fit`). With
-`data.source: stream` (an image folder larger than memory) nothing is decoded up front: samples.json lists
+`data.source: stream` (an image folder larger than memory) nothing is kept decoded (`kdpipe data` decodes each
+file once, to check it): samples.json lists
 each split's files (path relative to the folder, label, size in bytes) and the manifest's sha256 is that
 list's; the training source decodes the files per epoch (kdpipe/sources.py).
 """

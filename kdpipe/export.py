@@ -4,7 +4,9 @@ What is exported: the model alone (no regressors, embeddings or other method par
 a dynamic batch dimension, and the input normalisation **folded into the graph**: the input is
 `image`, float32 RGB in [0, 1] (uint8 pixels / 255), shape (N, 3, S, S) with S the data's `image_size`; the output is `logits`
 (N, classes). The mean/std, class names and the source checkpoint are also written to the ONNX
-metadata. After exporting, the file is run (onnxruntime / torch.jit.load) on a batch of the prepared
+metadata, with `kdpipe.epoch` (the epoch of the exported weights: the checkpoint's last, its number of
+training epochs; an imported checkpoint's source epoch, else 0) and `kdpipe.top1` (their test Top-1,
+metrics' `top1_last`, where `kdpipe evaluate` has run). After exporting, the file is run (onnxruntime / torch.jit.load) on a batch of the prepared
 test set and compared with PyTorch; a max |logit difference| above `tolerance` is an error and removes
 the file.
 """
@@ -71,8 +73,15 @@ def _run_onnx(path: Path, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(session.run(["logits"], {"image": x.numpy()})[0])
 
 
+def weights_epoch(ckpt: dict) -> int:
+    """The epoch of a checkpoint's weights: its last training epoch (init-stage epochs not counted, as in the
+    metrics' `epochs`), or an imported checkpoint's source epoch (0 where unknown)."""
+    main = sum(row["phase"] == "main" for row in ckpt["history"])
+    return main or int((ckpt["meta"].get("imported") or {}).get("epoch", 0))
+
+
 def export(ckpt_path: Path, out: Path, data_dir: Path, fmt: str = "onnx", opset: int | None = None,
-           tolerance: float | None = None, n_check: int = 256) -> dict:
+           tolerance: float | None = None, n_check: int = 256, top1: float | None = None) -> dict:
     tolerance = TOLERANCE if tolerance is None else tolerance
     ckpt = load_checkpoint(ckpt_path)
     source = open_source(data_dir, Numerics(torch.device("cpu"), bf16=False, channels_last=False), workers=0)
@@ -88,7 +97,9 @@ def export(ckpt_path: Path, out: Path, data_dir: Path, fmt: str = "onnx", opset:
                 f"{size}x{size}; "
                 "normalisation is folded into the graph", "kdpipe.mean": json.dumps(norm["mean"]),
                 "kdpipe.std": json.dumps(norm["std"]), "kdpipe.classes": json.dumps(manifest["classes"]),
-                "kdpipe.checkpoint": str(ckpt_path)}
+                "kdpipe.checkpoint": str(ckpt_path), "kdpipe.epoch": str(weights_epoch(ckpt))}
+    if top1 is not None:
+        metadata["kdpipe.top1"] = f"{top1:.2f}"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:

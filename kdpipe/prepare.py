@@ -121,7 +121,9 @@ def _list_folder(root: Path, split_names: tuple[str, str] = ("train", "test")):
             names, index = find_classes(str(d))
             samples = make_dataset(str(d), index, extensions=IMG_EXTENSIONS)
         except (FileNotFoundError, OSError) as e:
-            raise DataError(f"{d}: {e}") from None
+            hint = ("; found val/: rename it to test/ or use dataset: imagenet"
+                    if split == "test" and not d.exists() and (root / "val").is_dir() else "")
+            raise DataError(f"{d}: {e}{hint}") from None
         if classes is None:
             classes = names
         elif names != classes:
@@ -129,10 +131,13 @@ def _list_folder(root: Path, split_names: tuple[str, str] = ("train", "test")):
                 f"missing {sorted(set(classes) - set(names))}" if set(classes) - set(names) else "",
                 f"not in train {sorted(set(names) - set(classes))}" if set(names) - set(classes) else ""]))
             raise DataError(f"{d}: its class folders differ from train's: {diff}")
-        # files ImageFolder skips (not an image extension): said, not silently dropped
-        skipped = sum(1 for f in d.rglob("*") if f.is_file() and not f.name.lower().endswith(IMG_EXTENSIONS))
+        # files ImageFolder skips (not an image extension, not in a class folder): named, not silently dropped
+        listed = {path for path, _ in samples}
+        skipped = [os.path.relpath(f, d) for f in sorted(d.rglob("*")) if f.is_file() and str(f) not in listed]
         if skipped:
-            print(f"{d}: skipped {skipped} files that are not images ({', '.join(IMG_EXTENSIONS)})", file=sys.stderr)
+            names = ", ".join(skipped[:5]) + (f", … ({len(skipped) - 5} more)" if len(skipped) > 5 else "")
+            print(f"{d}: skipped {len(skipped)} files that are not images in class folders: {names} "
+                  f"(image extensions: {', '.join(IMG_EXTENSIONS)})", file=sys.stderr)
         splits.append(samples)
     return splits, classes
 
@@ -160,11 +165,28 @@ def _check_imagenet(root: Path, train: list, val: list, classes: list[str]) -> N
         raise DataError(f"{root}: not the whole ILSVRC2012: {wrong}; set data.subset: true if a subset is intended")
 
 
+def _decoded(path: str) -> None:
+    read_image(path)
+
+
+def check_images(paths: list[str], chunk: int = 4096) -> None:
+    """Decode every image once (PIL, in threads: its decoders release the GIL) and keep nothing: a truncated
+    or unreadable file of a stream source is the same one-line error naming it as with `source: memory`, now
+    rather than in a DataLoader worker epochs into training. The first bad file in listing order is named."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        for start in range(0, len(paths), chunk):  # in chunks: never a million pending futures at once
+            for _ in pool.map(_decoded, paths[start:start + chunk]):
+                pass
+
+
 def _stream_samples(root: Path, out_dir: Path, dataset: str = "folder", subset: bool = False):
     """What a stream source reads: each split's files as [path relative to samples.json's folder, label, bytes]."""
     (train, test), classes = _list_folder(root, ("train", "val") if dataset == "imagenet" else ("train", "test"))
     if dataset == "imagenet" and not subset:
         _check_imagenet(root, train, test, classes)
+    check_images([path for path, _ in train + test])
     rel = lambda p: os.path.relpath(p, out_dir)  # noqa: E731  (the prepared folder is renamed into out_dir)
     listed = {split: [[rel(p), label, os.path.getsize(p)] for p, label in samples]
               for split, samples in (("train", train), ("test", test))}

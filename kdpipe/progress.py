@@ -25,7 +25,8 @@ class Reporter:
 
     def epoch(self, row: dict, ips: float):
         # an init-stage epoch is not tested (the student is not trained for the task yet): no test columns
-        test = (f"test {row['test_top1']:.2f}% top5 {row['test_top5']:.2f}% " if "test_top1" in row else "")
+        top5 = f"top5 {row['test_top5']:.2f}% " if "test_top5" in row else ""  # none for 5 classes or fewer
+        test = (f"test {row['test_top1']:.2f}% {top5}" if "test_top1" in row else "")
         line = (f"epoch {row['epoch']}/{self.total} [{row['phase']}] lr {row['lr']:.4g} loss {row['train_loss']:.4f} "
                 f"train {row['train_top1']:.2f}% {test}{ips:.0f} img/s")
         if self.progress:

@@ -66,12 +66,19 @@ def table(rows: list[dict], dataset: str) -> str:
     for r in rows:
         label = f"{pretty(r['model'])} ({r['role'] if r['role'] != 'distill' else r['method']})"
         delta = f"{r['top1'] - base:+.2f}" if r["role"] == "distill" and base is not None else ""
-        cells = [label, f"{r['params_m']:.2f}", f"{r['top1']:.2f}", f"{r['top5']:.2f}", f"{r['top1_last']:.2f}", delta]
+        label += " ⚠" if "warning" in r else ""
+        top5 = f"{r['top5']:.2f}" if "top5" in r else "—"  # none for 5 classes or fewer
+        cells = [label, f"{r['params_m']:.2f}", f"{r['top1']:.2f}", top5, f"{r['top1_last']:.2f}", delta]
         if with_pub:
             pub = published(r["model"], dataset)
             cells.append(f"{pub[0]:.2f} / {pub[1]:.2f}" if pub else "")
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines) + collapse_notes({r["name"]: r["warning"] for r in rows if "warning" in r})
+
+
+def collapse_notes(found: dict[str, str]) -> str:
+    """The note under a table naming each run whose model collapsed (metrics' `warning`), its rows marked ⚠."""
+    return "".join(f"\n\n⚠ {name}: {text}" for name, text in found.items())
 
 
 def loss_terms(rows: list[dict]) -> str:
@@ -189,10 +196,17 @@ def fmt(s) -> str:
 def grid(p, manifest: dict, metrics_dir: Path, plots_dir: Path, out_dir: Path) -> str:
     dataset = manifest["dataset"]
 
+    warned: dict[str, str] = {}  # run -> its collapse warning, listed under the tables
+
     def metric(name: str, key: str) -> list[float]:
         f = metrics_dir / f"{name}.json"
         m = json.loads(f.read_text()) if f.is_file() else {}
+        if "warning" in m:
+            warned[name] = m["warning"]
         return [m[key]] if key in m else []
+
+    def mark(fn) -> str:  # ⚠ after a cell one of whose seeds' runs collapsed
+        return " ⚠" if any(fn(s) in warned for s in p.seeds) else ""
 
     def not_applicable(fn) -> bool:  # every seed's run recorded as N/A (a method the pair does not admit)
         files = [metrics_dir / f"{fn(s)}.json" for s in p.seeds]
@@ -215,6 +229,7 @@ def grid(p, manifest: dict, metrics_dir: Path, plots_dir: Path, out_dir: Path) -
             params = metric(run(p.seeds[0]), "params_m")
             label = pretty(model) + (" (published)" if model in p.published and recipe == p.teacher.recipe else "")
             cells = [label, f"{params[0]:.2f}" if params else "–"] + [fmt(over_seeds(run, k)) for k in ("top1", "top5", "top1_last")]
+            cells[0] += mark(run)
             ref = reference(model)
             if ref is not None:
                 ours = over_seeds(run, ref[1])
@@ -294,7 +309,8 @@ def grid(p, manifest: dict, metrics_dir: Path, plots_dir: Path, out_dir: Path) -
                 st = over_seeds(lambda seed: name_of(key, t, s, seed), metric_key)
                 ref = reference(key, t, s)
                 na = st is None and not_applicable(lambda seed: name_of(key, t, s, seed))
-                cells.append(("N/A" if na else fmt(st)) + (f" [{ref:.2f}]" if ref is not None else ""))
+                cells.append(("N/A" if na else fmt(st)) + (f" [{ref:.2f}]" if ref is not None else "")
+                             + mark(lambda seed: name_of(key, t, s, seed)))
                 base = over_seeds(lambda seed: trained_run(p.student.recipe, s, seed), metric_key)
                 if i == 0 and key in p.methods and st and base:
                     deltas.setdefault(key, {})[j] = st[0] - base[0]
@@ -302,6 +318,7 @@ def grid(p, manifest: dict, metrics_dir: Path, plots_dir: Path, out_dir: Path) -
         lines.append("")
     lines += [f"† {method(m).label}: {METHOD_TABLES[m]['note']}" for m in own_table]
     lines += [""] if own_table else []
+    lines += [f"⚠ {name}: {text}" for name, text in warned.items()] + ([""] if warned else [])
     lines += ["![test accuracy per epoch](accuracy.png)", "", "![Δ Top-1 over the student baseline](delta.png)", ""]
     text = "\n".join(lines)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -195,12 +195,21 @@ class Images(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def read(self, i: int) -> torch.Tensor:
+        """Image `i` decoded, or a one-line DataError naming its file."""
+        path = self.paths[i]
+        try:
+            size = os.path.getsize(path)
+        except OSError as e:
+            raise data_mod.DataError(f"{path}: {e.strerror or type(e).__name__} (listed by `kdpipe data`: re-run it "
+                                     "if the folder changed)") from None
+        if size != self.sizes[i]:
+            raise data_mod.DataError(f"{path}: changed since `kdpipe data` listed it (re-run `kdpipe data`)")
+        return data_mod.read_image(path)
+
     def __getitem__(self, item):
         i, seed = item
-        path = self.paths[i]
-        if os.path.getsize(path) != self.sizes[i]:
-            raise data_mod.DataError(f"{path}: changed since `kdpipe data` listed it (re-run `kdpipe data`)")
-        x, n = data_mod.read_image(path), self.image_size
+        x, n = self.read(i), self.image_size
         if not self.train:
             return data_mod.test_view(x, n, self.augment)  # what the memory source's test sees, exactly
         g = torch.Generator().manual_seed(seed)
@@ -252,8 +261,25 @@ class StreamSource:
                                              generator=torch.Generator().manual_seed(seed),
                                              pin_memory=self.numerics.device.type == "cuda")
         dev = self.numerics.device
-        for x in loader:  # a list of views where the items are pairs
+        batches = iter(loader)
+        for items in item_batches:  # the loader returns the batches in this order
+            try:
+                x = next(batches)  # a list of views where the items are pairs
+            except StopIteration:
+                return
+            except Exception as e:  # a worker's error arrives with the worker's traceback in its message
+                raise self._failure(split, items, e) from None
             yield tuple(v.to(dev, non_blocking=True) for v in x) if isinstance(x, list) else x.to(dev, non_blocking=True)
+
+    def _failure(self, split: str, items: list, error: Exception) -> data_mod.DataError:
+        """The one-line error of a batch that did not load: its files are read again here to name the bad one."""
+        for i, _ in items:
+            try:
+                self.splits[split].read(i)
+            except data_mod.DataError as e:
+                return e
+        last = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        return data_mod.DataError(f"loading the {split} images failed: {last}")
 
     def epoch(self, g: torch.Generator, batch_size: int, ddp: Dist = Dist(), views=()) -> Iterator:
         self.splits["train"].strong = check_views(views)

@@ -2,12 +2,13 @@
 All offline: named weights come from a cache this test fills, downloads are made to fail."""
 
 import copy
+import hashlib
 import io
 import os
 import sys
 import urllib.error
 import warnings
-from urllib.parse import urlparse
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from torch import nn
 from kdpipe.config import Error
 from kdpipe.models import timm_models, tv
 from kdpipe.models.tv import WeightsError
+
+from .conftest import ROOT
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
@@ -80,11 +83,20 @@ def test_tv_weights_file_for_another_class_count(tmp_path, capsys):
     assert "has 1000 classes; classifier replaced by a new one for 10 classes" in capsys.readouterr().err
 
 
-def test_tv_named_weights_from_the_cache(torch_home, capsys):
-    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
-    (torch_home / "checkpoints").mkdir(parents=True)
-    sd = torchvision.models.resnet18().state_dict()  # random: torch.hub checks the hash on download only
-    torch.save(sd, torch_home / "checkpoints" / os.path.basename(urlparse(url).path))
+def cache_as_torchvision_names_it(torch_home, monkeypatch, sd) -> Path:
+    """`sd` saved in the cache as resnet18's IMAGENET1K_V1 file, named as torchvision names its files (the first 8
+    hex digits of its sha256 in the name), the weights' URL pointed at that name on a closed local port."""
+    (torch_home / "checkpoints").mkdir(parents=True, exist_ok=True)
+    tmp = torch_home / "checkpoints" / "tmp.pth"
+    torch.save(sd, tmp)
+    file = tmp.rename(tmp.with_name(f"resnet18-{hashlib.sha256(tmp.read_bytes()).hexdigest()[:8]}.pth"))
+    monkeypatch.setattr(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.value, "url", f"http://127.0.0.1:9/{file.name}")
+    return file
+
+
+def test_tv_named_weights_from_the_cache(torch_home, monkeypatch, capsys):
+    sd = torchvision.models.resnet18().state_dict()  # random: what matters is the hash in the file's name
+    cache_as_torchvision_names_it(torch_home, monkeypatch, sd)
 
     assert same_params(create("tv/resnet18", 1000, weights="IMAGENET1K_V1").state_dict(), sd)
     assert same_params(create("tv/resnet18", 1000, weights="DEFAULT").state_dict(), sd)
@@ -96,12 +108,50 @@ def test_tv_named_weights_from_the_cache(torch_home, capsys):
         "tv/resnet18: IMAGENET1K_V1 has 1000 classes; classifier replaced by a new one for 10 classes")
 
 
+def test_a_cached_file_whose_hash_differs_from_its_name_is_refused(torch_home, monkeypatch):
+    """torch.hub checks the hash in the name on download only: an offline copy put in the cache by hand is not."""
+    file = cache_as_torchvision_names_it(torch_home, monkeypatch, torchvision.models.resnet18().state_dict())
+    prefix = file.stem.rsplit("-", 1)[1]
+    wrong = file.with_name("resnet18-00000000.pth")  # say, the wrong file under the expected name
+    file.rename(wrong)
+    monkeypatch.setattr(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.value, "url", f"http://127.0.0.1:9/{wrong.name}")
+    with pytest.raises(WeightsError) as e:
+        create("tv/resnet18", 10, weights="IMAGENET1K_V1")
+    msg = str(e.value)
+    assert "\n" not in msg and f"{wrong} is not torchvision's IMAGENET1K_V1 file" in msg
+    assert "sha256 does not start with 00000000" in msg and prefix not in msg
+
+
 def test_tv_offline_with_an_empty_cache(torch_home):
     with pytest.raises(WeightsError) as e:
         create("tv/resnet18", 10, weights="IMAGENET1K_V1")
     msg = str(e.value)
     assert "\n" not in msg and isinstance(e.value, Error)
     assert str(torch_home / "checkpoints" / "resnet18-f37072fd.pth") in msg and "download.pytorch.org" in msg
+
+
+def test_offline_cli_is_one_line_with_the_documented_exit_code(tmp_path, monkeypatch):
+    """No network (a closed local port), an empty cache: one error line naming where to put the file, exit 1 as
+    docs/models.md says, no torch.hub "Downloading: ..." line, nothing written."""
+    from typer.testing import CliRunner
+
+    from kdpipe.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    monkeypatch.setattr(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.value, "url",
+                        "http://127.0.0.1:9/resnet18-f37072fd.pth")
+    result = CliRunner().invoke(app, ["import-teacher", "IMAGENET1K_V1", "--model", "tv/resnet18", "--name", "t",
+                                      "--dataset", "imagenet", "--num-classes", "1000",
+                                      "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225"])
+    file = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.startswith("error: tv/resnet18: cannot download http://127.0.0.1:9/resnet18-f37072fd.pth")
+    assert result.stderr.endswith(f"; offline, put that file at {file}\n") and result.stderr.count("\n") == 1
+    assert not (tmp_path / "models").exists()
+    offline_doc = (ROOT / "docs/models.md").read_text().split("Offline with no")[1].split("written")[0]
+    assert "exit 1 " in offline_doc and "exit 2" not in offline_doc
 
 
 def test_weights_and_name_errors(tmp_path):

@@ -78,9 +78,9 @@ def test_import_teacher_takes_a_torchvision_state_dict(workdir, photos):
 
 def test_import_teacher_takes_torchvision_weights_by_name(workdir, photos, monkeypatch):
     """The ImageNet tables' teachers are torchvision's IMAGENET1K_V1 weights, used as they are: imported by
-    name through torch.hub's cache (filled here with a stand-in file: no download)."""
-    import os
-    from urllib.parse import urlparse
+    name through torch.hub's cache (filled here with a stand-in file, named by its own hash as torchvision names
+    its files, the weights' URL pointed at it: no download)."""
+    import hashlib
 
     import torchvision
     from typer.testing import CliRunner
@@ -90,12 +90,13 @@ def test_import_teacher_takes_torchvision_weights_by_name(workdir, photos, monke
 
     monkeypatch.setenv("TORCH_HOME", str(workdir / "torch"))
     monkeypatch.setattr(torch.hub, "_hub_dir", None)  # torch.hub re-reads TORCH_HOME
-    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
-    cached = workdir / "torch/hub/checkpoints" / os.path.basename(urlparse(url).path)
+    cached = workdir / "torch/hub/checkpoints/stand-in.pth"
     cached.parent.mkdir(parents=True)
     torch.manual_seed(1)
     stand_in = torchvision.models.resnet18().state_dict()
     torch.save(stand_in, cached)
+    cached = cached.rename(cached.with_name(f"resnet18-{hashlib.sha256(cached.read_bytes()).hexdigest()[:8]}.pth"))
+    monkeypatch.setattr(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.value, "url", f"http://127.0.0.1:9/{cached.name}")
     norm = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     ckpt = import_teacher(Path("IMAGENET1K_V1"), "tv/resnet18", 1000, workdir / "models/t.pt", "imagenet", norm)
     assert all(torch.equal(v, stand_in[k]) for k, v in ckpt["state_dict"].items())

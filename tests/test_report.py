@@ -167,3 +167,21 @@ def test_grid_report_imagenet_beside_dkds_table(tmp_path):
     assert "| FSP | – | N/A |" in best and "| KD | 70.00 ± 0.00 (n=1) | – |" in last
     assert "| Teacher | 90.00 ± 0.00 (n=1) [91.42] | 90.00 ± 0.00 (n=1) [92.86] |" in top5  # torchvision's, OFD's
     assert "| KD | 90.00 ± 0.00 (n=1) | – |" in top5  # no published Top-5 for KD
+
+
+def test_grid_marks_collapsed_runs(tmp_path):
+    raw = yaml.safe_load((ROOT / "pipelines/cifar100/params.yaml").read_text())
+    raw.update(seeds=[0], methods=["kd"], models=["resnet20", "resnet56"], published=[], table_models=[],
+               pairs=[{"teacher": "resnet56", "student": "resnet20"}])
+    p = config.validate(raw)
+    for name, top1 in (("repdistiller-resnet56-s0", 72.0), ("repdistiller-resnet20-s0", 68.0),
+                       ("kd-resnet56-resnet20-s0", 1.0)):
+        fake_run(tmp_path, name, top1)
+    f = tmp_path / "metrics/kd-resnet56-resnet20-s0.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), "warning": "predicts one class ('apple') for all 10000 "
+                                                                     "test images"}))
+    manifest = {"dataset": "cifar100", "train_size": 50000, "test_size": 10000, "num_classes": 100, "source": "x"}
+    text = report.grid(p, manifest, tmp_path / "metrics", tmp_path / "plots", tmp_path / "reports")
+    assert "| KD | 0.00 ± 0.00 (n=1) [70.66] ⚠ |" in text and "| Teacher | 71.00 ± 0.00 (n=1) [72.34] |" in text
+    assert "\n⚠ kd-resnet56-resnet20-s0: predicts one class ('apple') for all 10000 test images\n" in text
+    assert text.count("⚠") == 2

@@ -34,6 +34,7 @@ one (the library's own init, for fine-tuning), with one line on stderr.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import pickle
@@ -159,14 +160,43 @@ def weights_classes(name: str, weights: str) -> int:
     return len(_resolve(PREFIX + name, name, weights).meta["categories"])
 
 
+def _cached(label: str, w) -> str:
+    """torch.hub's cache file of weights `w`, downloaded if absent, its sha256 checked against the prefix in its
+    name (`-f37072fd.pth`) either way: torch.hub checks it on download only, and trusts whatever file is there
+    (a user's offline copy, a truncated download). Absent and offline: one line saying where to put the file,
+    without torch.hub's "Downloading: ..." line before it."""
+    filename = os.path.basename(urlparse(w.url).path)
+    file = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+    match = torch.hub.HASH_REGEX.search(filename)
+    prefix = match.group(1) if match else None
+    if not os.path.exists(file):
+        os.makedirs(os.path.dirname(file), exist_ok=True)
+        try:  # checks the hash and leaves no file when it differs
+            torch.hub.download_url_to_file(w.url, file, prefix, progress=sys.stderr.isatty())
+        except OSError as e:  # urllib's URLError, no space, ...
+            raise WeightsError(f"{label}: cannot download {w.url} ({e.__class__.__name__}: {getattr(e, 'reason', e)}); "
+                               f"offline, put that file at {file}") from None
+        except RuntimeError as e:  # torch.hub: 'invalid hash value'
+            raise WeightsError(f"{label}: the download of {w.url} is corrupt ({e})") from None
+    elif prefix:
+        digest = hashlib.sha256()
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        if not digest.hexdigest().startswith(prefix):
+            raise WeightsError(f"{label}: {file} is not torchvision's {w.name} file: its sha256 does not start with "
+                               f"{prefix} (the hash in its name); delete it to download it again, or put the "
+                               f"original from {w.url} there")
+    return file
+
+
 def _from_named(label: str, name: str, num_classes: int, weights: str) -> nn.Module:
     w = _resolve(label, name, weights)
-    file = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(w.url).path))
+    file = _cached(label, w)
     try:
-        model = torchvision.models.get_model(name, weights=w)  # torchvision's own loading, through torch.hub's cache
-    except OSError as e:  # urllib's URLError, no space, ...
-        raise WeightsError(f"{label}: cannot download {w.url} ({e.__class__.__name__}: {getattr(e, 'reason', e)}); "
-                           f"offline, put that file at {file}") from None
+        model = torchvision.models.get_model(name, weights=w)  # torchvision's own loading, from the cache file
+    except OSError as e:  # unreadable file
+        raise WeightsError(f"{label}: the cached {file} does not load ({type(e).__name__}: {e})") from None
     except (RuntimeError, pickle.UnpicklingError) as e:
         raise WeightsError(f"{label}: the cached {file} does not load ({type(e).__name__}); delete it to "
                            "download it again") from None
