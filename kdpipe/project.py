@@ -38,8 +38,8 @@ CODE = {
     "distill": [*MODELS, *LOOP, "runs.py", "distill/__init__.py", "distill/base.py", "distill/functional.py"],
     "evaluate": [*MODELS, *LOOP, "evaluate.py"],
     "export": [*MODELS, *LOADING, "export.py"],
-    "quantize": [*MODELS, *LOADING, "export.py", "quantize.py"],
-    "measure": [*MODELS, *LOADING, "measure.py"],
+    "quantize": [*MODELS, *LOADING, "quantize.py"],
+    "measure": [*MODELS, *LOADING, "quantize.py", "measure.py"],
     "report": [*MODELS, "report.py", "published.yaml"],
 }
 # the command each kind of stage runs (cli.py calls `check` with it)

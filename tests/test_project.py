@@ -104,7 +104,7 @@ def flat(record: dict) -> dict:
 @pytest.mark.parametrize("edited, changed", [
     ("distill/dkd.py", {"distill.dkd"}),
     ("report.py", {"report"}),
-    ("quantize.py", {"quantize"}),
+    ("quantize.py", {"quantize", "measure"}),  # measure runs the files through quantize.py's session
     ("prepare.py", {"data"}),
     # the training loop decides every trained and evaluated result, never the data, export or report
     ("engine.py", {"train", "evaluate"} | {f"distill.{m}" for m in config.METHODS}),
