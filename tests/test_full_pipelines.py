@@ -236,7 +236,8 @@ def test_unspelled_finds_a_default():
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     del raw["distill"]["ab"]["margin"], raw["evaluate"]["cpu_threads"]
     assert unspelled(raw, config.Params, skip=frozenset({"recipes", "table", "table_models", "models", "published",
-                                                         "seeds", "launch", "methods", "pairs"})) == \
+                                                         "seeds", "launch", "methods", "pairs", "quantize",
+                                                         "measure"})) == \
         ["distill.ab.margin", "evaluate.cpu_threads"]
 
 
