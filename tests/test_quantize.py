@@ -219,3 +219,25 @@ def test_report_gains_int8_and_deployment_parts_only_when_their_files_exist(proj
     assert "](pareto.png)" in after and (project / "r2/pareto.png").read_bytes()[:4] == b"\x89PNG"
     # a run not in the report brings none of its rows
     assert report.deployment(["teacher"], project / "metrics") == {} and report.int8_section(["teacher"], project / "metrics") == ""
+
+
+def test_a_failure_leaves_nothing_half_written(project, monkeypatch):
+    def broken(*args):
+        raise quantize.QuantizeError("test run failed")
+
+    monkeypatch.setattr(quantize, "top_k", broken)  # after the INT8 file is written to its temporary name
+    result = CliRunner().invoke(app, ["quantize", "student"])
+    assert result.exit_code == 1 and result.output.strip() == "error: test run failed"
+    assert not list(project.glob("models/*int8*")) and not list(project.glob("models/.*"))
+    assert not list(project.glob("metrics/*int8*")) and not list(project.glob("metrics/.*"))
+
+
+def test_top5_is_left_out_for_five_classes_or_fewer(workdir):
+    (workdir / "params.yaml").write_text(yaml.safe_dump(tiny_params(
+        data={"synthetic": {"num_classes": 5}}, student={"epochs": 1}, **FAST)))
+    for args in (("data",), ("student",), ("export", "student"), ("quantize", "student")):
+        invoke(*args)
+    m = json.loads((workdir / "metrics/student.int8.json").read_text())
+    assert set(m) == {"top1", "fp32_top1", "top1_drop", "calibration_images"}
+    x, y = np.load(workdir / "data/prepared/test_x.npy"), np.load(workdir / "data/prepared/test_y.npy")
+    assert m["top1"] == round(ort_accuracy(workdir / "models/student.int8.onnx", x, y)[0], 2)
