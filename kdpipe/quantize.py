@@ -113,6 +113,9 @@ def quantize(fp32: Path, out: Path, metrics_path: Path, data_dir: Path, cfg) -> 
     shape = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim[1:]]
     if shape != [3, size, size]:
         raise QuantizeError(f"{fp32}: takes 3x{shape[1]}x{shape[2]} images, but {data_dir} holds {size}x{size}")
+    out_dims = proto.graph.output[0].type.tensor_type.shape.dim
+    if len(out_dims) == 2 and out_dims[1].dim_value and out_dims[1].dim_value != source.num_classes:
+        raise QuantizeError(f"{fp32}: {out_dims[1].dim_value} classes, but {data_dir} has {source.num_classes}")
     idx = calibration_indices(source.train_size, cfg.calibration_images, cfg.seed)
     calib = (source.train_pixels(idx).float() / 255).numpy()
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,

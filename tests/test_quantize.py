@@ -8,7 +8,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from torch import nn
 from typer.testing import CliRunner
@@ -241,3 +240,12 @@ def test_top5_is_left_out_for_five_classes_or_fewer(workdir):
     assert set(m) == {"top1", "fp32_top1", "top1_drop", "calibration_images"}
     x, y = np.load(workdir / "data/prepared/test_x.npy"), np.load(workdir / "data/prepared/test_y.npy")
     assert m["top1"] == round(ort_accuracy(workdir / "models/student.int8.onnx", x, y)[0], 2)
+
+
+def test_quantize_refuses_a_model_of_other_data(project):
+    (project / "params.yaml").write_text(yaml.safe_dump(tiny_params(data={"synthetic": {"num_classes": 5}})))
+    invoke("data")
+    result = CliRunner().invoke(app, ["quantize", "student"])
+    assert result.exit_code == 1
+    assert result.output.strip() == "error: models/student.onnx: 10 classes, but data/prepared has 5"
+    assert not list(project.glob("models/*int8*")) and not list(project.glob("metrics/*int8*"))
