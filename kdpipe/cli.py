@@ -308,8 +308,8 @@ def quantize(name: str = typer.Argument(..., help="run name: quantizes models/NA
 @guarded
 def measure(names: list[str] = typer.Argument(..., help="model files models/NAME.onnx, e.g. student kd kd.int8"),
             params: Path = ParamsOpt, data_dir: Path = DataOpt,
-            out: Path = typer.Option(Path("metrics/measure.json"), help="output file (plots/pareto.csv beside it "
-                                                                         "in plots/)")):
+            out: Path = typer.Option(Path("metrics/measure.json"), help="output file (plots/pareto.csv is written "
+                                                                         "too)")):
     """CPU latency (batch 1, p50/p95), images/s, size, params and MACs of ONNX models, with their Top-1."""
     from . import measure as measure_mod
 
