@@ -314,6 +314,35 @@ def export_cmd(names: list[str] = typer.Argument(..., help="run name (models/NAM
 
 @app.command()
 @guarded
+def quantize(name: str = typer.Argument(..., help="run name: quantizes models/NAME.onnx (output of `kdpipe export`)"),
+             params: Path = ParamsOpt, data_dir: Path = DataOpt):
+    """Post-training static INT8 (onnxruntime, QDQ) of models/NAME.onnx: models/NAME.int8.onnx, metrics/NAME.int8.json."""
+    from . import quantize as quantize_mod
+
+    p = load(params)
+    m = quantize_mod.quantize(quantize_mod.onnx_path(name), Path(f"models/{name}.int8.onnx"),
+                              Path(f"metrics/{name}.int8.json"), data_dir, p.quantize)
+    typer.echo(f"{name} -> models/{name}.int8.onnx: top1 {m['top1']:.2f}% (fp32 ONNX {m['fp32_top1']:.2f}%, "
+               f"drop {m['top1_drop']:+.2f}), {m['calibration_images']} calibration images")
+
+
+@app.command()
+@guarded
+def measure(names: list[str] = typer.Argument(..., help="model files models/NAME.onnx, e.g. student kd kd.int8"),
+            params: Path = ParamsOpt, data_dir: Path = DataOpt,
+            out: Path = typer.Option(Path("metrics/measure.json"), help="output file (plots/pareto.csv is written "
+                                                                         "too)")):
+    """CPU latency (batch 1, p50/p95), images/s, size, params and MACs of ONNX models, with their Top-1."""
+    from . import measure as measure_mod
+
+    p = load(params)
+    r = measure_mod.measure(names, data_dir, Path("metrics"), out, Path("plots/pareto.csv"), p.measure)
+    typer.echo("; ".join(f"{n}: {r[n]['latency_ms_p50']:.2f} ms p50, top1 {r[n]['top1']:.2f}%" for n in names)
+               + f" -> {out}")
+
+
+@app.command()
+@guarded
 def bench(model: str = typer.Option("resnet20", help="student model"),
           teacher: str = typer.Option("resnet56", help="teacher model"),
           batch_size: int = typer.Option(128, min=2), steps: int = typer.Option(10, min=1, help="timed steps per repeat"),

@@ -119,6 +119,82 @@ def plot(rows: list[dict], plots_dir: Path, out: Path) -> None:
     plt.close(fig)
 
 
+def int8_section(names: list[str], metrics_dir: Path) -> str:
+    """A row per run quantized by `kdpipe quantize` (metrics/NAME.int8.json): INT8 Top-1/Top-5 and the drop from
+    its fp32 ONNX file, both tested with onnxruntime on the whole test set; "" where none was."""
+    lines = []
+    for name in names:
+        f = metrics_dir / f"{name}.int8.json"
+        if f.is_file():
+            m = json.loads(f.read_text())
+            t5 = lambda k: f"{m[k]:.2f}" if k in m else "–"  # noqa: E731
+            lines.append(f"| {name} (INT8) | {m['top1']:.2f} | {t5('top5')} | {m['fp32_top1']:.2f} | {t5('fp32_top5')} "
+                         f"| {-m['top1_drop']:+.2f} | {m['calibration_images']} |")
+    if not lines:
+        return ""
+    return ("\n## INT8\n\nPost-training static INT8 (`kdpipe quantize`: onnxruntime, QDQ) of each exported student, "
+            "and its fp32 ONNX file (the last epoch's weights), both tested with onnxruntime on the whole test set.\n\n"
+            "| model | Top1 (%) | Top5 (%) | fp32 ONNX Top1 (%) | fp32 ONNX Top5 (%) | Δ Top1 vs fp32 | calibration images |\n"
+            "|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
+
+
+def deployment(names: list[str], metrics_dir: Path) -> dict:
+    """The entries of metrics/measure.json (`kdpipe measure`) of these runs' model files (NAME, NAME.int8)."""
+    f = metrics_dir / "measure.json"
+    if not f.is_file():
+        return {}
+    measured = json.loads(f.read_text())
+    return {k: v for k, v in measured.items() if not k.startswith("_") and k.removesuffix(".int8") in names}
+
+
+def deployment_section(measured: dict, machine: dict) -> str:
+    if not measured:
+        return ""
+    lines = []
+    for name, r in measured.items():
+        fp = measured.get(name.removesuffix(".int8")) if name.endswith(".int8") else None
+        speedup = f"{fp['latency_ms_p50'] / r['latency_ms_p50']:.2f}×" if fp else ""
+        lines.append(f"| {name} | {r['precision']} | {r['top1']:.2f} | {r['latency_ms_p50']:.2f} | "
+                     f"{r['latency_ms_p95']:.2f} | {r['images_per_s']:.0f} | {r['size_mb']:.2f} | {r['params_m']:.2f} | "
+                     f"{r['macs_g']:.3f} | {speedup} |")
+    where = (f"{machine.get('cpu', '?')}, onnxruntime {machine.get('onnxruntime', '?')}, "
+             f"{machine.get('threads', '?')} thread(s)") if machine else "see metrics/measure.json"
+    return ("\n## Deployment\n\n`kdpipe measure` on the CPU (" + where + "): batch-1 latency, images/s at batch "
+            f"{next(iter(measured.values()))['batch_size']}, file size; parameters and MACs of the PyTorch model. "
+            "Top1: the last epoch's (the exported weights) for fp32, the INT8 test for int8. Speed-up: the fp32 file's "
+            "p50 over the INT8 file's.\n\n"
+            "| model | precision | Top1 (%) | p50 (ms) | p95 (ms) | images/s | size (MB) | params (M) | MACs (G) | "
+            "speed-up |\n|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(lines)
+            + "\n\n![Top-1 vs batch-1 latency](pareto.png)\n")
+
+
+def pareto_plot(measured: dict, out: Path) -> None:
+    """Top-1 against batch-1 latency (log scale), a labelled point per model, the Pareto front as a step line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .measure import pareto_front
+
+    names = list(measured)
+    pts = [(measured[n]["latency_ms_p50"], measured[n]["top1"]) for n in names]
+    front = sorted(p for p, on in zip(pts, pareto_front(pts)) if on)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for n, (x, y) in zip(names, pts):
+        ax.scatter([x], [y], marker="s" if measured[n]["precision"] == "int8" else "o", zorder=3)
+        ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="grey", lw=1, label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel("batch-1 latency p50 (ms, log scale)")
+    ax.set_ylabel("test Top-1 (%)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
 def write(names: list[str], manifest: dict, metrics_dir: Path, logs_dir: Path, plots_dir: Path, out_dir: Path) -> str:
     rows = collect(names, metrics_dir, logs_dir)
     dataset = manifest["dataset"]
@@ -128,9 +204,15 @@ def write(names: list[str], manifest: dict, metrics_dir: Path, logs_dir: Path, p
             "Top1 is the best epoch's test Top-1, Top5 the last epoch's test Top-5 (the published convention); "
             "Top1 last is the last epoch's Top-1.\n\n" + table(rows, dataset) + "\n\n![test accuracy](accuracy.png)\n"
             + loss_terms(rows))
+    # the deployment parts, only where `kdpipe quantize` / `kdpipe measure` ran (else the report is as before)
+    measured = deployment(names, metrics_dir)
+    machine = json.loads((metrics_dir / "measure.json").read_text()).get("_machine", {}) if measured else {}
+    text += int8_section(names, metrics_dir) + deployment_section(measured, machine)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.md").write_text(text)
     plot(rows, plots_dir, out_dir / "accuracy.png")
+    if measured:
+        pareto_plot(measured, out_dir / "pareto.png")
     return text
 
 

@@ -171,6 +171,11 @@ class MemorySource:
                 y, idx = y[ddp.rank::ddp.world], idx[ddp.rank::ddp.world]
             yield step, x, y, idx
 
+    def train_pixels(self, indices: list[int]) -> torch.Tensor:
+        """Training images `indices` as uint8 at the evaluation view (no augmentation): `kdpipe quantize`'s
+        calibration images."""
+        return TF.center_crop(self.data.train.x[torch.tensor(indices, dtype=torch.int64)], [self.image_size] * 2)
+
     def test_pixels(self, batch_size: int = 1000) -> Iterator:
         """The test images as uint8 (x, y) batches at image_size (the evaluation view), not normalised."""
         test = self.data.test
@@ -292,6 +297,11 @@ class StreamSource:
             index = torch.tensor(idx, device=self.numerics.device)
             x = tuple(self.normalise(v) for v in x) if isinstance(x, tuple) else self.normalise(x)
             yield step, x, labels[index], index
+
+    def train_pixels(self, indices: list[int]) -> torch.Tensor:
+        train = self.splits["train"]
+        return torch.stack([data_mod.test_view(data_mod.read_image(train.paths[i]), train.image_size, train.augment)
+                            for i in indices])
 
     def test_pixels(self, batch_size: int = 1000) -> Iterator:
         n = len(self.splits["test"])

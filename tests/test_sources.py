@@ -113,6 +113,20 @@ def test_stream_and_memory_see_the_same_test_images(tmp_path, photos, augment):
         assert torch.equal(a, b) and torch.equal(y, z)
 
 
+@pytest.mark.parametrize("augment", ["cifar", "imagenet"])
+def test_stream_and_memory_give_the_same_calibration_images(tmp_path, photos, augment):
+    # `kdpipe quantize` calibrates on training images at the evaluation view: the same pixels from either source
+    prepare(folder_data(photos, image_size=40, augment=augment), tmp_path / "m")
+    prepare(folder_data(photos, image_size=40, augment=augment, source="stream"), tmp_path / "s")
+    mem, stream = (sources.open_source(tmp_path / d, CPU, 0) for d in ("m", "s"))
+    idx = [0, 5, 7, 17]
+    a, b = mem.train_pixels(idx), stream.train_pixels(idx)
+    assert a.shape == (4, 3, 40, 40) and a.dtype == torch.uint8 and torch.equal(a, b)
+    assert torch.equal(mem.train_labels[idx], stream.train_labels[idx])
+    train = stream.splits["train"]
+    assert torch.equal(a[1], data.test_view(data.read_image(train.paths[5]), 40, augment))
+
+
 def test_stream_shards_per_rank(tmp_path, photos):
     prepare(folder_data(photos, image_size=32, source="stream"), tmp_path / "s")
     src = sources.open_source(tmp_path / "s", CPU, 0)

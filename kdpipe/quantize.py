@@ -1,0 +1,155 @@
+"""`kdpipe quantize`: post-training static INT8 of an exported model (models/NAME.onnx -> models/NAME.int8.onnx).
+
+onnxruntime's own tooling, on the very file `kdpipe export` ships: `quant_pre_process` (shape inference and
+graph optimisation, as onnxruntime recommends), then `quantize_static` in QDQ format with uint8 activations and
+int8 weights (per channel where `quantize.per_channel`), calibrated on `quantize.calibration_images` training
+images (the evaluation view, no augmentation) drawn by `quantize.seed`. The INT8 file keeps the input/output
+contract (`image` float32 RGB in [0, 1], NCHW; `logits`) and the fp32 file's metadata, plus
+`kdpipe.quantization` (the settings). Then both files are tested with onnxruntime on the whole prepared test set
+and metrics/NAME.int8.json records the INT8 Top-1/Top-5, the fp32 ONNX's, and the drop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import atomic_write
+from .config import Error
+from .runtime import Numerics
+from .sources import open_source
+
+CALIBRATION_BATCH = 32
+EVAL_BATCH = 256
+
+
+class QuantizeError(Error):
+    pass
+
+
+def onnx_path(name: str) -> Path:
+    return Path(f"models/{name}.onnx")
+
+
+def _need_ort():
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise QuantizeError("quantize and measure need the export extra: pip install -e '.[export]'") from None
+
+
+def session(path: Path, threads: int):
+    """An onnxruntime CPU session: `threads` intra-op threads, one inter-op thread, sequential execution."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def calibration_indices(train_size: int, n: int, seed: int) -> list[int]:
+    """`n` training images (all, where there are fewer) drawn by `seed`, in file order."""
+    perm = torch.randperm(train_size, generator=torch.Generator().manual_seed(seed))
+    return sorted(perm[:min(n, train_size)].tolist())
+
+
+def top_k(session_, batches) -> dict:
+    """Top-1 and Top-5 (%) of an onnxruntime session over uint8 (x, y) batches (fed as pixels / 255), counted as
+    the engine's evaluate counts them (`topk`: the first of equal logits wins)."""
+    top1, top5, n, classes = 0, 0, 0, 0
+    for x, y in batches:
+        logits = torch.from_numpy(session_.run(["logits"], {"image": (x.float() / 255).numpy()})[0])
+        classes = logits.shape[1]
+        hits = logits.topk(min(5, classes), 1).indices == y[:, None]
+        top1, top5, n = top1 + int(hits[:, 0].sum()), top5 + int(hits.any(1).sum()), n + len(y)
+    return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "classes": classes}
+
+
+def _reader(x: np.ndarray):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([x[i:i + CALIBRATION_BATCH] for i in range(0, len(x), CALIBRATION_BATCH)])
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {"image": batch}
+
+    return Reader()
+
+
+def settings_of(cfg) -> dict:
+    import onnxruntime
+
+    return {"format": "QDQ", "activations": "uint8", "weights": "int8", "per_channel": cfg.per_channel,
+            "reduce_range": cfg.reduce_range, "calibration_method": cfg.calibration_method,
+            "calibration_images": cfg.calibration_images, "seed": cfg.seed, "onnxruntime": onnxruntime.__version__}
+
+
+def quantize(fp32: Path, out: Path, metrics_path: Path, data_dir: Path, cfg) -> dict:
+    """Quantize `fp32` into `out`, test both on the whole test set, write `metrics_path`; return the metrics."""
+    _need_ort()
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if not fp32.is_file():
+        raise QuantizeError(f"{fp32}: no exported model (run `kdpipe export {fp32.stem}` first)")
+    source = open_source(data_dir, Numerics(torch.device("cpu"), bf16=False, channels_last=False), workers=0)
+    proto = onnx.load(str(fp32))
+    inputs = [(i.name, i.type.tensor_type.elem_type) for i in proto.graph.input]
+    if inputs != [("image", onnx.TensorProto.FLOAT)] or [o.name for o in proto.graph.output] != ["logits"]:
+        raise QuantizeError(f"{fp32}: not a kdpipe export (input `image` float32, output `logits`)")
+    size = source.manifest.get("image_size", 32)
+    shape = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim[1:]]
+    if shape != [3, size, size]:
+        raise QuantizeError(f"{fp32}: takes 3x{shape[1]}x{shape[2]} images, but {data_dir} holds {size}x{size}")
+    out_dims = proto.graph.output[0].type.tensor_type.shape.dim
+    if len(out_dims) == 2 and out_dims[1].dim_value and out_dims[1].dim_value != source.num_classes:
+        raise QuantizeError(f"{fp32}: {out_dims[1].dim_value} classes, but {data_dir} has {source.num_classes}")
+    idx = calibration_indices(source.train_size, cfg.calibration_images, cfg.seed)
+    calib = (source.train_pixels(idx).float() / 255).numpy()
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[cfg.calibration_method]
+    settings = settings_of(cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        with tempfile.TemporaryDirectory(prefix="kdpipe-quantize-") as work:
+            pre = Path(work) / "pre.onnx"
+            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=False)
+            quantize_static(str(pre), str(Path(work) / "q.onnx"), _reader(calib), quant_format=QuantFormat.QDQ,
+                            per_channel=cfg.per_channel, reduce_range=cfg.reduce_range,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method)
+            q = onnx.load(str(Path(work) / "q.onnx"))
+        del q.metadata_props[:]
+        for p in proto.metadata_props:
+            q.metadata_props.add(key=p.key, value=p.value)
+        q.metadata_props.add(key="kdpipe.quantization", value=json.dumps(settings))
+        onnx.save(q, str(tmp))
+        fp = top_k(session(fp32, cfg.threads), source.test_pixels(EVAL_BATCH))
+        i8 = top_k(session(tmp, cfg.threads), source.test_pixels(EVAL_BATCH))
+        metrics = {"top1": round(i8["top1"], 2), "top5": round(i8["top5"], 2), "fp32_top1": round(fp["top1"], 2),
+                   "fp32_top5": round(fp["top5"], 2), "top1_drop": round(fp["top1"] - i8["top1"], 2),
+                   "calibration_images": len(idx)}
+        if i8["classes"] <= 5:  # Top-5 of 5 classes or fewer is always 100 %
+            for k in ("top5", "fp32_top5"):
+                del metrics[k]
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    try:
+        atomic_write(metrics_path, json.dumps(metrics, indent=2) + "\n")
+    except BaseException:
+        out.unlink(missing_ok=True)  # never an INT8 model without its metrics
+        raise
+    return metrics

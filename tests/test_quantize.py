@@ -1,0 +1,251 @@
+"""`kdpipe quantize` (onnxruntime static INT8) and `kdpipe measure` (CPU latency, size, params, MACs), and the
+report's deployment parts, on a tiny synthetic run at 32 px."""
+
+import csv
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+from torch import nn
+from typer.testing import CliRunner
+
+from kdpipe import checkpoint, config, measure, quantize, report
+from kdpipe.cli import app
+
+from .conftest import tiny_params
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+FAST = {"quantize": {"calibration_images": 50, "seed": 0}, "measure": {"warmup": 1, "runs": 5, "batch_size": 8}}
+
+
+def invoke(*args, code=0):
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == code, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A project with a trained, evaluated and exported student (built once for the module)."""
+    d = tmp_path_factory.mktemp("exported")
+    here = os.getcwd()
+    os.chdir(d)
+    try:
+        (d / "params.yaml").write_text(yaml.safe_dump(tiny_params(**FAST)))
+        for args in (("data",), ("student",), ("evaluate", "student"), ("export", "student")):
+            invoke(*args)
+    finally:
+        os.chdir(here)
+    return d
+
+
+@pytest.fixture
+def project(built, tmp_path, monkeypatch):
+    d = tmp_path / "p"
+    shutil.copytree(built, d)
+    monkeypatch.chdir(d)
+    return d
+
+
+def io_contract(proto):
+    def spec(v):
+        t = v.type.tensor_type
+        return v.name, t.elem_type, [d.dim_param or d.dim_value for d in t.shape.dim]
+
+    return [spec(v) for v in proto.graph.input], [spec(v) for v in proto.graph.output]
+
+
+def ort_accuracy(path, x_uint8, y):
+    """Top-1/Top-5 (%) by hand: the whole test set through onnxruntime, argmax / the 5 largest logits."""
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits = s.run(["logits"], {"image": x_uint8.astype(np.float32) / 255})[0]
+    top1 = (logits.argmax(1) == y).mean() * 100
+    top5 = (np.argsort(-logits, 1, kind="stable")[:, :5] == y[:, None]).any(1).mean() * 100
+    return top1, top5
+
+
+def test_quantize_writes_an_int8_model_with_the_same_contract_and_true_metrics(project):
+    out = invoke("quantize", "student")
+    assert out.startswith("student -> models/student.int8.onnx: top1 ")
+    fp32, int8 = onnx.load(project / "models/student.onnx"), onnx.load(project / "models/student.int8.onnx")
+    assert io_contract(int8) == io_contract(fp32)
+    assert io_contract(int8)[0][0][1] == onnx.TensorProto.FLOAT  # still float pixels in, float logits out
+    ops = {n.op_type for n in int8.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    int8_weights = [t for t in int8.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+    assert len(int8_weights) >= 5  # the convolutions' weights are stored as int8
+    # no fp32 convolution weight is left (the input's mean/std, folded into the graph, stay float)
+    assert {t.name for t in int8.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 4} \
+        <= {"mean", "std"}
+    meta_fp32 = {p.key: p.value for p in fp32.metadata_props}
+    meta = {p.key: p.value for p in int8.metadata_props}
+    assert {k: meta[k] for k in meta_fp32} == meta_fp32
+    q = json.loads(meta["kdpipe.quantization"])
+    assert q["format"] == "QDQ" and q["per_channel"] is True and q["calibration_images"] == 50
+    assert q["calibration_method"] == "minmax" and q["seed"] == 0
+    # the metrics equal an independent onnxruntime run over the whole test set
+    x, y = np.load(project / "data/prepared/test_x.npy"), np.load(project / "data/prepared/test_y.npy")
+    assert len(y) == 40
+    m = json.loads((project / "metrics/student.int8.json").read_text())
+    assert set(m) == {"top1", "top5", "fp32_top1", "fp32_top5", "top1_drop", "calibration_images"}
+    top1, top5 = ort_accuracy(project / "models/student.int8.onnx", x, y)
+    fp_top1, fp_top5 = ort_accuracy(project / "models/student.onnx", x, y)
+    assert (m["top1"], m["top5"], m["fp32_top1"], m["fp32_top5"]) == \
+        (round(top1, 2), round(top5, 2), round(fp_top1, 2), round(fp_top5, 2))
+    assert m["top1_drop"] == round(fp_top1 - top1, 2) and m["calibration_images"] == 50
+    # the fp32 ONNX file is the checkpoint's last epoch: its Top-1 is evaluate's top1_last
+    assert m["fp32_top1"] == json.loads((project / "metrics/student.json").read_text())["top1_last"]
+
+
+def test_quantize_is_deterministic(project):
+    invoke("quantize", "student")
+    first = [(project / f).read_bytes() for f in ("models/student.int8.onnx", "metrics/student.int8.json")]
+    invoke("quantize", "student")
+    assert [(project / f).read_bytes() for f in ("models/student.int8.onnx", "metrics/student.int8.json")] == first
+    assert not list(project.glob("models/.*")) and not list(project.glob("metrics/.*"))  # no temporary left
+    # the seed draws the calibration images: another seed, another set (and never more than the data holds)
+    a, b = quantize.calibration_indices(96, 50, 0), quantize.calibration_indices(96, 50, 1)
+    assert a == sorted(a) and len(set(a)) == 50 and a != b
+    assert quantize.calibration_indices(96, 500, 0) == list(range(96))
+
+
+def test_quantize_without_an_exported_model_is_one_line(project):
+    result = CliRunner().invoke(app, ["quantize", "ghost"])
+    assert result.exit_code == 1
+    assert result.output.strip() == "error: models/ghost.onnx: no exported model (run `kdpipe export ghost` first)"
+    assert not (project / "metrics/ghost.int8.json").exists() and not (project / "models/ghost.int8.onnx").exists()
+
+
+def test_params_sections_are_strict():
+    p = config.validate({})
+    assert (p.quantize.calibration_images, p.quantize.per_channel, p.quantize.calibration_method) == (256, True, "minmax")
+    assert (p.measure.threads, p.measure.warmup, p.measure.runs, p.measure.batch_size) == (1, 10, 100, 32)
+    for bad, msg in (({"quantize": {"calibration_images": 0}}, "quantize.calibration_images"),
+                     ({"quantize": {"calibration_method": "kl"}}, "quantize.calibration_method"),
+                     ({"quantize": {"per_chanel": True}}, "did you mean 'per_channel'"),
+                     ({"measure": {"runs": 1}}, "measure.runs"), ({"measure": {"threads": "2"}}, "measure.threads")):
+        with pytest.raises(config.ParamsError) as e:
+            config.validate(bad)
+        assert msg in str(e.value)
+
+
+def test_measure(project):
+    invoke("quantize", "student")
+    out = invoke("measure", "student", "student.int8")
+    assert "student: " in out and "student.int8: " in out and out.rstrip().endswith("-> metrics/measure.json")
+    doc = json.loads((project / "metrics/measure.json").read_text())
+    assert set(doc) == {"student", "student.int8", "_machine"}
+    assert {"cpu", "onnxruntime", "threads"} <= set(doc["_machine"]) and doc["_machine"]["threads"] == 1
+    model = checkpoint.restore_model(checkpoint.load_checkpoint(project / "models/student.pt"))
+    n_params = sum(p.numel() for p in model.parameters())
+    evaluated = json.loads((project / "metrics/student.json").read_text())
+    quantized = json.loads((project / "metrics/student.int8.json").read_text())
+    for name, precision, acc in (("student", "fp32", (evaluated["top1_last"], evaluated["top5"])),
+                                 ("student.int8", "int8", (quantized["top1"], quantized["top5"]))):
+        r = doc[name]
+        size = os.path.getsize(project / f"models/{name}.onnx")
+        assert r["precision"] == precision and (r["top1"], r["top5"]) == acc
+        assert r["latency_ms_p95"] >= r["latency_ms_p50"] > 0 and r["images_per_s"] > 0 and r["batch_size"] == 8
+        assert r["size_bytes"] == size and r["size_mb"] == round(size / 1e6, 4)
+        assert r["params"] == n_params and r["params_m"] == round(n_params / 1e6, 4)
+        assert r["macs"] == measure.macs(model, 32) > 0 and r["macs_g"] == round(r["macs"] / 1e9, 4)
+    assert doc["student.int8"]["size_bytes"] < doc["student"]["size_bytes"] / 2  # int8 weights: a smaller file
+    assert doc["student.int8"]["speedup_vs_fp32"] == round(doc["student"]["latency_ms_p50"]
+                                                           / doc["student.int8"]["latency_ms_p50"], 2)
+    with (project / "plots/pareto.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows] == ["student", "student.int8"]
+    points = [(doc[r["name"]]["latency_ms_p50"], doc[r["name"]]["top1"]) for r in rows]
+    assert [int(r["pareto"]) for r in rows] == [int(v) for v in measure.pareto_front(points)]
+    assert [(float(r["latency_ms"]), float(r["top1"])) for r in rows] == points
+
+
+def test_measure_needs_the_model_file_and_its_metrics(project):
+    result = CliRunner().invoke(app, ["measure", "student", "student.int8"])
+    assert result.exit_code == 1 and result.output.strip() == \
+        "error: models/student.int8.onnx: not found (run `kdpipe quantize student` first)"
+    (project / "metrics/student.json").unlink()
+    result = CliRunner().invoke(app, ["measure", "student"])
+    assert result.exit_code == 1 and result.output.strip() == \
+        "error: metrics/student.json: no metrics for student (run `kdpipe evaluate student` first)"
+    assert not (project / "metrics/measure.json").exists() and not (project / "plots/pareto.csv").exists()
+
+
+def test_macs_of_a_convolution_and_a_linear_layer_are_the_hand_formula():
+    # Conv2d: out_channels x (in_channels x k x k) x output positions (the bias is not a multiply)
+    assert measure.macs(nn.Conv2d(3, 8, 3, padding=1), 16) == 8 * 3 * 3 * 3 * 16 * 16
+    assert measure.macs(nn.Conv2d(3, 4, 5, stride=2), 21) == 4 * 3 * 5 * 5 * 9 * 9
+    assert measure.macs(nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 10)), 4) == 3 * 4 * 4 * 10
+
+
+def test_pareto_front_hand_worked():
+    # (latency ms, top1): lower latency and higher Top-1 are better
+    points = [(1.0, 50.0),   # A: fastest of its accuracy: on the front
+              (2.0, 60.0),   # B: on the front
+              (3.0, 55.0),   # C: slower and worse than B
+              (2.0, 60.0),   # D: equal to B: neither dominates, both on the front
+              (0.5, 40.0),   # E: the fastest: on the front
+              (4.0, 70.0),   # F: the most accurate: on the front
+              (1.0, 45.0),   # G: as fast as A, worse
+              (4.0, 70.0 - 1e-9)]  # H: as slow as F, a hair worse
+    assert measure.pareto_front(points) == [True, True, False, True, True, True, False, False]
+    assert measure.pareto_front([]) == [] and measure.pareto_front([(3.0, 1.0)]) == [True]
+
+
+def test_report_gains_int8_and_deployment_parts_only_when_their_files_exist(project):
+    manifest = json.loads((project / "data/prepared/manifest.json").read_text())
+    dirs = (project / "metrics", project / "logs", project / "plots")
+    before = report.write(["student"], manifest, *dirs, project / "r1")
+    assert "INT8" not in before and "Deployment" not in before and not (project / "r1/pareto.png").exists()
+    invoke("quantize", "student")
+    invoke("measure", "student", "student.int8")
+    after = report.write(["student"], manifest, *dirs, project / "r2")
+    assert after.startswith(before) and (project / "r2/results.md").read_text() == after
+    m = json.loads((project / "metrics/student.int8.json").read_text())
+    d = json.loads((project / "metrics/measure.json").read_text())
+    assert (f"| student (INT8) | {m['top1']:.2f} | {m['top5']:.2f} | {m['fp32_top1']:.2f} | {m['fp32_top5']:.2f} | "
+            f"{-m['top1_drop']:+.2f} | 50 |") in after
+    fp, i8 = d["student"], d["student.int8"]
+    assert f"| student | fp32 | {fp['top1']:.2f} | {fp['latency_ms_p50']:.2f} | {fp['latency_ms_p95']:.2f} |" in after
+    speedup = fp["latency_ms_p50"] / i8["latency_ms_p50"]
+    assert f"| student.int8 | int8 | {i8['top1']:.2f} | {i8['latency_ms_p50']:.2f} |" in after
+    assert after.rstrip("\n").split("\n")[-3].endswith(f"| {speedup:.2f}× |")
+    assert "](pareto.png)" in after and (project / "r2/pareto.png").read_bytes()[:4] == b"\x89PNG"
+    # a run not in the report brings none of its rows
+    assert report.deployment(["teacher"], project / "metrics") == {} and report.int8_section(["teacher"], project / "metrics") == ""
+
+
+def test_a_failure_leaves_nothing_half_written(project, monkeypatch):
+    def broken(*args):
+        raise quantize.QuantizeError("test run failed")
+
+    monkeypatch.setattr(quantize, "top_k", broken)  # after the INT8 file is written to its temporary name
+    result = CliRunner().invoke(app, ["quantize", "student"])
+    assert result.exit_code == 1 and result.output.strip() == "error: test run failed"
+    assert not list(project.glob("models/*int8*")) and not list(project.glob("models/.*"))
+    assert not list(project.glob("metrics/*int8*")) and not list(project.glob("metrics/.*"))
+
+
+def test_top5_is_left_out_for_five_classes_or_fewer(workdir):
+    (workdir / "params.yaml").write_text(yaml.safe_dump(tiny_params(
+        data={"synthetic": {"num_classes": 5}}, student={"epochs": 1}, **FAST)))
+    for args in (("data",), ("student",), ("export", "student"), ("quantize", "student")):
+        invoke(*args)
+    m = json.loads((workdir / "metrics/student.int8.json").read_text())
+    assert set(m) == {"top1", "fp32_top1", "top1_drop", "calibration_images"}
+    x, y = np.load(workdir / "data/prepared/test_x.npy"), np.load(workdir / "data/prepared/test_y.npy")
+    assert m["top1"] == round(ort_accuracy(workdir / "models/student.int8.onnx", x, y)[0], 2)
+
+
+def test_quantize_refuses_a_model_of_other_data(project):
+    (project / "params.yaml").write_text(yaml.safe_dump(tiny_params(data={"synthetic": {"num_classes": 5}})))
+    invoke("data")
+    result = CliRunner().invoke(app, ["quantize", "student"])
+    assert result.exit_code == 1
+    assert result.output.strip() == "error: models/student.onnx: 10 classes, but data/prepared has 5"
+    assert not list(project.glob("models/*int8*")) and not list(project.glob("metrics/*int8*"))
