@@ -320,6 +320,7 @@ def quantize(name: str = typer.Argument(..., help="run name: quantizes models/NA
     from . import quantize as quantize_mod
 
     p = load(params)
+    code_check("quantize")
     m = quantize_mod.quantize(quantize_mod.onnx_path(name), Path(f"models/{name}.int8.onnx"),
                               Path(f"metrics/{name}.int8.json"), data_dir, p.quantize)
     typer.echo(f"{name} -> models/{name}.int8.onnx: top1 {m['top1']:.2f}% (fp32 ONNX {m['fp32_top1']:.2f}%, "
@@ -336,6 +337,7 @@ def measure(names: list[str] = typer.Argument(..., help="model files models/NAME
     from . import measure as measure_mod
 
     p = load(params)
+    code_check("measure")
     r = measure_mod.measure(names, data_dir, Path("metrics"), out, Path("plots/pareto.csv"), p.measure)
     typer.echo("; ".join(f"{n}: {r[n]['latency_ms_p50']:.2f} ms p50, top1 {r[n]['top1']:.2f}%" for n in names)
                + f" -> {out}")
@@ -398,7 +400,7 @@ def init(folder: Path = typer.Argument(..., help="the project's folder (created 
          data: Optional[Path] = typer.Option(None, help="your image folder, train/<class>/* and test/<class>/* "
                                                        "(default: the synthetic set, to try the pipeline)"),
          teacher: str = typer.Option("tv/resnet50", help="teacher model (docs/models.md)"),
-         student: str = typer.Option("tv/mobilenet_v3_small", help="student model"),
+         student: str = typer.Option("tv/resnet18", help="student model"),
          image_size: int = typer.Option(224, "--image-size", min=8, help="the side the models see"),
          methods: str = typer.Option("kd,dkd", help="distillation methods, comma-separated: "
                                                     + ", ".join(config.METHODS)),

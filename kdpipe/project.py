@@ -125,7 +125,6 @@ def check(kind: str, methods: list[str] | None = None, project: Path = Path(".")
 
 
 # ---- kdpipe init ----------------------------------------------------------------------------------------------
-TEACHER, STUDENT = "tv/resnet50", "tv/mobilenet_v3_small"
 CIFAR_EPOCHS = 240  # the epochs the methods' epoch counts (warm-up, init stage) are set for
 
 
@@ -206,12 +205,12 @@ def params_text(data: str | None, teacher: str, student: str, image_size: int, m
         "evaluate: " + _flow({k: v for k, v in sorted(config.Evaluate(batch_size=256, workers=8).model_dump().items(),
                                                       key=lambda kv: kv[0] in ("cpu_isa", "cpu_threads", "workers"))}),
         "",
-    ] + ([
+        "",
         "# INT8: post-training static quantization of each student's ONNX file (docs/export.md)",
-        "quantize: " + _flow(config.Params().quantize.model_dump()),
+        "quantize: " + _flow(config.Quantize().model_dump()),
         "# latency and throughput of every ONNX file on this machine's CPU (docs/export.md)",
-        "measure: " + _flow(config.Params().measure.model_dump()),
-    ] if hasattr(config.Params(), "quantize") else [])
+        "measure: " + _flow(config.Measure().model_dump()),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -225,8 +224,11 @@ def dvc_text(methods: list[str], folder: bool = True) -> str:
         "@DATA_DEPS@": "    deps:\n      - ${data.path}\n" if folder else "",  # the synthetic set is drawn, not read
         "@METHODS@": _flow(methods), "@RUNS@": _flow(runs), "@STUDENTS@": _flow(students),
         "@MEASURED@": " ".join(measured),
-        "@MEASURE_DEPS@": "\n".join([f"{indent}- models/{n}.onnx" for n in measured]
-                                    + [f"{indent}- metrics/{n}.json" for n in [*runs, *(f"{s}.int8" for s in students)]]),
+        # the ONNX files timed, the checkpoints their parameters and MACs are counted from, their accuracy
+        "@MEASURE_DEPS@": "\n".join([f"{indent}- data/prepared/manifest.json"]
+                                    + [f"{indent}- models/{n}.onnx" for n in measured]
+                                    + [f"{indent}- models/{n}.pt" for n in runs]
+                                    + [f"{indent}- metrics/{n}.json" for n in measured]),
         "@REPORTED@": " ".join(runs),
         "@REPORT_DEPS@": "\n".join(f"{indent}- {f}" for n in runs
                                    for f in (f"metrics/{n}.json", f"logs/{n}.json", f"plots/{n}.csv"))

@@ -16,7 +16,7 @@ from .conftest import DVC, ROOT, sh
 
 KDPIPE = str(Path(sys.executable).with_name("kdpipe"))
 # examples/compress is `kdpipe init`'s output for these arguments (`make examples` writes it)
-EXAMPLE = dict(data="../../../shared/data/cifar10-jpeg-mini", teacher="tv/resnet50", student="tv/mobilenet_v3_small",
+EXAMPLE = dict(data="../../../shared/data/cifar10-jpeg-mini", teacher="tv/resnet50", student="tv/resnet18",
                image_size=224, methods=["kd", "dkd"])
 
 
