@@ -144,6 +144,8 @@ def measure(names: list[str], data_dir: Path, metrics_dir: Path, out: Path, pare
         if fp:
             r["speedup_vs_fp32"] = round(fp["latency_ms_p50"] / r["latency_ms_p50"], 2)
     front = pareto_front([(r["latency_ms_p50"], r["top1"]) for r in results.values()])
+    for r, on in zip(results.values(), front):
+        r["pareto"] = on  # the report draws the front from this (it never imports the measuring code)
     doc = {**results, "_machine": {**machine(cfg.threads), "warmup": cfg.warmup, "runs": cfg.runs,
                                    "image_size": size}}
     table = io.StringIO()

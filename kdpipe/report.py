@@ -175,11 +175,9 @@ def pareto_plot(measured: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .measure import pareto_front
-
     names = list(measured)
     pts = [(measured[n]["latency_ms_p50"], measured[n]["top1"]) for n in names]
-    front = sorted(p for p, on in zip(pts, pareto_front(pts)) if on)
+    front = sorted(p for n, p in zip(names, pts) if measured[n].get("pareto"))  # as `kdpipe measure` found it
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for n, (x, y) in zip(names, pts):
         ax.scatter([x], [y], marker="s" if measured[n]["precision"] == "int8" else "o", zorder=3)
