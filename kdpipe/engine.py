@@ -27,7 +27,7 @@ from . import checkpoint as ckpt_io
 from .config import Train
 from .losses import cross_entropy
 from .progress import Reporter
-from .runtime import Context, Dist, Numerics, TrainingError, all_sum, barrier, context, wrap
+from .runtime import Context, Ranks, Numerics, TrainingError, all_sum, barrier, context, wrap
 from .sources import MemorySource
 
 
@@ -51,7 +51,7 @@ def make_optimizer(params, cfg: Train, device: torch.device, custom=None) -> tor
 
 
 def train_step(objective: nn.Module, model: nn.Module, optimizer, x, y, phase: str, numerics: Numerics,
-               lr: float, ddp: Dist = Dist(), index=None, epoch: int = 0):
+               lr: float, ddp: Ranks = Ranks(), index=None, epoch: int = 0):
     """One optimisation step (shared by `train` and `kdpipe bench`). `index` (each sample's position in
     the training set) and `epoch` (of the phase, from 0) reach the objective for methods that use them.
     An optimiser with `step_distill` (DOT) takes the distillation loss's gradients and the task loss's apart:

@@ -94,7 +94,7 @@ def set_determinism(device: torch.device) -> None:
 
 # --- multi-GPU: DistributedDataParallel under torchrun -----------------------------------------------
 @dataclass(frozen=True)
-class Dist:
+class Ranks:  # this process among the DDP processes (torchrun), or the one process
     rank: int = 0
     world: int = 1
     local_rank: int = 0
@@ -104,10 +104,10 @@ class Dist:
         return self.rank == 0
 
 
-def processes() -> Dist:
+def processes() -> Ranks:
     """This process's place among torchrun's (WORLD_SIZE/RANK/LOCAL_RANK); one process (the default) needs nothing."""
     env = os.environ
-    return Dist(int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0")))
+    return Ranks(int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0")))
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ class Context:
     the processes, the device (under torchrun cuda:LOCAL_RANK, made the current device before NCCL starts, so
     the data, the teacher, the student and NCCL's buffers share it) and the number format."""
 
-    dist: Dist
+    dist: Ranks
     numerics: Numerics
 
 
@@ -133,12 +133,12 @@ def context(cfg) -> Context:
 
         if not dist.is_initialized():
             dist.init_process_group("nccl" if numerics.device.type == "cuda" else "gloo")
-        ddp = Dist(dist.get_rank(), dist.get_world_size(), ddp.local_rank)
+        ddp = Ranks(dist.get_rank(), dist.get_world_size(), ddp.local_rank)
     set_determinism(numerics.device)
     return Context(ddp, numerics)
 
 
-def all_sum(t: torch.Tensor, ddp: Dist) -> torch.Tensor:
+def all_sum(t: torch.Tensor, ddp: Ranks) -> torch.Tensor:
     if ddp.world > 1:
         import torch.distributed as dist
 
@@ -146,14 +146,14 @@ def all_sum(t: torch.Tensor, ddp: Dist) -> torch.Tensor:
     return t
 
 
-def barrier(ddp: Dist) -> None:
+def barrier(ddp: Ranks) -> None:
     if ddp.world > 1:
         import torch.distributed as dist
 
         dist.barrier()
 
 
-def wrap(model: nn.Module, ddp: Dist, numerics: Numerics, compile: bool, sync_bn: bool, unused_params: bool):
+def wrap(model: nn.Module, ddp: Ranks, numerics: Numerics, compile: bool, sync_bn: bool, unused_params: bool):
     """(model, forward_model): the model on its device and layout (SyncBatchNorm under DDP where asked), and
     what the loop calls forward on — the same model, or it wrapped by DistributedDataParallel and/or
     torch.compile. Checkpoints always hold `model`'s own state dict."""

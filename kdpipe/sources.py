@@ -37,7 +37,7 @@ from torchvision.transforms.v2 import functional as TF
 from . import data as data_mod
 from .data import Prepared
 from .randaugment import rand_augment
-from .runtime import Dist, Numerics
+from .runtime import Ranks, Numerics
 
 
 class Normalise:
@@ -112,7 +112,7 @@ def check_views(views) -> bool:
     return "strong" in views
 
 
-def batches(n: int, batch_size: int, g: torch.Generator, ddp: Dist) -> Iterator:
+def batches(n: int, batch_size: int, g: torch.Generator, ddp: Ranks) -> Iterator:
     """One epoch's shuffled batches of sample indices, `(step, global batch)`: equal shards for every rank,
     and no batch of a single image per rank (BatchNorm cannot train on it)."""
     perm = torch.randperm(n, generator=g, device=g.device)
@@ -157,7 +157,7 @@ class MemorySource:
     def image_size(self) -> int:
         return self.manifest.get("image_size", 32)
 
-    def epoch(self, g: torch.Generator, batch_size: int, ddp: Dist = Dist(), views=()) -> Iterator:
+    def epoch(self, g: torch.Generator, batch_size: int, ddp: Ranks = Ranks(), views=()) -> Iterator:
         train, strong = self.data.train, check_views(views)
         for step, idx in batches(self.train_size, batch_size, g, ddp):
             # every rank augments the whole global batch with the shared generator, then takes its
@@ -286,7 +286,7 @@ class StreamSource:
         last = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         return data_mod.DataError(f"loading the {split} images failed: {last}")
 
-    def epoch(self, g: torch.Generator, batch_size: int, ddp: Dist = Dist(), views=()) -> Iterator:
+    def epoch(self, g: torch.Generator, batch_size: int, ddp: Ranks = Ranks(), views=()) -> Iterator:
         self.splits["train"].strong = check_views(views)
         # the epoch's plan is drawn up front from `g` (what a resume restores): batches, then one seed
         plan = [(step, idx[ddp.rank::ddp.world].tolist()) for step, idx in batches(self.train_size, batch_size, g, ddp)]

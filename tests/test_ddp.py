@@ -100,7 +100,7 @@ def test_run_context_puts_each_rank_on_its_own_gpu(monkeypatch):
     for device in ("auto", "cuda"):
         calls.clear()
         ctx = runtime.context(config.Runtime(device=device))
-        assert ctx.numerics.device == torch.device("cuda", 1) and ctx.dist == runtime.Dist(1, 2, 1)
+        assert ctx.numerics.device == torch.device("cuda", 1) and ctx.dist == runtime.Ranks(1, 2, 1)
         assert calls == [("set_device", torch.device("cuda", 1)), ("init", "nccl")]
         assert ctx.numerics.bf16 and ctx.numerics.channels_last
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from kdpipe import config, data, sources
 from kdpipe.prepare import IMAGENET_MEAN, prepare
-from kdpipe.runtime import Dist, Numerics
+from kdpipe.runtime import Ranks, Numerics
 
 from .conftest import tiny_params
 
@@ -48,7 +48,7 @@ def test_resized_crop_boxes_follow_torchvision_get_params():
 
 
 def test_random_resized_crop_is_bilinear_resampling_of_the_box():
-    x = torch.randint(0, 256, (4, 3, 20, 20), dtype=torch.uint8)
+    x = torch.randint(0, 256, (4, 3, 20, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(1)
     got = sources.random_resized_crop_flip(x, 24, g)  # boxes <= 20 px resampled up to 24: plain bilinear
     assert got.dtype == torch.uint8 and got.shape == (4, 3, 24, 24)
@@ -59,7 +59,8 @@ def test_random_resized_crop_is_bilinear_resampling_of_the_box():
         crop = x[i:i + 1, :, top:top + h, left:left + w].float()
         ref = F.interpolate(crop, size=(24, 24), mode="bilinear", align_corners=False)[0]
         ref = ref.flip(2) if flip[i] else ref
-        assert (got[i].float() - ref).abs().max() <= 1  # uint8: the bilinear value (fixed-point kernel)
+        # uint8: the bilinear value (fixed-point kernel) within 1, plus the fp32 reference's own rounding
+        assert (got[i].float() - ref).abs().max() <= 1 + 1e-3
 
 
 def test_fit_conventions(photos):
@@ -131,7 +132,7 @@ def test_stream_shards_per_rank(tmp_path, photos):
     prepare(folder_data(photos, image_size=32, source="stream"), tmp_path / "s")
     src = sources.open_source(tmp_path / "s", CPU, 0)
     single = [i for _, _, _, i in src.epoch(torch.Generator().manual_seed(0), 8)]
-    ranks = [[i for _, _, _, i in src.epoch(torch.Generator().manual_seed(0), 8, Dist(r, 2))] for r in (0, 1)]
+    ranks = [[i for _, _, _, i in src.epoch(torch.Generator().manual_seed(0), 8, Ranks(r, 2))] for r in (0, 1)]
     for whole, a, b in zip(single, *ranks):
         assert torch.equal(whole[:len(a) * 2:2], a) and torch.equal(whole[1:len(b) * 2:2], b)
 
