@@ -218,7 +218,8 @@ def dvc_text(methods: list[str], folder: bool = True) -> str:
     runs = ["teacher", "student", *methods]
     students = ["student", *methods]
     measured = [*runs, *(f"{s}.int8" for s in students)]
-    text = (resources.files("kdpipe") / "templates" / "dvc.yaml").read_text()
+    # named .in, not dvc.yaml: DVC reads every dvc.yaml inside a repository as a pipeline
+    text = (resources.files("kdpipe") / "templates" / "dvc.yaml.in").read_text()
     indent = " " * 6
     fills = {
         "@DATA_DEPS@": "    deps:\n      - ${data.path}\n" if folder else "",  # the synthetic set is drawn, not read
