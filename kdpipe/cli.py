@@ -306,7 +306,7 @@ def export_cmd(names: list[str] = typer.Argument(..., help="run name (models/NAM
         name = max(names, key=lambda n: top1[n])  # the first of equals
     suffix = ".onnx" if fmt == "onnx" else ".torchscript.pt"
     out = out or model_path(name).with_suffix(suffix)
-    r = export(model_path(name), out, data_dir, fmt, opset, top1=metrics[name]["top1_last"] if name in metrics else None)
+    r = export(model_path(name), out, data_dir, fmt, opset, top1=metrics.get(name, {}).get("top1_last"))
     chosen = f" (highest last-epoch top1 {top1[name]:.2f}% of {len(names)})" if best else ""
     typer.echo(f"{name}{chosen} -> {out}: max |logit difference| {r['max_abs_diff']:.2e}, top-1 agreement "
                f"{r['top1_agreement']:.2f}% on {r['images']} test images")

@@ -3,6 +3,7 @@ teacher (from a weights file, fine-tuned for the folder's classes) and a torchvi
 stage of the CLI: data -> teacher -> student -> distill -> evaluate -> export (ONNX parity)."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,9 @@ def test_photos_at_64px_with_torchvision_models(workdir, photos, source):
     assert ckpt["config"]["weights"].endswith("resnet18-imagenet.pth")
     invoke("report", "teacher", "student", "kd")
     table = (workdir / "reports/adhoc/results.md").read_text()
-    assert "| tv/resnet18 (teacher) | 11.18 |" in table and "| tv/mobilenet_v3_small (kd) | 1.52 |" in table
+    # a run whose model collapsed to one class (likely after one epoch on 18 images) is marked ⚠
+    assert re.search(r"\| tv/resnet18 \(teacher\)( ⚠)? \| 11\.18 \|", table)
+    assert re.search(r"\| tv/mobilenet_v3_small \(kd\)( ⚠)? \| 1\.52 \|", table)
     out = invoke("export", "kd")
     assert "top-1 agreement 100.00% on 9 test images" in out
     import onnx
