@@ -40,7 +40,7 @@ CODE = {
     "export": [*MODELS, *LOADING, "export.py"],
     "quantize": [*MODELS, *LOADING, "quantize.py"],
     "measure": [*MODELS, *LOADING, "quantize.py", "measure.py"],
-    "report": [*MODELS, "report.py", "published.yaml"],
+    "report": [*MODELS, "report.py", "names.py", "plots.py", "published.py", "published.yaml"],
 }
 # the command each kind of stage runs (cli.py calls `check` with it)
 COMMAND_CODE = {"data": "data", "teacher": "train", "student": "train", "evaluate": "evaluate",

@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 import torch
 import yaml
 from typer.testing import CliRunner

@@ -4,7 +4,6 @@ All offline: named weights come from a cache this test fills, downloads are made
 import copy
 import hashlib
 import io
-import os
 import sys
 import urllib.error
 import warnings

@@ -5,7 +5,7 @@ import json
 
 import yaml
 
-from kdpipe import config, report
+from kdpipe import config, published, report
 
 from .conftest import ROOT
 
@@ -101,13 +101,13 @@ def test_grid_report_crd_pairs_published_teachers_and_na(tmp_path):
 
 
 def test_crd_figures_cover_the_13_pairs():
-    assert len(report.CRD) == 13 and all(len(v) >= 14 for v in report.CRD.values())
-    assert report.CRD[("resnet32x4", "resnet8x4")]["crd"] == 75.51 and "fsp" not in report.CRD[("wrn_40_2", "wrn_40_1")]
-    dkd, dist = report.METHOD_FIGURES["dkd"], report.METHOD_FIGURES["dist"]
-    assert set(dkd) <= set(report.CRD) and len(dkd) == 11 and set(dist) <= set(report.CRD) and len(dist) == 6
+    assert len(published.CRD) == 13 and all(len(v) >= 14 for v in published.CRD.values())
+    assert published.CRD[("resnet32x4", "resnet8x4")]["crd"] == 75.51 and "fsp" not in published.CRD[("wrn_40_2", "wrn_40_1")]
+    dkd, dist = published.METHOD_FIGURES["dkd"], published.METHOD_FIGURES["dist"]
+    assert set(dkd) <= set(published.CRD) and len(dkd) == 11 and set(dist) <= set(published.CRD) and len(dist) == 6
     # a model's teacher or student figure is the same in every pair it appears in (CRD_MODELS takes one)
-    for (t, s), col in report.CRD.items():
-        assert report.CRD_MODELS[t] == col["teacher"] and report.CRD_MODELS[s] == col["student"]
+    for (t, s), col in published.CRD.items():
+        assert published.CRD_MODELS[t] == col["teacher"] and published.CRD_MODELS[s] == col["student"]
 
 
 def test_cifar10_grid_reads_the_table_runs_as_teachers_and_baselines(tmp_path):
@@ -127,20 +127,20 @@ def test_cifar10_grid_reads_the_table_runs_as_teachers_and_baselines(tmp_path):
 
 
 def test_published_figures_come_with_source_and_convention():
-    ref = yaml.safe_load(report.PUBLISHED_FILE.read_text())
+    ref = yaml.safe_load(published.PUBLISHED_FILE.read_text())
     assert set(ref) == {"he2016", "crd", "dkd", "dist", "ctkd", "reviewkd", "dot", "mlkd", "imagenet"} and all(t["source"] and t["convention"] for t in ref.values())
     # ImageNet: DKD's table, best epoch; each pair's teacher and student rows and the methods' [Top-1, Top-5]
     assert ref["imagenet"]["metric"] == "top1" and "best epoch" in ref["imagenet"]["convention"]
-    assert report.IMAGENET[("tv/resnet34", "tv/resnet18")]["dkd"] == [71.70, None]
-    assert report.IMAGENET_MODELS == {"tv/resnet34": [73.31, 91.42], "tv/resnet18": [69.76, 89.08],
+    assert published.IMAGENET[("tv/resnet34", "tv/resnet18")]["dkd"] == [71.70, None]
+    assert published.IMAGENET_MODELS == {"tv/resnet34": [73.31, 91.42], "tv/resnet18": [69.76, 89.08],
                                       "tv/resnet50": [76.16, 92.86], "mobilenetv1": [68.87, 88.76]}
-    assert report.PUBLISHED["resnet110"] == (1.73, 1.74, 93.77, 99.78, 71.85, 91.36)  # the ResNet table (the project's targets)
-    assert report.published("resnet20", "cifar100") == (67.86, 90.11)
+    assert published.PUBLISHED["resnet110"] == (1.73, 1.74, 93.77, 99.78, 71.85, 91.36)  # the ResNet table (the project's targets)
+    assert published.published("resnet20", "cifar100") == (67.86, 90.11)
     # each method is compared on the metric its published figures use: CRD's last epoch, unless the method
     # has a table of its own that says otherwise (DKD: mdistiller's best epoch)
-    assert ref["crd"]["metric"] == "top1_last" and report.METHOD_TABLES["dkd"]["metric"] == "top1"
-    assert set(report.METHOD_TABLES) == {"dkd", "dist", "ctkd", "reviewkd", "dot", "mlkd"} <= set(config.METHODS)
-    assert all(t["note"] and t["source"] and t["convention"] for t in report.METHOD_TABLES.values())
+    assert ref["crd"]["metric"] == "top1_last" and published.METHOD_TABLES["dkd"]["metric"] == "top1"
+    assert set(published.METHOD_TABLES) == {"dkd", "dist", "ctkd", "reviewkd", "dot", "mlkd"} <= set(config.METHODS)
+    assert all(t["note"] and t["source"] and t["convention"] for t in published.METHOD_TABLES.values())
 
 
 def test_grid_report_imagenet_beside_dkds_table(tmp_path):
