@@ -93,7 +93,7 @@ def import_teacher(path: Path, name: str, num_classes: int, out: Path, dataset: 
         model.load_state_dict(state)
         imported = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), **info}
     elif path.is_file() or models.is_weights_file(str(path)):  # a tv/ or timm/ state dict in the library's layout
-        from .models.tv import read_state_dict as read_library_state_dict
+        from .models.library import read_state_dict as read_library_state_dict
 
         source = read_library_state_dict(name, str(path))
         model = models.create(name, num_classes, weights=str(path))

@@ -16,7 +16,7 @@ from torch import nn
 
 from kdpipe.config import Error
 from kdpipe.models import timm_models, tv
-from kdpipe.models.tv import WeightsError
+from kdpipe.models.library import WeightsError
 
 from .conftest import ROOT
 

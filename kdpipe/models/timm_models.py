@@ -2,7 +2,7 @@
 kdpipe's `features=True` added. timm is optional (`pip install 'kdpipe[timm]'`) and imported only here, on use.
 
 As for `tv/`, the model IS timm's, its class swapped for a subclass that adds the `features` argument
-(`tv.add_mixin`): state-dict keys, parameter counts and timm's attributes (`pretrained_cfg`, ...) stay timm's.
+(`library.add_mixin`): state-dict keys, parameter counts and timm's attributes (`pretrained_cfg`, ...) stay timm's.
 `features=True` uses timm's own API:
 - `stages`: `forward_intermediates` (NCHW maps, the tokens of transformers reshaped by timm) at the last
   `feature_info` entry of each reduction: resnet: `act1` (the stem after its ReLU, stride 2),
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .base import Features, is_weights_file
-from .tv import WeightsError, add_mixin, check_file, note_new_head
+from .library import WeightsError, add_mixin, check_file, note_new_head
 
 PREFIX = "timm/"
 
