@@ -30,7 +30,7 @@ CODE_FILE = "kdpipe-code.yaml"
 # against the files the stages of a project really imported (CI's `kdpipe init` run). models/*: the model registry
 # and every family file, torchvision's and timm's included (the params may name any of them).
 MODELS = ["config.py", "data.py", "models/*.py"]
-LOADING = ["checkpoint.py", "runtime.py", "randaugment.py", "sources.py"]
+LOADING = ["checkpoint.py", "runtime.py", "augment.py", "sources.py"]
 LOOP = [*LOADING, "engine.py", "progress.py", "losses.py"]
 CODE = {
     "data": [*MODELS, "prepare.py", "synthetic.py"],

@@ -3,7 +3,7 @@
 A source gives `epoch(g, batch_size, ddp, views)` (the shuffled, augmented, normalised training batches of one
 epoch as `(step, x, y, index)`, `index` being each sample's position in the training set; with
 `views=("strong",)`, x is the pair (the usual view, a strong view: its own crop and flip, then RandAugment and
-Cutout, kdpipe/randaugment.py), which MLKD asks for) and
+Cutout, kdpipe/augment.py), which MLKD asks for) and
 `test(batch_size)` (the normalised test batches, the evaluation view); the loop does not know which source
 it has. All randomness comes from the generator `g` the loop owns and checkpoints, so a resumed run draws
 exactly what an uninterrupted one would. `open_source` picks the source the prepared data was made for.
@@ -16,7 +16,7 @@ fast choice for data that fits in memory (CIFAR-sized sets).
 worker processes, for sets larger than memory. Each image's augmentation is drawn from its own seed (the
 epoch's seed from `g` plus its index), so the batches are the same whatever the number of workers.
 
-Augmentations (`data.augment`): `cifar`, a random crop of the image zero-padded by 4 and a horizontal flip;
+Augmentations (`data.augment`, kdpipe/augment.py): `cifar`, a random crop of the image zero-padded by 4 and a horizontal flip;
 `imagenet`, torchvision's reference recipe: RandomResizedCrop(image_size, scale 0.08-1, ratio 3/4-4/3) and
 a flip for training, the shorter side resized to image_size / 0.875 and the centre image_size crop for the
 test. The memory source draws the imagenet crops from each image's stored centre square (data.fit), the
@@ -31,12 +31,11 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
 from . import data as data_mod
+from .augment import pad_crop_flip, rand_augment, random_resized_crop_flip
 from .data import Prepared
-from .randaugment import rand_augment
 from .runtime import Ranks, Numerics
 
 
@@ -51,54 +50,6 @@ class Normalise:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.numerics.layout((x.float() - self.mean) / self.std)
-
-
-def pad_crop_flip(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """The CIFAR augmentation on a uint8 batch (B, 3, S, S): a random S x S crop of the image zero-padded by
-    `pad`, then a horizontal flip with probability 1/2, each image drawn independently from `g`."""
-    b, s, dev = x.shape[0], x.shape[-1], x.device
-    offsets = torch.arange(s, device=dev)
-    padded = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (b, 1), generator=g, device=dev) + offsets
-    dx = torch.randint(0, 2 * pad + 1, (b, 1), generator=g, device=dev) + offsets
-    flip = torch.rand(b, generator=g, device=dev) < 0.5
-    dx = torch.where(flip[:, None], dx.flip(1), dx)  # a flip is a reversed column index
-    rows = padded.gather(2, dy[:, None, :, None].expand(b, 3, s, s + 2 * pad))
-    return rows.gather(3, dx[:, None, None, :].expand(b, 3, s, s))
-
-
-def resized_crop_boxes(n: int, h: int, w: int, g: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                       attempts: int = 10) -> torch.Tensor:
-    """RandomResizedCrop's boxes for `n` images of h x w, drawn from `g` as torchvision's `get_params` draws
-    them (up to 10 tries of an area fraction in `scale` and a log-uniform aspect ratio in `ratio`, the first
-    that fits; else the centre crop with the ratio clamped): (n, 4) as (top, left, height, width)."""
-    dev = g.device
-    area = h * w
-    target = area * torch.empty(n, attempts, device=dev).uniform_(*scale, generator=g)
-    aspect = torch.exp(torch.empty(n, attempts, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g))
-    cw = torch.sqrt(target * aspect).round()
-    ch = torch.sqrt(target / aspect).round()
-    fits = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
-    first = fits.float().argmax(1, keepdim=True)  # the first try that fits
-    cw, ch = cw.gather(1, first)[:, 0], ch.gather(1, first)[:, 0]
-    in_ratio = w / h  # no try fits: the whole image, cut to the nearest allowed aspect ratio
-    fw, fh = (w, round(w / ratio[0])) if in_ratio < ratio[0] else (round(h * ratio[1]), h) if in_ratio > ratio[1] else (w, h)
-    ok = fits.any(1)
-    cw, ch = torch.where(ok, cw, float(fw)), torch.where(ok, ch, float(fh))
-    u = torch.rand(n, 2, generator=g, device=dev)
-    top = torch.where(ok, (u[:, 0] * (h - ch + 1)).floor(), float((h - fh) // 2))
-    left = torch.where(ok, (u[:, 1] * (w - cw + 1)).floor(), float((w - fw) // 2))
-    return torch.stack([top, left, ch, cw], 1)
-
-
-def random_resized_crop_flip(x: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
-    """The imagenet training augmentation on a uint8 batch (B, 3, S, S): each image's RandomResizedCrop box
-    resized to size x size by torchvision's own `resized_crop` (bilinear, antialiased), then flipped with
-    probability 1/2. One call per image (boxes differ in size), on the batch's device."""
-    boxes = resized_crop_boxes(x.shape[0], x.shape[-2], x.shape[-1], g).long().tolist()
-    flip = (torch.rand(x.shape[0], generator=g, device=x.device) < 0.5).tolist()
-    out = [TF.resized_crop(img, *box, [size, size], antialias=True) for img, box in zip(x, boxes)]
-    return torch.stack([img.flip(2) if f else img for img, f in zip(out, flip)])
 
 
 VIEWS = ("strong",)  # the extra views a source can add to each batch
@@ -225,9 +176,7 @@ class Images(torch.utils.data.Dataset):
         n = self.image_size
         if self.augment == "cifar":
             return pad_crop_flip(data_mod.fit(x, n, "cifar")[None], g)[0]
-        top, left, h, w = (int(v) for v in resized_crop_boxes(1, x.shape[1], x.shape[2], g)[0])
-        x = TF.resized_crop(x, top, left, h, w, [n, n], antialias=True)
-        return x.flip(2) if torch.rand(1, generator=g).item() < 0.5 else x
+        return random_resized_crop_flip(x[None], n, g)[0]  # from the whole decoded image, as torchvision
 
 
 def _one_thread(_):  # worker processes decode one image each: no intra-op threads fighting the others

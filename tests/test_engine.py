@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdpipe import checkpoint, config, data, engine, models, sources
+from kdpipe import augment, checkpoint, config, data, engine, models
 from kdpipe.prepare import prepare
 
 from .conftest import tiny_params
@@ -27,7 +27,7 @@ def make_run(tmp_path, name="s", **train_updates):
 
 def test_augmentation_matches_per_image_reference(prepared):
     x = prepared.train.x[:16]
-    got = sources.pad_crop_flip(x, torch.Generator().manual_seed(7))
+    got = augment.pad_crop_flip(x, torch.Generator().manual_seed(7))
     # Reference: the same random draws, applied one image at a time with explicit pad/slice/flip.
     g = torch.Generator().manual_seed(7)
     dy = torch.randint(0, 9, (16, 1), generator=g)[:, 0]

@@ -1,11 +1,7 @@
-"""Data at any resolution: `data.fit`, the imagenet augmentation's boxes and crops against torchvision's
-definitions, the stream source's determinism (worker count, resume), and the memory/stream parity."""
-
-import math
+"""Data at any resolution: `data.fit`, the stream source's determinism (worker count, resume), and the memory/stream parity."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from kdpipe import config, data, sources
 from kdpipe.prepare import IMAGENET_MEAN, prepare
@@ -18,49 +14,6 @@ CPU = Numerics(torch.device("cpu"), False, False)
 
 def folder_data(path, **updates) -> config.Data:
     return config.validate(tiny_params(data={"dataset": "folder", "path": str(path), **updates})).data
-
-
-def reference_boxes(target, aspect, u, h, w, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """torchvision's RandomResizedCrop.get_params, one image at a time, on given random draws."""
-    out = []
-    for t_row, a_row, (u0, u1) in zip(target.tolist(), aspect.tolist(), u.tolist()):
-        for t, a in zip(t_row, a_row):
-            cw, ch = round(math.sqrt(t * a)), round(math.sqrt(t / a))
-            if 0 < cw <= w and 0 < ch <= h:
-                out.append((math.floor(u0 * (h - ch + 1)), math.floor(u1 * (w - cw + 1)), ch, cw))
-                break
-        else:
-            out.append(((h - min(h, w)) // 2, (w - min(h, w)) // 2, min(h, w), min(h, w)))  # square images
-    return out
-
-
-def test_resized_crop_boxes_follow_torchvision_get_params():
-    g = torch.Generator().manual_seed(3)
-    got = sources.resized_crop_boxes(64, 50, 50, g)
-    g = torch.Generator().manual_seed(3)  # the same draws, in the same order, for the reference loop
-    target = 2500 * torch.empty(64, 10).uniform_(0.08, 1.0, generator=g)
-    aspect = torch.exp(torch.empty(64, 10).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g))
-    u = torch.rand(64, 2, generator=g)
-    assert [tuple(int(v) for v in row) for row in got] == reference_boxes(target, aspect, u, 50, 50)
-    top, left, h, w = got.unbind(1)
-    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 50).all() and (left + w <= 50).all()
-    assert (h * w).min() < 2500 * 0.3 and (h != w).any()  # small and non-square crops do occur
-
-
-def test_random_resized_crop_is_bilinear_resampling_of_the_box():
-    x = torch.randint(0, 256, (4, 3, 20, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    g = torch.Generator().manual_seed(1)
-    got = sources.random_resized_crop_flip(x, 24, g)  # boxes <= 20 px resampled up to 24: plain bilinear
-    assert got.dtype == torch.uint8 and got.shape == (4, 3, 24, 24)
-    g = torch.Generator().manual_seed(1)
-    boxes = sources.resized_crop_boxes(4, 20, 20, g)
-    flip = torch.rand(4, generator=g) < 0.5
-    for i, (top, left, h, w) in enumerate(boxes.long().tolist()):
-        crop = x[i:i + 1, :, top:top + h, left:left + w].float()
-        ref = F.interpolate(crop, size=(24, 24), mode="bilinear", align_corners=False)[0]
-        ref = ref.flip(2) if flip[i] else ref
-        # uint8: the bilinear value (fixed-point kernel) within 1, plus the fp32 reference's own rounding
-        assert (got[i].float() - ref).abs().max() <= 1 + 1e-3
 
 
 def test_fit_conventions(photos):

@@ -1,6 +1,6 @@
 """MLKD: Jin et al. 2023, "Multi-Level Logit Distillation", as its authors' code runs it (Jin-Ying/Multi-Level-
 Logit-Distillation, `KD_ours.py` and its `AugTrainer`): each batch has a second, strongly augmented view (the data
-source adds it, kdpipe/randaugment.py); the student and the teacher see both; CE on both views (weight gamma
+source adds it, kdpipe/augment.py); the student and the teacher see both; CE on both views (weight gamma
 each); instance-, class- and batch-level alignment over five temperatures (`mlkd` below), weight beta (its
 KD_WEIGHT). With `logit_std`, its KD terms on standardised logits (Sun et al. 2024's MLKD+LS)."""
 

@@ -1,8 +1,11 @@
-"""The strong view of a training batch (MLKD's): FixMatch's RandAugment with Cutout, on uint8 image tensors.
+"""The training augmentations, on uint8 image batches, every draw from the caller's generator.
 
-As MLKD's `RandAugment(2, 10)` (Jin-Ying/Multi-Level-Logit-Distillation, `mdistiller/dataset/cifar100.py`): two
+`pad_crop_flip` (`data.augment: cifar`) and `random_resized_crop_flip` (`imagenet`, torchvision's reference recipe),
+and the strong view of a training batch (MLKD's): FixMatch's RandAugment with Cutout (`rand_augment`).
+
+RandAugment as MLKD's `RandAugment(2, 10)` (Jin-Ying/Multi-Level-Logit-Distillation, `mdistiller/dataset/cifar100.py`): two
 operations drawn with replacement from fourteen, each at a magnitude uniform in its range, then Cutout of a square
-of side U(0, 0.5) x the image width filled with (125, 123, 114), always. All draws come from the caller's generator.
+of side U(0, 0.5) x the image width filled with (125, 123, 114), always.
 The geometric operations follow PIL's affine convention (each output pixel centre mapped to the input, nearest
 pixel, black outside) and equal PIL's outputs; the colour operations are torchvision's tensor versions of PIL's
 (`ImageEnhance`, `ImageOps`): equal to PIL's, but AutoContrast, Color and Contrast within one grey level (rounding); tested.
@@ -13,7 +16,58 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
+
+
+def pad_crop_flip(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """The CIFAR augmentation on a uint8 batch (B, 3, S, S): a random S x S crop of the image zero-padded by
+    `pad`, then a horizontal flip with probability 1/2, each image drawn independently from `g`."""
+    b, s, dev = x.shape[0], x.shape[-1], x.device
+    offsets = torch.arange(s, device=dev)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b, 1), generator=g, device=dev) + offsets
+    dx = torch.randint(0, 2 * pad + 1, (b, 1), generator=g, device=dev) + offsets
+    flip = torch.rand(b, generator=g, device=dev) < 0.5
+    dx = torch.where(flip[:, None], dx.flip(1), dx)  # a flip is a reversed column index
+    rows = padded.gather(2, dy[:, None, :, None].expand(b, 3, s, s + 2 * pad))
+    return rows.gather(3, dx[:, None, None, :].expand(b, 3, s, s))
+
+
+def resized_crop_boxes(n: int, h: int, w: int, g: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                       attempts: int = 10) -> torch.Tensor:
+    """RandomResizedCrop's boxes for `n` images of h x w, drawn from `g` as torchvision's `get_params` draws
+    them (up to 10 tries of an area fraction in `scale` and a log-uniform aspect ratio in `ratio`, the first
+    that fits; else the centre crop with the ratio clamped): (n, 4) as (top, left, height, width)."""
+    dev = g.device
+    area = h * w
+    target = area * torch.empty(n, attempts, device=dev).uniform_(*scale, generator=g)
+    aspect = torch.exp(torch.empty(n, attempts, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g))
+    cw = torch.sqrt(target * aspect).round()
+    ch = torch.sqrt(target / aspect).round()
+    fits = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+    first = fits.float().argmax(1, keepdim=True)  # the first try that fits
+    cw, ch = cw.gather(1, first)[:, 0], ch.gather(1, first)[:, 0]
+    in_ratio = w / h  # no try fits: the whole image, cut to the nearest allowed aspect ratio
+    fw, fh = (w, round(w / ratio[0])) if in_ratio < ratio[0] else (round(h * ratio[1]), h) if in_ratio > ratio[1] else (w, h)
+    ok = fits.any(1)
+    cw, ch = torch.where(ok, cw, float(fw)), torch.where(ok, ch, float(fh))
+    u = torch.rand(n, 2, generator=g, device=dev)
+    top = torch.where(ok, (u[:, 0] * (h - ch + 1)).floor(), float((h - fh) // 2))
+    left = torch.where(ok, (u[:, 1] * (w - cw + 1)).floor(), float((w - fw) // 2))
+    return torch.stack([top, left, ch, cw], 1)
+
+
+def random_resized_crop_flip(x: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
+    """The imagenet training augmentation on a uint8 batch (B, 3, S, S): each image's RandomResizedCrop box
+    resized to size x size by torchvision's own `resized_crop` (bilinear, antialiased), then flipped with
+    probability 1/2. One call per image (boxes differ in size), on the batch's device."""
+    boxes = resized_crop_boxes(x.shape[0], x.shape[-2], x.shape[-1], g).long().tolist()
+    flip = (torch.rand(x.shape[0], generator=g, device=x.device) < 0.5).tolist()
+    out = [TF.resized_crop(img, *box, [size, size], antialias=True) for img, box in zip(x, boxes)]
+    return torch.stack([img.flip(2) if f else img for img, f in zip(out, flip)])
+
+
 
 CUTOUT_FILL = (125, 123, 114)
 

@@ -1,13 +1,17 @@
-"""The strong view (MLKD's FixMatch RandAugment + Cutout) against PIL, which MLKD's code runs, and the sources'
-strong views: drawn from the run's generator, paired with the usual view, independent of the worker count."""
+"""kdpipe/augment.py: the strong view (MLKD's FixMatch RandAugment + Cutout) against PIL, which MLKD's code runs, and
+the sources' strong views (drawn from the run's generator, paired with the usual view, independent of the worker
+count); the imagenet crops against torchvision's `get_params` and plain bilinear resampling."""
+
+import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 from torchvision.transforms.v2 import functional as TF
 
-from kdpipe import randaugment as R, sources
+from kdpipe import augment, sources
 from kdpipe.prepare import prepare
 from kdpipe.runtime import Numerics
 
@@ -29,10 +33,10 @@ def diff(ours: torch.Tensor, pil: Image.Image) -> int:
 @pytest.mark.parametrize("v", [0.3, -0.17])
 def test_geometric_operations_equal_pils(image, v):
     pil, t = image
-    assert diff(R.pil_affine(t, 1, v, 0, 0, 1, 0), pil.transform(pil.size, Image.AFFINE, (1, v, 0, 0, 1, 0))) == 0
-    assert diff(R.pil_affine(t, 1, 0, 0, v, 1, 0), pil.transform(pil.size, Image.AFFINE, (1, 0, 0, v, 1, 0))) == 0
-    assert diff(R.pil_affine(t, 1, 0, v * 32, 0, 1, 0), pil.transform(pil.size, Image.AFFINE, (1, 0, v * 32, 0, 1, 0))) == 0
-    assert diff(R.rotate(t, 100 * v), pil.rotate(100 * v)) == 0
+    assert diff(augment.pil_affine(t, 1, v, 0, 0, 1, 0), pil.transform(pil.size, Image.AFFINE, (1, v, 0, 0, 1, 0))) == 0
+    assert diff(augment.pil_affine(t, 1, 0, 0, v, 1, 0), pil.transform(pil.size, Image.AFFINE, (1, 0, 0, v, 1, 0))) == 0
+    assert diff(augment.pil_affine(t, 1, 0, v * 32, 0, 1, 0), pil.transform(pil.size, Image.AFFINE, (1, 0, v * 32, 0, 1, 0))) == 0
+    assert diff(augment.rotate(t, 100 * v), pil.rotate(100 * v)) == 0
 
 
 # FixMatch's list as MLKD runs it: (PIL's operation at magnitude v, lowest, highest), in its order
@@ -59,8 +63,8 @@ def test_each_operation_is_fixmatchs_at_its_magnitude(u):
     # a low-contrast image (autocontrast and equalize then change it), not square (width vs height)
     a = np.random.default_rng(1).integers(40, 170, (24, 32, 3), dtype=np.uint8)
     pil, t = Image.fromarray(a), torch.from_numpy(a).permute(2, 0, 1).contiguous()
-    assert len(R.OPERATIONS) == len(PIL_OPERATIONS) == 14
-    for i, ((op, low, high), (ref, ref_low, ref_high)) in enumerate(zip(R.OPERATIONS, PIL_OPERATIONS)):
+    assert len(augment.OPERATIONS) == len(PIL_OPERATIONS) == 14
+    for i, ((op, low, high), (ref, ref_low, ref_high)) in enumerate(zip(augment.OPERATIONS, PIL_OPERATIONS)):
         assert (low, high) == (ref_low, ref_high), i
         v = low + (high - low) * u
         assert diff(op(t, v), ref(pil, v)) <= (1 if i in (0, 2, 3) else 0), i  # AutoContrast, Color, Contrast: rounding
@@ -71,7 +75,7 @@ def test_colour_operations_and_cutout_match_pils(image):
     assert diff(TF.autocontrast(t), ImageOps.autocontrast(pil)) == 0
     assert diff(TF.equalize(t), ImageOps.equalize(pil)) == 0
     assert diff(TF.posterize(t, 5), ImageOps.posterize(pil, 5)) == 0
-    solarize = R.OPERATIONS[11][0]
+    solarize = augment.OPERATIONS[11][0]
     assert diff(solarize(t, 100.5), ImageOps.solarize(pil, 100.5)) == 0
     for v in (0.3, 0.8):
         assert diff(TF.adjust_brightness(t, v), ImageEnhance.Brightness(pil).enhance(v)) == 0
@@ -81,18 +85,18 @@ def test_colour_operations_and_cutout_match_pils(image):
     side, cx, cy = 11.3, 17.6, 5.2  # CutoutAbs: corners (int(max(0, c - side / 2)), + side), both drawn
     x0, y0 = int(max(0, cx - side / 2)), int(max(0, cy - side / 2))
     drawn = pil.copy()
-    ImageDraw.Draw(drawn).rectangle((x0, y0, min(32, x0 + side), min(32, y0 + side)), R.CUTOUT_FILL)
-    assert diff(R.cutout(t, side, cx, cy), drawn) == 0
+    ImageDraw.Draw(drawn).rectangle((x0, y0, min(32, x0 + side), min(32, y0 + side)), augment.CUTOUT_FILL)
+    assert diff(augment.cutout(t, side, cx, cy), drawn) == 0
 
 
 def test_rand_augment_draws_two_operations_and_a_cutout_from_the_generator(image):
     _, t = image
     batch = t[None].repeat(4, 1, 1, 1)
-    a = R.rand_augment(batch, torch.Generator().manual_seed(1))
-    b = R.rand_augment(batch, torch.Generator().manual_seed(1))
+    a = augment.rand_augment(batch, torch.Generator().manual_seed(1))
+    b = augment.rand_augment(batch, torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and a.dtype == torch.uint8 and a.shape == batch.shape
     assert not torch.equal(a[0], a[1])  # each image its own draws
-    fill = torch.tensor(R.CUTOUT_FILL)[:, None]
+    fill = torch.tensor(augment.CUTOUT_FILL)[:, None]
     assert all((img.flatten(1) == fill).all(0).any() for img in a)  # a Cutout square on every image (side > 0)
 
 
@@ -107,8 +111,8 @@ def test_memory_source_adds_the_strong_view(tmp_path):
     replay = torch.Generator().manual_seed(0)
     order = torch.randperm(src.train_size, generator=replay)[:8]
     pixels = src.data.train.x[order]
-    weak = src.normalise(sources.pad_crop_flip(pixels, replay))
-    strong = src.normalise(R.rand_augment(sources.pad_crop_flip(pixels, replay), replay))
+    weak = src.normalise(augment.pad_crop_flip(pixels, replay))
+    strong = src.normalise(augment.rand_augment(augment.pad_crop_flip(pixels, replay), replay))
     assert torch.equal(idx, order) and torch.equal(x, weak) and torch.equal(xs, strong)
     with pytest.raises(ValueError, match="unknown data views"):
         next(iter(src.epoch(g, 8, views=("weird",))))
@@ -125,3 +129,46 @@ def test_stream_strong_view_is_independent_of_workers(tmp_path, photos):
     assert all(isinstance(x, tuple) and len(x) == 2 for x in a)
     assert all(torch.equal(u, v) for x, z in zip(a, b) for u, v in zip(x, z))
     assert not torch.equal(a[0][0], a[0][1])
+
+
+def reference_boxes(target, aspect, u, h, w, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop.get_params, one image at a time, on given random draws."""
+    out = []
+    for t_row, a_row, (u0, u1) in zip(target.tolist(), aspect.tolist(), u.tolist()):
+        for t, a in zip(t_row, a_row):
+            cw, ch = round(math.sqrt(t * a)), round(math.sqrt(t / a))
+            if 0 < cw <= w and 0 < ch <= h:
+                out.append((math.floor(u0 * (h - ch + 1)), math.floor(u1 * (w - cw + 1)), ch, cw))
+                break
+        else:
+            out.append(((h - min(h, w)) // 2, (w - min(h, w)) // 2, min(h, w), min(h, w)))  # square images
+    return out
+
+
+def test_resized_crop_boxes_follow_torchvision_get_params():
+    g = torch.Generator().manual_seed(3)
+    got = augment.resized_crop_boxes(64, 50, 50, g)
+    g = torch.Generator().manual_seed(3)  # the same draws, in the same order, for the reference loop
+    target = 2500 * torch.empty(64, 10).uniform_(0.08, 1.0, generator=g)
+    aspect = torch.exp(torch.empty(64, 10).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g))
+    u = torch.rand(64, 2, generator=g)
+    assert [tuple(int(v) for v in row) for row in got] == reference_boxes(target, aspect, u, 50, 50)
+    top, left, h, w = got.unbind(1)
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 50).all() and (left + w <= 50).all()
+    assert (h * w).min() < 2500 * 0.3 and (h != w).any()  # small and non-square crops do occur
+
+
+def test_random_resized_crop_is_bilinear_resampling_of_the_box():
+    x = torch.randint(0, 256, (4, 3, 20, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    got = augment.random_resized_crop_flip(x, 24, g)  # boxes <= 20 px resampled up to 24: plain bilinear
+    assert got.dtype == torch.uint8 and got.shape == (4, 3, 24, 24)
+    g = torch.Generator().manual_seed(1)
+    boxes = augment.resized_crop_boxes(4, 20, 20, g)
+    flip = torch.rand(4, generator=g) < 0.5
+    for i, (top, left, h, w) in enumerate(boxes.long().tolist()):
+        crop = x[i:i + 1, :, top:top + h, left:left + w].float()
+        ref = F.interpolate(crop, size=(24, 24), mode="bilinear", align_corners=False)[0]
+        ref = ref.flip(2) if flip[i] else ref
+        # uint8: the bilinear value (fixed-point kernel) within 1, plus the fp32 reference's own rounding
+        assert (got[i].float() - ref).abs().max() <= 1 + 1e-3
