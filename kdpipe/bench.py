@@ -179,3 +179,25 @@ def run(model: str = "resnet20", teacher: str = "resnet56", batch_size: int = 12
             "torch": torch.__version__, "bf16": numerics.bf16, "channels_last": numerics.channels_last,
             "batch_size": batch_size, "images": len(y), "steps": steps, "warmup": warmup, "repeats": repeats, "workers": workers,
             "results": results}
+
+
+def print_table(out: dict, batch_size: int, repeats: int, steps: int) -> None:
+    """`run`'s results as a table on the terminal (rich), then a line per case that is not applicable."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"kdpipe bench — {out['device']}, torch {out['torch']}, batch {batch_size}, {out['images']} images, "
+                        f"median of {repeats} x {steps} steps")
+    for col in ("case", "kdpipe img/s", "baseline img/s", "speed-up", "÷ (student step + teacher fwd)"):
+        table.add_column(col, justify="left" if col == "case" else "right")
+    for r in out["results"]:
+        if "not_applicable" in r:
+            table.add_row(r["case"], "N/A", "", "", "")
+            continue
+        table.add_row(r["case"], f"{r['images_per_s']:.0f}", f"{r.get('baseline_images_per_s', 0):.0f}" if "speedup" in r else "",
+                      f"{r['speedup']:.2f}x" if "speedup" in r else "",
+                      f"{r['vs_student_plus_teacher_forward']:.2f}" if "vs_student_plus_teacher_forward" in r else "")
+    Console().print(table)
+    for r in out["results"]:
+        if "not_applicable" in r:
+            print(f"N/A: {r['case']}: {r['not_applicable']}")

@@ -72,6 +72,8 @@ def guarded(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except config.UsageError as e:
+            fail(str(e), 2)
         except config.Error as e:
             fail(str(e))
         except ParamsError as e:
@@ -237,9 +239,8 @@ def import_teacher_cmd(path: Path = typer.Argument(..., help="RepDistiller/mdist
                        std: Optional[str] = typer.Option(None, help="input std R,G,B (as --mean)")):
     """Import a published teacher (RepDistiller / mdistiller checkpoint, or a tv/ / timm/ state dict) as models/NAME.pt."""
     from . import models
-    from .data import read_manifest
     from .checkpoint import model_path
-    from .import_teacher import DATASET_CLASSES, REFERENCE_NORMALIZATION, import_teacher
+    from .import_teacher import import_teacher, target
 
     try:
         models.check_name(model)
@@ -249,24 +250,7 @@ def import_teacher_cmd(path: Path = typer.Argument(..., help="RepDistiller/mdist
     if (mean_v is None) != (std_v is None):
         fail("--mean and --std go together", 2)
     norm = {"mean": mean_v, "std": std_v} if mean_v else None
-    if data_dir is not None:
-        manifest = read_manifest(data_dir)
-        for option, given, found in (("--num-classes", num_classes, manifest["num_classes"]),
-                                     ("--dataset", dataset, manifest["dataset"])):
-            if given is not None and given != found:
-                fail(f"{option} {given} but {data_dir} holds {found}", 2)
-        dataset, num_classes = manifest["dataset"], manifest["num_classes"]
-        if norm is None and dataset not in REFERENCE_NORMALIZATION:
-            norm = {"mean": manifest["mean"], "std": manifest["std"]}
-    if dataset is None:  # never guess: the dataset decides the input normalisation the teacher gets
-        fail("give --dataset (what the teacher was trained on, e.g. cifar100) or --data (the prepared data)", 2)
-    num_classes = num_classes or DATASET_CLASSES.get(dataset)
-    if num_classes is None:
-        fail(f"give --num-classes (the classes of this {dataset} teacher)", 2)
-    if dataset in DATASET_CLASSES and num_classes != DATASET_CLASSES[dataset]:
-        fail(f"--num-classes {num_classes} but {dataset} has {DATASET_CLASSES[dataset]} classes", 2)
-    if norm is None and dataset not in REFERENCE_NORMALIZATION:
-        fail(f"--dataset {dataset}: no reference normalisation known for it: give --mean and --std", 2)
+    dataset, num_classes, norm = target(data_dir, dataset, num_classes, norm)
     out = model_path(name)
     ckpt = import_teacher(path, model, num_classes, out, dataset, norm)
     src = ckpt["meta"]["imported"]
@@ -285,28 +269,21 @@ def export_cmd(names: list[str] = typer.Argument(..., help="run name (models/NAM
                out: Optional[Path] = typer.Option(None, help="output file (default models/NAME.onnx)"),
                data_dir: Path = DataOpt):
     """Export a trained student (ONNX or TorchScript) and check it against PyTorch on test images."""
-    import json
-
     from .checkpoint import model_path
-    from .export import export
+    from .export import export, last_top1
 
     code_check("export")
     if fmt not in ("onnx", "torchscript"):
         fail(f"--format: {fmt!r} is not onnx or torchscript", 2)
     if len(names) > 1 and not best:
         fail("several names need --best (export the one with the highest top1_last)", 2)
-    name = names[0]
     if best:
         require_metrics(names)
-    # the file holds the checkpoint's last-epoch weights: runs are compared, and described, by their accuracy
-    # (top1_last), not by the best epoch's (top1), whose weights are not kept
-    metrics = {n: json.loads(Path(f"metrics/{n}.json").read_text()) for n in names if Path(f"metrics/{n}.json").is_file()}
-    top1 = {n: metrics.get(n, {}).get("top1_last", float("-inf")) for n in names}
-    if best:
-        name = max(names, key=lambda n: top1[n])  # the first of equals
+    top1 = last_top1(names, Path("metrics"))
+    name = max(names, key=lambda n: top1.get(n, float("-inf"))) if best else names[0]  # the first of equals
     suffix = ".onnx" if fmt == "onnx" else ".torchscript.pt"
     out = out or model_path(name).with_suffix(suffix)
-    r = export(model_path(name), out, data_dir, fmt, opset, top1=metrics.get(name, {}).get("top1_last"))
+    r = export(model_path(name), out, data_dir, fmt, opset, top1=top1.get(name))
     chosen = f" (highest last-epoch top1 {top1[name]:.2f}% of {len(names)})" if best else ""
     typer.echo(f"{name}{chosen} -> {out}: max |logit difference| {r['max_abs_diff']:.2e}, top-1 agreement "
                f"{r['top1_agreement']:.2f}% on {r['images']} test images")
@@ -374,24 +351,7 @@ def bench(model: str = typer.Option("resnet20", help="student model"),
     if as_json:
         typer.echo(json.dumps(out, indent=2))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"kdpipe bench — {out['device']}, torch {out['torch']}, batch {batch_size}, {out['images']} images, "
-                        f"median of {repeats} x {steps} steps")
-    for col in ("case", "kdpipe img/s", "baseline img/s", "speed-up", "÷ (student step + teacher fwd)"):
-        table.add_column(col, justify="left" if col == "case" else "right")
-    for r in out["results"]:
-        if "not_applicable" in r:
-            table.add_row(r["case"], "N/A", "", "", "")
-            continue
-        table.add_row(r["case"], f"{r['images_per_s']:.0f}", f"{r.get('baseline_images_per_s', 0):.0f}" if "speedup" in r else "",
-                      f"{r['speedup']:.2f}x" if "speedup" in r else "",
-                      f"{r['vs_student_plus_teacher_forward']:.2f}" if "vs_student_plus_teacher_forward" in r else "")
-    Console().print(table)
-    for r in out["results"]:
-        if "not_applicable" in r:
-            typer.echo(f"N/A: {r['case']}: {r['not_applicable']}")
+    bench_mod.print_table(out, batch_size, repeats, steps)
 
 
 @app.command()
@@ -407,8 +367,6 @@ def init(folder: Path = typer.Argument(..., help="the project's folder (created 
          epochs: int = typer.Option(10, min=1, help="training epochs of each run"),
          force: bool = typer.Option(False, "--force", help="overwrite the files of an existing project")):
     """Write a DVC project of your own: data, teacher, student, distillation, evaluation, export, INT8, measure, report."""
-    import os
-
     from . import project
 
     chosen = [m for m in methods.split(",") if m]
@@ -418,11 +376,8 @@ def init(folder: Path = typer.Argument(..., help="the project's folder (created 
         fail(f"--methods: {methods!r}: name each method once", 2)
     if data is not None and not data.is_dir():
         fail(f"--data: {data} is not a folder", 2)
-    # params.yaml's paths are read from its own folder: a relative --data (from here) is rewritten to that
-    data_path = None if data is None else str(data) if data.is_absolute() else \
-        os.path.relpath(data.resolve(), folder.resolve())
     size = image_size if data is not None else 32  # the synthetic set's images are 32 px
-    done = project.init(folder, data_path, teacher, student, size, chosen, epochs, force)
+    done = project.init(folder, project.data_path(data, folder), teacher, student, size, chosen, epochs, force)
     typer.echo(f"{folder}: params.yaml, dvc.yaml, kdpipe-code.yaml, README.md written"
                + (f" ({', '.join(done)})" if done else "") + f"; next: cd {folder} && dvc repro")
 

@@ -25,6 +25,10 @@ class Error(RuntimeError):
     one line and exits non-zero."""
 
 
+class UsageError(Error):
+    """A command's options that do not fit together (the CLI exits 2, as for a bad option)."""
+
+
 class ParamsError(ValueError):
     """A params file that does not validate; `lines` holds one message per problem."""
 

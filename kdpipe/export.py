@@ -80,6 +80,19 @@ def weights_epoch(ckpt: dict) -> int:
     return main or int((ckpt["meta"].get("imported") or {}).get("epoch", 0))
 
 
+def last_top1(names: list[str], metrics_dir: Path) -> dict[str, float]:
+    """Each run's `top1_last` from metrics/NAME.json, where `kdpipe evaluate` recorded one: the accuracy of the
+    weights a checkpoint holds (the last epoch's). Runs are compared, and an exported file described, by it, not
+    by the best epoch's Top-1, whose weights are not kept."""
+    found = {}
+    for n in names:
+        f = metrics_dir / f"{n}.json"
+        m = json.loads(f.read_text()) if f.is_file() else {}
+        if "top1_last" in m:  # none for a run recorded as not applicable
+            found[n] = m["top1_last"]
+    return found
+
+
 def export(ckpt_path: Path, out: Path, data_dir: Path, fmt: str = "onnx", opset: int | None = None,
            tolerance: float | None = None, n_check: int = 256, top1: float | None = None) -> dict:
     tolerance = TOLERANCE if tolerance is None else tolerance

@@ -22,6 +22,8 @@ import torch
 
 from . import models
 from .checkpoint import FORMAT, CheckpointError, atomic_save, read_weights
+from .config import UsageError
+from .data import read_manifest
 
 # RepDistiller's dataset/cifar100.py and mdistiller's: transforms.Normalize(mean, std)
 REFERENCE_NORMALIZATION = {"cifar100": {"mean": [0.5071, 0.4867, 0.4408], "std": [0.2675, 0.2565, 0.2761]}}
@@ -30,6 +32,32 @@ DATASET_CLASSES = {"cifar10": 10, "cifar100": 100}
 
 class TeacherImportError(CheckpointError):  # a checkpoint that cannot be imported
     pass
+
+
+def target(data_dir: Path | None, dataset: str | None, num_classes: int | None,
+           norm: dict | None) -> tuple[str, int, dict | None]:
+    """What the teacher is for: (dataset, classes, input normalisation or None for the reference's), from the
+    prepared data in `data_dir` (`--data`) or the options, checked against each other; never guessed: the dataset
+    decides the input normalisation the teacher gets."""
+    if data_dir is not None:
+        manifest = read_manifest(data_dir)
+        for option, given, found in (("--num-classes", num_classes, manifest["num_classes"]),
+                                     ("--dataset", dataset, manifest["dataset"])):
+            if given is not None and given != found:
+                raise UsageError(f"{option} {given} but {data_dir} holds {found}")
+        dataset, num_classes = manifest["dataset"], manifest["num_classes"]
+        if norm is None and dataset not in REFERENCE_NORMALIZATION:
+            norm = {"mean": manifest["mean"], "std": manifest["std"]}
+    if dataset is None:
+        raise UsageError("give --dataset (what the teacher was trained on, e.g. cifar100) or --data (the prepared data)")
+    num_classes = num_classes or DATASET_CLASSES.get(dataset)
+    if num_classes is None:
+        raise UsageError(f"give --num-classes (the classes of this {dataset} teacher)")
+    if dataset in DATASET_CLASSES and num_classes != DATASET_CLASSES[dataset]:
+        raise UsageError(f"--num-classes {num_classes} but {dataset} has {DATASET_CLASSES[dataset]} classes")
+    if norm is None and dataset not in REFERENCE_NORMALIZATION:
+        raise UsageError(f"--dataset {dataset}: no reference normalisation known for it: give --mean and --std")
+    return dataset, num_classes, norm
 
 
 def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:

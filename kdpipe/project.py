@@ -291,6 +291,14 @@ def _run(args: list[str], cwd: Path) -> None:
         raise ProjectError(f"`{' '.join(args)}` in {cwd} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
 
 
+def data_path(data: Path | None, folder: Path) -> str | None:
+    """`--data` as params.yaml says it: paths there are read from the params' own folder, so a relative one
+    (from where `kdpipe init` runs) is rewritten relative to the project."""
+    if data is None:
+        return None
+    return str(data) if data.is_absolute() else os.path.relpath(data.resolve(), folder.resolve())
+
+
 def init(folder: Path, data: str | None, teacher: str, student: str, image_size: int, methods: list[str],
          epochs: int = 10, force: bool = False) -> list[str]:
     """Write the project into `folder` (created if absent); git and DVC initialised where they are not. Validated
