@@ -386,6 +386,22 @@ class WTTMParams(FeatureParams):
                                              "false: TTM (distiller_zoo/ttm.py:19, the plain mean)")
 
 
+class RLDParams(FeatureParams):
+    """zju-SWJ/RLD: its mdistiller/engine/cfg.py:180-185 (its configs/cifar100/rld/*.yaml set none of these) and the
+    README's RLD command (README.md:22: `--same-t RLD.ALPHA 1. RLD.BETA 8. RLD.T 4.`). Its ImageNet configs
+    (configs/imagenet/*/rld.yaml) use T 1, warm-up 1 and BETA 0.5 (ResNet-34 -> 18) or 2.0 (ResNet-50 -> MobileNetV1)."""
+
+    beta: float = Field(8.0, ge=0, description="weight of MCD, the masked correlation KL (cfg.py:182 RLD.BETA)")
+    scd: float = Field(1.0, ge=0, description="weight of SCD, the sample confidence KL (cfg.py:181 RLD.ALPHA)")
+    temperature: float = Field(4.0, gt=0, description="MCD's temperature (cfg.py:184 RLD.T)")
+    scd_temperature: Optional[float] = Field(None, gt=0, description="SCD's temperature (RLD.ALPHA_T); null: "
+                                             "`temperature`, the README's `--same-t` (tools/train.py:191-192)")
+    warmup_epochs: int = Field(20, ge=0, description="the loss ramps up linearly over these epochs (cfg.py:185)")
+    beta_by_pair: dict[str, float] = beta_by_pair_field()
+    logit_std: bool = logit_std_field()
+    _pairs = field_validator("beta_by_pair")(check_pairs)
+
+
 class DOTParams(Strict):
     """KD+DOT on its own; with other methods only `delta` counts (gamma, alpha, T come from the first method)."""
 
@@ -420,6 +436,7 @@ class Distill(Strict):
     kdsvd: KDSVDParams = KDSVDParams()
     dot: DOTParams = DOTParams()
     wttm: WTTMParams = WTTMParams()
+    rld: RLDParams = RLDParams()
 
     def for_pair(self, teacher: str, student: str) -> "Distill":
         """These params with the per-pair weights of `teacher -> student` applied (DKD's, ReviewKD's beta)."""

@@ -68,6 +68,7 @@ def cases():
         "ofd": (pre_s, pre_t, [torch.full((c,), -0.5) for c in (16, 32, 64)]),
         "mlkd": (s_logits, t_logits, 0.9 * s_logits, t_logits, 4.0),
         "wttm": (s_logits, t_logits, 0.2, True),
+        "rld": (s_logits, t_logits, torch.arange(8)),
         "contrast_scores": (F.normalize(fs.mean((2, 3)), dim=1), F.normalize(ft.mean((2, 3)), dim=1),
                             torch.randint(0, 8, (8, 5), generator=torch.Generator().manual_seed(0)), 0.07),
     }
