@@ -386,6 +386,39 @@ class WTTMParams(FeatureParams):
                                              "false: TTM (distiller_zoo/ttm.py:19, the plain mean)")
 
 
+class SDDParams(FeatureParams):
+    """shicaiwei123/SDD-CVPR2024: the README's command (README.md:41: `train_origin.py --cfg
+    configs/cifar100/sdd_dkd/res32x4_shuv1.yaml --M [1,2,4]`), SD-DKD with mdistiller's DKD defaults
+    (mdistiller/engine/cfg.py:163-166) and train_origin.py:198's warm-up. Its per-pair configs
+    (configs/cifar100/sdd_dkd/<pair>.yaml) set DKD.BETA 2.0 for resnet56->resnet20 and resnet110->resnet32, 6.0 for
+    resnet32x4->mobilenetv2, vgg13->vgg8, vgg13->mobilenetv2, vgg13->shufflev1, wrn_40_2->wrn_16_2,
+    wrn_40_2->wrn_40_1, wrn_40_2->mobilenetv2 (`beta_by_pair`), and its scripts run M [1,2] for
+    resnet32x4->resnet8x4 and vgg13->vgg8 (teacher_resnet32x4.sh, teacher_vgg.sh). SD-KD (`base: kd`):
+    mdistiller's KD, CE 0.1 and KD 0.9 at T 4 (cfg.py:61-64): `gamma: 0.1, beta: 0.9`, no warm-up (KD.py:142)."""
+
+    base: Literal["kd", "dkd"] = Field("dkd", description="the loss per region: KD (SD-KD) or DKD (SD-DKD, the "
+                                                          "README's command)")
+    gamma: float = Field(1.0, ge=0, description="CE's weight (cfg.py:163 DKD.CE_WEIGHT; SD-KD's: 0.1)")
+    temperature: float = Field(4.0, gt=0, description="cfg.py:166 DKD.T (and :61 KD.TEMPERATURE)")
+    beta: float = Field(8.0, ge=0, description="base dkd: NCKD's weight (cfg.py:165 DKD.BETA); base kd: the "
+                                               "SD-KD term's weight (cfg.py:64 KD_WEIGHT 0.9)")
+    tckd: float = Field(1.0, ge=0, description="base dkd: TCKD's weight (cfg.py:164 DKD.ALPHA)")
+    warmup_epochs: int = Field(20, ge=0, description="base dkd: the loss ramps up linearly over these epochs "
+                                                     "(train_origin.py:198 --warmup 20)")
+    levels: list[int] = Field([1, 2, 4], description="the scales M: [1, 2, 4], [1, 2] or [1] (README.md:41 --M)")
+    complementary_weight: float = Field(2.0, ge=0, description="the weight of the complementary regions' losses "
+                                                               "(SDD_DKD.py:114-115, KD.py:89-90), consistent: 1")
+    beta_by_pair: dict[str, float] = beta_by_pair_field()
+    _pairs = field_validator("beta_by_pair")(check_pairs)
+
+    @field_validator("levels")
+    @classmethod
+    def _levels(cls, v: list[int]) -> list[int]:
+        if v not in ([1, 2, 4], [1, 2], [1]):
+            raise ValueError("must be [1, 2, 4], [1, 2] or [1] (SDD's M: the global region first)")
+        return v
+
+
 class RLDParams(FeatureParams):
     """zju-SWJ/RLD: its mdistiller/engine/cfg.py:180-185 (its configs/cifar100/rld/*.yaml set none of these) and the
     README's RLD command (README.md:22: `--same-t RLD.ALPHA 1. RLD.BETA 8. RLD.T 4.`). Its ImageNet configs
@@ -472,8 +505,9 @@ class Distill(Strict):
     kdsvd: KDSVDParams = KDSVDParams()
     dot: DOTParams = DOTParams()
     wttm: WTTMParams = WTTMParams()
-    rld: RLDParams = RLDParams()
+    sdd: SDDParams = SDDParams()
     wkd: WKDParams = WKDParams()
+    rld: RLDParams = RLDParams()
 
     def for_pair(self, teacher: str, student: str) -> "Distill":
         """These params with the per-pair weights of `teacher -> student` applied (DKD's, ReviewKD's beta)."""

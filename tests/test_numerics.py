@@ -68,6 +68,7 @@ def cases():
         "ofd": (pre_s, pre_t, [torch.full((c,), -0.5) for c in (16, 32, 64)]),
         "mlkd": (s_logits, t_logits, 0.9 * s_logits, t_logits, 4.0),
         "wttm": (s_logits, t_logits, 0.2, True),
+        "sdd": (torch.stack([s_logits, 0.9 * s_logits]), torch.stack([t_logits, t_logits.flip(1)]), torch.arange(8)),
         "rld": (s_logits, t_logits, torch.arange(8)),
         "wkd_logit": (s_logits, t_logits, torch.arange(8), 1 - torch.eye(100)),
         "wkd_feature": (fs, ft, 4.0, 2),
