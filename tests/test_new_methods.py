@@ -454,3 +454,26 @@ def test_sdd_needs_the_final_map_of_both_models():
     with pytest.raises(ValueError, match="sdd .*teacher does not"):
         SDD(cfg, shapes, shapes._replace(final=None))
     SDD(cfg.model_copy(update={"levels": [1]}), shapes, shapes._replace(final=None))  # [1]: the logits alone
+
+
+# --- in training: the engine's loop, checkpoints and resume -----------------------------------------------------
+def test_sdd_and_wkd_train_and_resume_bit_identically(tmp_path):
+    # SDD reads both models' classifiers through the engine's model (the loop's forward model), WKD-F's regressor is
+    # optimised and checkpointed with the run, WKD-L's class cost is rebuilt from the teacher, never saved
+    from kdpipe import engine
+
+    from .conftest import distill_runs
+
+    p = config.validate(tiny_params(student={"epochs": 2},
+                                    distill={"sdd": {"warmup_epochs": 2}, "wkd": {"feat_weight": 0.08, "decay_start": 0,
+                                                                                  "decay_end": 2}}))
+    prepared, run = distill_runs(tmp_path, p, ["sdd", "wkd"])
+    full = engine.train(run(tmp_path / "full.pt"), prepared)
+    assert not any(k.startswith("terms") for k in full["state_dict"])  # the student alone
+    losses = [row["loss_sdd"] for row in full["history"]]
+    assert all(math.isfinite(v) and v > 0 for v in losses) and all(r["loss_wkd"] > 0 for r in full["history"])
+    out = tmp_path / "cut.pt"
+    with pytest.raises(KeyboardInterrupt):
+        engine.train(run(out, 1), prepared)
+    engine.train(run(out), prepared)
+    assert out.read_bytes() == (tmp_path / "full.pt").read_bytes()
