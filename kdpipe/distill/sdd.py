@@ -32,7 +32,8 @@ def _region_logits(x: Tensor, head, levels: tuple[int, ...]) -> Tensor:
 
 def _kd_rows(s: Tensor, t: Tensor, temperature: float) -> Tensor:
     """KL(softmax(t / T) || softmax(s / T)) of each row, times T^2."""
-    return F.kl_div(F.log_softmax(s / temperature, 1), F.softmax(t / temperature, 1), reduction="none").sum(1) * temperature ** 2
+    kl = F.kl_div(F.log_softmax(s / temperature, 1), F.softmax(t / temperature, 1), reduction="none")
+    return kl.sum(1) * temperature ** 2
 
 
 def _dkd_rows(s: Tensor, t: Tensor, y: Tensor, alpha: float, beta: float, temperature: float) -> Tensor:

@@ -43,7 +43,8 @@ def wkd_logit(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, co
     `temperature` of the non-target logits, under `cost` (C x C, the non-target rows and columns, ReLU + 1e-8)."""
     n, c = student_logits.shape
     y = target[:, None]
-    target_term = -(F.softmax(teacher_logits, 1).gather(1, y).detach() * F.log_softmax(student_logits, 1).gather(1, y)).mean()
+    pt_y = F.softmax(teacher_logits, 1).gather(1, y).detach()
+    target_term = -(pt_y * F.log_softmax(student_logits, 1).gather(1, y)).mean()
     other = torch.ones_like(student_logits, dtype=torch.bool).scatter_(1, y, False)
     ps = F.softmax(student_logits[other].reshape(n, c - 1) / temperature, 1)
     pt = F.softmax(teacher_logits[other].reshape(n, c - 1) / temperature, 1)
@@ -54,7 +55,8 @@ def wkd_logit(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, co
 
 
 def _cells(f: Tensor, grid: int) -> list[Tensor]:
-    """The grid x grid cells of `f` (B, C, H, W), with adaptive pooling's bounds: floor(i H / g) to ceil((i+1) H / g)."""
+    """The grid x grid cells of `f` (B, C, H, W), with adaptive pooling's bounds: floor(i H / g) to
+    ceil((i + 1) H / g)."""
     h, w = f.shape[-2:]
     rows = [(i * h // grid, -(-(i + 1) * h // grid)) for i in range(grid)]
     cols = [(j * w // grid, -(-(j + 1) * w // grid)) for j in range(grid)]
@@ -134,5 +136,6 @@ class WKD(Term):
                                     c.sinkhorn_lambda, c.sinkhorn_iters)
         if c.feat_weight > 0:
             fs = self.regressor(b.s_feats[c.hint_layer])
-            loss = loss + c.feat_weight * decay * wkd_feature(fs, b.t_feats[c.hint_layer], c.mean_cov_ratio, c.grid, c.eps)
+            ft = b.t_feats[c.hint_layer]
+            loss = loss + c.feat_weight * decay * wkd_feature(fs, ft, c.mean_cov_ratio, c.grid, c.eps)
         return loss
