@@ -376,6 +376,105 @@ class OFDParams(FeatureParams):
                                                  "on CIFAR, / 10000 on ImageNet)")
 
 
+class WTTMParams(FeatureParams):
+    """zkxufo/TTM. Its code sets no WTTM default beyond the power (train_student.py:68 `--ttm_l` 1, i.e. KD at T 1)
+    and CE's weight (train_student.py:60 `-r` 1); the loss weights come per run, and the paper lists them per pair
+    in its appendix A.4. Here: the README's WTTM command (README.md:37-42: `--add wttm --ttm_l 0.2 -a 4`, WTTM at
+    weight 4 beside CRD) for WTTM; its TTM command (README.md:18-23: `--distill ttm --ttm_l 0.1 -r 1 -b 45 -a 0`,
+    vgg13 -> vgg8) is `weighted: false, exponent: 0.1, beta: 45`."""
+
+    beta: float = Field(4.0, ge=0, description="weight of the (W)TTM term (README.md:40-41: -a 4 for --add wttm)")
+    exponent: float = Field(0.2, gt=0, description="the power transform of the teacher's probabilities, gamma = 1/T "
+                                                   "(--ttm_l; README.md:40: 0.2 for WTTM, README.md:21: 0.1 for TTM)")
+    weighted: bool = Field(True, description="WTTM (distiller_zoo/wttm.py:19, each sample's KL times sum p_t^gamma); "
+                                             "false: TTM (distiller_zoo/ttm.py:19, the plain mean)")
+
+
+class SDDParams(FeatureParams):
+    """shicaiwei123/SDD-CVPR2024: the README's command (README.md:41: `train_origin.py --cfg
+    configs/cifar100/sdd_dkd/res32x4_shuv1.yaml --M [1,2,4]`), SD-DKD with mdistiller's DKD defaults
+    (mdistiller/engine/cfg.py:163-166) and train_origin.py:198's warm-up. Its per-pair configs
+    (configs/cifar100/sdd_dkd/<pair>.yaml) set DKD.BETA 2.0 for resnet56->resnet20 and resnet110->resnet32, 6.0 for
+    resnet32x4->mobilenetv2, vgg13->vgg8, vgg13->mobilenetv2, vgg13->shufflev1, wrn_40_2->wrn_16_2,
+    wrn_40_2->wrn_40_1, wrn_40_2->mobilenetv2 (`beta_by_pair`), and its scripts run M [1,2] for
+    resnet32x4->resnet8x4 and vgg13->vgg8 (teacher_resnet32x4.sh, teacher_vgg.sh). SD-KD (`base: kd`):
+    mdistiller's KD, CE 0.1 and KD 0.9 at T 4 (cfg.py:61-64): `gamma: 0.1, beta: 0.9`, no warm-up (KD.py:142)."""
+
+    base: Literal["kd", "dkd"] = Field("dkd", description="the loss per region: KD (SD-KD) or DKD (SD-DKD, the "
+                                                          "README's command)")
+    gamma: float = Field(1.0, ge=0, description="CE's weight (cfg.py:163 DKD.CE_WEIGHT; SD-KD's: 0.1)")
+    temperature: float = Field(4.0, gt=0, description="cfg.py:166 DKD.T (and :61 KD.TEMPERATURE)")
+    beta: float = Field(8.0, ge=0, description="base dkd: NCKD's weight (cfg.py:165 DKD.BETA); base kd: the "
+                                               "SD-KD term's weight (cfg.py:64 KD_WEIGHT 0.9)")
+    tckd: float = Field(1.0, ge=0, description="base dkd: TCKD's weight (cfg.py:164 DKD.ALPHA)")
+    warmup_epochs: int = Field(20, ge=0, description="base dkd: the loss ramps up linearly over these epochs "
+                                                     "(train_origin.py:198 --warmup 20)")
+    levels: list[int] = Field([1, 2, 4], description="the scales M: [1, 2, 4], [1, 2] or [1] (README.md:41 --M)")
+    complementary_weight: float = Field(2.0, ge=0, description="the weight of the complementary regions' losses "
+                                                               "(SDD_DKD.py:114-115, KD.py:89-90), consistent: 1")
+    beta_by_pair: dict[str, float] = beta_by_pair_field()
+    _pairs = field_validator("beta_by_pair")(check_pairs)
+
+    @field_validator("levels")
+    @classmethod
+    def _levels(cls, v: list[int]) -> list[int]:
+        if v not in ([1, 2, 4], [1, 2], [1]):
+            raise ValueError("must be [1, 2, 4], [1, 2] or [1] (SDD's M: the global region first)")
+        return v
+
+
+class RLDParams(FeatureParams):
+    """zju-SWJ/RLD: its mdistiller/engine/cfg.py:180-185 (its configs/cifar100/rld/*.yaml set none of these) and the
+    README's RLD command (README.md:22: `--same-t RLD.ALPHA 1. RLD.BETA 8. RLD.T 4.`). Its ImageNet configs
+    (configs/imagenet/*/rld.yaml) use T 1, warm-up 1 and BETA 0.5 (ResNet-34 -> 18) or 2.0 (ResNet-50 -> MobileNetV1)."""
+
+    beta: float = Field(8.0, ge=0, description="weight of MCD, the masked correlation KL (cfg.py:182 RLD.BETA)")
+    scd: float = Field(1.0, ge=0, description="weight of SCD, the sample confidence KL (cfg.py:181 RLD.ALPHA)")
+    temperature: float = Field(4.0, gt=0, description="MCD's temperature (cfg.py:184 RLD.T)")
+    scd_temperature: Optional[float] = Field(None, gt=0, description="SCD's temperature (RLD.ALPHA_T); null: "
+                                             "`temperature`, the README's `--same-t` (tools/train.py:191-192)")
+    warmup_epochs: int = Field(20, ge=0, description="the loss ramps up linearly over these epochs (cfg.py:185)")
+    beta_by_pair: dict[str, float] = beta_by_pair_field()
+    logit_std: bool = logit_std_field()
+    _pairs = field_validator("beta_by_pair")(check_pairs)
+
+
+class WKDParams(FeatureParams):
+    """JiamingLv/WKD, its CIFAR-100 configs for ResNet-32x4 -> ResNet-8x4 (line numbers of configs/cifar100/...):
+    WKD-L from wkd_l/res32x4_res8x4.yaml, WKD-F's shape from wkd_f/res32x4_res8x4.yaml (its weight 0.08 there;
+    WKD-L+F: wkd_lf/, logit weight 200, feature 0.08, MEAN_COV_RATIO 8). WRN-40-2 -> ShuffleNetV1: WKD-L weight 200 at
+    T 6 (wkd_l/wrn40_2_shuv1.yaml:23,32), WKD-F 0.3 with ratio 3 on a 4x4 grid (wkd_f/wrn40_2_shuv1.yaml:24,28,30).
+    The configs' cost is COST_MATRIX 'cka' (a file computed offline from the teacher's per-class features over the
+    training set, tools/generate_cost_matrix.py); kdpipe uses the code's other cost, COST_MATRIX 'fc' (WKD.py:142-148):
+    1 - cosine of the teacher's classifier rows."""
+
+    beta: float = Field(600.0, ge=0, description="weight of WKD-L's Wasserstein distance (WKD_LOGIT_WEIGHT, "
+                                                 "wkd_l/res32x4_res8x4.yaml:23); 0: no WKD-L")
+    temperature: float = Field(8.0, gt=0, description="WKD-L's temperature (res32x4_res8x4.yaml:32)")
+    sinkhorn_lambda: float = Field(0.05, gt=0, description="Sinkhorn's entropic regularisation (yaml:27)")
+    sinkhorn_iters: int = Field(10, ge=1, description="Sinkhorn's iterations (yaml:28)")
+    cost_sharpen: float = Field(1.0, ge=0, description="cost = 1 - exp(-s * (1 - cos)); 0: 1 - cos (yaml:31)")
+    decay_start: int = Field(150, ge=0, description="the weights decay along a cosine after this epoch "
+                                                    "(COSINE_DECAY_EPOCH, yaml:25; the code's default 0) ...")
+    decay_end: int = Field(240, ge=1, description="... to 0 at this one (the run's SOLVER.EPOCHS, yaml:12)")
+    feat_weight: float = Field(0.0, ge=0, description="weight of WKD-F (WKD_FEAT_WEIGHT: 0 in wkd_l/, 0.08 in "
+                                                      "wkd_f/res32x4_res8x4.yaml:24); 0: no WKD-F")
+    hint_layer: int = Field(-1, ge=-5, le=4, description="WKD-F's stage tap (HINT_LAYER -1: the last)")
+    projector: Literal["conv1x1", "bottleneck"] = Field("conv1x1", description="WKD-F's regressor: RepDistiller's "
+                                                        "ConvReg (CIFAR's PROJECTOR) or the code's bottleneck (its default)")
+    mean_cov_ratio: float = Field(4.0, ge=0, description="WKD-F: weight of the means' term (wkd_f/res32x4_res8x4.yaml:28)")
+    grid: int = Field(1, ge=1, description="WKD-F: the maps split into grid x grid cells (SPATIAL_GRID, yaml:30)")
+    eps: float = Field(1e-5, gt=0, description="WKD-F: sigma = sqrt(var + eps) (EPS, yaml:26)")
+    beta_by_pair: dict[str, float] = beta_by_pair_field()
+    _pairs = field_validator("beta_by_pair")(check_pairs)
+
+    @model_validator(mode="after")
+    def _decay(self):
+        if self.decay_end <= self.decay_start:
+            raise ValueError("decay_end must be after decay_start")
+        return self
+
+
 class DOTParams(Strict):
     """KD+DOT on its own; with other methods only `delta` counts (gamma, alpha, T come from the first method)."""
 
@@ -409,6 +508,10 @@ class Distill(Strict):
     ofd: OFDParams = OFDParams()
     kdsvd: KDSVDParams = KDSVDParams()
     dot: DOTParams = DOTParams()
+    wttm: WTTMParams = WTTMParams()
+    sdd: SDDParams = SDDParams()
+    wkd: WKDParams = WKDParams()
+    rld: RLDParams = RLDParams()
 
     def for_pair(self, teacher: str, student: str) -> "Distill":
         """These params with the per-pair weights of `teacher -> student` applied (DKD's, ReviewKD's beta)."""

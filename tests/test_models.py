@@ -96,6 +96,10 @@ def test_features_contract(name):
     head = dict(model.named_children())[next(n for n in ("fc", "linear", "classifier") if hasattr(model, n))]
     torch.testing.assert_close(head(out.embedding), logits)  # the embedding is what the classifier reads
     torch.testing.assert_close(model(x), logits)
+    # `final` is the map the embedding is the global average of; models.classifier names the linear layer on it
+    torch.testing.assert_close(out.final.mean((2, 3)), out.embedding)
+    assert isinstance(models.classifier(model), torch.nn.Linear)
+    torch.testing.assert_close(models.classifier(model)(out.embedding), logits)
 
 
 @pytest.mark.parametrize("name", REFERENCE_KEYS)

@@ -25,7 +25,7 @@ from .conftest import tiny_params
 # the shared losses and each method's own, at the top of its file
 MODULES = [Fd] + [importlib.import_module(f"kdpipe.distill.{m}") for m in config.METHODS]
 # their public functions that are not losses
-HELPERS = {"match_spatial", "ofd_margin", "cosine_lambda", "check_channels", "lrelu", "encoder", "connector"}
+HELPERS = {"match_spatial", "ofd_margin", "cosine_lambda", "cosine_decay", "check_channels", "lrelu", "encoder", "connector"}
 
 
 def near_equal(shape, seed=0):
@@ -67,6 +67,11 @@ def cases():
         "kdsvd": ([s for s, _ in taps[1:]], [t for _, t in taps[1:]], 1),
         "ofd": (pre_s, pre_t, [torch.full((c,), -0.5) for c in (16, 32, 64)]),
         "mlkd": (s_logits, t_logits, 0.9 * s_logits, t_logits, 4.0),
+        "wttm": (s_logits, t_logits, 0.2, True),
+        "sdd": (torch.stack([s_logits, 0.9 * s_logits]), torch.stack([t_logits, t_logits.flip(1)]), torch.arange(8)),
+        "rld": (s_logits, t_logits, torch.arange(8)),
+        "wkd_logit": (s_logits, t_logits, torch.arange(8), 1 - torch.eye(100)),
+        "wkd_feature": (fs, ft, 4.0, 2),
         "contrast_scores": (F.normalize(fs.mean((2, 3)), dim=1), F.normalize(ft.mean((2, 3)), dim=1),
                             torch.randint(0, 8, (8, 5), generator=torch.Generator().manual_seed(0)), 0.07),
     }

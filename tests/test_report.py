@@ -128,7 +128,7 @@ def test_cifar10_grid_reads_the_table_runs_as_teachers_and_baselines(tmp_path):
 
 def test_published_figures_come_with_source_and_convention():
     ref = yaml.safe_load(published.PUBLISHED_FILE.read_text())
-    assert set(ref) == {"he2016", "crd", "dkd", "dist", "ctkd", "reviewkd", "dot", "mlkd", "imagenet"} and all(t["source"] and t["convention"] for t in ref.values())
+    assert set(ref) == {"he2016", "crd", "dkd", "dist", "ctkd", "reviewkd", "dot", "mlkd", "wttm", "sdd", "wkd", "imagenet"} and all(t["source"] and t["convention"] for t in ref.values())
     # ImageNet: DKD's table, best epoch; each pair's teacher and student rows and the methods' [Top-1, Top-5]
     assert ref["imagenet"]["metric"] == "top1" and "best epoch" in ref["imagenet"]["convention"]
     assert published.IMAGENET[("tv/resnet34", "tv/resnet18")]["dkd"] == [71.70, None]
@@ -139,7 +139,7 @@ def test_published_figures_come_with_source_and_convention():
     # each method is compared on the metric its published figures use: CRD's last epoch, unless the method
     # has a table of its own that says otherwise (DKD: mdistiller's best epoch)
     assert ref["crd"]["metric"] == "top1_last" and published.METHOD_TABLES["dkd"]["metric"] == "top1"
-    assert set(published.METHOD_TABLES) == {"dkd", "dist", "ctkd", "reviewkd", "dot", "mlkd"} <= set(config.METHODS)
+    assert set(published.METHOD_TABLES) == {"dkd", "dist", "ctkd", "reviewkd", "dot", "mlkd", "wttm", "sdd", "wkd"} <= set(config.METHODS)
     assert all(t["note"] and t["source"] and t["convention"] for t in published.METHOD_TABLES.values())
 
 

@@ -17,8 +17,10 @@ declaration, not a special case in the engine:
 - `trainable_parts(phase)` (default: all its parameters): its own parameters the optimiser updates in that
   phase (AB's connectors train in the init stage only; FT's paraphraser there, its translator after).
 A term that reads the pre-ReLU taps sets `uses_preact = True` (AB, ReviewKD, OFD); one that reads the teacher's
-weights once has `from_teacher(teacher)` (OFD's margins); `teacher_batch_stats = True` runs the teacher's BN on
-each batch's statistics (OFD). A term may bring the main phase's
+weights once has `from_teacher(teacher)` (OFD's margins, WKD's class costs); `teacher_batch_stats = True` runs the
+teacher's BN on each batch's statistics (OFD); `uses_classifier = True` brings into the batch both models' final
+maps (`Features.final`) and their classifier layers (`models.classifier`; the student's trains through the term's
+loss as through CE), to classify other pooled features than the global one (SDD's regions). A term may bring the main phase's
 optimiser (`optimizer(params, train_cfg)`, DOT: it steps the task loss gamma * CE and the distillation loss, the
 sum of the other terms, apart: `forward(..., split=True)` returns the two) and have no loss (`has_loss = False`).
 """
@@ -28,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models import Features
+from ..models import Features, classifier
 from . import functional as Fd
 from .base import Batch, KDTerm, Shapes, TrainData, batch_statistics, feature_shapes, get  # noqa: F401  (the package's public names)
 
@@ -75,6 +77,7 @@ class Distiller(nn.Module):
                 self.init_stage[m] = cfg.init_epochs
         self.init_trains_student = any(self.terms[m].init_trains_student for m in self.init_stage)
         self.uses_preact = any(t.uses_preact for t in self.terms.values())
+        self.uses_classifier = any(t.uses_classifier for t in self.terms.values())
         self.teacher_batch_stats = any(t.teacher_batch_stats for t in self.terms.values())
         if self.teacher_batch_stats and len(self.terms) > 1:
             raise ValueError(f"{'+'.join(methods)}: ofd runs the teacher's BN on batch statistics (as OFD does), which "
@@ -114,8 +117,12 @@ class Distiller(nn.Module):
         with torch.inference_mode(), batch_statistics(self.teacher, self.teacher_batch_stats):
             t = self.teacher(teacher_input(x), features=True)
             t_views = {k: self.teacher(teacher_input(v)) for k, v in views.items()} if phase == "main" else {}
-        t = Features(t.logits.clone(), [f.clone() for f in t.stages], t.embedding.clone(),
-                     [f.clone() for f in t.preact] if self.uses_preact else None)
+        stages = [f.clone() for f in t.stages]
+        final = None
+        if self.uses_classifier and t.final is not None:  # the last stage itself in most families: cloned once
+            final = stages[-1] if t.final is t.stages[-1] else t.final.clone()
+        t = Features(t.logits.clone(), stages, t.embedding.clone(),
+                     [f.clone() for f in t.preact] if self.uses_preact else None, final)
         if phase == "init" and not self.init_trains_student:  # RepDistiller: model_s.eval(), not updated
             was_training = model.training
             model.eval()
@@ -126,7 +133,8 @@ class Distiller(nn.Module):
             s = model(x, features=True)
         # each extra view: the student's logits after the batch's (its BN sees them in that order, as MLKD's)
         b = Batch(s, t, y, index, epoch,
-                  {k: (model(v), t_views[k].clone()) for k, v in views.items()} if phase == "main" else {})
+                  {k: (model(v), t_views[k].clone()) for k, v in views.items()} if phase == "main" else {},
+                  (classifier(model), classifier(self.teacher)) if self.uses_classifier else None)
         if phase == "init":  # RepDistiller's init(): the init terms' own losses, unweighted
             init = {n: self.terms[n].init_loss(b) for n in self.init_stage}
             return sum(init.values()), s.logits, init

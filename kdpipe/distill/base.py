@@ -50,6 +50,7 @@ class Term(nn.Module):
     has_loss = True  # False: a term that changes how the student trains, not what it minimises (DOT)
     teacher_batch_stats = False  # True: the teacher's BN normalises with each batch's statistics (OFD)
     views: tuple[str, ...] = ()  # extra views of each batch the source adds, e.g. ("strong",) (MLKD)
+    uses_classifier = False  # True: the batch brings both models' final maps and classifiers (SDD)
     optimizer = None  # a method's own optimiser for the main phase, optimizer(params, train_cfg) (DOT)
 
     def bench_parts(self, batch_size: int, sample_index, device) -> dict:
@@ -121,22 +122,30 @@ class TrainData:
 
 class Batch:
     """Everything a term sees of one step: the models' `Features` (`s_feats`/`t_feats` are the stage maps,
-    `s_embedding`/`t_embedding` the pooled pre-classifier vectors). `epoch` counts the main phase's epochs
+    `s_embedding`/`t_embedding` the pooled pre-classifier vectors, `s_final`/`t_final` the maps those are the
+    global averages of, or None). `epoch` counts the main phase's epochs
     from 0 (DKD's warm-up); `index` holds each sample's position in the training set (CRD's memory bank);
-    `views` the student's and the teacher's logits on each extra view, e.g. views["strong"] = (s, t) (MLKD)."""
+    `views` the student's and the teacher's logits on each extra view, e.g. views["strong"] = (s, t) (MLKD);
+    `classifiers` the student's and the teacher's classifier layers (the student's trains through the term's
+    loss too), for a term that declares `uses_classifier` (SDD)."""
 
-    def __init__(self, s_out, t_out, y, index=None, epoch: int = 0, views: dict | None = None):
+    def __init__(self, s_out, t_out, y, index=None, epoch: int = 0, views: dict | None = None,
+                 classifiers: tuple | None = None):
         self.s_logits, self.s_feats, self.s_embedding = s_out.logits, s_out.stages, s_out.embedding
         self.t_logits, self.t_feats, self.t_embedding = t_out.logits, t_out.stages, t_out.embedding
         self.s_preact, self.t_preact = s_out.preact, t_out.preact  # the taps before their last ReLU (AB)
+        self.s_final, self.t_final = getattr(s_out, "final", None), getattr(t_out, "final", None)
+        self.s_classifier, self.t_classifier = classifiers or (None, None)
         self.y, self.index, self.epoch, self.views = y, index, epoch, views or {}
 
 
 class Shapes(NamedTuple):
-    """A model's feature shapes: (C, H, W) of each stage map, and the embedding's width."""
+    """A model's feature shapes: (C, H, W) of each stage map, the embedding's width, and (C, H, W) of the map
+    the embedding is the global average of (`Features.final`; None where the model does not give it)."""
 
     stages: list[tuple[int, int, int]]
     embedding: int
+    final: tuple[int, int, int] | None = None
 
 
 @torch.no_grad()
@@ -146,7 +155,9 @@ def feature_shapes(model: nn.Module, device="cpu", image_size: int = 32) -> Shap
     model.eval()
     out = model(torch.zeros(1, 3, image_size, image_size, device=device), features=True)
     model.train(was_training)
-    return Shapes([tuple(f.shape[1:]) for f in out.stages], out.embedding.shape[1])
+    final = getattr(out, "final", None)
+    return Shapes([tuple(f.shape[1:]) for f in out.stages], out.embedding.shape[1],
+                  None if final is None else tuple(final.shape[1:]))
 
 
 def check_paired_stages(method: str, s_shapes: Shapes, t_shapes: Shapes) -> None:

@@ -11,6 +11,8 @@ and also carries `.embedding`:
   feature); CRD, RKD, PKT and CC use it.
 - `preact`: the same taps before their last ReLU (RepDistiller's `preact=True`; AB uses them); the stem's
   tap is post-ReLU as there, and a family without a pre-activation tap repeats `stages`.
+- `final`: the map whose global average is `embedding` (kdpipe's families and torchvision's ResNets; None
+  elsewhere); `classifier(model)` is the linear layer that reads `embedding` (each family's `CLASSIFIER`).
 
 The architectures and state-dict layouts are RepDistiller's (`models/*.py`; mdistiller's
 `mdistiller/models/cifar/` are the same). Each family file names the reference's keys it renames
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import FAMILY, REGISTRY, Features, init_weights, is_weights_file, reference_keys, register, run_stage  # noqa: F401
+from .base import FAMILY, REGISTRY, Features, classifier, init_weights, is_weights_file, reference_keys, register, run_stage  # noqa: F401
 
 # fill the registry, in the order `MODEL_NAMES` lists them
 from . import resnet, resnet50, wrn, vgg, mobilenetv2, shufflenetv1, shufflenetv2, mobilenetv1  # noqa: E402,F401,I001

@@ -14,13 +14,16 @@ from torch import nn
 
 class Features(tuple):
     """What `model(x, features=True)` returns: a pair `(logits, stages)` with the embedding attached.
-    A tuple subclass (not a 3-field NamedTuple) so that `logits, feats = model(x, features=True)` keeps working."""
+    A tuple subclass (not a 3-field NamedTuple) so that `logits, feats = model(x, features=True)` keeps working.
+    `final`: the map `(B, C, H, W)` whose global average is `embedding` (the last stage, or the layers after it
+    such as WRN's BN-ReLU or MobileNetV2's 1x1 conv), where the model gives it; None otherwise (SDD reads it)."""
 
     def __new__(cls, logits: torch.Tensor, stages: list[torch.Tensor], embedding: torch.Tensor,
-                preact: list[torch.Tensor] | None = None):
+                preact: list[torch.Tensor] | None = None, final: torch.Tensor | None = None):
         self = super().__new__(cls, (logits, stages))
         self.embedding = embedding
         self.preact = stages if preact is None else preact
+        self.final = final
         return self
 
     @property
@@ -30,6 +33,17 @@ class Features(tuple):
     @property
     def stages(self) -> list[torch.Tensor]:
         return self[1]
+
+
+def classifier(model: nn.Module) -> nn.Module | None:
+    """The linear layer that maps `model`'s `embedding` to its logits, where the model names it (`CLASSIFIER`, the
+    layer's dotted name: kdpipe's families, torchvision's ResNets), through the DDP and torch.compile wrappers the
+    training loop may call; None for a model that does not name one."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    name = getattr(model, "CLASSIFIER", None)
+    return model.get_submodule(name) if name else None
 
 
 def run_stage(stage: nn.Sequential, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,6 +39,8 @@ def conv_dw(c_in: int, c_out: int, stride: int) -> nn.Sequential:
 
 
 class MobileNetV1(nn.Module):
+    CLASSIFIER = "fc"
+
     def __init__(self, num_classes: int):
         super().__init__()
         self.model = nn.Sequential(conv_bn(3, 32, 2), *(conv_dw(*b) for b in BLOCKS), nn.AdaptiveAvgPool2d(1))
@@ -54,7 +56,7 @@ class MobileNetV1(nn.Module):
             preact.append(pre)
         embedding = torch.flatten(self.model[14](out), 1)
         logits = self.fc(embedding)
-        return Features(logits, stages, embedding, preact) if features else logits
+        return Features(logits, stages, embedding, preact, final=out) if features else logits
 
 
 register("mobilenetv1", lambda num_classes: MobileNetV1(num_classes))

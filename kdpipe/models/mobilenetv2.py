@@ -41,6 +41,8 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
+    CLASSIFIER = "classifier.0"
+
     def __init__(self, num_classes: int, width: float = 0.5):
         super().__init__()
         c_in = int(32 * width)
@@ -65,9 +67,10 @@ class MobileNetV2(nn.Module):
             if i in TAPPED_GROUPS:
                 stages.append(out)
         # the reference pools with AvgPool2d(2, ceil_mode=True) over the 2x2 map of a 32x32 input: global mean
-        embedding = torch.flatten(F.adaptive_avg_pool2d(self.conv2(out), 1), 1)
+        final = self.conv2(out)
+        embedding = torch.flatten(F.adaptive_avg_pool2d(final, 1), 1)
         logits = self.classifier(embedding)
-        return Features(logits, stages, embedding) if features else logits
+        return Features(logits, stages, embedding, final=final) if features else logits
 
 
 register("mobilenetv2", lambda num_classes: MobileNetV2(num_classes))

@@ -41,6 +41,8 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
+    CLASSIFIER = "fc"  # the linear layer on the embedding (models.classifier)
+
     def __init__(self, depth: int, num_classes: int, widths: tuple[int, int, int, int] = WIDTHS):
         super().__init__()
         if (depth - 2) % 6:
@@ -66,7 +68,7 @@ class CifarResNet(nn.Module):
         f2, p2 = run_stage(self.stage2, f1)
         f3, p3 = run_stage(self.stage3, f2)
         embedding = torch.flatten(F.adaptive_avg_pool2d(f3, 1), 1)
-        return Features(self.fc(embedding), [f0, f1, f2, f3], embedding, [f0, p1, p2, p3])
+        return Features(self.fc(embedding), [f0, f1, f2, f3], embedding, [f0, p1, p2, p3], final=f3)
 
     def bn_before_relu(self) -> list[nn.BatchNorm2d]:
         """The BN whose output (plus the shortcut) is each preact tap after the stem (OFD's margins)."""

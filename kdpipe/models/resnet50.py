@@ -39,6 +39,8 @@ class Bottleneck(nn.Module):
 
 
 class BottleneckResNet(nn.Module):
+    CLASSIFIER = "linear"
+
     def __init__(self, blocks: tuple[int, ...], num_classes: int):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
@@ -65,7 +67,7 @@ class BottleneckResNet(nn.Module):
             stages.append(out)
             preact.append(pre)
         embedding = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
-        return Features(self.linear(embedding), stages, embedding, preact)
+        return Features(self.linear(embedding), stages, embedding, preact, final=out)
 
     def bn_before_relu(self) -> list[nn.BatchNorm2d]:
         """The BN whose output (plus the shortcut) is each preact tap after the stem (OFD's margins)."""

@@ -42,6 +42,8 @@ class Bottleneck(nn.Module):
 
 
 class ShuffleNetV1(nn.Module):
+    CLASSIFIER = "linear"
+
     def __init__(self, num_classes: int, widths=(240, 480, 960), blocks=(4, 8, 4), groups: int = 3):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 24, 1, bias=False)
@@ -63,7 +65,7 @@ class ShuffleNetV1(nn.Module):
         f2, p2 = run_stage(self.layer2, f1)
         f3, p3 = run_stage(self.layer3, f2)
         embedding = torch.flatten(F.adaptive_avg_pool2d(f3, 1), 1)
-        return Features(self.linear(embedding), [f0, f1, f2, f3], embedding, [f0, p1, p2, p3])
+        return Features(self.linear(embedding), [f0, f1, f2, f3], embedding, [f0, p1, p2, p3], final=f3)
 
 
 register("shufflev1", lambda num_classes: ShuffleNetV1(num_classes))

@@ -63,6 +63,8 @@ class DownBlock(nn.Module):
 
 
 class ShuffleNetV2(nn.Module):
+    CLASSIFIER = "linear"
+
     def __init__(self, num_classes: int, widths=(116, 232, 464, 1024), blocks=(3, 7, 3)):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 24, 1, bias=False)
@@ -86,8 +88,9 @@ class ShuffleNetV2(nn.Module):
             out, pre = layer[-1](layer[:-1](out), with_preact=True)
             stages.append(out)
             preact.append(pre)
-        embedding = torch.flatten(F.adaptive_avg_pool2d(F.relu(self.bn2(self.conv2(out))), 1), 1)
-        return Features(self.linear(embedding), stages, embedding, preact)
+        final = F.relu(self.bn2(self.conv2(out)))
+        embedding = torch.flatten(F.adaptive_avg_pool2d(final, 1), 1)
+        return Features(self.linear(embedding), stages, embedding, preact, final=final)
 
 
 register("shufflev2", lambda num_classes: ShuffleNetV2(num_classes))

@@ -180,7 +180,13 @@ class _TvFeatures:
             embedding = out[taps.embedding]
         else:
             embedding = torch.flatten(F.adaptive_avg_pool2d(stages[-1], 1), 1)
-        return Features(out[taps.logits], stages, embedding, preact)
+        # a ResNet's embedding is the global average of its last tap (layer4's output), read by `fc`
+        final = stages[-1] if isinstance(self, torchvision.models.ResNet) else None
+        return Features(out[taps.logits], stages, embedding, preact, final=final)
+
+    @property
+    def CLASSIFIER(self) -> str | None:  # noqa: N802  (models.classifier's name of the layer on the embedding)
+        return "fc" if isinstance(self, torchvision.models.ResNet) else None
 
     def bn_before_relu(self) -> list[nn.BatchNorm2d]:
         """ResNets: the last block's last BN of each layer, whose output (plus the shortcut) is that layer's preact

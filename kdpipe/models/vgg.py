@@ -31,6 +31,8 @@ def conv_block(channels: tuple[int, ...], c_in: int) -> nn.Sequential:
 
 
 class VGG(nn.Module):
+    CLASSIFIER = "classifier"
+
     def __init__(self, config: tuple[tuple[int, ...], ...], num_classes: int):
         super().__init__()
         c_ins = (3,) + tuple(block[-1] for block in config[:-1])
@@ -52,7 +54,7 @@ class VGG(nn.Module):
         f4 = F.relu(p4)
         embedding = torch.flatten(F.adaptive_avg_pool2d(f4, 1), 1)
         logits = self.classifier(embedding)
-        return Features(logits, [f0, f1, f2, f3, f4], embedding, [f0, p1, p2, p3, p4]) if features else logits
+        return Features(logits, [f0, f1, f2, f3, f4], embedding, [f0, p1, p2, p3, p4], final=f4) if features else logits
 
     def bn_before_relu(self) -> list[nn.BatchNorm2d]:
         """The BN that ends each block, i.e. makes each preact tap after the stem (OFD's margins)."""

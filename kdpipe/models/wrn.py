@@ -44,6 +44,8 @@ class NetworkBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
+    CLASSIFIER = "fc"
+
     def __init__(self, depth: int, widen: int, num_classes: int):
         super().__init__()
         if (depth - 4) % 6:
@@ -72,8 +74,9 @@ class WideResNet(nn.Module):
         p2 = self.block3.layer[0].bn1(f2)
         f3 = self.block3.layer[1:](self.block3.layer[0](f2, p2))
         p3 = self.bn1(f3)
-        embedding = torch.flatten(F.adaptive_avg_pool2d(F.relu(p3), 1), 1)
-        return Features(self.fc(embedding), [f0, f1, f2, f3], embedding, [f0, p1, p2, p3])
+        final = F.relu(p3)
+        embedding = torch.flatten(F.adaptive_avg_pool2d(final, 1), 1)
+        return Features(self.fc(embedding), [f0, f1, f2, f3], embedding, [f0, p1, p2, p3], final=final)
 
     def bn_before_relu(self) -> list[nn.BatchNorm2d]:
         """The BN that makes each preact tap after the stem (OFD's margins)."""

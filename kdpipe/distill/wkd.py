@@ -1,0 +1,141 @@
+"""WKD: Lv, Yang & Li 2024, "Wasserstein Distance Rivals Kullback-Leibler Divergence for Knowledge Distillation"
+(NeurIPS 2024), as its authors' code computes it (JiamingLv/WKD, `mdistiller/distillers/WKD.py`):
+- WKD-L (weight `beta`): the target class's teacher probability times the student's log-probability (softmax at
+  T 1, `loss_t`), plus beta times the discrete Wasserstein distance between the student's and the teacher's
+  distributions over the non-target classes (softmax at `temperature`), computed by `sinkhorn_iters` Sinkhorn
+  iterations at entropic regularisation `sinkhorn_lambda`. The ground cost between two classes is 1 minus the
+  cosine similarity of the teacher's classifier weights (the code's COST_MATRIX "fc"), sharpened as 1 - exp(-s d);
+- WKD-F (weight `feat_weight`, off at 0): the student's `hint_layer` map through a regressor (ConvReg, or the
+  code's bottleneck), then the Wasserstein distance between diagonal Gaussians of the teacher's and the
+  student's channels, per cell of a `grid` x `grid` split: mean_cov_ratio * |mu_s - mu_t|^2 + |sigma_s - sigma_t|^2.
+Both weights decay along a cosine after `decay_start` epochs, to 0 at `decay_end` (the code's COSINE_DECAY_EPOCH
+and SOLVER.EPOCHS); `loss_t` keeps weight 1. The authors' published runs use a cost from the linear CKA of the
+teacher's per-class features over the training set (tools/generate_cost_matrix.py), not computed here."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..losses import fp32
+from ..models import classifier
+from .base import Term, register, regressor
+
+
+def _sinkhorn(w1: Tensor, w2: Tensor, cost: Tensor, reg: float, iters: int) -> Tensor:
+    """The transport plan between the rows of `w1` and `w2` (B, n) under `cost` (B, n, n): Sinkhorn's scaling of
+    K = exp(-cost / reg), u from 1/n, `iters` times v = w2 / (K^T u), u = w1 / (K v), each denominator + 1e-8."""
+    k = torch.exp(-cost / reg)
+    u = torch.full_like(w1, 1.0 / w1.shape[1])
+    for _ in range(iters):
+        v = w2 / (torch.einsum("bij,bi->bj", k, u) + 1e-8)
+        u = w1 / (torch.einsum("bij,bj->bi", k, v) + 1e-8)
+    return u[:, :, None] * k * v[:, None, :]
+
+
+# the losses, pure functions (tensors in, a scalar out)
+@fp32
+def wkd_logit(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, cost: Tensor, temperature: float = 8.0,
+              wd_weight: float = 600.0, sinkhorn_lambda: float = 0.05, sinkhorn_iters: int = 10) -> Tensor:
+    """WKD-L (WKD.py's wkd_logit_loss_with_speration): -mean(p_t[y] * log p_s[y]) at T 1 (p_t[y] a constant), plus
+    `wd_weight` times the batch mean of the entropic Wasserstein distance sum(plan * cost) between the softmaxes at
+    `temperature` of the non-target logits, under `cost` (C x C, the non-target rows and columns, ReLU + 1e-8)."""
+    n, c = student_logits.shape
+    y = target[:, None]
+    pt_y = F.softmax(teacher_logits, 1).gather(1, y).detach()
+    target_term = -(pt_y * F.log_softmax(student_logits, 1).gather(1, y)).mean()
+    other = torch.ones_like(student_logits, dtype=torch.bool).scatter_(1, y, False)
+    ps = F.softmax(student_logits[other].reshape(n, c - 1) / temperature, 1)
+    pt = F.softmax(teacher_logits[other].reshape(n, c - 1) / temperature, 1)
+    pair = other[:, :, None] & other[:, None, :]
+    cost = F.relu(cost.expand(n, c, c)[pair].reshape(n, c - 1, c - 1)) + 1e-8
+    plan = _sinkhorn(ps, pt, cost, sinkhorn_lambda, sinkhorn_iters)
+    return target_term + wd_weight * (plan * cost).sum((1, 2)).mean()
+
+
+def _cells(f: Tensor, grid: int) -> list[Tensor]:
+    """The grid x grid cells of `f` (B, C, H, W), with adaptive pooling's bounds: floor(i H / g) to
+    ceil((i + 1) H / g)."""
+    h, w = f.shape[-2:]
+    rows = [(i * h // grid, -(-(i + 1) * h // grid)) for i in range(grid)]
+    cols = [(j * w // grid, -(-(j + 1) * w // grid)) for j in range(grid)]
+    return [f[:, :, r0:r1, c0:c1] for r0, r1 in rows for c0, c1 in cols]
+
+
+@fp32
+def wkd_feature(fs: Tensor, ft: Tensor, mean_cov_ratio: float = 4.0, grid: int = 1, eps: float = 1e-5) -> Tensor:
+    """WKD-F (WKD.py's wkd_feature_loss): per cell of a grid x grid split, each channel's mean and standard deviation
+    sqrt(var + eps) (var unbiased, over the cell's positions); mean_cov_ratio * the squared distance of the means
+    plus that of the deviations, summed over channels and cells, divided by grid^2 x batch."""
+    mean, std = 0.0, 0.0
+    for cs, ct in zip(_cells(fs, grid), _cells(ft, grid)):
+        mean = mean + (cs.mean((2, 3)) - ct.mean((2, 3))).pow(2).sum()
+        std = std + ((cs.var((2, 3)) + eps).sqrt() - (ct.var((2, 3)) + eps).sqrt()).pow(2).sum()
+    n = grid * grid * fs.shape[0]
+    return mean_cov_ratio * mean / n + std / n
+
+
+def cosine_decay(epoch: int, start: int, end: int) -> float:
+    """WKD's loss weights' factor at `epoch` (from 0; the code counts from 1): 1 up to `start`, then
+    (1 + cos(pi (e - start) / (end - start))) / 2, 0 from `end` on."""
+    e = min(epoch + 1, end)
+    return 0.5 * (1 + math.cos((e - start) / (end - start) * math.pi)) if e > start else 1.0
+
+
+class _Bottleneck(nn.Sequential):
+    """WKD's ConvRegBottleNeck for maps of equal size (_common.py): 1x1 to `hidden`, 3x3, 1x1 to the teacher's
+    channels (convolutions with bias), BN, ReLU."""
+
+    def __init__(self, c_s: int, c_t: int, hidden: int = 256):
+        super().__init__(nn.Conv2d(c_s, hidden, 1), nn.Conv2d(hidden, hidden, 3, 1, 1), nn.Conv2d(hidden, c_t, 1),
+                         nn.BatchNorm2d(c_t), nn.ReLU(inplace=True))
+
+
+@register("wkd")
+class WKD(Term):
+    weight = 1.0  # beta and feat_weight weigh the parts inside
+
+    def __init__(self, cfg, s_shapes, t_shapes, data=None):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.feat_weight > 0:
+            s, t = s_shapes.stages[cfg.hint_layer], t_shapes.stages[cfg.hint_layer]
+            if cfg.projector == "bottleneck":
+                if s[1:] != t[1:]:
+                    raise ValueError(f"wkd: the bottleneck projector needs equal map sizes at hint_layer "
+                                     f"{cfg.hint_layer}, student {s[1]}x{s[2]}, teacher {t[1]}x{t[2]}")
+                self.regressor = _Bottleneck(s[0], t[0])
+            else:
+                try:
+                    self.regressor = regressor(s, t)  # WKD's ConvReg is RepDistiller's, with BN and ReLU
+                except ValueError as e:
+                    raise ValueError(f"wkd: {str(e).removeprefix('fitnets: ')}") from None
+
+    def from_teacher(self, teacher: nn.Module) -> None:
+        """The class cost of WKD-L: 1 - cos of the teacher's classifier rows (WKD.py:142-148), sharpened (:154-157)."""
+        if self.cfg.beta <= 0:
+            return
+        head = classifier(teacher)
+        if head is None:
+            raise ValueError(f"wkd: its class cost reads the teacher's classifier, which {type(teacher).__name__} "
+                             "does not name (kdpipe's models and torchvision's ResNets do)")
+        with torch.no_grad():
+            w = F.normalize(head.weight.float(), dim=1)
+            cost = 1 - w @ w.t()
+            if self.cfg.cost_sharpen:
+                cost = 1 - torch.exp(-self.cfg.cost_sharpen * cost)
+        self.register_buffer("cost", cost, persistent=False)
+
+    def forward(self, b):
+        c = self.cfg
+        decay = cosine_decay(b.epoch, c.decay_start, c.decay_end)
+        loss = torch.zeros((), device=b.s_logits.device)
+        if c.beta > 0:
+            loss = loss + wkd_logit(b.s_logits, b.t_logits, b.y, self.cost, c.temperature, c.beta * decay,
+                                    c.sinkhorn_lambda, c.sinkhorn_iters)
+        if c.feat_weight > 0:
+            fs = self.regressor(b.s_feats[c.hint_layer])
+            ft = b.t_feats[c.hint_layer]
+            loss = loss + c.feat_weight * decay * wkd_feature(fs, ft, c.mean_cov_ratio, c.grid, c.eps)
+        return loss
