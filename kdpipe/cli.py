@@ -154,7 +154,7 @@ def distill(method: str = typer.Option(..., "--method", "-m", help="one of: " + 
     methods = config.parse_methods(method)
     code_check("distill", methods)
     name = name or "+".join(methods)
-    reason = runs.distill(methods, p, runs.with_overrides(p.student, model, seed), teacher, name, data_dir, na_ok)
+    reason = runs.distill(methods, p, runs.with_overrides(p.student_for(methods), model, seed), teacher, name, data_dir, na_ok)
     if reason:
         typer.echo(f"{name}: not applicable: {reason}", err=True)
 

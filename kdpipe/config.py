@@ -91,6 +91,9 @@ class Optim(Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     nesterov: bool = False
+    # norm_and_bias: no weight decay on 1-D parameters (norm layers' weights and biases, every bias), as
+    # timm-style trainers filter them (DIST's ImageNet recipe); none: every parameter decays
+    no_decay: Literal["none", "norm_and_bias"] = "none"
     # the global batch `lr` is set for: another batch_size scales it linearly (Goyal et al. 2017, as the ImageNet
     # recipes: 0.1 per 256 images); null: `lr` as it is
     lr_batch: Optional[int] = Field(None, ge=1)
@@ -213,19 +216,41 @@ class Measure(Strict):
 # loss = gamma * CE(student, labels) + alpha * KD(T) + beta * (feature term); defaults are the common
 # CIFAR conventions (RepDistiller). A combination (`--method kd+at`) takes gamma from its first method,
 # alpha and T from `kd` when it is included (else from the first method), and each method's beta.
+RECIPE_KEYS = ("epochs", "batch_size", "optim", "schedule")  # a training section's keys a recipe sets
+
+
+class MethodParams(Strict):
+    # the student's training where this method's published figure used another recipe than the pipeline's
+    # (e.g. Nesterov, no decay on norm weights and biases, batch, lr): keys of a training section
+    # (epochs, batch_size, optim, schedule) merged over the `student` section's; {}: the student's recipe
+    train: dict = {}
+
+    @field_validator("train")
+    @classmethod
+    def _train_keys(cls, v: dict) -> dict:
+        unknown = sorted(set(v) - set(RECIPE_KEYS))
+        if unknown:
+            raise ValueError(f"{', '.join(map(str, unknown))}: not a recipe key (valid: {', '.join(RECIPE_KEYS)})")
+        try:
+            validate(_deep_merge(Train().model_dump(), v), Train)
+        except ParamsError as e:
+            raise ValueError("; ".join(e.lines)) from None
+        return v
+
+
 def logit_std_field():
     return Field(False, description="Sun et al. 2024: standardise both logits, (z - mean) / (1e-7 + std) per row, "
                                     "before this method's loss")
 
 
-class KDParams(Strict):
+class KDParams(MethodParams):
     gamma: float = Field(0.1, ge=0)
     alpha: float = Field(0.9, ge=0)
     temperature: float = Field(4.0, gt=0)
     logit_std: bool = logit_std_field()
 
 
-class FeatureParams(Strict):
+class FeatureParams(MethodParams):
     gamma: float = Field(1.0, ge=0)
     alpha: float = Field(0.0, ge=0)
     temperature: float = Field(4.0, gt=0)
@@ -475,7 +500,7 @@ class WKDParams(FeatureParams):
         return self
 
 
-class DOTParams(Strict):
+class DOTParams(MethodParams):
     """KD+DOT on its own; with other methods only `delta` counts (gamma, alpha, T come from the first method)."""
 
     gamma: float = Field(0.1, ge=0)
@@ -553,6 +578,24 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _flat(d: dict, prefix: tuple = ()) -> dict:
+    """{(key, subkey, ...): value} of a nested mapping (tuple paths: model names may hold dots)."""
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, prefix + (k,)) if isinstance(v, dict) and v else {prefix + (k,): v})
+    return out
+
+
+def _nest(flat: dict) -> dict:
+    out: dict = {}
+    for (*parents, leaf), v in flat.items():
+        node = out
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = v
+    return out
+
+
 TRAIN_SECTIONS = ("teacher", "student", "table")  # the sections that train a model (a recipe each)
 
 
@@ -594,6 +637,23 @@ class Params(Strict):
                 if isinstance(recipes[name], dict):
                     out[role] = _deep_merge(recipes[name], section)
         return out
+
+    def student_for(self, methods: list[str]) -> Train:
+        """The `student` section with the `train` overrides of `methods` merged in: the recipe a distillation
+        with these methods runs (its `recipe` names the student's, + the methods whose own recipe it is)."""
+        over: dict = {}
+        for m in methods:
+            for key, value in _flat(getattr(self.distill, m).train).items():
+                if key in over and over[key] != value:
+                    raise ParamsError([f"distill.{m}.train.{'.'.join(key)}: {value!r}, but another method of the combination "
+                                       f"sets {over[key]!r}"])
+                over[key] = value
+        if not over:
+            return self.student
+        own = [m for m in methods if getattr(self.distill, m).train]
+        merged = _deep_merge(self.student.model_dump(), _nest(over))
+        merged["recipe"] = f"{self.student.recipe or 'custom'}+{'+'.join(own)}"
+        return Train.model_validate(merged)
 
     @field_validator("launch")
     @classmethod

@@ -46,6 +46,10 @@ def make_optimizer(params, cfg: Train, device: torch.device, custom=None) -> tor
         return custom(params, cfg)
     o = cfg.optim
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    if o.no_decay == "norm_and_bias":  # 1-D parameters apart, without decay (image_classification_sota's filter)
+        params = list(params)
+        params = [{"params": [p for p in params if p.ndim == 1], "weight_decay": 0.0},
+                  {"params": [p for p in params if p.ndim != 1]}]
     return torch.optim.SGD(params, lr=cfg.lr, momentum=o.momentum, weight_decay=o.weight_decay,
                            nesterov=o.nesterov and o.momentum > 0, **fast)
 

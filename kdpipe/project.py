@@ -149,6 +149,7 @@ def _method_params(method: str, epochs: int) -> dict:
     """A method's keys with its defaults, its epoch counts scaled from the CIFAR recipe's 240 epochs to `epochs`
     (DKD's 20-epoch warm-up is 1 epoch of 10)."""
     values = getattr(config.Distill(), method).model_dump()
+    values["train"] = values.pop("train")  # last, after the method's own keys (a recipe override, rarely set)
     for key in ("warmup_epochs", "init_epochs"):
         if values.get(key):
             values[key] = max(1, round(values[key] * epochs / CIFAR_EPOCHS))

@@ -154,8 +154,10 @@ def recipe_text(cfg) -> str:
     special = "".join(f"; lr {lr:g} for {', '.join(m for m, v in by_model.items() if v == lr)}"
                       for lr in sorted(set(by_model.values())))
     lr = f"{cfg.optim.lr:g}" + (f" per {cfg.optim.lr_batch} images" if cfg.optim.lr_batch else "")
-    return (f"`{cfg.recipe or 'custom'}` ({cfg.epochs} epochs, batch {cfg.batch_size}, SGD lr {lr} "
-            f"x{cfg.schedule.gamma:g} at epochs {at}, wd {cfg.optim.weight_decay:g}{special})")
+    sgd = "Nesterov SGD" if cfg.optim.nesterov else "SGD"
+    no_decay = " (none on norm weights and biases)" if cfg.optim.no_decay == "norm_and_bias" else ""
+    return (f"`{cfg.recipe or 'custom'}` ({cfg.epochs} epochs, batch {cfg.batch_size}, {sgd} lr {lr} "
+            f"x{cfg.schedule.gamma:g} at epochs {at}, wd {cfg.optim.weight_decay:g}{no_decay}{special})")
 
 
 def stats(values: list[float]) -> tuple[float, float, int] | None:
@@ -294,7 +296,9 @@ def distill_sections(p, seeds: Seeds, dataset: str, pairs: list[tuple[str, str]]
     own_table = [m for m in p.methods if dataset == "cifar100" and m in METHOD_TABLES]
     row_specs = [("Teacher", "teacher", lambda m, t, s, seed: trained_run(p.teacher.recipe, t, seed)),
                  ("Student (baseline)", "student", lambda m, t, s, seed: trained_run(p.student.recipe, s, seed))]
-    row_specs += [(label(m) + (" †" if m in own_table else ""), m,
+    # a method whose published figures came from another recipe runs that one (`distill.<m>.train`), marked ‡
+    own_recipe = [m for m in p.methods if getattr(p.distill, m).train]
+    row_specs += [(label(m) + (" †" if m in own_table else "") + (" ‡" if m in own_recipe else ""), m,
                    lambda m, t, s, seed: distill_run(m, t, s, seed)) for m in p.methods]
     lines, deltas = [], {}
     for i, (title, table_metric, reference, intro) in enumerate(distill_tables(dataset)):
@@ -316,7 +320,9 @@ def distill_sections(p, seeds: Seeds, dataset: str, pairs: list[tuple[str, str]]
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += [f"† {label(m)}: {METHOD_TABLES[m]['note']}" for m in own_table]
-    lines += [""] if own_table else []
+    lines += [f"‡ {label(m)}: its published figures' own recipe ran, {recipe_text(p.student_for([m]))}; its Δ is "
+              "over the baseline's recipe." for m in own_recipe]
+    lines += [""] if own_table or own_recipe else []
     return lines, deltas
 
 

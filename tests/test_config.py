@@ -111,3 +111,33 @@ def test_the_example_finds_the_shared_images_from_the_repository_root(monkeypatc
     monkeypatch.chdir(ROOT)
     path = config.load_params("examples/real-images.yaml").data.path
     assert Path(path).resolve() == (ROOT.parent / "shared/data/cifar10-jpeg-mini").resolve()
+
+
+def test_a_methods_own_recipe_merges_over_the_students():
+    p = config.validate({"student": {"epochs": 20, "batch_size": 64, "optim": {"lr": 0.05, "lr_by_model": {"vgg8": 0.01}}},
+                         "distill": {"dist": {"train": {"batch_size": 256, "optim": {"nesterov": True}}},
+                                     "kd": {"train": {"optim": {"lr_by_model": {"resnet8": 0.2}}}}}})
+    assert p.student_for(["at"]) is p.student  # no override: the student's section itself
+    dist = p.student_for(["dist"])
+    assert (dist.recipe, dist.epochs, dist.batch_size, dist.optim.lr, dist.optim.nesterov) == ("custom+dist", 20, 256, 0.05, True)
+    both = p.student_for(["kd", "dist"])  # keys of several methods merge; mappings merge key by key
+    assert (both.recipe, both.batch_size, both.optim.lr_by_model) == ("custom+kd+dist", 256, {"vgg8": 0.01, "resnet8": 0.2})
+
+
+@pytest.mark.parametrize("train, expected", [
+    ({"epoch": 3}, "distill.dist.train: epoch: not a recipe key (valid: epochs, batch_size, optim, schedule)"),
+    ({"optim": {"nesterv": True}}, "distill.dist.train: optim.nesterv: unknown key (did you mean 'nesterov'?)"),
+    ({"optim": {"no_decay": "bn"}}, "distill.dist.train: optim.no_decay: Input should be 'none' or 'norm_and_bias' (got 'bn')"),
+    ({"batch_size": 1}, "distill.dist.train: batch_size: Input should be greater than or equal to 2 (got 1)"),
+])
+def test_a_bad_method_recipe_is_one_line_naming_the_key(train, expected):
+    with pytest.raises(config.ParamsError) as e:
+        config.validate({"distill": {"dist": {"train": train}}})
+    assert e.value.lines == [expected]
+
+
+def test_a_combination_whose_recipes_disagree_is_an_error():
+    p = config.validate({"distill": {"dist": {"train": {"batch_size": 256}}, "kd": {"train": {"batch_size": 128}}}})
+    with pytest.raises(config.ParamsError, match=r"distill.dist.train.batch_size: 256, but another method of the "
+                                                  r"combination sets 128"):
+        p.student_for(["kd", "dist"])

@@ -145,3 +145,31 @@ def test_an_init_stage_epoch_prints_no_test_columns(capsys):
     assert init == "fsp: epoch 1/3 [init] lr 0.05 loss 1.5000 train 10.00% 100 img/s"
     assert main == "fsp: epoch 2/3 [main] lr 0.05 loss 1.2000 train 20.00% test 30.00% top5 80.00% 100 img/s"
 
+
+
+@pytest.mark.parametrize("no_decay", ["none", "norm_and_bias"])
+def test_no_decay_spares_norm_weights_and_biases(no_decay):
+    # one SGD step on zero gradients moves a parameter by -lr * wd * p alone: every parameter under `none`,
+    # the 2-D ones alone under `norm_and_bias` (image_classification_sota's filter: 1-D parameters apart)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    net(torch.zeros(1, 3, 5, 5))
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    cfg = config.Train(optim=config.Optim(lr=0.5, momentum=0.0, weight_decay=0.1, no_decay=no_decay))
+    opt = engine.make_optimizer(list(net.parameters()), cfg, torch.device("cpu"))
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for n, p in net.named_parameters():
+        spared = no_decay == "norm_and_bias" and p.ndim == 1  # 0.bias, 1.weight, 1.bias, 3.bias
+        expected = before[n] if spared else before[n] * (1 - 0.5 * 0.1)
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-7, msg=n)
+    assert sum(p.ndim == 1 for p in net.parameters()) == 4
+
+
+def test_dot_refuses_parameter_groups():
+    from kdpipe.distill.dot import DOT
+
+    cfg = config.Train(optim=config.Optim(no_decay="norm_and_bias"))
+    with pytest.raises(config.ParamsError, match="dot: mdistiller's DOT has one parameter group"):
+        DOT(config.DOTParams()).optimizer([torch.nn.Parameter(torch.zeros(2))], cfg)

@@ -7,7 +7,7 @@ import re
 import pytest
 import yaml
 
-from kdpipe import config
+from kdpipe import config, engine, published
 
 from .conftest import DVC, ROOT, sh
 from .test_pipeline import dag_edges
@@ -157,8 +157,12 @@ def test_the_report_of_a_whole_grid(smoke_pipeline):
     p = config.load_params(smoke_pipeline / "params.yaml")
     text = (smoke_pipeline / "reports/results.md").read_text()
     assert "## Distillation" in text
-    missing = [m for m in config.METHODS if f"| {distill.get(m).label} |" not in text]
+    missing = [m for m in config.METHODS if not re.search(rf"\| {re.escape(distill.get(m).label)}( [†‡])* \|", text)]
     assert not missing, f"the report lacks rows for {missing}"
+    # ReviewKD runs its authors' script's recipe (distill.reviewkd.train): its row says so, and which recipe
+    assert "| ReviewKD ‡ |" in text and "| KD |" in text
+    assert "‡ ReviewKD: its published figures' own recipe ran, `repdistiller+reviewkd` (1 epochs, batch 128, Nesterov SGD lr 0.1" \
+        in text
     assert re.search(r"\| ResNet-14 \(published\)( ⚠)? \|", text)  # ⚠: a one-class model (a random teacher)
     assert "## The ResNet table" in text
     assert p.table.recipe != p.teacher.recipe
@@ -264,6 +268,45 @@ def test_imagenet_pipeline_is_mdistillers_recipe():
     stages = [line.split()[0] for line in sh(DVC, "stage", "list", cwd=ROOT / "pipelines/imagenet").splitlines()]
     assert len(stages) == 1 + 2 * 2 + 2 * 2 + 2 * len(p.methods) * 2 + 1
     assert {"import-teacher@tv/resnet34-0", "evaluate-teacher@mobilenetv1-0", "distill@dkd-pair1-0"} <= set(stages)
+
+
+def test_each_published_figure_runs_its_own_recipe():
+    # distill.<method>.train: the recipe the published figure came from, where it is not the pipeline's
+    def epochs_at(cfg):  # the 0-based epochs from which the lr is lower
+        return [round(m * cfg.epochs) for m in cfg.schedule.milestones]
+
+    p = config.load_params(ROOT / "pipelines/imagenet/params.yaml")
+    dist = p.student_for(["dist"])
+    # hunto/image_classification_sota configs/strategies/distill/resnet_dist.yaml: batch_size 32 (x 8 GPUs in
+    # DIST_KD's README command, tools/dist_train.sh 8), lr 0.1, weight_decay 1e-4, sched step, decay_epochs 30;
+    # tools/train.py:130-137: nesterov=not args.sgd_no_nesterov, filter_bias_and_bn=not args.opt_no_filter;
+    # lib/utils/optim.py:48-56: no decay where len(param.shape) == 1 or the name ends in .bias
+    assert (dist.batch_size, dist.lr, dist.optim.weight_decay, dist.optim.nesterov, dist.optim.no_decay, dist.epochs) == \
+        (256, 0.1, 1e-4, True, "norm_and_bias", 100)
+    assert epochs_at(dist) == [30, 60, 90]
+    ofd = p.student_for(["ofd"])
+    # clovaai/overhaul-distillation ImageNet/train_with_distillation.py:24-28 (100 epochs, batch 256, lr 0.1,
+    # wd 1e-4), :87-88 (nesterov=True, no parameter groups), :94-95 and :223-225 (epochs from 1, lr x0.1 ** (epoch // 30):
+    # the 30th epoch, 0-based 29, is the first at 0.01)
+    assert (ofd.batch_size, ofd.lr, ofd.optim.weight_decay, ofd.optim.nesterov, ofd.optim.no_decay, ofd.epochs) == \
+        (256, 0.1, 1e-4, True, "none", 100)
+    assert epochs_at(ofd) == [29, 59, 89]
+    assert engine.learning_rate(ofd, 28, 0, 10) == pytest.approx(0.1) and engine.learning_rate(ofd, 29, 0, 10) == pytest.approx(0.01)
+    assert all(p.student_for([m]) == p.student for m in p.methods if m not in ("dist", "ofd"))
+
+    p = config.load_params(ROOT / "pipelines/cifar100/params.yaml")
+    rkd = p.student_for(["reviewkd"])
+    # dvlab-research/ReviewKD CIFAR-100/train.py:23-33 (batch 128, 240 epochs, lr 0.1, gamma 0.1, steps
+    # [150, 180, 210], wd 5e-4), :168-169 (lr 0.02 where 'shuffle' or 'mobile' is in the model's name), :178-179
+    # (nesterov=True); util/misc.py:55-60 lr_schedule runs after epoch `epoch` (0-based) is trained, so the
+    # lower lr starts at epochs 151/181/211
+    assert (rkd.batch_size, rkd.epochs, rkd.optim.lr, rkd.optim.weight_decay, rkd.optim.nesterov) == (128, 240, 0.1, 5e-4, True)
+    assert epochs_at(rkd) == [151, 181, 211]
+    lrs = {m: rkd.model_copy(update={"model": m}).lr for m in ("mobilenetv2", "shufflev1", "shufflev2", "resnet8x4", "vgg8")}
+    assert lrs == {"mobilenetv2": 0.02, "shufflev1": 0.02, "shufflev2": 0.02, "resnet8x4": 0.1, "vgg8": 0.1}
+    assert all(p.student_for([m]) == p.student for m in p.methods if m != "reviewkd")
+    # its published table compares the best epoch: the script keeps best_acc (train.py:251-253)
+    assert published.METHOD_TABLES["reviewkd"]["metric"] == "top1"
 
 
 @pytest.mark.parametrize("launch, ok", [("kdpipe", True), ("torchrun --standalone --nproc-per-node 8 -m kdpipe", True),

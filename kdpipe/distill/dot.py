@@ -72,4 +72,6 @@ class DOT(Term):
         o = train_cfg.optim
         if o.nesterov:
             raise ParamsError(["dot: mdistiller's DOT has no Nesterov momentum; set optim.nesterov: false"])
+        if o.no_decay != "none":
+            raise ParamsError(["dot: mdistiller's DOT has one parameter group; set optim.no_decay: none"])
         return DistillationOrientedTrainer(params, train_cfg.lr, o.momentum, self.delta, o.weight_decay)
