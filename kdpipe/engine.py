@@ -41,7 +41,7 @@ def learning_rate(cfg: Train, epoch: int, step: int, steps_per_epoch: int) -> fl
 
 
 def make_optimizer(params, cfg: Train, device: torch.device, custom=None) -> torch.optim.Optimizer:
-    """SGD as `cfg.optim` says, or the optimiser a method brings, `custom(params, cfg)` (DOT)."""
+    """SGD as `cfg.optim` says, or the optimiser a method brings, `custom(params, cfg)`."""
     if custom is not None:
         return custom(params, cfg)
     o = cfg.optim
@@ -58,23 +58,16 @@ def train_step(objective: nn.Module, model: nn.Module, optimizer, x, y, phase: s
                lr: float, ddp: Ranks = Ranks(), index=None, epoch: int = 0):
     """One optimisation step (shared by `train` and `kdpipe bench`). `index` (each sample's position in
     the training set) and `epoch` (of the phase, from 0) reach the objective for methods that use them.
-    An optimiser with `step_distill` (DOT) takes the distillation loss's gradients and the task loss's apart:
-    backward of the first, `step_distill()`, backward of the second, `step()` (mdistiller's DOT trainer)."""
+    An optimiser with a `backward(terms)` (a method's own) runs the backward passes itself, from the
+    loss's named terms; `step()` follows either way."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    split = hasattr(optimizer, "step_distill")
     with numerics.autocast():
-        loss, logits, terms = objective(model, x, y, phase, index=index, epoch=epoch,
-                                        **({"split": True} if split else {}))
+        loss, logits, terms = objective(model, x, y, phase, index=index, epoch=epoch)
     optimizer.zero_grad(set_to_none=True)
-    if split:
-        task, distill = loss
-        if distill.requires_grad:
-            distill.backward(retain_graph=True)
-        optimizer.step_distill()
-        optimizer.zero_grad(set_to_none=True)
-        task.backward()
-        loss = (task + distill).detach()
+    own_backward = getattr(optimizer, "backward", None)
+    if own_backward is not None:
+        loss = own_backward(terms)
     else:
         loss.backward()
     if ddp.world > 1:  # DDP syncs the model's gradients; the objective's own (regressor) ones we sync here
@@ -121,7 +114,7 @@ class CrossEntropy(nn.Module):
     interface: `forward(model, x, y, phase) -> (loss, logits, terms)` (x: a batch, or a tuple of views where `views`
     asks for more than one; terms: the loss's named parts, which the run's history records per epoch as
     `loss_<name>`); their own trainable modules (e.g. a
-    FitNets regressor) are submodules, so they are optimised and checkpointed with the model."""
+    method's regressor) are submodules, so they are optimised and checkpointed with the model."""
 
     phases = ("main",)
     views = ()  # the extra views of each batch it needs from the source (kdpipe/sources.py)
@@ -202,7 +195,7 @@ def train(run: Run, source, ctx: Optional[Context] = None) -> dict:
     try:
         for epoch in range(start, total):
             phase = "init" if epoch < init_epochs else "main"
-            if opt_phase != phase:  # each phase starts with a fresh optimizer (FitNets/FSP stage 1 -> 2)
+            if opt_phase != phase:  # each phase starts with a fresh optimizer (init stage -> main)
                 optimizer, opt_phase = make_optimizer(params(phase), cfg, dev, objective.optimizer(phase)), phase
             e = epoch - init_epochs if phase == "main" else epoch
             t0 = time.perf_counter()

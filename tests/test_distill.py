@@ -1,5 +1,8 @@
 """The distillation objective: frozen teacher, gradients, weights of combined terms, two-stage training."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -98,14 +101,32 @@ def test_each_epoch_records_the_loss_terms(tmp_path, workdir):
 
 
 def test_combination_rules():
+    from kdpipe.distill import KDTerm, get
+
     obj, _, _ = build(["kd", "at"])
-    assert (obj.gamma, obj.alpha, obj.weights) == (0.1, 0.9, {"kd": 0.9, "at": 1000.0})
+    assert (obj.gamma, obj.weights) == (0.1, {"kd": 0.9, "at": 1000.0})
+    assert type(obj.terms["kd"]) is get("kd")  # KD is a registered term like the others, weighed by its alpha
     obj, _, _ = build(["at"])
-    assert (obj.gamma, obj.alpha, obj.weights) == (1.0, 0.0, {"at": 1000.0})  # no KD term at alpha = 0
+    assert (obj.gamma, obj.weights) == (1.0, {"at": 1000.0})  # no KD term at alpha = 0
     obj, _, _ = build(["at", "kd"], kd={"temperature": 8.0})
-    assert (obj.gamma, obj.alpha, obj.terms["kd"].cfg.temperature) == (1.0, 0.9, 8.0)
+    assert (obj.gamma, list(obj.weights), obj.weights["kd"], obj.terms["kd"].cfg.temperature) == (1.0, ["kd", "at"], 0.9, 8.0)
     obj, _, _ = build(["nst"], nst={"alpha": 0.5, "temperature": 2.0})
+    assert type(obj.terms["kd"]) is KDTerm  # brought by nst's alpha, with nst's temperature
     assert obj.weights == {"kd": 0.5, "nst": 50.0} and obj.terms["kd"].cfg.temperature == 2.0
+
+
+def test_terms_declare_their_weight_exclusivity_and_optimiser():
+    # what the objective and the engine need is declared on each term: no method name in the engine's code
+    from kdpipe.distill import get
+
+    assert {m: get(m).weight_param for m in config.METHODS if get(m).weight_param != "beta"} == \
+        {"kd": "alpha", "dkd": None, "mlkd": None, "sdd": None, "wkd": None, "rld": None}
+    assert [m for m in config.METHODS if get(m).runs_alone] == ["ofd"]
+    assert [m for m in config.METHODS if get(m).optimizer is not None] == ["dot"]
+    src = Path(engine.__file__).read_text()
+    assert not [m for m in config.METHODS if re.search(rf"[\"']{m}[\"']|\b{get(m).label}\b", src)]
+    with pytest.raises(ValueError, match=r"ofd\+kd: ofd runs the teacher's BN on batch statistics .*; run it alone"):
+        build(["ofd", "kd"])
 
 
 def test_default_hyper_parameters():

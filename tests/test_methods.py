@@ -377,13 +377,13 @@ def test_dot_optimiser_by_hand():
     pa, pb, pc = 1.0, 2.0, 3.0
     ta = tb = ka = kc = None
     for task, kd in grads:
-        for p, name in ((a, "a"), (c, "c")):
-            p.grad = torch.tensor([kd[name]])
-        b.grad = None
-        opt.step_distill()
+        # losses linear in the parameters, whose gradients are these figures (b not in the distillation loss, c
+        # not in the task's); the optimiser's own `backward(terms)` takes them apart: `ce`, and the other terms
+        terms = {"ce": (task["a"] * a + task["b"] * b).sum(), "kd": (kd["a"] * a).sum(), "at": (kd["c"] * c).sum()}
         opt.zero_grad(set_to_none=True)
-        a.grad, b.grad = torch.tensor([task["a"]]), torch.tensor([task["b"]])
+        loss = opt.backward(terms)
         opt.step()
+        assert loss.item() == pytest.approx(sum(t.item() for t in terms.values()))
         # by hand: weight decay on the task gradient; c's distillation gradient gets it after its first step
         da, db = task["a"] + 0.01 * pa, task["b"] + 0.01 * pb
         ta = da if ta is None else (0.9 - 0.075) * ta + da
@@ -411,7 +411,8 @@ def test_dot_steps_task_and_distillation_gradients_apart(tmp_path):
     for step in range(2):
         x, y, index = batch(seed=step)
         snap = {k: v.clone() for k, v in student.state_dict().items()}
-        (task, distill), _, _ = obj(student, x, y, split=True)
+        _, _, terms = obj(student, x, y)  # the task loss is `ce`, the distillation loss the other terms (kd)
+        task, distill = terms["ce"], terms["kd"]
         g_task = torch.autograd.grad(task, w, retain_graph=True)[0] + cfg.optim.weight_decay * w.detach()
         g_kd = torch.autograd.grad(distill, w)[0]
         bt = g_task if step == 0 else (0.9 - 0.075) * bufs["t"] + g_task

@@ -5,7 +5,9 @@ Each method file registers a `Term` (an `nn.Module`) built as `Term(cfg, s_shape
 of the student's and the teacher's features) whose
 `forward(b: Batch)` returns its unweighted loss; its trainable parts (regressors, embeddings, CRD's
 memory) are its submodules and buffers, optimised and checkpointed with the student's run, never
-exported with the student. A term may fix its own weight (`weight = 1.0`: DKD weighs its parts inside).
+exported with the student. Its weight is its params' `weight_param` (beta; KD's alpha; None: 1, DKD weighs its
+parts inside). KD is a term like the others; any method whose params say alpha > 0 brings one (with kd's params
+when `kd` is among the methods). A term with `runs_alone` (its reason) admits no other beside it (OFD).
 
 Init stage (RepDistiller's `init()`): a term whose params have `init_epochs > 0` first trains alone for that
 many epochs, unweighted, on `init_loss(b)` (default: `forward`). What trains there and after is the term's
@@ -21,8 +23,9 @@ weights once has `from_teacher(teacher)` (OFD's margins, WKD's class costs); `te
 teacher's BN on each batch's statistics (OFD); `uses_classifier = True` brings into the batch both models' final
 maps (`Features.final`) and their classifier layers (`models.classifier`; the student's trains through the term's
 loss as through CE), to classify other pooled features than the global one (SDD's regions). A term may bring the main phase's
-optimiser (`optimizer(params, train_cfg)`, DOT: it steps the task loss gamma * CE and the distillation loss, the
-sum of the other terms, apart: `forward(..., split=True)` returns the two) and have no loss (`has_loss = False`).
+optimiser (`optimizer(params, train_cfg)`; one with `backward(terms)` runs the step's backward passes from the
+named terms itself: DOT's steps the task loss, `ce`, and the distillation loss, the sum of the others, apart) and
+have no loss (`has_loss = False`).
 """
 
 from __future__ import annotations
@@ -52,36 +55,34 @@ class Distiller(nn.Module):
         # (an imported one): x_teacher = x * scale + shift, per channel
         self._teacher_input = teacher_input
         # gamma (and alpha, T without kd) from the first method with a loss of its own: dkd+dot = dot+dkd
-        lead = next((m for m in methods if get(m).has_loss), methods[0])
+        classes = {m: get(m) for m in methods}  # imports each method's file (its stage depends on it), no other
+        lead = next((m for m in methods if classes[m].has_loss), methods[0])
         first = getattr(params, lead)
-        kd_src = params.kd if "kd" in methods else first
         self.methods = methods
-        self.gamma, self.alpha = first.gamma, kd_src.alpha
+        self.gamma = first.gamma
         self._teacher = (teacher.eval().requires_grad_(False),)
         self.terms = nn.ModuleDict()
         self.weights: dict[str, float] = {}
         self.init_stage: dict[str, int] = {}  # method -> its init epochs
-        if self.alpha > 0:
-            self.terms["kd"] = KDTerm(kd_src)
-            self.weights["kd"] = self.alpha
-        for m in methods:
-            term = get(m)  # imports the method's file (its stage depends on it) and no other method's
-            if m == "kd":
+        # KD first in the loss: the `kd` method, or the KD term any method whose alpha > 0 brings (with its params)
+        kd = [("kd", classes.pop("kd", KDTerm), params.kd if "kd" in methods else first)]
+        for name, cls, cfg in kd + [(m, c, getattr(params, m)) for m, c in classes.items()]:
+            weight = 1.0 if cls.weight_param is None or not cls.has_loss else getattr(cfg, cls.weight_param)
+            if name == "kd" and weight == 0:  # alpha 0: no KD term
                 continue
-            cfg = getattr(params, m)
-            self.terms[m] = term(cfg, s_shapes, t_shapes, data)
-            self.terms[m].from_teacher(teacher)
-            if self.terms[m].has_loss:
-                self.weights[m] = getattr(self.terms[m], "weight", cfg.beta)
-            if getattr(cfg, "init_epochs", 0) > 0:
-                self.init_stage[m] = cfg.init_epochs
+            term = self.terms[name] = cls(cfg, s_shapes, t_shapes, data)
+            term.from_teacher(teacher)
+            if term.has_loss:
+                self.weights[name] = weight
+            if name in methods and getattr(cfg, "init_epochs", 0) > 0:
+                self.init_stage[name] = cfg.init_epochs
         self.init_trains_student = any(self.terms[m].init_trains_student for m in self.init_stage)
         self.uses_preact = any(t.uses_preact for t in self.terms.values())
         self.uses_classifier = any(t.uses_classifier for t in self.terms.values())
         self.teacher_batch_stats = any(t.teacher_batch_stats for t in self.terms.values())
-        if self.teacher_batch_stats and len(self.terms) > 1:
-            raise ValueError(f"{'+'.join(methods)}: ofd runs the teacher's BN on batch statistics (as OFD does), which "
-                             "would change what the other terms read from the teacher; run it alone (alpha 0)")
+        alone = next((n for n, t in self.terms.items() if t.runs_alone), None)
+        if alone and len(self.terms) > 1:
+            raise ValueError(f"{'+'.join(methods)}: {alone} {self.terms[alone].runs_alone}; run it alone (alpha 0)")
         self.views = tuple(sorted({v for t in self.terms.values() for v in t.views}))
 
     @property
@@ -107,7 +108,7 @@ class Distiller(nn.Module):
                 params += list(term.trainable_parts(phase))
         return params
 
-    def forward(self, model, x, y, phase: str = "main", index=None, epoch: int = 0, split: bool = False):
+    def forward(self, model, x, y, phase: str = "main", index=None, epoch: int = 0):
         views = dict(zip(self.views, x[1:])) if self.views else {}  # x: (the batch, its extra views)
         x = x[0] if self.views else x
 
@@ -138,11 +139,10 @@ class Distiller(nn.Module):
         if phase == "init":  # RepDistiller's init(): the init terms' own losses, unweighted
             init = {n: self.terms[n].init_loss(b) for n in self.init_stage}
             return sum(init.values()), s.logits, init
-        task = loss = self.gamma * Fd.cross_entropy(s.logits, y)
-        distill = torch.zeros((), device=task.device)
-        terms = {"ce": task}
+        loss = self.gamma * Fd.cross_entropy(s.logits, y)
+        terms = {"ce": loss}
         for n, w in self.weights.items():
             if n not in self.init_stage or self.terms[n].loss_after_init:
                 terms[n] = w * self.terms[n](b)
-                loss, distill = loss + terms[n], distill + terms[n]  # loss: summed in this order (the same bits as before)
-        return ((task, distill) if split else loss), s.logits, terms
+                loss = loss + terms[n]  # summed in this order: ce, kd, the methods'
+        return loss, s.logits, terms

@@ -49,9 +49,13 @@ class Term(nn.Module):
     uses_preact = False
     has_loss = True  # False: a term that changes how the student trains, not what it minimises (DOT)
     teacher_batch_stats = False  # True: the teacher's BN normalises with each batch's statistics (OFD)
+    runs_alone = ""  # why no other term may run beside this one (OFD), or "": any combination
+    weight_param: str | None = "beta"  # the params key weighing the term in the loss; None: 1 (it weighs its parts)
     views: tuple[str, ...] = ()  # extra views of each batch the source adds, e.g. ("strong",) (MLKD)
     uses_classifier = False  # True: the batch brings both models' final maps and classifiers (SDD)
-    optimizer = None  # a method's own optimiser for the main phase, optimizer(params, train_cfg) (DOT)
+    # a method's own optimiser for the main phase, optimizer(params, train_cfg) (DOT); one with a
+    # `backward(terms)` runs the step's backward passes itself, from the loss's named terms, and returns the loss
+    optimizer = None
 
     def bench_parts(self, batch_size: int, sample_index, device) -> dict:
         """Steps of the term's own machinery that `kdpipe bench` times apart (label -> step function);
@@ -89,6 +93,7 @@ class KDTerm(Term):
     any method whose params say alpha > 0 (from `kd`'s params when `kd` is among the methods, else the first's)."""
 
     label = "KD"
+    weight_param = "alpha"
 
     def __init__(self, cfg, s_shapes=None, t_shapes=None, data=None):
         super().__init__()

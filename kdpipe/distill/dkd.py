@@ -32,7 +32,7 @@ def dkd(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alpha: f
 
 @register("dkd")
 class DecoupledKD(Term):
-    weight = 1.0  # alpha (tckd) and beta weigh the two parts inside the loss
+    weight_param = None  # alpha (tckd) and beta weigh the two parts inside the loss
 
     def __init__(self, cfg, s_shapes, t_shapes, data):
         super().__init__()

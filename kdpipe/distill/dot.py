@@ -12,8 +12,8 @@ from .base import Term, register
 
 
 class DistillationOrientedTrainer(torch.optim.Optimizer):
-    """mdistiller's DistillationOrientedTrainer with one parameter group. Per step: the distillation loss's
-    backward, `step_distill()` (keeps its gradients aside), the task loss's backward, `step()`. A parameter with
+    """mdistiller's DistillationOrientedTrainer with one parameter group. Per step: `backward(terms)` (the
+    distillation loss's backward, its gradients kept aside, the task loss's backward), then `step()`. A parameter with
     both gradients: task buffer at momentum - delta, distillation buffer at momentum + delta; with one of them:
     that buffer at their mean. Weight decay is added once, to the task gradient (to the distillation gradient of
     a parameter without a task one, after the first step, as there); each buffer starts as its first gradient.
@@ -25,10 +25,20 @@ class DistillationOrientedTrainer(torch.optim.Optimizer):
             raise ValueError("dot: one parameter group only (as mdistiller's)")
         self._distill_grads: dict = {}
 
-    @torch.no_grad()
-    def step_distill(self):
-        """Keep the distillation loss's gradients; the caller then clears .grad (set to None) for the task's."""
+    def backward(self, terms: dict) -> torch.Tensor:
+        """The step's backward passes (the engine's protocol for a term's own optimiser): the distillation loss's
+        (every term but `ce`), its gradients kept aside, then the task loss's (`ce`). Returns the loss."""
+        task = terms["ce"]
+        distill = torch.zeros((), device=task.device)
+        for name, value in terms.items():
+            if name != "ce":
+                distill = distill + value
+        if distill.requires_grad:
+            distill.backward(retain_graph=True)
         self._distill_grads = {p: p.grad for p in self.param_groups[0]["params"] if p.grad is not None}
+        self.zero_grad(set_to_none=True)
+        task.backward()
+        return (task + distill).detach()
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -58,7 +58,7 @@ class MLKD(Term):
     label = "MLKD"
     views = ("strong",)
     supports_ddp = False  # the student runs two forward passes per step; DDP expects one
-    weight = 1.0  # gamma and beta weigh the parts inside
+    weight_param = None  # gamma and beta weigh the parts inside
 
     def __init__(self, cfg, s_shapes=None, t_shapes=None, data=None):
         super().__init__()

@@ -54,6 +54,8 @@ class OFD(Term):
     label = "OFD"
     uses_preact = True
     teacher_batch_stats = True
+    runs_alone = ("runs the teacher's BN on batch statistics (as OFD does), which would change what the other terms "
+                  "read from the teacher")
 
     def __init__(self, cfg, s_shapes, t_shapes, data=None):
         super().__init__()

@@ -43,7 +43,7 @@ def rld(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, scd: flo
 
 @register("rld")
 class RLD(Term):
-    weight = 1.0  # scd and beta weigh the two parts inside the loss
+    weight_param = None  # scd and beta weigh the two parts inside the loss
 
     def __init__(self, cfg, s_shapes=None, t_shapes=None, data=None):
         super().__init__()

@@ -67,7 +67,7 @@ def sdd(student_regions: Tensor, teacher_regions: Tensor, target: Tensor, base: 
 
 @register("sdd")
 class SDD(Term):
-    weight = 1.0  # beta (SD-KD's weight; SD-DKD's NCKD weight) and tckd weigh the loss inside
+    weight_param = None  # beta (SD-KD's weight; SD-DKD's NCKD weight) and tckd weigh the loss inside
     uses_classifier = True  # the regions go through both models' classifiers
 
     def __init__(self, cfg, s_shapes, t_shapes, data=None):

@@ -94,7 +94,7 @@ class _Bottleneck(nn.Sequential):
 
 @register("wkd")
 class WKD(Term):
-    weight = 1.0  # beta and feat_weight weigh the parts inside
+    weight_param = None  # beta and feat_weight weigh the parts inside
 
     def __init__(self, cfg, s_shapes, t_shapes, data=None):
         super().__init__()
