@@ -140,7 +140,7 @@ def student(params: Path = ParamsOpt, data_dir: Path = DataOpt, name: str = type
 @app.command()
 @guarded
 def distill(method: str = typer.Option(..., "--method", "-m", help="one of: " + ", ".join(config.METHODS)
-                                       + "; or a combination like kd+at"),
+                                       + "; or a combination like kd+at; a variant of params' `variants` ends it, e.g. kd+ls"),
             params: Path = ParamsOpt, data_dir: Path = DataOpt,
             teacher: Path = typer.Option(Path("models/teacher.pt"), help="teacher checkpoint (output of `kdpipe teacher`)"),
             name: Optional[str] = typer.Option(None, help="run name (default: the method)"),
@@ -151,10 +151,11 @@ def distill(method: str = typer.Option(..., "--method", "-m", help="one of: " + 
     from . import runs
 
     p = load(params, "student", "distill")
-    methods = config.parse_methods(method)
+    methods, variant = config.parse_run(method, p.variants)
     code_check("distill", methods)
-    name = name or "+".join(methods)
-    reason = runs.distill(methods, p, runs.with_overrides(p.student_for(methods), model, seed), teacher, name, data_dir, na_ok)
+    name = name or method
+    recipe = p.varied(variant, methods).student_for(methods)
+    reason = runs.distill(methods, p, runs.with_overrides(recipe, model, seed), teacher, name, data_dir, na_ok, variant)
     if reason:
         typer.echo(f"{name}: not applicable: {reason}", err=True)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -566,6 +567,20 @@ def parse_methods(spec: str) -> list[str]:
     return names
 
 
+def parse_run(spec: str, variants: dict) -> tuple[list[str], Optional[str]]:
+    """`--method`: methods combined with +, the last term optionally a tag of `variants` (`kd+ls`, `dkd+ls`):
+    the methods and the tag (None without one). The tag must define each of the methods."""
+    *head, last = spec.split("+")
+    if head and last in variants:
+        methods = parse_methods("+".join(head))
+        missing = [m for m in methods if m not in variants[last]]
+        if missing:
+            raise ParamsError([f"--method: {spec!r}: variants.{last} defines no {', '.join(missing)} "
+                               f"(it has: {', '.join(variants[last]) or 'none'})"])
+        return methods, last
+    return parse_methods(spec), None
+
+
 class Pair(Strict):
     teacher: ModelName
     student: ModelName
@@ -619,6 +634,10 @@ class Params(Strict):
     seeds: list[int] = [0]
     methods: list[Literal[METHODS]] = list(METHODS)  # type: ignore[valid-type]
     pairs: list[Pair] = []
+    # named variants of methods, each a row `<method>+<tag>` of its own in the grid (`--method kd+ls`):
+    # tag -> method -> keys of distill.<method> it sets, and `by_pair: {"teacher->student": {key: value}}`
+    # where the variant's references tune a key per pair (logit-standardization-KD's "+LS" rows)
+    variants: dict[str, dict[str, dict]] = {}
 
     @model_validator(mode="before")
     @classmethod
@@ -654,6 +673,53 @@ class Params(Strict):
         merged = _deep_merge(self.student.model_dump(), _nest(over))
         merged["recipe"] = f"{self.student.recipe or 'custom'}+{'+'.join(own)}"
         return Train.model_validate(merged)
+
+    @model_validator(mode="after")
+    def _check_variants(self):
+        for tag, entries in self.variants.items():
+            if not re.fullmatch(r"[a-z][a-z0-9_]*", tag) or tag in METHODS:
+                raise ValueError(f"variants.{tag}: a tag is a lower-case word that is not a method's name")
+            for m, over in entries.items():
+                if m not in METHODS:
+                    raise ValueError(f"variants.{tag}.{m}: unknown method (valid: {', '.join(METHODS)})")
+                by_pair = over.get("by_pair", {})
+                if not isinstance(by_pair, dict) or any(not isinstance(v, dict) or "train" in v for v in by_pair.values()):
+                    raise ValueError(f"variants.{tag}.{m}.by_pair: a mapping of 'teacher->student' to keys of "
+                                     f"distill.{m} (not train: the recipe is the pair's for every pair)")
+                for pair in [None, *by_pair]:
+                    if pair is not None:
+                        t, _, st = pair.partition("->")
+                        try:
+                            check_name(t), check_name(st)
+                        except ValueError:
+                            raise ValueError(f"variants.{tag}.{m}.by_pair: key {pair!r} is not 'teacher->student' "
+                                             "with two model names") from None
+                    self._method_params(tag, m, pair and tuple(pair.split("->")))
+        return self
+
+    def _method_params(self, tag: str, method: str, pair: Optional[tuple[str, str]] = None) -> BaseModel:
+        """distill.<method> with variant `tag`'s keys set (and its `by_pair` keys of `pair`): keys replace the
+        method's own, mappings included (DKD+LS's `beta_by_pair: {}` drops DKD's per-pair betas)."""
+        base = getattr(self.distill, method)
+        over = dict(self.variants[tag][method])
+        by_pair = over.pop("by_pair", {})
+        over.update(by_pair.get(f"{pair[0]}->{pair[1]}", {}) if pair else {})
+        try:
+            return type(base).model_validate({**base.model_dump(), **over})
+        except ValidationError as e:
+            raise ValueError("; ".join(f"variants.{tag}.{method}: {_describe(err, type(base))}" for err in e.errors())) from None
+
+    def varied(self, tag: Optional[str], methods: list[str], pair: Optional[tuple[str, str]] = None) -> "Params":
+        """These params with variant `tag` applied to the sections of `methods` it names (for `pair`, its
+        per-pair keys too); `tag` None: these params."""
+        if tag is None:
+            return self
+        update = {m: self._method_params(tag, m, pair) for m in methods if m in self.variants[tag]}
+        return self.model_copy(update={"distill": self.distill.model_copy(update=update)})
+
+    def rows(self) -> list[str]:
+        """The grid's distillation rows: each of `methods`, then each variant `<method>+<tag>`."""
+        return list(self.methods) + [f"{m}+{tag}" for tag, entries in self.variants.items() for m in entries]
 
     @field_validator("launch")
     @classmethod

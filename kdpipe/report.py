@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .config import METHODS, parse_run
 from .names import distill_run, pretty, trained_run
 from .plots import curves_by_pair, heatmap, pareto_plot, plot
 from .published import (CRD, CRD_MODELS, DISTILL_METRIC, IMAGENET, IMAGENET_CONVENTION, IMAGENET_MODELS,
@@ -140,11 +141,12 @@ def write(names: list[str], manifest: dict, metrics_dir: Path, logs_dir: Path, p
 
 # --- the full pipelines: a grid of models x seeds and methods x pairs x seeds -----------------------
 
-def label(method: str) -> str:
-    """A method's name in tables and plots (its registered term's `label`)."""
+def label(row: str) -> str:
+    """A method's (or a combination's, or a variant's) name in tables and plots: its registered terms' labels,
+    a variant's tag in capitals (`kd+ls` -> KD+LS)."""
     from . import distill
 
-    return distill.get(method).label
+    return "+".join(distill.get(m).label if m in METHODS else m.upper() for m in row.split("+"))
 
 
 def recipe_text(cfg) -> str:
@@ -293,13 +295,15 @@ def distill_sections(p, seeds: Seeds, dataset: str, pairs: list[tuple[str, str]]
     its lines and the Δ Top-1 over the baseline (method -> {pair index: Δ}) of the first table."""
     # a method with a published table of its own (DKD, DIST: kdpipe/published.yaml) is compared with its figures
     # on that table's metric (DKD: mdistiller's best epoch), marked † with the table's note
-    own_table = [m for m in p.methods if dataset == "cifar100" and m in METHOD_TABLES]
+    rows = p.rows()
+    recipes = {r: p.varied(tag, ms).student_for(ms) for r in rows for ms, tag in [parse_run(r, p.variants)]}
+    own_table = [m for m in rows if dataset == "cifar100" and m in METHOD_TABLES]
     row_specs = [("Teacher", "teacher", lambda m, t, s, seed: trained_run(p.teacher.recipe, t, seed)),
                  ("Student (baseline)", "student", lambda m, t, s, seed: trained_run(p.student.recipe, s, seed))]
     # a method whose published figures came from another recipe runs that one (`distill.<m>.train`), marked ‡
-    own_recipe = [m for m in p.methods if getattr(p.distill, m).train]
+    own_recipe = [m for m in rows if recipes[m] != p.student]
     row_specs += [(label(m) + (" †" if m in own_table else "") + (" ‡" if m in own_recipe else ""), m,
-                   lambda m, t, s, seed: distill_run(m, t, s, seed)) for m in p.methods]
+                   lambda m, t, s, seed: distill_run(m, t, s, seed)) for m in rows]
     lines, deltas = [], {}
     for i, (title, table_metric, reference, intro) in enumerate(distill_tables(dataset)):
         lines += [f"## Distillation ({title})", "",
@@ -315,12 +319,12 @@ def distill_sections(p, seeds: Seeds, dataset: str, pairs: list[tuple[str, str]]
                 na = st is None and seeds.not_applicable(run)
                 cells.append(("N/A" if na else fmt(st)) + (f" [{ref:.2f}]" if ref is not None else "") + seeds.mark(run))
                 base = seeds.stats(lambda seed: trained_run(p.student.recipe, s, seed), metric_key)
-                if i == 0 and key in p.methods and st and base:
+                if i == 0 and key in rows and st and base:
                     deltas.setdefault(key, {})[j] = st[0] - base[0]
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += [f"† {label(m)}: {METHOD_TABLES[m]['note']}" for m in own_table]
-    lines += [f"‡ {label(m)}: its published figures' own recipe ran, {recipe_text(p.student_for([m]))}; its Δ is "
+    lines += [f"‡ {label(m)}: its published figures' own recipe ran, {recipe_text(recipes[m])}; its Δ is "
               "over the baseline's recipe." for m in own_recipe]
     lines += [""] if own_table or own_recipe else []
     return lines, deltas
@@ -355,7 +359,7 @@ def grid(p, manifest: dict, metrics_dir: Path, plots_dir: Path, out_dir: Path) -
         panels.append((f"{pretty(t)} → {pretty(s)}",
                        [("teacher", trained_run(p.teacher.recipe, t, seed)),
                         ("student (baseline)", trained_run(p.student.recipe, s, seed))]
-                       + [(label(m), distill_run(m, t, s, seed)) for m in p.methods]))
+                       + [(label(m), distill_run(m, t, s, seed)) for m in p.rows()]))
     curves_by_pair(panels, plots_dir, out_dir / "accuracy.png", f"test Top-1 (%) per epoch, seed {seed}")
     heatmap(deltas, list(deltas), [label(m) for m in deltas], cols, out_dir / "delta.png")
     return text

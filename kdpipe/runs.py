@@ -42,9 +42,9 @@ def train(section: str, cfg: config.Train, name: str, data_dir: Path) -> None:
 
 
 def distill(methods: list[str], params: config.Params, cfg: config.Train, teacher: Path, name: str,
-            data_dir: Path, na_ok: bool = False) -> Optional[str]:
-    """Distil the teacher checkpoint into a new `cfg.model`. Returns the reason where the method cannot run
-    on this pair and `na_ok` recorded it as not applicable, else None."""
+            data_dir: Path, na_ok: bool = False, variant: Optional[str] = None) -> Optional[str]:
+    """Distil the teacher checkpoint into a new `cfg.model` (with the methods' keys of `variant` set, when given).
+    Returns the reason where the method cannot run on this pair and `na_ok` recorded it as not applicable, else None."""
     from . import distill as distill_mod
     from .distill import Distiller, TrainData, feature_shapes
 
@@ -72,9 +72,10 @@ def distill(methods: list[str], params: config.Params, cfg: config.Train, teache
     teacher_input = sources.renormalisation(manifest, ckpt.get("normalization"), numerics.device)
     torch.manual_seed(cfg.seed)
     student_model = models.create(cfg.model, source.num_classes, cfg.weights)
-    distill_params = params.distill.for_pair(ckpt["model"], cfg.model)
-    meta = {"role": "distill", "method": "+".join(methods), "teacher": ckpt["model"],
-            "teacher_sha256": hashlib.sha256(teacher.read_bytes()).hexdigest(),
+    pair = (ckpt["model"], cfg.model)
+    distill_params = params.varied(variant, methods, pair).distill.for_pair(*pair)
+    meta = {"role": "distill", "method": "+".join(methods), **({"variant": variant} if variant else {}),
+            "teacher": ckpt["model"], "teacher_sha256": hashlib.sha256(teacher.read_bytes()).hexdigest(),
             "distill": {m: getattr(distill_params, m).model_dump() for m in methods}}
     try:
         objective = Distiller(teacher_model, methods, distill_params, feature_shapes(student_model, image_size=size),

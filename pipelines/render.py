@@ -2,7 +2,8 @@
 each model library its params.yaml names (kdpipe/models/tv.py for `tv/` models, timm_models.py for `timm/`, and
 library.py, which both import):
 every stage validates the params and so imports it; and the report's deps on the files of the methods in its
-`methods` (it reads their labels). A stage depends on exactly the files it imports (tests/test_stage_deps.py);
+`methods` (it reads their labels); and for each tag of `variants`, the distill and evaluate stages of its methods
+(`variant_stages`). A stage depends on exactly the files it imports (tests/test_stage_deps.py);
 after editing `methods`, render again. Usage: python pipelines/render.py FOLDER > pipelines/FOLDER/dvc.yaml"""
 
 import sys
@@ -37,10 +38,29 @@ def render(folder: str) -> str:
             indent = line[:len(line) - len(line.lstrip())]
             lines += [f"{indent}- ../../kdpipe/models/{f}" for f in files]
         if line.strip() == METHODS:
-            lines += [f"{line[:line.index('#')]}- ../../kdpipe/distill/{m}.py" for m in sorted(params["methods"])]
+            used = set(params["methods"]).union(*(v for v in (params.get("variants") or {}).values()))
+            lines += [f"{line[:line.index('#')]}- ../../kdpipe/distill/{m}.py" for m in sorted(used)]
             continue
+        if line == "  report:":
+            lines += [s for tag in params.get("variants") or {} for s in variant_stages("\n".join(lines), tag)]
         lines.append(line)
     return "\n".join(lines) + "\n"
+
+
+def variant_stages(text: str, tag: str) -> list[str]:
+    """The distill and evaluate-distill stages over the methods of `variants.<tag>` (a mapping: DVC's matrix takes
+    its keys): stages distill-<tag>@<method>-pair<i>-<seed>, runs `<method>+<tag>-<teacher>-<student>-s<seed>`."""
+    out = []
+    for stage, name in (("distill", f"distill-{tag}"), ("evaluate-distill", f"evaluate-{tag}")):
+        block = text[text.index(f"\n  {stage}:\n") + 1:].split("\n\n")[0].rstrip("\n") + "\n"
+        block = (block.replace(f"  {stage}:", f"  {name}:", 1)
+                 .replace("method: ${methods}", f"method: ${{variants.{tag}}}")
+                 .replace("--method ${item.method} ", f"--method ${{item.method}}+{tag} ")
+                 .replace("${item.method}-${item.pair.teacher}", f"${{item.method}}+{tag}-${{item.pair.teacher}}")
+                 .replace("      - distill.${item.method}\n",
+                          f"      - distill.${{item.method}}\n      - variants.{tag}.${{item.method}}\n"))
+        out += block.splitlines() + [""]
+    return out
 
 
 if __name__ == "__main__":

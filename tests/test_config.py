@@ -141,3 +141,43 @@ def test_a_combination_whose_recipes_disagree_is_an_error():
     with pytest.raises(config.ParamsError, match=r"distill.dist.train.batch_size: 256, but another method of the "
                                                   r"combination sets 128"):
         p.student_for(["kd", "dist"])
+
+
+def test_variants_set_a_methods_keys_per_row_and_pair():
+    raw = {"variants": {"ls": {"kd": {"alpha": 9.0, "by_pair": {"vgg13->vgg8": {"temperature": 3.0}}},
+                               "dkd": {"beta_by_pair": {}}}},
+           "distill": {"dkd": {"beta_by_pair": {"resnet56->resnet20": 2.0}}}}
+    p = config.validate(raw)
+    assert p.rows()[-2:] == ["kd+ls", "dkd+ls"]
+    assert config.parse_run("kd+ls", p.variants) == (["kd"], "ls")
+    assert config.parse_run("dkd+kd+ls", p.variants) == (["dkd", "kd"], "ls")
+    assert config.parse_run("kd+at", p.variants) == (["kd", "at"], None)
+    q = p.varied("ls", ["kd", "at"], ("vgg13", "vgg8"))
+    assert (q.distill.kd.alpha, q.distill.kd.temperature, q.distill.kd.gamma) == (9.0, 3.0, 0.1)
+    assert q.distill.at == p.distill.at  # a method the variant does not name keeps its keys
+    assert p.varied("ls", ["kd"], ("resnet56", "resnet20")).distill.kd.temperature == 4.0
+    # a variant's mapping replaces the method's: DKD's per-pair beta is gone
+    assert p.varied("ls", ["dkd"]).distill.for_pair("resnet56", "resnet20").dkd.beta == 8.0
+    assert p.distill.for_pair("resnet56", "resnet20").dkd.beta == 2.0
+    assert p.varied(None, ["kd"]) is p
+
+
+@pytest.mark.parametrize("variants, expected", [
+    ({"kd": {"kd": {}}}, "variants.kd: a tag is a lower-case word that is not a method's name"),
+    ({"LS": {"kd": {}}}, "variants.LS: a tag is a lower-case word"),
+    ({"ls": {"nope": {}}}, "variants.ls.nope: unknown method"),
+    ({"ls": {"kd": {"alpah": 9.0}}}, "variants.ls.kd: alpah: unknown key"),
+    ({"ls": {"kd": {"temperature": -1.0}}}, "variants.ls.kd: temperature: Input should be greater than 0"),
+    ({"ls": {"kd": {"by_pair": {"vgg13": {"alpha": 1.0}}}}}, "key 'vgg13' is not 'teacher->student'"),
+    ({"ls": {"kd": {"by_pair": {"vgg13->vgg8": {"train": {"epochs": 1}}}}}}, "not train"),
+])
+def test_a_bad_variant_is_one_line_naming_it(variants, expected):
+    with pytest.raises(config.ParamsError) as e:
+        config.validate({"variants": variants})
+    assert len(e.value.lines) == 1 and expected in e.value.lines[0], e.value.lines
+
+
+def test_a_variant_must_define_each_method_of_the_run():
+    p = config.validate({"variants": {"ls": {"kd": {"alpha": 9.0}}}})
+    with pytest.raises(config.ParamsError, match=r"'at\+ls': variants.ls defines no at \(it has: kd\)"):
+        config.parse_run("at+ls", p.variants)

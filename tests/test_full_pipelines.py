@@ -86,9 +86,18 @@ def test_one_definition_for_every_pipeline():
         body = f.read_text().partition("\n")[2]
         # every stage of the ImageNet pipeline validates tv/ names
         library = "      - ../../kdpipe/models/library.py\n      - ../../kdpipe/models/tv.py\n"
-        named = config.load_params(ROOT / "pipelines" / name / "params.yaml").methods
+        p = config.load_params(ROOT / "pipelines" / name / "params.yaml")
+        named = set(p.methods).union(*p.variants.values())
         methods = "".join(f"      - ../../kdpipe/distill/{m}.py\n" for m in sorted(named))  # the report's
         marker = "      # the files of params.yaml's `methods`: written here by pipelines/render.py\n"
+        # a variant's stages: the distill and evaluate-distill stages over its methods, named for it
+        for tag in p.variants:
+            for stage, variant in (("distill", f"distill-{tag}"), ("evaluate-distill", f"evaluate-{tag}")):
+                block = re.search(rf"\n  {variant}:\n.*?\n\n", body, re.S).group(0)
+                body = body.replace(block, "\n")
+                block = (block.replace(f"${{variants.{tag}}}", "${methods}").replace(f"+{tag}", "")
+                         .replace(f"      - variants.{tag}.${{item.method}}\n", "").replace(variant, stage))
+                assert block in body, variant
         assert body.replace(library, "") == stages.replace(marker, methods) and (library in body) == (name == "imagenet")
 
 
@@ -100,6 +109,7 @@ def test_report_deps_follow_the_methods_list(tmp_path):
     render = runpy.run_path(str(ROOT / "pipelines" / "render.py"))["render"]
     params = yaml.safe_load((ROOT / "pipelines" / "cifar100" / "params.yaml").read_text())
     params["methods"] = ["kd", "crd", "dkd"]
+    params["variants"] = {"ls": {m: params["variants"]["ls"][m] for m in ("kd", "dkd")}}  # a variant's method: a row
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     report = yaml.safe_load(render(str(tmp_path)))["stages"]["report"]
     methods = sorted(d.split("/")[-1] for d in report["deps"] if "/distill/" in d)
@@ -109,11 +119,12 @@ def test_report_deps_follow_the_methods_list(tmp_path):
 def test_stage_graph_cifar100_published_teachers():
     folder = ROOT / "pipelines" / "cifar100"
     stages = [line.split()[0] for line in sh(DVC, "stage", "list", cwd=folder).splitlines()]
-    n_table, n_models, n_published, n_dist = 5 * 3, 9 * 3, 6 * 3, len(config.METHODS) * 13 * 3
+    # + the "+LS" variants of KD, DKD and MLKD (stages distill-ls@..., evaluate-ls@...)
+    n_table, n_models, n_published, n_dist = 5 * 3, 9 * 3, 6 * 3, (len(config.METHODS) + 3) * 13 * 3
     assert len(stages) == 1 + 2 * n_table + 2 * n_models + 2 * n_published + 2 * n_dist + 1
     assert {"import-teacher@resnet32x4-0", "evaluate-published@resnet50-2", "teacher@shufflev2-1",
-            "distill@crd-pair12-2", "evaluate-distill@dkd-pair7-0", "table@resnet44-2", "evaluate-table@resnet110-0"
-            } <= set(stages)
+            "distill@crd-pair12-2", "evaluate-distill@dkd-pair7-0", "table@resnet44-2", "evaluate-table@resnet110-0",
+            "distill-ls@mlkd-pair5-0", "evaluate-ls@kd-pair8-2"} <= set(stages)
     edges = dag_edges(folder)
     assert {a for a, b in edges if b == "distill@kd-pair11-1"} == {"data", "import-teacher@resnet32x4-1"}
     assert ("import-teacher@resnet56-0", "evaluate-published@resnet56-0") in edges
@@ -163,6 +174,15 @@ def test_the_report_of_a_whole_grid(smoke_pipeline):
     assert "| ReviewKD ‡ |" in text and "| KD |" in text
     assert "‡ ReviewKD: its published figures' own recipe ran, `repdistiller+reviewkd` (1 epochs, batch 128, Nesterov SGD lr 0.1" \
         in text
+    # the "+LS" variants are rows of their own (marked † beside their published figures on CIFAR-100 only: the
+    # smoke data is synthetic), trained with the variant's keys
+    assert all(re.search(rf"\| {m}\+LS \|", text) for m in ("KD", "DKD", "MLKD")), text
+    import torch
+    meta = torch.load(smoke_pipeline / "models/kd+ls-resnet14-resnet8-s0.pt", weights_only=False)["meta"]
+    assert meta["variant"] == "ls" and meta["method"] == "kd"
+    assert {k: meta["distill"]["kd"][k] for k in ("logit_std", "alpha", "temperature")} == \
+        {"logit_std": True, "alpha": 9.0, "temperature": 2.0}
+    assert "variant" not in torch.load(smoke_pipeline / "models/kd-resnet14-resnet8-s0.pt", weights_only=False)["meta"]
     assert re.search(r"\| ResNet-14 \(published\)( ⚠)? \|", text)  # ⚠: a one-class model (a random teacher)
     assert "## The ResNet table" in text
     assert p.table.recipe != p.teacher.recipe
@@ -185,7 +205,7 @@ def test_experiments_compare_across_revisions(smoke_pipeline):
         data = rev["data"]
         assert data["params"]["params.yaml"]["data"]["distill"]["kd"]["temperature"] == temperature
         assert set(data["metrics"][name]["data"]) >= {"top1", "top5", "top1_last"}, rev["rev"]
-        assert len(data["metrics"]) == 3 + len(config.METHODS)  # table, teacher, published, distilled, rev["rev"]
+        assert len(data["metrics"]) == 3 + len(config.METHODS) + 3  # table, teacher, published, distilled, +LS
     diff = json.loads(sh(DVC, "metrics", "diff", "HEAD", "--all", "--json", cwd=folder))
     assert set(diff[name]) >= {"top1", "top1_last"} and all("old" in v and "new" in v for v in diff[name].values())
     rows = sh(DVC, "metrics", "diff", "HEAD", "--all", cwd=folder)
@@ -243,8 +263,8 @@ def test_unspelled_finds_a_default():
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     del raw["distill"]["ab"]["margin"], raw["evaluate"]["cpu_threads"]
     assert unspelled(raw, config.Params, skip=frozenset({"recipes", "table", "table_models", "models", "published",
-                                                         "seeds", "launch", "methods", "pairs", "quantize",
-                                                         "measure"})) == \
+                                                         "seeds", "launch", "methods", "pairs", "variants",
+                                                         "quantize", "measure"})) == \
         ["distill.ab.margin", "evaluate.cpu_threads"]
 
 
@@ -322,3 +342,28 @@ def test_launch_is_kdpipe_or_torchrun(launch, ok):
             config.validate(raw)
     stages = yaml.safe_load((ROOT / "pipelines/stages.yaml").read_text())["stages"]
     assert [n for n, st in stages.items() if st["cmd"].startswith("${launch}")] == ["table", "teacher", "distill"]
+
+
+def test_the_ls_variants_are_their_authors_settings():
+    # sunshangquan/logit-standardization-KD tools/train.py, the `if args.logit_stand` block: KD and MLKD take
+    # KD_WEIGHT := --kd-weight (9) and KD.TEMPERATURE := --base-temp (2); DKD takes ALPHA := ALPHA * kd-weight and
+    # BETA := (the new) ALPHA * kd-weight, and keeps DKD.T (base-temp sets KD.TEMPERATURE, which DKD does not
+    # read); mdistiller/distillers/KD.py:7-10 `normalize`: (z - mean) / (1e-7 + std). Per pair, its logs' names
+    # logs/KD/kd,<teacher>,<student>,<T>,<weight>.txt: vgg13 pairs and ResNet50 -> MobileNetV2 at T 3 (the latter
+    # weight 1), resnet110 -> resnet20 at T 4, weight 12
+    p = config.load_params(ROOT / "pipelines/cifar100/params.yaml")
+    assert p.rows()[-3:] == ["kd+ls", "dkd+ls", "mlkd+ls"]
+
+    def ls(t, s):
+        return p.varied("ls", ["kd", "dkd", "mlkd"], (t, s)).distill.for_pair(t, s)
+
+    for (t, s), (temperature, weight) in {("resnet32x4", "resnet8x4"): (2.0, 9.0), ("vgg13", "vgg8"): (3.0, 9.0),
+                                          ("vgg13", "mobilenetv2"): (3.0, 9.0), ("resnet50", "mobilenetv2"): (3.0, 1.0),
+                                          ("resnet110", "resnet20"): (4.0, 12.0), ("resnet56", "resnet20"): (2.0, 9.0)}.items():
+        d = ls(t, s)
+        assert (d.kd.logit_std, d.kd.temperature, d.kd.alpha, d.kd.gamma) == (True, temperature, weight, 0.1), (t, s)
+        # DKD: every pair at TCKD 9, NCKD 81 (mdistiller's per-pair BETA does not survive), T 4, CE 1
+        assert (d.dkd.logit_std, d.dkd.tckd, d.dkd.beta, d.dkd.temperature, d.dkd.gamma) == (True, 9.0, 81.0, 4.0, 1.0)
+        assert (d.mlkd.logit_std, d.mlkd.beta, d.mlkd.temperature, d.mlkd.gamma) == (True, 9.0, 2.0, 0.1)
+    # the plain rows keep their own settings
+    assert p.distill.for_pair("resnet56", "resnet20").dkd.beta == 2.0 and not p.distill.kd.logit_std

@@ -35,6 +35,7 @@ def test_grid_report(tmp_path):
         fake_run(tmp_path, f"he2016-resnet56-s{seed}", t + 1)  # the ResNet table: another recipe, another run
     fake_run(tmp_path, "fsp-resnet56-resnet20-s0", 69.5)  # one seed missing: n=1
     fake_run(tmp_path, "dkd-resnet56-resnet20-s0", 71.0)
+    fake_run(tmp_path, "kd+ls-resnet56-resnet20-s0", 72.0)  # a variant's run (params' variants.ls)
     manifest = {"dataset": "cifar100", "train_size": 50000, "test_size": 10000, "num_classes": 100, "source": "x"}
     text = report.grid(p, manifest, tmp_path / "metrics", tmp_path / "plots", tmp_path / "reports")
     table_part, models_part = text.split("## Teachers and students' baselines")
@@ -56,6 +57,10 @@ def test_grid_report(tmp_path):
     # DKD's published figure (mdistiller) does not say best or last: compared with our best epoch, marked †
     assert "| DKD † | 71.00 ± 0.00 (n=1) [71.97] |" in text and "† DKD:" in text
     assert "the mean of 5 runs" in text.split("† DKD:")[1]  # the footnote says how many runs the figure averages
+    # the variants (params' variants.ls) are rows of their own beside logit-standardization-KD's README figures
+    # (KD+Ours, ResNet56 -> ResNet20: 71.43), compared at the best epoch
+    assert "| KD+LS † | 72.00 ± 0.00 (n=1) [71.43] |" in text and "| MLKD+LS † | – [72.33] |" in text
+    assert "† KD+LS: in brackets the README's KD+LS figure" in text
     # each table says which recipe produced our numbers and which convention it uses
     recipe = ("`repdistiller` (240 epochs, batch 64, SGD lr 0.05 x0.1 at epochs 150/180/210, wd 0.0005; "
               "lr 0.01 for mobilenetv2, shufflev1, shufflev2)")
@@ -128,7 +133,8 @@ def test_cifar10_grid_reads_the_table_runs_as_teachers_and_baselines(tmp_path):
 
 def test_published_figures_come_with_source_and_convention():
     ref = yaml.safe_load(published.PUBLISHED_FILE.read_text())
-    assert set(ref) == {"he2016", "crd", "dkd", "dist", "ctkd", "reviewkd", "dot", "mlkd", "wttm", "sdd", "wkd", "imagenet"} and all(t["source"] and t["convention"] for t in ref.values())
+    assert set(ref) == {"he2016", "crd", "dkd", "dist", "ctkd", "reviewkd", "dot", "mlkd", "wttm", "sdd", "wkd",
+                        "kd+ls", "dkd+ls", "mlkd+ls", "imagenet"} and all(t["source"] and t["convention"] for t in ref.values())
     # ImageNet: DKD's table, best epoch; each pair's teacher and student rows and the methods' [Top-1, Top-5]
     assert ref["imagenet"]["metric"] == "top1" and "best epoch" in ref["imagenet"]["convention"]
     assert published.IMAGENET[("tv/resnet34", "tv/resnet18")]["dkd"] == [71.70, None]
@@ -139,7 +145,14 @@ def test_published_figures_come_with_source_and_convention():
     # each method is compared on the metric its published figures use: CRD's last epoch, unless the method
     # has a table of its own that says otherwise (DKD: mdistiller's best epoch)
     assert ref["crd"]["metric"] == "top1_last" and published.METHOD_TABLES["dkd"]["metric"] == "top1"
-    assert set(published.METHOD_TABLES) == {"dkd", "dist", "ctkd", "reviewkd", "dot", "mlkd", "wttm", "sdd", "wkd"} <= set(config.METHODS)
+    assert set(published.METHOD_TABLES) == {"dkd", "dist", "ctkd", "reviewkd", "dot", "mlkd", "wttm", "sdd", "wkd",
+                                            "kd+ls", "dkd+ls", "mlkd+ls"}
+    # a table's method is a method, or a variant row of the CIFAR-100 pipeline (`<method>+<tag>`)
+    rows = config.load_params(ROOT / "pipelines/cifar100/params.yaml").rows()
+    assert set(published.METHOD_TABLES) <= set(rows) and set(config.METHODS) <= set(rows)
+    # logit-standardization-KD's README, KD+Ours row, ResNet32x4 -> ResNet8x4 and VGG13 -> MobileNetV2
+    assert published.METHOD_FIGURES["kd+ls"][("resnet32x4", "resnet8x4")] == 76.62
+    assert published.METHOD_FIGURES["mlkd+ls"][("vgg13", "mobilenetv2")] == 70.94
     assert all(t["note"] and t["source"] and t["convention"] for t in published.METHOD_TABLES.values())
 
 

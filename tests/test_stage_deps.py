@@ -20,8 +20,9 @@ def test_full_pipeline_stage_deps_are_the_code_each_stage_imports(smoke_pipeline
     from kdpipe import config
 
     n_methods = len(config.METHODS)
-    # data, table, teacher, import-teacher, distill x methods, evaluate x (3 + methods), report
-    assert check(smoke_pipeline) == 4 + n_methods + 3 + n_methods + 1
+    # data, table, teacher, import-teacher, distill x methods, evaluate x (3 + methods), report; the +LS
+    # variants of kd, dkd, mlkd: distill-ls and evaluate-ls x 3
+    assert check(smoke_pipeline) == 4 + n_methods + 3 + n_methods + 1 + 2 * 3
 
 
 @pytest.mark.parametrize("method", ["kd", "crd"])
@@ -67,12 +68,12 @@ def listed_by(project: Path, path: Path) -> tuple[set[str], set[str]]:
 @pytest.mark.parametrize("project", [".", "pipelines/cifar10", "pipelines/cifar100", "pipelines/imagenet",
                                      "examples/compress"])
 def test_dkds_loss_and_the_download_are_deps_of_their_stages_alone(project):
-    # editing DKD's loss re-runs the DKD distillations (and the report, which reads each method's label), no other
-    # method's; editing the CIFAR download re-runs the data stage, not the training that reads its output
+    # editing DKD's loss re-runs the DKD distillations, its variants' (DKD+LS) too, and the report, which reads each
+    # method's label, no other method's; editing the CIFAR download re-runs the data stage, not the training that reads its output
     from .conftest import ROOT
 
     names, dkd = listed_by(ROOT / project, defined_in("dkd"))
-    distill_dkd = {n for n in names if re.match(r"distill@dkd(-|$)", n)}
+    distill_dkd = {n for n in names if re.match(r"distill(-[a-z0-9_]+)?@dkd(-|$)", n)}
     assert distill_dkd and distill_dkd <= dkd <= distill_dkd | {"report"}, sorted(dkd - distill_dkd)
     assert listed_by(ROOT / project, defined_in("download"))[1] == {"data"}
 
