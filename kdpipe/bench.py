@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import models, synthetic
-from .config import METHODS, Distill, Runtime
+from .config import METHODS, Distill, Manifest, Runtime
 from .distill import Distiller, TrainData, feature_shapes
 from .engine import CrossEntropy, make_optimizer, train_step
 from .data import Prepared, Split
@@ -74,8 +74,10 @@ def run(model: str = "resnet20", teacher: str = "resnet56", batch_size: int = 12
     mean = (x.float() / 255).mean((0, 2, 3)).tolist()
     std = (x.float() / 255).std((0, 2, 3)).tolist()
     # kdpipe's side reads batches as its engine does: from the memory source, with the views a method asks for
-    source = MemorySource(Prepared(Split(x, y), Split(x[:1], y[:1]), {"mean": mean, "std": std, "num_classes": 10}),
-                          numerics)
+    manifest = Manifest(dataset="synthetic", source="kdpipe bench", num_classes=10, classes=list("0123456789"),
+                        train_size=len(y), test_size=1, image_size=32, augment="cifar", storage="memory",
+                        mean=mean, std=std, sha256={})
+    source = MemorySource(Prepared(Split(x, y), Split(x[:1], y[:1]), manifest), numerics)
     y_dev = source.train_labels
     g = torch.Generator(device=dev).manual_seed(0)
     streams = {}

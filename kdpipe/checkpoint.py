@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .config import Error
+from .config import Error, Manifest
 
 FORMAT = "kdpipe-checkpoint/1"
 RESUME_FORMAT = "kdpipe-resume/2"  # part of the fingerprint: a state of an older layout is not resumed from
@@ -121,7 +121,7 @@ def restore_model(ckpt: dict) -> nn.Module:
     return model
 
 
-def final_checkpoint(model: nn.Module, cfg, num_classes: int, manifest: dict, history: list, meta: dict) -> dict:
+def final_checkpoint(model: nn.Module, cfg, num_classes: int, manifest: Manifest, history: list, meta: dict) -> dict:
     from .models import count_params_m
 
     # JSON round-trip: equal values pickle to equal bytes whether or not they came from a resume state
@@ -134,10 +134,10 @@ def final_checkpoint(model: nn.Module, cfg, num_classes: int, manifest: dict, hi
         "state_dict": {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()},
         "config": cfg.model_dump(mode="json"),
         "meta": canonical["meta"],
-        "dataset": manifest["dataset"],
-        "data_sha256": manifest["sha256"],
+        "dataset": manifest.dataset,
+        "data_sha256": manifest.sha256,
         # input normalisation (RGB, images scaled to 0..1): a checkpoint alone is enough to run the model
-        "normalization": {"mean": manifest["mean"], "std": manifest["std"]},
+        "normalization": manifest.normalization,
         "history": canonical["history"],
     }
 

@@ -100,8 +100,8 @@ def data(params: Path = ParamsOpt, out: Path = typer.Option(Path("data/prepared"
     p = load(params, "data")
     code_check("data")
     manifest = prepare(p.data, out, raw)
-    typer.echo(f"{manifest['dataset']}: {manifest['train_size']} train / {manifest['test_size']} test images, "
-               f"{manifest['num_classes']} classes -> {out}")
+    typer.echo(f"{manifest.dataset}: {manifest.train_size} train / {manifest.test_size} test images, "
+               f"{manifest.num_classes} classes -> {out}")
 
 
 ModelOpt = typer.Option(None, "--model", help="override the section's model (the full pipelines' matrix uses this)")

@@ -24,7 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Error
+from pydantic import ValidationError
+
+from .config import Error, Manifest
 
 ARRAYS = ("train_x", "train_y", "test_x", "test_y")
 
@@ -87,11 +89,11 @@ class Split:
 class Prepared:
     train: Split
     test: Split
-    manifest: dict
+    manifest: Manifest
 
     @property
     def num_classes(self) -> int:
-        return self.manifest["num_classes"]
+        return self.manifest.num_classes
 
     def to(self, device) -> "Prepared":
         if self.train.x.device == torch.device(device):
@@ -100,36 +102,42 @@ class Prepared:
         return Prepared(move(self.train), move(self.test), self.manifest)
 
 
-def read_manifest(data_dir: str | Path) -> dict:
+def read_manifest(data_dir: str | Path) -> Manifest:
     """The prepared data's manifest.json (dataset, classes, mean/std, sha256), without loading the arrays."""
     mf = Path(data_dir) / "manifest.json"
     if not mf.is_file():
         raise DataError(f"{data_dir}: no prepared data (run `kdpipe data` first)")
-    return json.loads(mf.read_text())
+    try:
+        return Manifest.model_validate_json(mf.read_text())
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(map(str, err["loc"]))
+        raise DataError(f"{mf}: not a manifest of `kdpipe data` ({where + ': ' if where else ''}{err['msg']}); "
+                        "re-run `kdpipe data`") from None
 
 
 def load(data_dir: str | Path, device: torch.device | str = "cpu") -> Prepared:
     """Load prepared arrays onto `device`, checking them against the manifest's sha256."""
     data_dir = Path(data_dir)
     manifest = read_manifest(data_dir)
-    if manifest.get("storage") == "stream":
+    if manifest.storage == "stream":
         raise DataError(f"{data_dir}: streamed data (data.source: stream) holds no arrays to load")
     arrays = {}
     for name in ARRAYS:
         path = data_dir / f"{name}.npy"
-        if not path.is_file() or file_sha256(path) != manifest["sha256"][name]:
+        if not path.is_file() or file_sha256(path) != manifest.sha256[name]:
             raise DataError(f"{path}: missing or does not match manifest.json (re-run `kdpipe data`)")
         arrays[name] = torch.from_numpy(np.load(path)).to(device)
     return Prepared(Split(arrays["train_x"], arrays["train_y"]), Split(arrays["test_x"], arrays["test_y"]), manifest)
 
 
-def load_samples(data_dir: str | Path) -> tuple[dict, dict]:
+def load_samples(data_dir: str | Path) -> tuple[Manifest, dict]:
     """A stream source's prepared data: (manifest, {split: ([file paths], labels tensor)}), checked against
     the manifest's sha256, with each file's size checked against the listing when it is read."""
     data_dir = Path(data_dir)
     manifest = read_manifest(data_dir)
     path = data_dir / "samples.json"
-    if not path.is_file() or file_sha256(path) != manifest["sha256"].get("samples"):
+    if not path.is_file() or file_sha256(path) != manifest.sha256.get("samples"):
         raise DataError(f"{path}: missing or does not match manifest.json (re-run `kdpipe data`)")
     listed = json.loads(path.read_text())
     return manifest, {split: ([os.path.normpath(data_dir / p) for p, _, _ in rows], [size for _, _, size in rows],

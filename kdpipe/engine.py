@@ -172,7 +172,7 @@ def train(run: Run, source, ctx: Optional[Context] = None) -> dict:
         ckpt_io.check_writable(run.out.parent, run.log.parent, error=TrainingError)
     steps, total = source.steps(cfg.batch_size), init_epochs + cfg.epochs
     resume_path = ckpt_io.resume_path(run.out)
-    fp = ckpt_io.fingerprint(ckpt_io.RESUME_FORMAT, cfg.model_dump(), run.meta, source.manifest["sha256"], dev.type,
+    fp = ckpt_io.fingerprint(ckpt_io.RESUME_FORMAT, cfg.model_dump(), run.meta, source.manifest.sha256, dev.type,
                              numerics.bf16, numerics.channels_last, ddp.world)
     g = torch.Generator(device=dev).manual_seed(cfg.seed)
     history, start, seconds, opt_phase, optimizer = [], 0, 0.0, None, None

@@ -52,13 +52,13 @@ def run(name: str, ckpt_path: Path, data_dir: Path, metrics_path: Path, plots_pa
     numerics = Numerics(resolve_device(cfg.device), bf16=False, channels_last=False)  # exact fp32
     manifest = data_mod.read_manifest(data_dir)
     imported = ckpt["meta"].get("imported")
-    same_data = (ckpt["dataset"] == manifest["dataset"]) if imported else \
-        ckpt["data_sha256"] == manifest["sha256"]
-    if ckpt["num_classes"] != manifest["num_classes"] or not same_data:
+    same_data = (ckpt["dataset"] == manifest.dataset) if imported else \
+        ckpt["data_sha256"] == manifest.sha256
+    if ckpt["num_classes"] != manifest.num_classes or not same_data:
         raise data_mod.DataError(f"{ckpt_path}: trained on other data than {data_dir}")
     model = restore_model(ckpt).to(numerics.device)
     # the checkpoint's own input normalisation (an imported teacher's differs slightly from the data's)
-    norm = ckpt.get("normalization") or manifest
+    norm = ckpt.get("normalization") or manifest.normalization
     final = evaluate(model, open_source(data_dir, numerics, cfg.workers, norm).test(cfg.batch_size), counts=True)
     main = [row for row in ckpt["history"] if row["phase"] == "main"]
     if main:
@@ -76,7 +76,7 @@ def run(name: str, ckpt_path: Path, data_dir: Path, metrics_path: Path, plots_pa
     }
     if metrics["top5"] is None:  # 5 classes or fewer: no Top-5 (keys stay in this order otherwise)
         del metrics["top5"]
-    warning = collapse(final, manifest.get("classes"))
+    warning = collapse(final, manifest.classes)
     if warning:  # only then: a normal run's metrics keep exactly their keys
         metrics["warning"] = warning
     plotted = tuple(c for c in PLOT_COLUMNS if c != "test_top5" or "test_top5" in final)

@@ -98,10 +98,10 @@ def export(ckpt_path: Path, out: Path, data_dir: Path, fmt: str = "onnx", opset:
     tolerance = TOLERANCE if tolerance is None else tolerance
     ckpt = load_checkpoint(ckpt_path)
     source = open_source(data_dir, Numerics(torch.device("cpu"), bf16=False, channels_last=False), workers=0)
-    manifest, size = source.manifest, source.manifest.get("image_size", 32)
+    manifest, size = source.manifest, source.manifest.image_size
     if ckpt["num_classes"] != source.num_classes:
         raise CheckpointError(f"{ckpt_path}: {ckpt['num_classes']} classes, but {data_dir} has {source.num_classes}")
-    norm = ckpt.get("normalization") or {"mean": manifest["mean"], "std": manifest["std"]}
+    norm = ckpt.get("normalization") or manifest.normalization
     module = Normalized(restore_model(ckpt), norm["mean"], norm["std"]).eval()
     x = next(iter(source.test_pixels(n_check)))[0].float() / 255
     with torch.inference_mode():
@@ -109,7 +109,7 @@ def export(ckpt_path: Path, out: Path, data_dir: Path, fmt: str = "onnx", opset:
     metadata = {"kdpipe.model": ckpt["model"], "kdpipe.input": "float32 RGB in [0, 1] (uint8 / 255), NCHW, "
                 f"{size}x{size}; "
                 "normalisation is folded into the graph", "kdpipe.mean": json.dumps(norm["mean"]),
-                "kdpipe.std": json.dumps(norm["std"]), "kdpipe.classes": json.dumps(manifest["classes"]),
+                "kdpipe.std": json.dumps(norm["std"]), "kdpipe.classes": json.dumps(manifest.classes),
                 "kdpipe.checkpoint": str(ckpt_path), "kdpipe.epoch": str(weights_epoch(ckpt))}
     if top1 is not None:
         metadata["kdpipe.top1"] = f"{top1:.2f}"

@@ -41,13 +41,13 @@ def target(data_dir: Path | None, dataset: str | None, num_classes: int | None,
     decides the input normalisation the teacher gets."""
     if data_dir is not None:
         manifest = read_manifest(data_dir)
-        for option, given, found in (("--num-classes", num_classes, manifest["num_classes"]),
-                                     ("--dataset", dataset, manifest["dataset"])):
+        for option, given, found in (("--num-classes", num_classes, manifest.num_classes),
+                                     ("--dataset", dataset, manifest.dataset)):
             if given is not None and given != found:
                 raise UsageError(f"{option} {given} but {data_dir} holds {found}")
-        dataset, num_classes = manifest["dataset"], manifest["num_classes"]
+        dataset, num_classes = manifest.dataset, manifest.num_classes
         if norm is None and dataset not in REFERENCE_NORMALIZATION:
-            norm = {"mean": manifest["mean"], "std": manifest["std"]}
+            norm = manifest.normalization
     if dataset is None:
         raise UsageError("give --dataset (what the teacher was trained on, e.g. cifar100) or --data (the prepared data)")
     num_classes = num_classes or DATASET_CLASSES.get(dataset)

@@ -116,7 +116,7 @@ def measure(names: list[str], data_dir: Path, metrics_dir: Path, out: Path, pare
             raise MeasureError(f"{onnx_path(name)}: not found (run `{how}` first)")
     points = {name: accuracy(name, metrics_dir) for name in names}
     source = open_source(data_dir, Numerics(torch.device("cpu"), bf16=False, channels_last=False), workers=0)
-    size = source.manifest.get("image_size", 32)
+    size = source.manifest.image_size
     pixels = next(iter(source.test_pixels(cfg.batch_size)))[0]
     batch = (pixels.float() / 255).numpy()
     batch = np.ascontiguousarray(np.resize(batch, (cfg.batch_size,) + batch.shape[1:]))  # repeated where fewer

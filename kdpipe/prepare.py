@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import synthetic
-from .config import FOLDER_DATASETS
+from .config import FOLDER_DATASETS, Manifest
 from .data import ARRAYS, DataError, file_sha256, fit, read_image, stored_size, test_view
 
 MIRROR_ENV = "KDPIPE_CIFAR_MIRROR"
@@ -211,7 +211,7 @@ def stream_statistics(listed: dict, base: Path, image_size: int, augment: str, n
     return [round(float(m), 6) for m in mean], [round(float(v), 6) for v in std]
 
 
-def prepare(cfg, out_dir: Path, raw_dir: Path = Path("data/raw")) -> dict:
+def prepare(cfg, out_dir: Path, raw_dir: Path = Path("data/raw")) -> Manifest:
     """Build the prepared data for `cfg` (a config.Data) in `out_dir`; returns the manifest."""
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -275,7 +275,8 @@ def prepare(cfg, out_dir: Path, raw_dir: Path = Path("data/raw")) -> dict:
                                     for split, y in (("train", train_y), ("test", test_y))}
         if cfg.source == "memory":
             manifest["resized"] = resized
+    typed = Manifest.model_validate(manifest)  # what the later stages read back (config/data.py)
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
-    return manifest
+    return typed

@@ -29,7 +29,7 @@ CODE_FILE = "kdpipe-code.yaml"
 # The package files (relative to kdpipe/) each kind of stage imports or reads: tools/stage_deps.py checks them
 # against the files the stages of a project really imported (CI's `kdpipe init` run). models/*: the model registry
 # and every family file, torchvision's and timm's included (the params may name any of them).
-MODELS = ["config.py", "data.py", "models/*.py"]
+MODELS = ["config/*.py", "data.py", "models/*.py"]
 LOADING = ["checkpoint.py", "runtime.py", "augment.py", "sources.py"]
 LOOP = [*LOADING, "engine.py", "progress.py", "losses.py"]
 CODE = {

@@ -109,7 +109,7 @@ def quantize(fp32: Path, out: Path, metrics_path: Path, data_dir: Path, cfg) -> 
     inputs = [(i.name, i.type.tensor_type.elem_type) for i in proto.graph.input]
     if inputs != [("image", onnx.TensorProto.FLOAT)] or [o.name for o in proto.graph.output] != ["logits"]:
         raise QuantizeError(f"{fp32}: not a kdpipe export (input `image` float32, output `logits`)")
-    size = source.manifest.get("image_size", 32)
+    size = source.manifest.image_size
     shape = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim[1:]]
     if shape != [3, size, size]:
         raise QuantizeError(f"{fp32}: takes 3x{shape[1]}x{shape[2]} images, but {data_dir} holds {size}x{size}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .config import METHODS, parse_run
+from .config import METHODS, Manifest, parse_run
 from .names import distill_run, pretty, trained_run
 from .plots import curves_by_pair, heatmap, pareto_plot, plot
 from .published import (CRD, CRD_MODELS, DISTILL_METRIC, IMAGENET, IMAGENET_CONVENTION, IMAGENET_MODELS,
@@ -118,12 +118,12 @@ def deployment_section(measured: dict, machine: dict) -> str:
 
 
 
-def write(names: list[str], manifest: dict, metrics_dir: Path, logs_dir: Path, plots_dir: Path, out_dir: Path) -> str:
+def write(names: list[str], manifest: Manifest, metrics_dir: Path, logs_dir: Path, plots_dir: Path, out_dir: Path) -> str:
     rows = collect(names, metrics_dir, logs_dir)
-    dataset = manifest["dataset"]
+    dataset = manifest.dataset
     text = (f"# kdpipe results — {dataset}\n\n"
-            f"Data: {manifest['train_size']} train / {manifest['test_size']} test images, "
-            f"{manifest['num_classes']} classes ({manifest['source']}).\n"
+            f"Data: {manifest.train_size} train / {manifest.test_size} test images, "
+            f"{manifest.num_classes} classes ({manifest.source}).\n"
             "Top1 is the best epoch's test Top-1, Top5 the last epoch's test Top-5 (the published convention); "
             "Top1 last is the last epoch's Top-1.\n\n" + table(rows, dataset) + "\n\n![test accuracy](accuracy.png)\n"
             + loss_terms(rows))
@@ -330,13 +330,13 @@ def distill_sections(p, seeds: Seeds, dataset: str, pairs: list[tuple[str, str]]
     return lines, deltas
 
 
-def grid(p, manifest: dict, metrics_dir: Path, plots_dir: Path, out_dir: Path) -> str:
+def grid(p, manifest: Manifest, metrics_dir: Path, plots_dir: Path, out_dir: Path) -> str:
     """The full pipelines' report: a grid of models x seeds and methods x pairs x seeds."""
-    dataset = manifest["dataset"]
+    dataset = manifest.dataset
     seeds = Seeds(p.seeds, metrics_dir)
     lines = [f"# kdpipe results — {dataset}", "",
-             f"Data: {manifest['train_size']} train / {manifest['test_size']} test images, {manifest['num_classes']} "
-             f"classes ({manifest['source']}). Seeds: {', '.join(map(str, p.seeds))}. Cells: mean ± sample std (n).", ""]
+             f"Data: {manifest.train_size} train / {manifest.test_size} test images, {manifest.num_classes} "
+             f"classes ({manifest.source}). Seeds: {', '.join(map(str, p.seeds))}. Cells: mean ± sample std (n).", ""]
     if p.table_models:
         lines += resnet_table_section(p, seeds, dataset)
     if p.models or p.published:

@@ -56,20 +56,20 @@ def distill(methods: list[str], params: config.Params, cfg: config.Train, teache
     ctx = runtime.context(cfg.runtime)
     numerics = ctx.numerics
     source = sources.open_source(data_dir, numerics, cfg.runtime.workers)
-    manifest, size = source.manifest, source.manifest.get("image_size", 32)
+    manifest, size = source.manifest, source.manifest.image_size
     ckpt = ckpt_io.load_checkpoint(teacher, num_classes=source.num_classes)
     imported = ckpt["meta"].get("imported")
     if imported:  # a published teacher: kdpipe never saw its training arrays
-        if ckpt["dataset"] != manifest["dataset"]:
+        if ckpt["dataset"] != manifest.dataset:
             raise ckpt_io.CheckpointError(f"{teacher}: an imported {ckpt['dataset']} teacher, but {data_dir} holds "
-                                          f"{manifest['dataset']}")
+                                          f"{manifest.dataset}")
         print(f"{teacher}: imported teacher {ckpt['model']} ({imported['file']}, sha256 {imported['sha256'][:12]}); "
               f"checked the dataset name ({ckpt['dataset']}) and class count ({ckpt['num_classes']}), "
               "not the prepared arrays; it sees its own input normalisation", file=sys.stderr)
-    elif ckpt["data_sha256"] != manifest["sha256"]:
+    elif ckpt["data_sha256"] != manifest.sha256:
         raise ckpt_io.CheckpointError(f"{teacher}: the teacher was trained on other data than {data_dir}")
     teacher_model = numerics.prepare_model(ckpt_io.restore_model(ckpt))
-    teacher_input = sources.renormalisation(manifest, ckpt.get("normalization"), numerics.device)
+    teacher_input = sources.renormalisation(manifest.normalization, ckpt.get("normalization"), numerics.device)
     torch.manual_seed(cfg.seed)
     student_model = models.create(cfg.model, source.num_classes, cfg.weights)
     pair = (ckpt["model"], cfg.model)

@@ -79,7 +79,7 @@ class MemorySource:
         self.data = prepared.to(numerics.device)
         self.manifest = prepared.manifest
         self.numerics = numerics
-        self.normalise = Normalise(normalization or prepared.manifest, numerics)
+        self.normalise = Normalise(normalization or prepared.manifest.normalization, numerics)
 
     @property
     def num_classes(self) -> int:
@@ -97,7 +97,7 @@ class MemorySource:
         return self.data.train.y
 
     def crop_flip(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        if self.manifest.get("augment", "cifar") == "imagenet":
+        if self.manifest.augment == "imagenet":
             return random_resized_crop_flip(x, self.image_size, g)
         return pad_crop_flip(x, g)
 
@@ -106,7 +106,7 @@ class MemorySource:
 
     @property
     def image_size(self) -> int:
-        return self.manifest.get("image_size", 32)
+        return self.manifest.image_size
 
     def epoch(self, g: torch.Generator, batch_size: int, ddp: Ranks = Ranks(), views=()) -> Iterator:
         train, strong = self.data.train, check_views(views)
@@ -187,14 +187,14 @@ class StreamSource:
     def __init__(self, data_dir: Path, numerics: Numerics, workers: int = 2, normalization: Optional[dict] = None):
         self.manifest, splits = data_mod.load_samples(data_dir)
         self.numerics, self.workers = numerics, workers
-        self.normalise = Normalise(normalization or self.manifest, numerics)
-        size, augment = self.manifest["image_size"], self.manifest["augment"]
+        self.normalise = Normalise(normalization or self.manifest.normalization, numerics)
+        size, augment = self.manifest.image_size, self.manifest.augment
         self.splits = {name: Images(paths, sizes, labels, size, augment, train=name == "train")
                        for name, (paths, sizes, labels) in splits.items()}
 
     @property
     def num_classes(self) -> int:
-        return self.manifest["num_classes"]
+        return self.manifest.num_classes
 
     @property
     def train_size(self) -> int:
@@ -266,17 +266,17 @@ class StreamSource:
 
 def open_source(data_dir: str | Path, numerics: Numerics, workers: int = 2, normalization: Optional[dict] = None):
     """The source the prepared data in `data_dir` was made for (its manifest's `storage`)."""
-    if data_mod.read_manifest(data_dir).get("storage") == "stream":
+    if data_mod.read_manifest(data_dir).storage == "stream":
         return StreamSource(Path(data_dir), numerics, workers, normalization)
     return MemorySource(data_mod.load(data_dir, numerics.device), numerics, normalization)
 
 
-def renormalisation(manifest: dict, normalization: Optional[dict], device) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """(scale, shift) turning inputs normalised with the data's statistics into inputs normalised with a
-    checkpoint's own (an imported teacher's); None where they agree."""
-    if not normalization or (normalization["mean"], normalization["std"]) == (manifest["mean"], manifest["std"]):
+def renormalisation(data_norm: dict, normalization: Optional[dict], device) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(scale, shift) turning inputs normalised with the data's statistics (`data_norm`: mean, std) into inputs
+    normalised with a checkpoint's own (an imported teacher's); None where they agree."""
+    if not normalization or (normalization["mean"], normalization["std"]) == (data_norm["mean"], data_norm["std"]):
         return None
     view = (1, 3, 1, 1)
-    md, sd = (torch.tensor(manifest[k], device=device).view(view) for k in ("mean", "std"))
+    md, sd = (torch.tensor(data_norm[k], device=device).view(view) for k in ("mean", "std"))
     mt, st = (torch.tensor(normalization[k], device=device).view(view) for k in ("mean", "std"))
     return sd / st, (md - mt) / st

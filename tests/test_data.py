@@ -91,10 +91,10 @@ def test_download_and_prepare_from_local_mirror(dataset, server, workdir, monkey
     # the pixels round-trip exactly: N x 3072 rows -> N x 3 x 32 x 32 (channel-major, as CIFAR stores them)
     assert np.array_equal(prepared.train.x.numpy().reshape(-1, 3072), np.concatenate(xs[:-1]))
     assert np.array_equal(prepared.test.y.numpy(), np.array(ys[-1]))
-    manifest = json.loads((workdir / "data/prepared/manifest.json").read_text())
-    assert manifest["dataset"] == dataset and manifest["test_size"] == n_test
-    assert manifest["num_classes"] == (10 if dataset == "cifar10" else 100)
-    assert manifest["source"] == url + archive.name
+    manifest = data_mod.read_manifest(workdir / "data/prepared")
+    assert manifest.dataset == dataset and manifest.test_size == n_test
+    assert manifest.num_classes == (10 if dataset == "cifar10" else 100)
+    assert manifest.source == url + archive.name
     # a verified archive is not downloaded again
     archive.unlink()
     assert CliRunner().invoke(app, ["data"]).exit_code == 0
@@ -157,3 +157,17 @@ def test_load_detects_tampered_arrays(workdir):
     np.save(arr, y)
     with pytest.raises(data_mod.DataError, match="does not match manifest"):
         data_mod.load(workdir / "data/prepared")
+
+
+def test_a_manifest_of_another_shape_is_one_line_naming_the_key(workdir):
+    # the later stages read the manifest typed (config.Manifest): a hand-edited or foreign one fails at its key
+    assert CliRunner().invoke(app, ["data"]).exit_code == 0
+    mf = workdir / "data/prepared/manifest.json"
+    manifest = json.loads(mf.read_text())
+    assert data_mod.read_manifest(workdir / "data/prepared").image_size == manifest["image_size"] == 32
+    del manifest["image_size"]
+    mf.write_text(json.dumps(manifest))
+    with pytest.raises(data_mod.DataError, match=r"manifest.json: not a manifest of `kdpipe data` \(image_size: Field required\)"):
+        data_mod.load(workdir / "data/prepared")
+    result = CliRunner().invoke(app, ["teacher"])
+    assert result.exit_code != 0 and "image_size: Field required" in result.output

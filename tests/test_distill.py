@@ -75,7 +75,7 @@ def test_each_epoch_records_the_loss_terms(tmp_path, workdir):
     import csv
     import json
 
-    from kdpipe import evaluate, report
+    from kdpipe import data, evaluate, report
 
     p = config.validate(tiny_params(student={"epochs": 2}, distill={"dkd": {"warmup_epochs": 2}}))
     prepared, make = distill_runs(tmp_path, p, ["kd", "dkd"])
@@ -91,9 +91,8 @@ def test_each_epoch_records_the_loss_terms(tmp_path, workdir):
                  workdir / "plots/kd+dkd.csv", p.evaluate)
     rows = list(csv.DictReader((workdir / "plots/kd+dkd.csv").open()))
     assert [float(r["loss_dkd"]) for r in rows] == pytest.approx([h["loss_dkd"] for h in history], rel=1e-5)
-    text = report.write(["kd+dkd"], {"dataset": "synthetic", "train_size": 96, "test_size": 40, "num_classes": 10,
-                                     "source": "memory"}, workdir / "metrics", workdir / "logs", workdir / "plots",
-                        workdir / "reports")
+    text = report.write(["kd+dkd"], data.read_manifest(tmp_path / "prepared"), workdir / "metrics", workdir / "logs",
+                        workdir / "plots", workdir / "reports")
     last = history[-1]
     total = last["loss_ce"] + last["loss_kd"] + last["loss_dkd"]
     assert (f"| kd+dkd | {total:.4f} = ce {last['loss_ce']:.4f} + kd {last['loss_kd']:.4f} + "

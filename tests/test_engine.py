@@ -172,4 +172,4 @@ def test_dot_refuses_parameter_groups():
 
     cfg = config.Train(optim=config.Optim(no_decay="norm_and_bias"))
     with pytest.raises(config.ParamsError, match="dot: mdistiller's DOT has one parameter group"):
-        DOT(config.DOTParams()).optimizer([torch.nn.Parameter(torch.zeros(2))], cfg)
+        DOT(config.Distill().dot).optimizer([torch.nn.Parameter(torch.zeros(2))], cfg)

@@ -36,9 +36,9 @@ def test_pixels_labels_and_manifest(tmp_path):
     root = make_folder(tmp_path / "ds", sizes=((32, 32), (32, 32)))
     manifest = prepare(root, tmp_path / "out")
     p = data.load(tmp_path / "out")
-    assert manifest["classes"] == ["a_dog", "b_cat"]  # sorted folder names, as ImageFolder
-    assert manifest["class_counts"] == {"train": {"a_dog": 2, "b_cat": 2}, "test": {"a_dog": 2, "b_cat": 2}}
-    assert manifest["source"] == str(root) and manifest["resized"] == 0
+    assert manifest.classes == ["a_dog", "b_cat"]  # sorted folder names, as ImageFolder
+    assert manifest.class_counts == {"train": {"a_dog": 2, "b_cat": 2}, "test": {"a_dog": 2, "b_cat": 2}}
+    assert manifest.source == str(root) and manifest.resized == 0
     # pixel-exact against PIL, channel-first
     first = np.asarray(Image.open(root / "train" / "a_dog" / "0.png").convert("RGB")).transpose(2, 0, 1)
     assert np.array_equal(p.train.x[0].numpy(), first) and p.train.y.tolist() == [0, 0, 1, 1]
@@ -47,7 +47,7 @@ def test_pixels_labels_and_manifest(tmp_path):
 def test_other_sizes_are_resized_and_counted(tmp_path, capsys):
     root = make_folder(tmp_path / "ds", sizes=((32, 32), (64, 48)))
     manifest = prepare(root, tmp_path / "out")
-    assert manifest["resized"] == 4 and "resized 4 images to 32x32" in capsys.readouterr().err
+    assert manifest.resized == 4 and "resized 4 images to 32x32" in capsys.readouterr().err
     big = Image.open(root / "train" / "a_dog" / "1.png").convert("RGB").resize((32, 32), Image.Resampling.BILINEAR)
     assert np.array_equal(data.load(tmp_path / "out").train.x[1].numpy(), np.asarray(big).transpose(2, 0, 1))
 
@@ -57,7 +57,7 @@ def test_files_that_are_not_images_are_counted(tmp_path, capsys):
     (root / "train" / "a_dog" / "notes.txt").write_text("x")
     (root / "train" / "b_cat" / "Thumbs.db").write_bytes(b"x")
     manifest = prepare(root, tmp_path / "out")
-    assert manifest["class_counts"]["train"] == {"a_dog": 1, "b_cat": 1}
+    assert manifest.class_counts["train"] == {"a_dog": 1, "b_cat": 1}
     assert f"{root / 'train'}: skipped 2 files that are not images" in capsys.readouterr().err
 
 
@@ -95,9 +95,9 @@ def test_params_need_a_path_for_folder_datasets(workdir):
 @pytest.mark.skipif(not REAL.is_dir(), reason="../shared/data/cifar10-jpeg-mini is not on this machine")
 def test_real_cifar10_jpegs(tmp_path):
     manifest = prepare(REAL, tmp_path / "out")
-    assert manifest["classes"][:3] == ["airplane", "automobile", "bird"] and manifest["num_classes"] == 10
-    assert (manifest["train_size"], manifest["test_size"], manifest["resized"]) == (5000, 1000, 0)
-    assert set(manifest["class_counts"]["train"].values()) == {500}
+    assert manifest.classes[:3] == ["airplane", "automobile", "bird"] and manifest.num_classes == 10
+    assert (manifest.train_size, manifest.test_size, manifest.resized) == (5000, 1000, 0)
+    assert set(manifest.class_counts["train"].values()) == {500}
     p = data.load(tmp_path / "out")
     path = REAL / "test" / "truck" / "0099.jpg"  # the last test image, decoded by PIL
     assert np.array_equal(p.test.x[-1].numpy(), np.asarray(Image.open(path).convert("RGB")).transpose(2, 0, 1))
@@ -161,7 +161,7 @@ def test_skipped_files_are_named(tmp_path, capsys):
     (root / "train" / "b_cat" / ".DS_Store").write_bytes(b"x")
     (root / "train" / "stray.jpg").write_bytes(b"x")  # not in a class folder: ImageFolder does not list it
     manifest = stream(root, tmp_path / "out")
-    assert manifest["train_size"] == 6
+    assert manifest.train_size == 6
     assert f"{root / 'train'}: skipped 3 files that are not images in class folders: a_dog/notes.txt, " \
            "b_cat/.DS_Store, stray.jpg (image extensions: .jpg" in capsys.readouterr().err
 

@@ -248,7 +248,7 @@ PIPELINE_SECTIONS = tuple(s for s in config.Params.model_fields if s not in ("qu
      frozenset(f"distill.{m}" for m in config.METHODS if m not in ("kd", "dkd"))),
 ])
 def test_params_files_spell_out_every_key(path, sections, skip):
-    # a changed default in kdpipe/config.py must never change a pipeline's results silently: every key a
+    # a changed default in kdpipe/config/ must never change a pipeline's results silently: every key a
     # stage reads is in its params file (training sections after their recipe is merged in)
     raw = yaml.safe_load((ROOT / path).read_text())
     merged = config.Params._apply_recipes(raw)

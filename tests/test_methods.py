@@ -1,5 +1,5 @@
-"""The methods RepDistiller benchmarks beyond the first five, and DKD: wiring, trainable parts, CRD's
-memory bank and negative sampling, DKD's warm-up, and bit-identical resume."""
+"""The methods' wiring into the objective (every method on a CIFAR pair): their trainable parts, CRD's memory bank
+and negative sampling, DKD's warm-up, and bit-identical resume."""
 
 import math
 
@@ -14,7 +14,7 @@ from kdpipe.distill.crd import NegativeSampler
 
 from .conftest import distill_runs, tiny_params
 
-# the methods without an init stage (FSP, AB and FT: tests/test_ab_ft.py and test_distill.py)
+# the methods without an init stage (FSP, AB and FT: tests/test_init_stages.py and test_distill.py)
 ONE_PHASE = [m for m in config.METHODS if not getattr(config.Distill(), m).model_dump().get("init_epochs")]
 LABELS = torch.arange(96) % 10
 

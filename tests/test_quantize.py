@@ -12,7 +12,7 @@ import yaml
 from torch import nn
 from typer.testing import CliRunner
 
-from kdpipe import checkpoint, config, measure, quantize, report
+from kdpipe import checkpoint, config, data, measure, quantize, report
 from kdpipe.cli import app
 
 from .conftest import tiny_params
@@ -198,7 +198,7 @@ def test_pareto_front_hand_worked():
 
 
 def test_report_gains_int8_and_deployment_parts_only_when_their_files_exist(project):
-    manifest = json.loads((project / "data/prepared/manifest.json").read_text())
+    manifest = data.read_manifest(project / "data/prepared")
     dirs = (project / "metrics", project / "logs", project / "plots")
     before = report.write(["student"], manifest, *dirs, project / "r1")
     assert "INT8" not in before and "Deployment" not in before and not (project / "r1/pareto.png").exists()

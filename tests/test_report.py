@@ -10,6 +10,12 @@ from kdpipe import config, published, report
 from .conftest import ROOT
 
 
+def fake_manifest(dataset, train_size, test_size, num_classes):
+    return config.Manifest(dataset=dataset, source="x", num_classes=num_classes, classes=[str(c) for c in range(num_classes)],
+                           train_size=train_size, test_size=test_size, image_size=32, augment="cifar", storage="memory",
+                           mean=[0.5] * 3, std=[0.25] * 3, sha256={})
+
+
 def fake_run(tmp_path, name, top1, epochs=2):
     for d in ("metrics", "plots"):  # a library model's name has a folder part: tv/resnet34
         (tmp_path / d / name).parent.mkdir(parents=True, exist_ok=True)
@@ -36,7 +42,7 @@ def test_grid_report(tmp_path):
     fake_run(tmp_path, "fsp-resnet56-resnet20-s0", 69.5)  # one seed missing: n=1
     fake_run(tmp_path, "dkd-resnet56-resnet20-s0", 71.0)
     fake_run(tmp_path, "kd+ls-resnet56-resnet20-s0", 72.0)  # a variant's run (params' variants.ls)
-    manifest = {"dataset": "cifar100", "train_size": 50000, "test_size": 10000, "num_classes": 100, "source": "x"}
+    manifest = fake_manifest("cifar100", 50000, 10000, 100)
     text = report.grid(p, manifest, tmp_path / "metrics", tmp_path / "plots", tmp_path / "reports")
     table_part, models_part = text.split("## Teachers and students' baselines")
     # the ResNet table (he2016 runs): ResNet-56 mean 74 ± sqrt(2) over 2 seeds vs the ResNet table's CIFAR-100 71.09 / 91.56,
@@ -92,7 +98,7 @@ def test_grid_report_crd_pairs_published_teachers_and_na(tmp_path):
     fake_run(tmp_path, "dkd-wrn_40_2-shufflev1-s0", 76.5)
     fake_run(tmp_path, "dist-resnet32x4-shufflev1-s0", 76.0)
     (tmp_path / "metrics/fsp-wrn_40_2-shufflev1-s0.json").write_text(json.dumps({"not_applicable": "fsp needs ..."}))
-    manifest = {"dataset": "cifar100", "train_size": 50000, "test_size": 10000, "num_classes": 100, "source": "x"}
+    manifest = fake_manifest("cifar100", 50000, 10000, 100)
     text = report.grid(p, manifest, tmp_path / "metrics", tmp_path / "plots", tmp_path / "reports")
     assert "| WRN-40-2 (published) |" in text and "| ShuffleNetV1 |" in text
     assert "| Method | WRN-40-2 → ShuffleNetV1 | ResNet-32x4 → ShuffleNetV1 |" in text
@@ -123,7 +129,7 @@ def test_cifar10_grid_reads_the_table_runs_as_teachers_and_baselines(tmp_path):
     fake_run(tmp_path, "he2016-resnet56-s0", 93.0)
     fake_run(tmp_path, "he2016-resnet20-s0", 91.0)
     fake_run(tmp_path, "kd-resnet56-resnet20-s0", 92.0)
-    manifest = {"dataset": "cifar10", "train_size": 50000, "test_size": 10000, "num_classes": 10, "source": "x"}
+    manifest = fake_manifest("cifar10", 50000, 10000, 10)
     text = report.grid(p, manifest, tmp_path / "metrics", tmp_path / "plots", tmp_path / "reports")
     assert "| ResNet-56 | 0.27 | 93.00 ± 0.00 (n=1) | 90.00 ± 0.00 (n=1) | 92.00 ± 0.00 (n=1) | 93.63 / 99.75 | -0.63 |" in text
     assert "## Teachers and students' baselines" not in text  # models: [], published: []
@@ -168,7 +174,7 @@ def test_grid_report_imagenet_beside_dkds_table(tmp_path):
     fake_run(tmp_path, "dkd-tv/resnet50-mobilenetv1-s0", 72.5)
     (tmp_path / "metrics/fsp-tv/resnet50-mobilenetv1-s0.json").parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / "metrics/fsp-tv/resnet50-mobilenetv1-s0.json").write_text(json.dumps({"not_applicable": "fsp ..."}))
-    manifest = {"dataset": "imagenet", "train_size": 1281167, "test_size": 50000, "num_classes": 1000, "source": "x"}
+    manifest = fake_manifest("imagenet", 1281167, 50000, 1000)
     text = report.grid(p, manifest, tmp_path / "metrics", tmp_path / "plots", tmp_path / "reports")
     assert "| tv/resnet50 (published) | 0.27 | 76.10 ± 0.00 (n=1) | 90.00 ± 0.00 (n=1) | 75.10 ± 0.00 (n=1) | " \
            "76.16 / 92.86 | -0.06 |" in text
@@ -193,7 +199,7 @@ def test_grid_marks_collapsed_runs(tmp_path):
     f = tmp_path / "metrics/kd-resnet56-resnet20-s0.json"
     f.write_text(json.dumps({**json.loads(f.read_text()), "warning": "predicts one class ('apple') for all 10000 "
                                                                      "test images"}))
-    manifest = {"dataset": "cifar100", "train_size": 50000, "test_size": 10000, "num_classes": 100, "source": "x"}
+    manifest = fake_manifest("cifar100", 50000, 10000, 100)
     text = report.grid(p, manifest, tmp_path / "metrics", tmp_path / "plots", tmp_path / "reports")
     assert "| KD | 0.00 ± 0.00 (n=1) [70.66] ⚠ |" in text and "| Teacher | 71.00 ± 0.00 (n=1) [72.34] |" in text
     assert "\n⚠ kd-resnet56-resnet20-s0: predicts one class ('apple') for all 10000 test images\n" in text

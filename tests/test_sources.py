@@ -27,10 +27,10 @@ def test_fit_conventions(photos):
 def test_folder_at_image_size_is_not_squeezed_to_32(tmp_path, photos):
     m = prepare(folder_data(photos, image_size=48), tmp_path / "p")
     prepared = data.load(tmp_path / "p")
-    assert prepared.train.x.shape == (18, 3, 48, 48) and m["image_size"] == 48 and m["resized"] == 27
+    assert prepared.train.x.shape == (18, 3, 48, 48) and m.image_size == 48 and m.resized == 27
     m = prepare(folder_data(photos, image_size=48, augment="imagenet", normalize="imagenet"), tmp_path / "q")
     src = sources.open_source(tmp_path / "q", CPU)
-    assert data.load(tmp_path / "q").train.x.shape[-1] == 55 and m["mean"] == IMAGENET_MEAN
+    assert data.load(tmp_path / "q").train.x.shape[-1] == 55 and m.mean == IMAGENET_MEAN
     _, x, y, idx = next(src.epoch(torch.Generator().manual_seed(0), 8))
     assert x.shape == (8, 3, 48, 48) and next(src.test(5))[0].shape == (5, 3, 48, 48)
 
@@ -62,7 +62,7 @@ def test_stream_and_memory_see_the_same_test_images(tmp_path, photos, augment):
     prepare(folder_data(photos, image_size=40, augment=augment), tmp_path / "m")
     prepare(folder_data(photos, image_size=40, augment=augment, source="stream"), tmp_path / "s")
     mem, stream = (sources.open_source(tmp_path / d, CPU, 0) for d in ("m", "s"))
-    assert mem.manifest["mean"] == pytest.approx(stream.manifest["mean"], abs=1e-3)  # all 18 train images seen
+    assert mem.manifest.mean == pytest.approx(stream.manifest.mean, abs=1e-3)  # all 18 train images seen
     for (a, y), (b, z) in zip(mem.test_pixels(4), stream.test_pixels(4)):
         assert torch.equal(a, b) and torch.equal(y, z)
 
@@ -123,9 +123,9 @@ def test_imagenet_checks_ilsvrc2012s_counts(tmp_path, ilsvrc):
         prepare(cfg, tmp_path / "prepared")
     assert not (tmp_path / "prepared").exists() and not (tmp_path / "prepared.tmp").exists()
     manifest = prepare(cfg.model_copy(update={"subset": True}), tmp_path / "prepared")  # val/ is the test split
-    assert (manifest["dataset"], manifest["train_size"], manifest["num_classes"]) == ("imagenet", n_train, n_classes)
-    assert manifest["test_size"] == sum(1 for f in (ilsvrc / "val").rglob("*") if f.is_file())
-    assert manifest["sha256"].keys() == {"samples"}  # a hash of the file list; nothing decoded up front
+    assert (manifest.dataset, manifest.train_size, manifest.num_classes) == ("imagenet", n_train, n_classes)
+    assert manifest.test_size == sum(1 for f in (ilsvrc / "val").rglob("*") if f.is_file())
+    assert manifest.sha256.keys() == {"samples"}  # a hash of the file list; nothing decoded up front
 
 
 @pytest.mark.parametrize("updates, message", [

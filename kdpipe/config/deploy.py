@@ -1,0 +1,30 @@
+"""The deployment sections: `quantize` (`kdpipe quantize`) and `measure` (`kdpipe measure`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from .base import Strict
+
+
+class Quantize(Strict):
+    """Post-training static INT8 of models/NAME.onnx with onnxruntime (QDQ, uint8 activations, int8 weights)."""
+
+    calibration_images: int = Field(256, ge=1, description="training images (evaluation view) the activation "
+                                                          "ranges are calibrated on; all of them where fewer")
+    per_channel: bool = True  # one weight scale per output channel (false: one per tensor)
+    reduce_range: bool = False  # 7-bit weights: for CPUs without VNNI, where 8-bit products can saturate
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"  # how activation ranges are chosen
+    seed: int = Field(0, ge=0, description="draws the calibration images")
+    threads: int = Field(1, ge=1, description="onnxruntime intra-op threads of the fp32/INT8 test runs")
+
+
+class Measure(Strict):
+    """`kdpipe measure`: onnxruntime CPU latency and throughput of models/NAME.onnx files."""
+
+    threads: int = Field(1, ge=1, description="onnxruntime intra-op threads (inter-op 1, sequential)")
+    warmup: int = Field(10, ge=0, description="untimed batch-1 runs first")
+    runs: int = Field(100, ge=2, description="timed batch-1 runs: latency p50 and p95")
+    batch_size: int = Field(32, ge=1, description="the batch of the images/s figure")
