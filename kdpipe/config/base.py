@@ -18,6 +18,16 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+def pair_key(key: str) -> tuple[str, str]:
+    """A per-pair key, "teacher->student", as (teacher, student); ValueError unless both are model names."""
+    t, _, s = key.partition("->")
+    try:
+        check_name(t), check_name(s)
+    except ValueError:
+        raise ValueError(f"key {key!r} is not 'teacher->student' with two model names") from None
+    return t, s
+
+
 def deep_merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():

@@ -7,8 +7,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from ..models import check_name
-from .base import Strict, deep_merge
+from .base import Strict, deep_merge, pair_key
 from .errors import ParamsError, describe
 from .train import Train
 
@@ -135,11 +134,7 @@ def beta_by_pair_field():
 
 def check_pairs(v: dict[str, float]) -> dict[str, float]:
     for key, beta in v.items():
-        t, _, s = key.partition("->")
-        try:
-            check_name(t), check_name(s)
-        except ValueError:
-            raise ValueError(f"key {key!r} is not 'teacher->student' with two model names") from None
+        pair_key(key)
         if beta < 0:
             raise ValueError(f"{key}: beta must be >= 0")
     return v

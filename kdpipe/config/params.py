@@ -8,8 +8,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ValidationError, field_validator, model_validator
 
-from ..models import check_name
-from .base import ModelName, Strict, deep_merge, flat, nest
+from .base import ModelName, Strict, deep_merge, flat, nest, pair_key
 from .data import Data
 from .deploy import Measure, Quantize
 from .distill import METHODS, Distill
@@ -97,15 +96,13 @@ class Params(Strict):
                 if not isinstance(by_pair, dict) or any(not isinstance(v, dict) or "train" in v for v in by_pair.values()):
                     raise ValueError(f"variants.{tag}.{m}.by_pair: a mapping of 'teacher->student' to keys of "
                                      f"distill.{m} (not train: the recipe is the pair's for every pair)")
-                for pair in [None, *by_pair]:
-                    if pair is not None:
-                        t, _, st = pair.partition("->")
-                        try:
-                            check_name(t), check_name(st)
-                        except ValueError:
-                            raise ValueError(f"variants.{tag}.{m}.by_pair: key {pair!r} is not 'teacher->student' "
-                                             "with two model names") from None
-                    self._method_params(tag, m, pair and tuple(pair.split("->")))
+                self._method_params(tag, m)
+                for key in by_pair:
+                    try:
+                        pair = pair_key(key)
+                    except ValueError as e:
+                        raise ValueError(f"variants.{tag}.{m}.by_pair: {e}") from None
+                    self._method_params(tag, m, pair)
         return self
 
     def _method_params(self, tag: str, method: str, pair: Optional[tuple[str, str]] = None) -> BaseModel:
