@@ -119,13 +119,18 @@ def test_ft_phases_train_the_paraphraser_then_the_student_and_translator():
     # init stage: MSE reconstruction of the teacher's last stage; the student is not touched (weights, BN)
     student_before = {k: v.clone() for k, v in student.state_dict().items()}
     para_before = {k: v.clone() for k, v in term.paraphraser.state_dict().items()}
-    loss, x, _ = phase_step(obj, student, "init")
+    # the reconstruction error written out, before the optimiser step (RepDistiller: MSELoss(f_t_rec, f_t), weight 1)
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # phase_step's batch
     with torch.no_grad():
         f_t = teacher(x, features=True).stages[-1]
-    rec = term.paraphraser.decoder(term.paraphraser.encoder(f_t))  # after the step: recompute with old weights
+        rec = term.paraphraser.decoder(term.paraphraser.encoder(f_t))
+    assert rec.shape == f_t.shape
+    expected = ((rec.double() - f_t.double()) ** 2).sum() / f_t.numel()
+    loss, x_seen, _ = phase_step(obj, student, "init")
+    assert torch.equal(x_seen, x)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)  # fp32 mean against float64: rounding only
     assert all(torch.equal(v, student_before[k]) for k, v in student.state_dict().items())
     assert any(not torch.equal(v, para_before[k]) for k, v in term.paraphraser.state_dict().items())
-    assert rec.shape == f_t.shape and math.isfinite(loss.item())
     # main phase: CE + beta * FT; the paraphraser is frozen, the translator and the student train
     para_before = {k: v.clone() for k, v in term.paraphraser.state_dict().items()}
     trans_before = {k: v.clone() for k, v in term.translator.state_dict().items()}
