@@ -2,8 +2,6 @@
 paraphraser/translator, what trains in each phase (the init-stage declarations), and bit-identical resume
 inside and across the init stage."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
