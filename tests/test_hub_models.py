@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import timm  # the test install has kdpipe[timm]: a broken timm is a failure, not a skip
 import torch
 import torchvision
 from torch import nn
@@ -175,7 +176,6 @@ def test_timm_absent_is_one_line(monkeypatch):
 
 
 def test_timm_weights_file(tmp_path, capsys):
-    timm = pytest.importorskip("timm")
     ref = timm.create_model("resnet18", num_classes=10).eval()
     model = create("timm/resnet18", 10, weights=save(ref.state_dict(), tmp_path / "w.safetensors")).eval()
     with torch.no_grad():
@@ -189,7 +189,6 @@ def test_timm_weights_file(tmp_path, capsys):
 
 
 def test_timm_offline_and_errors(tmp_path, monkeypatch):
-    pytest.importorskip("timm")
     from huggingface_hub import constants
 
     monkeypatch.setenv("HF_HOME", str(tmp_path))
@@ -215,13 +214,12 @@ def test_timm_offline_and_errors(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name, library", [
     ("tv/resnet18", lambda: torchvision.models.resnet18()),
     ("tv/mobilenet_v3_small", lambda: torchvision.models.mobilenet_v3_small()),
-    ("timm/resnet18", lambda: __import__("timm").create_model("resnet18")),
-    ("timm/mobilenetv3_small_100", lambda: __import__("timm").create_model("mobilenetv3_small_100")),
+    ("timm/resnet18", lambda: timm.create_model("resnet18")),
+    ("timm/mobilenetv3_small_100", lambda: timm.create_model("mobilenetv3_small_100")),
 ])
 def test_parameter_counts_and_keys_are_the_librarys(name, library):
     if name.startswith("timm/"):
-        pytest.importorskip("timm")
-    ours, theirs = create(name, 1000), library()
+        ours, theirs = create(name, 1000), library()
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
     assert list(ours.state_dict()) == list(theirs.state_dict())
     assert isinstance(ours, type(theirs))
@@ -267,8 +265,7 @@ FEATURE_MODELS = {
 @pytest.mark.parametrize("name", FEATURE_MODELS)
 def test_feature_taps(name):
     if name.startswith("timm/"):
-        pytest.importorskip("timm")
-    model = create(name, 10).eval()
+        model = create(name, 10).eval()
     with torch.no_grad():
         out = model(X, features=True)
         assert torch.equal(out.logits, model(X))

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import timm  # the test install has kdpipe[timm]: a broken timm is a failure, not a skip
 import torch
 import yaml
 
@@ -17,8 +18,6 @@ from kdpipe.prepare import prepare
 from kdpipe.checkpoint import model_path
 
 from .conftest import tiny_params
-
-pytest.importorskip("torchvision")
 
 
 def folder_project(workdir, photos, source: str) -> config.Params:
@@ -44,7 +43,6 @@ def test_resume_continues_dropout_where_it_stopped(workdir, photos, monkeypatch,
 
 
 def test_resume_continues_timm_drop_path(tmp_path):
-    timm = pytest.importorskip("timm")
     from kdpipe.models.timm_models import _with_features
 
     p = config.validate(tiny_params(student={"epochs": 3}))
