@@ -139,11 +139,13 @@ def student(params: Path = ParamsOpt, data_dir: Path = DataOpt, name: str = type
 
 @app.command()
 @guarded
-def distill(method: str = typer.Option(..., "--method", "-m", help="one of: " + ", ".join(config.METHODS)
-                                       + "; or a combination like kd+at; a variant of params' `variants` ends it, e.g. kd+ls"),
+def distill(method: list[str] = typer.Option(..., "--method", "-m", help="one of: " + ", ".join(config.METHODS)
+                                             + "; or a combination like kd+at; a variant of params' `variants` ends it, "
+                                             "e.g. kd+ls. Repeated (-m kd -m dkd): one student each, trained together "
+                                             "on one data pass and one teacher forward per batch, each as it would alone"),
             params: Path = ParamsOpt, data_dir: Path = DataOpt,
             teacher: Path = typer.Option(Path("models/teacher.pt"), help="teacher checkpoint (output of `kdpipe teacher`)"),
-            name: Optional[str] = typer.Option(None, help="run name (default: the method)"),
+            name: Optional[str] = typer.Option(None, help="run name (default: the method; one --method only)"),
             model: Optional[str] = ModelOpt, seed: Optional[int] = SeedOpt,
             na_ok: bool = typer.Option(False, "--na-ok", help="where the method cannot run on this teacher/student "
                                        "pair (FSP across widths), record 'not applicable' and exit 0 (the pipelines' grid)")):
@@ -151,13 +153,19 @@ def distill(method: str = typer.Option(..., "--method", "-m", help="one of: " + 
     from . import runs
 
     p = load(params, "student", "distill")
-    methods, variant = config.parse_run(method, p.variants)
-    code_check("distill", methods)
-    name = name or method
-    recipe = p.varied(variant, methods).student_for(methods)
-    reason = runs.distill(methods, p, runs.with_overrides(recipe, model, seed), teacher, name, data_dir, na_ok, variant)
-    if reason:
-        typer.echo(f"{name}: not applicable: {reason}", err=True)
+    if name and len(method) > 1:
+        raise ParamsError([f"--name {name!r} names one student, but --method is given {len(method)} times"])
+    repeated = sorted({m for m in method if method.count(m) > 1})
+    if repeated:
+        raise ParamsError([f"--method {repeated[0]!r} is given more than once"])
+    students = []
+    for spec in method:
+        methods, variant = config.parse_run(spec, p.variants)
+        code_check("distill", methods)
+        recipe = p.varied(variant, methods).student_for(methods)
+        students.append(runs.Student(methods, variant, name or spec, runs.with_overrides(recipe, model, seed)))
+    for student_name, reason in runs.distill(students, p, teacher, data_dir, na_ok).items():
+        typer.echo(f"{student_name}: not applicable: {reason}", err=True)
 
 
 @app.command("evaluate")

@@ -10,6 +10,7 @@ to an uninterrupted run (kdpipe/checkpoint.py). Device, numerics and DDP: the ru
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -148,115 +149,197 @@ class Run:
     stop_after: Optional[int] = None          # testing hook: pretend an interruption after this epoch
     # (also settable as env KDPIPE_STOP_AFTER, to interrupt whole processes, e.g. under torchrun)
     progress: bool = True
+    # the process's random streams (checkpoint.random_streams) as building this run left them, where other runs were
+    # built after it (a group); None: the process's own
+    streams: Optional[dict] = None
 
 
 def train(run: Run, source, ctx: Optional[Context] = None) -> dict:
     """Train `run.model` on `source` (a kdpipe/sources.py source opened in `ctx`, or prepared data for a
     MemorySource) in the run context `ctx` (runtime.context of the run's params when not given)."""
-    cfg = run.cfg
+    return train_group([run], source, ctx)[0]
+
+
+class _Student:
+    """One run of a group: its model, objective, optimiser, history, resume file and its own default random
+    streams (Dropout, a term's sampler), swapped in around its work so each run draws what it would alone."""
+
+    def __init__(self, run: Run, ctx: Context, source):
+        cfg, ddp, numerics = run.cfg, ctx.dist, ctx.numerics
+        self.run, self.dev = run, numerics.device
+        self.objective = run.objective.to(self.dev)
+        self.init_epochs = self.objective.init_epochs()
+        self.total = self.init_epochs + cfg.epochs
+        self.model, self.forward_model = wrap(run.model, ddp, numerics, cfg.runtime.compile, cfg.runtime.sync_bn,
+                                              self.init_epochs > 0)
+        if ddp.main:
+            ckpt_io.check_writable(run.out.parent, run.log.parent, error=TrainingError)
+        self.resume_path = ckpt_io.resume_path(run.out)
+        self.fp = ckpt_io.fingerprint(ckpt_io.RESUME_FORMAT, cfg.model_dump(), run.meta, source.manifest.sha256,
+                                      self.dev.type, numerics.bf16, numerics.channels_last, ddp.world)
+        self.history, self.start, self.seconds, self.opt_phase, self.optimizer = [], 0, 0.0, None, None
+        self.generator_state = None  # the shared data generator's state at this run's resume point
+        self.streams = None  # its random streams while another run of the group works (None: alone)
+
+    def params(self, phase: str) -> list[nn.Parameter]:  # what the objective says trains in this phase
+        return [p for p in self.objective.trainable(self.model, phase) if p.requires_grad]
+
+    def resume(self, ddp: Ranks) -> None:
+        state = ckpt_io.read_resume(self.resume_path, self.fp)
+        if state is None:
+            return
+        self.model.load_state_dict(state["model"])
+        self.objective.load_state_dict(state["objective"])
+        self.generator_state = state["generator"]
+        ckpt_io.restore_random_streams(state["random"], self.dev)
+        self.history, self.start, self.seconds = state["history"], state["epoch"], state["seconds"]
+        self.opt_phase = state["opt_phase"]
+        self.optimizer = make_optimizer(self.params(self.opt_phase), self.run.cfg, self.dev,
+                                        self.objective.optimizer(self.opt_phase))
+        self.optimizer.load_state_dict(state["optimizer"])
+        if ddp.main:
+            print(f"{self.run.name}: resuming after epoch {self.start}/{self.total} from {self.resume_path}",
+                  file=sys.stderr)
+
+    @contextlib.contextmanager
+    def own_streams(self):
+        if self.streams is None:  # alone: the process's streams are this run's
+            yield
+            return
+        ckpt_io.restore_random_streams(self.streams, self.dev)
+        try:
+            yield
+        finally:
+            self.streams = ckpt_io.random_streams(self.dev)
+
+
+def train_group(runs: list[Run], source, ctx: Optional[Context] = None) -> list[dict]:
+    """Train runs of one recipe (the same `Train` section: batches, schedule, seed) on the same batches: one data
+    pass, and for distilled students one teacher forward per batch and teacher mode (their objectives share a
+    `TeacherPass`). Each run draws its own random streams, as it would alone (each was built right after
+    `torch.manual_seed(seed)`, and the streams it left then are its own), so each run's checkpoint, metrics and log
+    equal those of training it alone, byte for byte on the CPU. Returns each run's final checkpoint."""
+    cfg = runs[0].cfg
+    if any(r.cfg != cfg for r in runs):
+        raise ValueError("a group's runs must share one training recipe (the Train section)")
     ctx = ctx or context(cfg.runtime)
     ddp, numerics = ctx.dist, ctx.numerics
     dev = numerics.device
     if not hasattr(source, "epoch"):
         source = MemorySource(source, numerics)
-    objective = run.objective.to(dev)
-    init_epochs = objective.init_epochs()
     if ddp.world > 1 and cfg.batch_size % ddp.world:
         raise TrainingError(f"batch_size {cfg.batch_size} is not divisible by the {ddp.world} processes")
-    model, forward_model = wrap(run.model, ddp, numerics, cfg.runtime.compile, cfg.runtime.sync_bn, init_epochs > 0)
-
-    def params(phase: str) -> list[nn.Parameter]:  # what the objective says trains in this phase
-        return [p for p in objective.trainable(model, phase) if p.requires_grad]
-
-    if ddp.main:
-        ckpt_io.check_writable(run.out.parent, run.log.parent, error=TrainingError)
-    steps, total = source.steps(cfg.batch_size), init_epochs + cfg.epochs
-    resume_path = ckpt_io.resume_path(run.out)
-    fp = ckpt_io.fingerprint(ckpt_io.RESUME_FORMAT, cfg.model_dump(), run.meta, source.manifest.sha256, dev.type,
-                             numerics.bf16, numerics.channels_last, ddp.world)
+    views = runs[0].objective.views
+    if any(r.objective.views != views for r in runs):
+        raise ValueError("a group's runs must ask for the same views of each batch")
+    if len(runs) > 1 and ddp.world > 1:
+        raise TrainingError("a group of runs trains in one process (not under torchrun)")
+    # each run's streams as its builder left them (None: the process's, as the last one built left them)
+    built = [ckpt_io.random_streams(dev) if r.streams is None else r.streams for r in runs]
+    students = [_Student(r, ctx, source) for r in runs]
+    for s, streams in zip(students, built):
+        if len(students) > 1:
+            ckpt_io.restore_random_streams(streams, dev)
+        s.resume(ddp)
+        if len(students) > 1:
+            s.streams = ckpt_io.random_streams(dev)
+    steps = source.steps(cfg.batch_size)
+    # the data pass restarts where the run furthest behind stopped; runs already past an epoch skip it
+    first = min(students, key=lambda s: s.start)
     g = torch.Generator(device=dev).manual_seed(cfg.seed)
-    history, start, seconds, opt_phase, optimizer = [], 0, 0.0, None, None
-    state = ckpt_io.read_resume(resume_path, fp)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        objective.load_state_dict(state["objective"])
-        g.set_state(state["generator"])
-        ckpt_io.restore_random_streams(state["random"], dev)
-        history, start, seconds, opt_phase = state["history"], state["epoch"], state["seconds"], state["opt_phase"]
-        optimizer = make_optimizer(params(opt_phase), cfg, dev, objective.optimizer(opt_phase))
-        optimizer.load_state_dict(state["optimizer"])
-        if ddp.main:
-            print(f"{run.name}: resuming after epoch {start}/{total} from {resume_path}", file=sys.stderr)
-    compile_seconds = 0.0
-    if cfg.runtime.compile and start < total:
-        compile_seconds = _compile_warmup(objective, forward_model, model, source, cfg, init_epochs > start)
-
-    reporter = Reporter(run.name, total, steps, run.progress and ddp.main)
+    if first.generator_state is not None:
+        g.set_state(first.generator_state)
+    compile_seconds = {}
+    for s in students:
+        with s.own_streams():
+            compile_seconds[s.run.name] = (_compile_warmup(s.objective, s.forward_model, s.model, source, cfg,
+                                                           s.init_epochs > s.start)
+                                           if cfg.runtime.compile and s.start < s.total else 0.0)
+    reporters = {s.run.name: Reporter(s.run.name, s.total, steps, s.run.progress and ddp.main and len(runs) == 1)
+                 for s in students}
     try:
-        for epoch in range(start, total):
-            phase = "init" if epoch < init_epochs else "main"
-            if opt_phase != phase:  # each phase starts with a fresh optimizer (init stage -> main)
-                optimizer, opt_phase = make_optimizer(params(phase), cfg, dev, objective.optimizer(phase)), phase
-            e = epoch - init_epochs if phase == "main" else epoch
+        for epoch in range(first.start, max(s.total for s in students)):
+            active = [s for s in students if s.start <= epoch < s.total]
             t0 = time.perf_counter()
-            model.train()
-            objective.train()
-            loss_sum = torch.zeros((), device=dev)
-            term_sums: dict[str, torch.Tensor] = {}
-            correct = torch.zeros((), device=dev, dtype=torch.long)
-            lr, seen = cfg.lr, 0
-            for step, x, y, index in source.epoch(g, cfg.batch_size, ddp, objective.views):
-                lr = learning_rate(cfg, e, step, steps) if phase == "main" else cfg.lr
-                loss, logits, terms = train_step(objective, forward_model, optimizer, x, y, phase, numerics, lr, ddp,
-                                                 index=index, epoch=e)
-                loss_sum += loss.detach().float() * len(y)
-                for n, v in terms.items():
-                    term_sums[n] = term_sums.get(n, 0) + v.detach().float() * len(y)
-                correct += (logits.detach().argmax(1) == y).sum()
-                seen += len(y) * ddp.world
-                reporter.step()
-            train_loss = all_sum(loss_sum, ddp).item() / seen
-            if not math.isfinite(train_loss):
-                raise TrainingError(f"{run.name}: loss became {train_loss} in epoch {epoch + 1}; "
-                                    "lower the learning rate or a loss weight")
-            row = {"epoch": epoch + 1, "phase": phase, "lr": lr, "train_loss": train_loss,
-                   "train_top1": 100 * all_sum(correct, ddp).item() / seen,
-                   **{f"loss_{n}": all_sum(v, ddp).item() / seen for n, v in term_sums.items()}}
-            if phase == "main":
-                row.update(evaluate(model, source.test()))
-            dt = time.perf_counter() - t0
-            seconds += dt
-            history.append(row)
-            if ddp.main:
-                reporter.epoch(row, source.train_size / dt)
-                ckpt_io.atomic_save({"fingerprint": fp, "epoch": epoch + 1, "model": model.state_dict(),
-                                     "objective": objective.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "opt_phase": opt_phase, "generator": g.get_state(),
-                                     "random": ckpt_io.random_streams(dev), "history": history,
-                                     "seconds": seconds}, resume_path)
-            barrier(ddp)  # the other ranks wait until the epoch's checkpoint is safely written
-            stop_after = run.stop_after or int(os.environ.get("KDPIPE_STOP_AFTER", "0")) or None
-            if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < total:
+            sums = {}
+            for s in active:
+                phase = "init" if epoch < s.init_epochs else "main"
+                if s.opt_phase != phase:  # each phase starts with a fresh optimizer (init stage -> main)
+                    s.optimizer = make_optimizer(s.params(phase), cfg, dev, s.objective.optimizer(phase))
+                    s.opt_phase = phase
+                s.model.train()
+                s.objective.train()
+                sums[s.run.name] = {"loss": torch.zeros((), device=dev), "terms": {}, "seen": 0, "lr": cfg.lr,
+                                    "correct": torch.zeros((), device=dev, dtype=torch.long), "seconds": 0.0}
+            for step, x, y, index in source.epoch(g, cfg.batch_size, ddp, views):
+                for s in active:
+                    t1, acc = time.perf_counter(), sums[s.run.name]
+                    phase, e = s.opt_phase, epoch - s.init_epochs if s.opt_phase == "main" else epoch
+                    acc["lr"] = lr = learning_rate(cfg, e, step, steps) if phase == "main" else cfg.lr
+                    with s.own_streams():
+                        loss, logits, terms = train_step(s.objective, s.forward_model, s.optimizer, x, y, phase,
+                                                         numerics, lr, ddp, index=index, epoch=e)
+                    acc["loss"] += loss.detach().float() * len(y)
+                    for n, v in terms.items():
+                        acc["terms"][n] = acc["terms"].get(n, 0) + v.detach().float() * len(y)
+                    acc["correct"] += (logits.detach().argmax(1) == y).sum()
+                    acc["seen"] += len(y) * ddp.world
+                    acc["seconds"] += time.perf_counter() - t1
+                    reporters[s.run.name].step()
+            shared = (time.perf_counter() - t0 - sum(a["seconds"] for a in sums.values())) / max(len(active), 1)
+            for s in active:
+                t1, acc = time.perf_counter(), sums[s.run.name]
+                seen, phase = acc["seen"], s.opt_phase
+                train_loss = all_sum(acc["loss"], ddp).item() / seen
+                if not math.isfinite(train_loss):
+                    raise TrainingError(f"{s.run.name}: loss became {train_loss} in epoch {epoch + 1}; "
+                                        "lower the learning rate or a loss weight")
+                row = {"epoch": epoch + 1, "phase": phase, "lr": acc["lr"], "train_loss": train_loss,
+                       "train_top1": 100 * all_sum(acc["correct"], ddp).item() / seen,
+                       **{f"loss_{n}": all_sum(v, ddp).item() / seen for n, v in acc["terms"].items()}}
+                with s.own_streams():
+                    if phase == "main":
+                        row.update(evaluate(s.model, source.test()))
+                    dt = acc["seconds"] + shared + time.perf_counter() - t1  # its steps, its test, its share of data
+                    s.seconds += dt
+                    s.history.append(row)
+                    if ddp.main:
+                        reporters[s.run.name].epoch(row, source.train_size / dt)
+                        ckpt_io.atomic_save({"fingerprint": s.fp, "epoch": epoch + 1, "model": s.model.state_dict(),
+                                             "objective": s.objective.state_dict(),
+                                             "optimizer": s.optimizer.state_dict(), "opt_phase": s.opt_phase,
+                                             "generator": g.get_state(), "random": ckpt_io.random_streams(dev),
+                                             "history": s.history, "seconds": s.seconds}, s.resume_path)
+            barrier(ddp)  # the other ranks wait until the epoch's checkpoints are safely written
+            stop_after = runs[0].stop_after or int(os.environ.get("KDPIPE_STOP_AFTER", "0")) or None
+            if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < max(s.total for s in students):
                 raise KeyboardInterrupt(f"stopped after epoch {epoch + 1} (test hook)")
     finally:
-        reporter.close()
+        for r in reporters.values():
+            r.close()
 
-    final = ckpt_io.final_checkpoint(model, cfg, source.num_classes, source.manifest, history, run.meta)
+    finals = [ckpt_io.final_checkpoint(s.model, cfg, source.num_classes, source.manifest, s.history, s.run.meta)
+              for s in students]
     if ddp.main:  # only rank 0 writes checkpoints, metrics and logs
-        ckpt_io.atomic_save(final, run.out)
-        log = {"name": run.name, "model": cfg.model, **run.meta, "device": str(dev), "bf16": numerics.bf16,
-               "channels_last": numerics.channels_last, "torch": torch.__version__, "world_size": ddp.world,
-               # what each part of the loss did, epoch by epoch (the report shows the last epoch's)
-               "loss_terms": [{"epoch": r["epoch"], "phase": r["phase"],
-                               **{k.removeprefix("loss_"): v for k, v in r.items() if k.startswith("loss_")}}
-                              for r in history]}
-        timing = {"seconds": round(seconds, 3), "images_per_s": round(source.train_size * total / max(seconds, 1e-9), 1),
-                  "compile_seconds": round(compile_seconds, 3)}
-        ckpt_io.atomic_write(run.log, json.dumps(log, indent=2) + "\n")
-        ckpt_io.atomic_write(ckpt_io.timing_path(run.log), json.dumps(timing, indent=2) + "\n")
-        resume_path.unlink(missing_ok=True)
+        for s, final in zip(students, finals):
+            run = s.run
+            ckpt_io.atomic_save(final, run.out)
+            log = {"name": run.name, "model": cfg.model, **run.meta, "device": str(dev), "bf16": numerics.bf16,
+                   "channels_last": numerics.channels_last, "torch": torch.__version__, "world_size": ddp.world,
+                   # what each part of the loss did, epoch by epoch (the report shows the last epoch's)
+                   "loss_terms": [{"epoch": r["epoch"], "phase": r["phase"],
+                                   **{k.removeprefix("loss_"): v for k, v in r.items() if k.startswith("loss_")}}
+                                  for r in s.history]}
+            timing = {"seconds": round(s.seconds, 3),
+                      "images_per_s": round(source.train_size * s.total / max(s.seconds, 1e-9), 1),
+                      "compile_seconds": round(compile_seconds[run.name], 3),
+                      **({"group": [r.name for r in runs]} if len(runs) > 1 else {})}
+            ckpt_io.atomic_write(run.log, json.dumps(log, indent=2) + "\n")
+            ckpt_io.atomic_write(ckpt_io.timing_path(run.log), json.dumps(timing, indent=2) + "\n")
+        for s in students:  # last: a group killed while writing resumes from every run's last epoch
+            s.resume_path.unlink(missing_ok=True)
     barrier(ddp)
-    return final
+    return finals
 
 
 def _compile_warmup(objective, forward_model, model, source, cfg, init_phase: bool) -> float:

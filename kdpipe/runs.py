@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -41,18 +42,58 @@ def train(section: str, cfg: config.Train, name: str, data_dir: Path) -> None:
     engine.train(run, source, ctx)
 
 
-def distill(methods: list[str], params: config.Params, cfg: config.Train, teacher: Path, name: str,
-            data_dir: Path, na_ok: bool = False, variant: Optional[str] = None) -> Optional[str]:
-    """Distil the teacher checkpoint into a new `cfg.model` (with the methods' keys of `variant` set, when given).
-    Returns the reason where the method cannot run on this pair and `na_ok` recorded it as not applicable, else None."""
-    from . import distill as distill_mod
-    from .distill import Distiller, TrainData, feature_shapes
+@dataclass
+class Student:
+    """One student of `kdpipe distill`: its methods (kd+at: one combination), variant tag, run name and recipe."""
 
+    methods: list[str]
+    variant: Optional[str]
+    name: str
+    cfg: config.Train
+
+
+def groups(students: list[Student]) -> list[list[Student]]:
+    """Students that can share batches and teacher forwards: the same recipe and the same views of each batch
+    (MLKD's strong view draws from the data generator), in their order of first appearance."""
+    from . import distill as distill_mod
+
+    out: dict = {}
+    for st in students:
+        views = tuple(sorted({v for m in st.methods for v in distill_mod.get(m).views}))
+        out.setdefault((st.cfg.model_dump_json(), views), []).append(st)
+    return list(out.values())
+
+
+def distill(students: list[Student], params: config.Params, teacher: Path, data_dir: Path,
+            na_ok: bool = False) -> dict[str, str]:
+    """Distil the teacher checkpoint into each student (params `distill.<method>`, with the keys of its variant
+    set, when it has one); students of one group (`groups`) train together, on one data pass and one teacher
+    forward per batch, each ending as it would alone. Returns {name: reason} of the students that cannot run on
+    this pair and that `na_ok` recorded as not applicable."""
     if runtime.processes().world > 1:  # before the process group starts
-        single = [m for m in methods if not distill_mod.get(m).supports_ddp]
+        single = sorted({m for st in students for m in st.methods if not _method(m).supports_ddp})
         if single:
             raise ParamsError([f"{', '.join(single)} under torchrun is not supported (e.g. CRD's memory bank is "
                                "not shared across processes); run it in one process"])
+        if len(students) > 1:
+            raise ParamsError(["--method given more than once: a group of students trains in one process"])
+    skipped: dict[str, str] = {}
+    for group in groups(students):
+        skipped.update(_distill_group(group, params, teacher, data_dir, na_ok))
+    return skipped
+
+
+def _method(name: str):
+    from . import distill as distill_mod
+
+    return distill_mod.get(name)
+
+
+def _distill_group(group: list[Student], params: config.Params, teacher: Path, data_dir: Path,
+                   na_ok: bool) -> dict[str, str]:
+    from .distill import Distiller, TeacherPass, TrainData, feature_shapes
+
+    cfg = group[0].cfg
     ctx = runtime.context(cfg.runtime)
     numerics = ctx.numerics
     source = sources.open_source(data_dir, numerics, cfg.runtime.workers)
@@ -70,23 +111,33 @@ def distill(methods: list[str], params: config.Params, cfg: config.Train, teache
         raise ckpt_io.CheckpointError(f"{teacher}: the teacher was trained on other data than {data_dir}")
     teacher_model = numerics.prepare_model(ckpt_io.restore_model(ckpt))
     teacher_input = sources.renormalisation(manifest.normalization, ckpt.get("normalization"), numerics.device)
-    torch.manual_seed(cfg.seed)
-    student_model = models.create(cfg.model, source.num_classes, cfg.weights)
-    pair = (ckpt["model"], cfg.model)
-    distill_params = params.varied(variant, methods, pair).distill.for_pair(*pair)
-    meta = {"role": "distill", "method": "+".join(methods), **({"variant": variant} if variant else {}),
-            "teacher": ckpt["model"], "teacher_sha256": hashlib.sha256(teacher.read_bytes()).hexdigest(),
-            "distill": {m: getattr(distill_params, m).model_dump() for m in methods}}
-    try:
-        objective = Distiller(teacher_model, methods, distill_params, feature_shapes(student_model, image_size=size),
-                              feature_shapes(teacher_model, numerics.device, size), TrainData(source.train_labels),
-                              teacher_input)
-    except ValueError as e:  # an impossible teacher/student combination for this method
-        if not na_ok:
-            raise ParamsError([str(e)]) from None
-        ckpt_io.write_not_applicable(ckpt_io.model_path(name), ckpt_io.log_path(name), cfg.model, source.num_classes, str(e), meta)
-        return str(e)
-    run = engine.Run(name=name, model=student_model, cfg=cfg, out=ckpt_io.model_path(name), log=ckpt_io.log_path(name),
-                     objective=objective, meta=meta)
-    engine.train(run, source, ctx)
-    return None
+    teacher_sha256 = hashlib.sha256(teacher.read_bytes()).hexdigest()
+    teacher_pass = TeacherPass()
+    built, skipped = [], {}
+    for st in group:  # each built right after seeding, as alone; the streams it leaves are its own
+        torch.manual_seed(cfg.seed)
+        student_model = models.create(cfg.model, source.num_classes, cfg.weights)
+        pair = (ckpt["model"], cfg.model)
+        distill_params = params.varied(st.variant, st.methods, pair).distill.for_pair(*pair)
+        meta = {"role": "distill", "method": "+".join(st.methods), **({"variant": st.variant} if st.variant else {}),
+                "teacher": ckpt["model"], "teacher_sha256": teacher_sha256,
+                "distill": {m: getattr(distill_params, m).model_dump() for m in st.methods}}
+        try:
+            objective = Distiller(teacher_model, st.methods, distill_params,
+                                  feature_shapes(student_model, image_size=size),
+                                  feature_shapes(teacher_model, numerics.device, size), TrainData(source.train_labels),
+                                  teacher_input, teacher_pass)
+        except ValueError as e:  # an impossible teacher/student combination for this method
+            if not na_ok:
+                raise ParamsError([f"{st.name}: {e}" if len(group) > 1 else str(e)]) from None
+            ckpt_io.write_not_applicable(ckpt_io.model_path(st.name), ckpt_io.log_path(st.name), cfg.model,
+                                         source.num_classes, str(e), meta)
+            skipped[st.name] = str(e)
+            continue
+        built.append(engine.Run(name=st.name, model=student_model, cfg=cfg, out=ckpt_io.model_path(st.name),
+                                log=ckpt_io.log_path(st.name), objective=objective, meta=meta,
+                                streams=ckpt_io.random_streams(numerics.device)))
+    if built:
+        built[-1].streams = None  # the last one built: the process's streams are its own
+        engine.train_group(built, source, ctx)
+    return skipped

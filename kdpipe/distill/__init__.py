@@ -38,6 +38,23 @@ from . import functional as Fd
 from .base import Batch, KDTerm, Shapes, TrainData, batch_statistics, feature_shapes, get  # noqa: F401  (the package's public names)
 
 
+class TeacherPass:
+    """The teacher's outputs on the batch at hand, one forward per teacher mode (BN on batch statistics or not; the
+    extra views or not), shared by the students that train on the same batches (engine.train_group). It keeps the
+    last batch's outputs only."""
+
+    def __init__(self):
+        self.batch, self.version, self.outputs = None, None, {}
+
+    def __call__(self, x, mode, forward):
+        # a new batch: another tensor (held here, so its identity cannot be reused meanwhile) or one written since
+        if x is not self.batch or x._version != self.version:
+            self.batch, self.version, self.outputs = x, x._version, {}
+        if mode not in self.outputs:
+            self.outputs[mode] = forward()
+        return self.outputs[mode]
+
+
 class Distiller(nn.Module):
     """The training objective of a distilled student (same interface as engine.CrossEntropy). Its named terms
     are the weighted parts of the loss: `ce` (gamma * CE), `kd` (alpha * KD) and each method's (beta * term);
@@ -49,8 +66,10 @@ class Distiller(nn.Module):
     """
 
     def __init__(self, teacher: nn.Module, methods: list[str], params, s_shapes, t_shapes,
-                 data: TrainData | None = None, teacher_input: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 data: TrainData | None = None, teacher_input: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 teacher_pass: TeacherPass | None = None):
         super().__init__()
+        self._teacher_pass = teacher_pass or TeacherPass()  # shared by a group's students: one teacher forward
         # (scale, shift) re-normalising the batch for a teacher trained with other input statistics
         # (an imported one): x_teacher = x * scale + shift, per channel
         self._teacher_input = teacher_input
@@ -115,9 +134,13 @@ class Distiller(nn.Module):
         def teacher_input(v):
             return v if self._teacher_input is None else v * self._teacher_input[0] + self._teacher_input[1]
 
-        with torch.inference_mode(), batch_statistics(self.teacher, self.teacher_batch_stats):
-            t = self.teacher(teacher_input(x), features=True)
-            t_views = {k: self.teacher(teacher_input(v)) for k, v in views.items()} if phase == "main" else {}
+        def teacher_forward():
+            with torch.inference_mode(), batch_statistics(self.teacher, self.teacher_batch_stats):
+                return (self.teacher(teacher_input(x), features=True),
+                        {k: self.teacher(teacher_input(v)) for k, v in views.items()} if phase == "main" else {})
+
+        mode = (self.teacher_batch_stats, tuple(views) if phase == "main" else ())
+        t, t_views = self._teacher_pass(x, mode, teacher_forward)
         stages = [f.clone() for f in t.stages]
         final = None
         if self.uses_classifier and t.final is not None:  # the last stage itself in most families: cloned once
