@@ -3,15 +3,14 @@
 import json
 
 import numpy as np
+import onnx  # the `export` extra, part of the test install: a broken install fails here, never skips
+import onnxruntime as ort
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from kdpipe import checkpoint, engine, export
 from kdpipe.cli import app
-
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
 
 
 def invoke(*args, code=0):
