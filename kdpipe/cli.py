@@ -145,7 +145,8 @@ def distill(method: list[str] = typer.Option(..., "--method", "-m", help="one of
                                              "on one data pass and one teacher forward per batch, each as it would alone"),
             params: Path = ParamsOpt, data_dir: Path = DataOpt,
             teacher: Path = typer.Option(Path("models/teacher.pt"), help="teacher checkpoint (output of `kdpipe teacher`)"),
-            name: Optional[str] = typer.Option(None, help="run name (default: the method; one --method only)"),
+            name: Optional[str] = typer.Option(None, help="run name (default: the method); with several --method, a "
+                                               "pattern in which {method} stands for each, e.g. {method}-s0"),
             model: Optional[str] = ModelOpt, seed: Optional[int] = SeedOpt,
             na_ok: bool = typer.Option(False, "--na-ok", help="where the method cannot run on this teacher/student "
                                        "pair (FSP across widths), record 'not applicable' and exit 0 (the pipelines' grid)")):
@@ -153,8 +154,9 @@ def distill(method: list[str] = typer.Option(..., "--method", "-m", help="one of
     from . import runs
 
     p = load(params, "student", "distill")
-    if name and len(method) > 1:
-        raise ParamsError([f"--name {name!r} names one student, but --method is given {len(method)} times"])
+    if name and len(method) > 1 and "{method}" not in name:
+        raise ParamsError([f"--name {name!r} names one student, but --method is given {len(method)} times "
+                           "(a pattern with {method} names each)"])
     repeated = sorted({m for m in method if method.count(m) > 1})
     if repeated:
         raise ParamsError([f"--method {repeated[0]!r} is given more than once"])
@@ -163,7 +165,8 @@ def distill(method: list[str] = typer.Option(..., "--method", "-m", help="one of
         methods, variant = config.parse_run(spec, p.variants)
         code_check("distill", methods)
         recipe = p.varied(variant, methods).student_for(methods)
-        students.append(runs.Student(methods, variant, name or spec, runs.with_overrides(recipe, model, seed)))
+        student_name = name.replace("{method}", spec) if name else spec
+        students.append(runs.Student(methods, variant, student_name, runs.with_overrides(recipe, model, seed)))
     for student_name, reason in runs.distill(students, p, teacher, data_dir, na_ok).items():
         typer.echo(f"{student_name}: not applicable: {reason}", err=True)
 

@@ -3,8 +3,9 @@ each model library its params.yaml names (kdpipe/models/tv.py for `tv/` models, 
 library.py, which both import):
 every stage validates the params and so imports it; and the report's deps on the files of the methods in its
 `methods` (it reads their labels); and for each tag of `variants`, the distill and evaluate stages of its methods
-(`variant_stages`). A stage depends on exactly the files it imports (tests/test_stage_deps.py);
-after editing `methods`, render again. Usage: python pipelines/render.py FOLDER > pipelines/FOLDER/dvc.yaml"""
+(`variant_stages`); with `group_students`, one distill stage per pair and seed for all the grid's rows
+(`grouped`). A stage depends on exactly the files it imports (tests/test_stage_deps.py);
+after editing `methods` or `group_students`, render again. Usage: python pipelines/render.py FOLDER > pipelines/FOLDER/dvc.yaml"""
 
 import sys
 from pathlib import Path
@@ -27,7 +28,10 @@ def strings(node):
 
 
 def render(folder: str) -> str:
-    params = yaml.safe_load((HERE / folder / "params.yaml").read_text())
+    return render_params(yaml.safe_load((HERE / folder / "params.yaml").read_text()))
+
+
+def render_params(params: dict) -> str:
     named = strings(params)
     files = [f"{f}.py" for prefix, f in LIBRARIES.items() if any(s.startswith(prefix) for s in named)]
     files = ["library.py", *files] if files else []
@@ -42,17 +46,48 @@ def render(folder: str) -> str:
             lines += [f"{line[:line.index('#')]}- ../../kdpipe/distill/{m}.py" for m in sorted(used)]
             continue
         if line == "  report:":
-            lines += [s for tag in params.get("variants") or {} for s in variant_stages("\n".join(lines), tag)]
+            lines += [s for tag in params.get("variants") or {}
+                      for s in variant_stages("\n".join(lines), tag, params.get("group_students", False))]
         lines.append(line)
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    return grouped(text, params) if params.get("group_students", False) else text
 
 
-def variant_stages(text: str, tag: str) -> list[str]:
+def stage_block(text: str, stage: str) -> str:
+    return text[text.index(f"\n  {stage}:\n") + 1:].split("\n\n")[0].rstrip("\n") + "\n"
+
+
+def grouped(text: str, params: dict) -> str:
+    """`group_students: true`: the distill stage per pair and seed instead of per method, training every row of the
+    grid (each method, each variant's `<method>+<tag>`) together: `kdpipe distill -m kd -m at ...`, one teacher
+    forward per batch; it depends on every method's file and params, and writes every row's checkpoint and log."""
+    block = stage_block(text, "distill")
+    used = sorted(set(params["methods"]).union(*(v for v in (params.get("variants") or {}).values())))
+    rows = list(params["methods"]) + [f"{m}+{tag}" for tag, ms in (params.get("variants") or {}).items() for m in ms]
+    run = "${item.pair.teacher}-${item.pair.student}-s${item.seed}"
+    new = (block.replace("      method: ${methods}\n", "")
+           .replace("distill --method ${item.method} ", "distill " + " ".join(f"-m {r}" for r in rows) + " ")
+           .replace(f"--name ${{item.method}}-{run}", f"--name {{method}}-{run}")
+           .replace("      - ../../kdpipe/distill/${item.method}.py\n",
+                    "".join(f"      - ../../kdpipe/distill/{m}.py\n" for m in used))
+           .replace("      - distill.${item.method}\n",
+                    "".join(f"      - distill.{m}\n" for m in used)
+                    + "".join(f"      - variants.{tag}.{m}\n" for tag, ms in (params.get("variants") or {}).items()
+                              for m in ms))
+           .replace(f"      - models/${{item.method}}-{run}.pt\n      - logs/${{item.method}}-{run}.json\n",
+                    "".join(f"      - models/{r}-{run}.pt\n      - logs/{r}-{run}.json\n" for r in rows)))
+    assert "${item.method}" not in new, new
+    return text.replace(block, new, 1)
+
+
+def variant_stages(text: str, tag: str, group_students: bool = False) -> list[str]:
     """The distill and evaluate-distill stages over the methods of `variants.<tag>` (a mapping: DVC's matrix takes
-    its keys): stages distill-<tag>@<method>-pair<i>-<seed>, runs `<method>+<tag>-<teacher>-<student>-s<seed>`."""
+    its keys): stages distill-<tag>@<method>-pair<i>-<seed>, runs `<method>+<tag>-<teacher>-<student>-s<seed>`.
+    With `group_students`, the evaluate stages only (the grouped distill stage trains the variants' rows too)."""
     out = []
-    for stage, name in (("distill", f"distill-{tag}"), ("evaluate-distill", f"evaluate-{tag}")):
-        block = text[text.index(f"\n  {stage}:\n") + 1:].split("\n\n")[0].rstrip("\n") + "\n"
+    stages = (("distill", f"distill-{tag}"), ("evaluate-distill", f"evaluate-{tag}"))
+    for stage, name in stages[1:] if group_students else stages:
+        block = stage_block(text, stage)
         block = (block.replace(f"  {stage}:", f"  {name}:", 1)
                  .replace("method: ${methods}", f"method: ${{variants.{tag}}}")
                  .replace("--method ${item.method} ", f"--method ${{item.method}}+{tag} ")

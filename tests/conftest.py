@@ -39,7 +39,7 @@ TINY = {
 # The suite runs in parallel (`make test`: pytest-xdist, one worker per core, one torch thread each, so the workers
 # do not oversubscribe the cores). Tests on one of the DVC projects reproduced once per session share a worker
 # (`--dist loadgroup`), so each project is built once; they are `slow` (`pytest -m "not slow"` skips them).
-PROJECT_FIXTURES = ("repo", "smoke_pipeline")
+PROJECT_FIXTURES = ("repo", "smoke_pipeline", "smoke_grouped")  # the first a test uses names its group
 TIMEOUT = {"slow": 1800, "fast": 600}  # seconds per test, fixtures included: a hung test fails instead of CI
 
 
@@ -163,15 +163,34 @@ def smoke_params(raw: dict) -> dict:
 def smoke_pipeline(tmp_path_factory) -> Path:
     """pipelines/cifar100 (the full pipelines' one stage definition) in a git repo on `smoke_params`,
     reproduced once with its imports traced (in `<repo>-traces`) and committed: returns the pipeline folder."""
-    d = tmp_path_factory.mktemp("smoke")
+    return reproduced_pipeline(tmp_path_factory.mktemp("smoke"),
+                               smoke_params(yaml.safe_load((ROOT / "pipelines/cifar100/params.yaml").read_text())))
+
+
+@pytest.fixture(scope="session")
+def smoke_grouped(tmp_path_factory) -> Path:
+    """The smoke pipeline in its grouped form (`group_students: true`: one distill stage per pair and seed), on a
+    few methods (one with another teacher mode, one with an init stage, one with a view of its own) and the +LS
+    variants, its dvc.yaml rendered from those params."""
+    from pipelines.render import render_params
+
+    p = smoke_params(yaml.safe_load((ROOT / "pipelines/cifar100/params.yaml").read_text()))
+    p.update(group_students=True, methods=["kd", "dkd", "ofd", "ft", "mlkd"])
+    return reproduced_pipeline(tmp_path_factory.mktemp("grouped"), p, render_params(p))
+
+
+def reproduced_pipeline(d: Path, params: dict, dvc_yaml: str | None = None) -> Path:
+    """pipelines/cifar100's folder under `d` with `params` (and `dvc_yaml`, else the committed one), in a git repo,
+    reproduced once with its imports traced (in `<d>-traces`) and committed: returns the pipeline folder."""
     shutil.copytree(ROOT / "kdpipe", d / "kdpipe", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / ".gitignore", d)
     folder = d / "pipelines" / "cifar100"
     (folder / ".dvc").mkdir(parents=True)
     for f in ("dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore"):
         shutil.copy(ROOT / "pipelines" / "cifar100" / f, folder / f)
-    (folder / "params.yaml").write_text(yaml.safe_dump(
-        smoke_params(yaml.safe_load((ROOT / "pipelines/cifar100/params.yaml").read_text())), sort_keys=False))
+    if dvc_yaml is not None:
+        (folder / "dvc.yaml").write_text(dvc_yaml)
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     published_checkpoint("resnet14", folder / "published" / "resnet14.pth")
     sh("git", "init", "-q", cwd=d)
     sh("git", "add", "-A", cwd=d)

@@ -367,3 +367,30 @@ def test_the_ls_variants_are_their_authors_settings():
         assert (d.mlkd.logit_std, d.mlkd.beta, d.mlkd.temperature, d.mlkd.gamma) == (True, 9.0, 2.0, 0.1)
     # the plain rows keep their own settings
     assert p.distill.for_pair("resnet56", "resnet20").dkd.beta == 2.0 and not p.distill.kd.logit_std
+
+
+def test_the_grouped_grid_trains_what_the_solo_grid_does(smoke_pipeline, smoke_grouped):
+    """`group_students: true`: one distill stage per pair and seed; every row's checkpoint and log equal the solo
+    grid's (pipelines/cifar100 in its committed form), byte for byte."""
+    from tools.stage_deps import check
+
+    def committed_outs(folder):  # path -> md5 in the committed dvc.lock (another test runs experiments there)
+        lock = yaml.safe_load(sh("git", "show", "HEAD:pipelines/cifar100/dvc.lock", cwd=folder))
+        return {o["path"]: o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", [])}
+
+    solo, grouped = committed_outs(smoke_pipeline), committed_outs(smoke_grouped)
+    for row in ["kd", "dkd", "ofd", "ft", "mlkd", "kd+ls", "dkd+ls", "mlkd+ls"]:
+        for f in (f"models/{row}-resnet14-resnet8-s0.pt", f"logs/{row}-resnet14-resnet8-s0.json"):
+            assert grouped[f] == solo[f], f
+    # data, table, teacher, import-teacher, one distill per pair and seed, evaluate x (3 + 5 methods), report,
+    # evaluate-ls x 3: each depends on exactly the code it imports (the grouped stage on each method's file)
+    assert check(smoke_grouped) == 4 + 1 + 3 + 5 + 1 + 3
+    # editing one method's file re-runs its pair's group (every student of it; the only distill stage here)
+    dkd = smoke_grouped.parents[1] / "kdpipe/distill/dkd.py"
+    original = dkd.read_text()
+    try:
+        dkd.write_text(original + "# an edit\n")
+        stale = json.loads(sh(DVC, "status", "--json", cwd=smoke_grouped))
+        assert set(stale) == {"distill@pair0-0", "report"}, stale  # the report reads each method's label
+    finally:
+        dkd.write_text(original)

@@ -51,7 +51,7 @@ def test_init_writes_a_project_whose_params_validate(tmp_path):
 
     raw = yaml.safe_load((proj / "params.yaml").read_text())
     grid = {"recipes", "table", "table_models", "models", "published", "seeds", "launch", "methods", "pairs",
-            "variants"}
+            "variants", "group_students"}
     assert unspelled(raw, config.Params, skip=frozenset(grid | {f"distill.{m}" for m in config.METHODS
                                                                 if m not in ("kd", "dist")})) == []
     # metrics and curves are committed (dvc exp show and metrics diff read them from git revisions)

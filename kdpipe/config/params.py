@@ -48,6 +48,10 @@ class Params(Strict):
     # tag -> method -> keys of distill.<method> it sets, and `by_pair: {"teacher->student": {key: value}}`
     # where the variant's references tune a key per pair (logit-standardization-KD's "+LS" rows)
     variants: dict[str, dict[str, dict]] = {}
+    # the grid's distillations per pair and seed: one stage per student (false), or one stage training every student
+    # of the pair and seed together, one teacher forward per batch (`kdpipe distill -m kd -m dkd ...`); render the
+    # folder's dvc.yaml again (`make pipelines`) after changing it
+    group_students: bool = False
 
     @model_validator(mode="before")
     @classmethod
