@@ -383,11 +383,17 @@ def init(folder: Path = typer.Argument(..., help="the project's folder (created 
 
     chosen = [m for m in methods.split(",") if m]
     for m in chosen:
-        config.parse_methods(m)
+        if len(config.parse_methods(m)) > 1:  # validates the names too
+            fail(f"--methods: {m!r}: a project's rows are single methods (comma-separated: "
+                 f"{m.replace('+', ',')}); train the combination in the project with `kdpipe distill -m {m}`", 2)
     if not chosen or len(set(chosen)) != len(chosen):
         fail(f"--methods: {methods!r}: name each method once", 2)
-    if data is not None and not data.is_dir():
-        fail(f"--data: {data} is not a folder", 2)
+    if data is not None:
+        from .prepare import list_folder
+
+        if not data.is_dir():
+            fail(f"--data: {data} is not a folder", 2)
+        list_folder(data, ("train", "test"))  # the layout, before anything is written (a val/ folder: a hint)
     size = image_size if data is not None else 32  # the synthetic set's images are 32 px
     done = project.init(folder, project.data_path(data, folder), teacher, student, size, chosen, epochs, force)
     typer.echo(f"{folder}: params.yaml, dvc.yaml, kdpipe-code.yaml, README.md written"

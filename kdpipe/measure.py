@@ -28,7 +28,7 @@ from torch import nn
 
 from .checkpoint import atomic_write, load_checkpoint, model_path, restore_model
 from .config import Error
-from .quantize import _need_ort, onnx_path, session
+from .quantize import _need_ort, load_export, onnx_path, session
 from .runtime import Numerics
 from .sources import open_source
 
@@ -117,6 +117,11 @@ def measure(names: list[str], data_dir: Path, metrics_dir: Path, out: Path, pare
     points = {name: accuracy(name, metrics_dir) for name in names}
     source = open_source(data_dir, Numerics(torch.device("cpu"), bf16=False, channels_last=False), workers=0)
     size = source.manifest.image_size
+    for name in names:  # each file kdpipe's export contract at this data's size, before timing any
+        shape = [d.dim_value for d in load_export(onnx_path(name), MeasureError).graph.input[0].type.tensor_type.shape.dim]
+        if shape[1:] != [3, size, size]:
+            raise MeasureError(f"{onnx_path(name)}: takes {'x'.join(map(str, shape[1:]))} images, but {data_dir} "
+                               f"holds 3x{size}x{size}")
     pixels = next(iter(source.test_pixels(cfg.batch_size)))[0]
     batch = (pixels.float() / 255).numpy()
     batch = np.ascontiguousarray(np.resize(batch, (cfg.batch_size,) + batch.shape[1:]))  # repeated where fewer

@@ -107,7 +107,7 @@ IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # to
 IMAGENET = {"classes": 1000, "train": 1_281_167, "val": 50_000}
 
 
-def _list_folder(root: Path, split_names: tuple[str, str] = ("train", "test")):
+def list_folder(root: Path, split_names: tuple[str, str] = ("train", "test")):
     """`root/<train>/<class>/*` and `root/<test>/<class>/*`, with torchvision's ImageFolder discovery (class
     names = sorted folder names, its image extensions): ([(path, label)] per split, classes)."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
@@ -144,7 +144,7 @@ def _list_folder(root: Path, split_names: tuple[str, str] = ("train", "test")):
 
 def _read_folder(root: Path, image_size: int, augment: str):
     """The folder's images decoded and fitted (`fit`) as uint8 arrays: (train, test, classes, resized)."""
-    (train, test), classes = _list_folder(root)
+    (train, test), classes = list_folder(root)
     s, resized, out = stored_size(image_size, augment), 0, []
     for samples in (train, test):
         images = []
@@ -183,7 +183,7 @@ def check_images(paths: list[str], chunk: int = 4096) -> None:
 
 def _stream_samples(root: Path, out_dir: Path, dataset: str = "folder", subset: bool = False):
     """What a stream source reads: each split's files as [path relative to samples.json's folder, label, bytes]."""
-    (train, test), classes = _list_folder(root, ("train", "val") if dataset == "imagenet" else ("train", "test"))
+    (train, test), classes = list_folder(root, ("train", "val") if dataset == "imagenet" else ("train", "test"))
     if dataset == "imagenet" and not subset:
         _check_imagenet(root, train, test, classes)
     check_images([path for path, _ in train + test])

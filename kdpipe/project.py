@@ -157,7 +157,7 @@ def _method_params(method: str, epochs: int) -> dict:
 
 
 def _train_section(model: str, weights: str | None, epochs: int) -> list[str]:
-    runtime = config.Runtime(workers=8).model_dump()
+    runtime = config.Runtime(workers="auto").model_dump()
     runtime = {k: runtime[k] for k in ("device", "bf16", "channels_last", "compile", "sync_bn", "cpu_isa", "cpu_threads",
                                        "workers")}  # the order docs/params.md explains them in
     return [
@@ -203,7 +203,7 @@ def params_text(data: str | None, teacher: str, student: str, image_size: int, m
         f"distill:                   # each method's weights and settings (docs/methods.md); epoch counts for {epochs} epochs",
         *[f"  {m}: {_flow(_method_params(m, epochs))}" for m in methods],
         "",
-        "evaluate: " + _flow({k: v for k, v in sorted(config.Evaluate(batch_size=256, workers=8).model_dump().items(),
+        "evaluate: " + _flow({k: v for k, v in sorted(config.Evaluate(batch_size=256, workers="auto").model_dump().items(),
                                                       key=lambda kv: kv[0] in ("cpu_isa", "cpu_threads", "workers"))}),
         "",
         "",

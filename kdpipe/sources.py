@@ -264,8 +264,11 @@ class StreamSource:
             yield self.normalise(x), y
 
 
-def open_source(data_dir: str | Path, numerics: Numerics, workers: int = 2, normalization: Optional[dict] = None):
-    """The source the prepared data in `data_dir` was made for (its manifest's `storage`)."""
+def open_source(data_dir: str | Path, numerics: Numerics, workers: int | str = 2, normalization: Optional[dict] = None):
+    """The source the prepared data in `data_dir` was made for (its manifest's `storage`); `workers` "auto": as many
+    decoding processes as cores this process may use (its affinity), at most 8."""
+    if workers == "auto":
+        workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     if data_mod.read_manifest(data_dir).storage == "stream":
         return StreamSource(Path(data_dir), numerics, workers, normalization)
     return MemorySource(data_mod.load(data_dir, numerics.device), numerics, normalization)

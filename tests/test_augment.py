@@ -3,6 +3,7 @@ the sources' strong views (drawn from the run's generator, paired with the usual
 count); the imagenet crops against torchvision's `get_params` and plain bilinear resampling."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -127,6 +128,9 @@ def test_stream_strong_view_is_independent_of_workers(tmp_path, photos):
 
     a, b = one_epoch(0), one_epoch(2)
     assert all(isinstance(x, tuple) and len(x) == 2 for x in a)
+    # auto: as many as the cores this process may use (at most 8), the same batches
+    assert sources.open_source(tmp_path / "s", CPU, "auto").workers == min(8, len(os.sched_getaffinity(0)))
+    assert all(torch.equal(u, v) for x, z in zip(a, one_epoch("auto")) for u, v in zip(x, z))
     assert all(torch.equal(u, v) for x, z in zip(a, b) for u, v in zip(x, z))
     assert not torch.equal(a[0][0], a[0][1])
 

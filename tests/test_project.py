@@ -41,6 +41,7 @@ def test_init_writes_a_project_whose_params_validate(tmp_path):
     p = config.load_params(proj / "params.yaml")
     assert p.data.dataset == "synthetic" and p.teacher.epochs == p.student.epochs == 5
     assert p.teacher.model == "tv/resnet50" and p.teacher.weights == "DEFAULT"
+    assert p.teacher.runtime.workers == p.student.runtime.workers == p.evaluate.workers == "auto"  # not 8 on 2 cores
     stages = sh(DVC, "stage", "list", "--names-only", cwd=proj).split()
     assert stages == ["data", "teacher", "student", "distill@kd", "distill@dist",
                       *(f"evaluate@{n}" for n in ("teacher", "student", "kd", "dist")),
@@ -74,8 +75,14 @@ def test_init_scales_the_methods_epoch_counts():
     (["--student", "tv/mobilenet_v9"], "mobilenet_v9"),
     (["--data", "no/such/folder"], "no/such/folder"),
     (["--methods", "kd,kd"], "once"),
+    (["--methods", "kd+at"], "a project's rows are single methods (comma-separated: kd,at)"),
+    (["--data", "photos_with_val"], "photos_with_val/test: [Errno 2] No such file or directory: "),
+    (["--data", "photos_with_val"], "found val/: rename it to test/"),
 ])
 def test_init_refuses_bad_input_and_writes_nothing(tmp_path, args, message):
+    for split in ("train", "val"):  # a layout with val/ instead of test/
+        (tmp_path / "photos_with_val" / split / "cat").mkdir(parents=True)
+        (tmp_path / "photos_with_val" / split / "cat" / "a.jpg").write_bytes(b"")
     r = kdpipe("init", "proj", *args, cwd=tmp_path)
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and len(lines) == 1 and message in lines[0], r.stderr

@@ -137,6 +137,41 @@ def test_quantize_without_an_exported_model_is_one_line(project):
     assert not (project / "metrics/ghost.int8.json").exists() and not (project / "models/ghost.int8.onnx").exists()
 
 
+def one_line_error(args, expected):
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 1 and result.output.strip() == f"error: {expected}", result.output
+
+
+def test_bad_model_files_are_one_line_errors_and_write_nothing(project):
+    invoke("quantize", "student")
+    one_line_error(["quantize", "student.int8"], "models/student.int8.onnx: already an INT8 model (quantize the fp32 "
+                                                  "export: `kdpipe quantize student`)")
+    (project / "models/corrupt.onnx").write_bytes(b"\x08\x07garbage, not a protobuf")
+    one_line_error(["quantize", "corrupt"], "models/corrupt.onnx: not a readable ONNX model (DecodeError)")
+    # a foreign graph: an input of another name and rank (3 dimensions)
+    import onnx.helper as h
+
+    graph = h.make_graph([h.make_node("Identity", ["x"], ["y"])], "foreign",
+                         [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 32, 32])],
+                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 32, 32])])
+    onnx.save(h.make_model(graph), str(project / "models/foreign.onnx"))
+    contract = "not a kdpipe export (one input `image`, float32 N x 3 x S x S; one output `logits`)"
+    one_line_error(["quantize", "foreign"], f"models/foreign.onnx: {contract}")
+    shutil.copy(project / "metrics/student.json", project / "metrics/foreign.json")
+    shutil.copy(project / "models/student.pt", project / "models/foreign.pt")
+    one_line_error(["measure", "student", "foreign"], f"models/foreign.onnx: {contract}")
+    # the right contract at another image size
+    graph = h.make_graph([h.make_node("Flatten", ["image"], ["logits"])], "small",
+                         [h.make_tensor_value_info("image", onnx.TensorProto.FLOAT, ["N", 3, 16, 16])],
+                         [h.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 768])])
+    onnx.save(h.make_model(graph), str(project / "models/foreign.onnx"))
+    one_line_error(["measure", "student", "foreign"], "models/foreign.onnx: takes 3x16x16 images, but "
+                                                       "data/prepared holds 3x32x32")
+    for name in ("corrupt", "foreign", "student.int8.int8"):
+        assert not (project / f"models/{name}.int8.onnx").exists() and not (project / f"metrics/{name}.int8.json").exists()
+    assert not (project / "metrics/measure.json").exists()
+
+
 def test_params_sections_are_strict():
     p = config.validate({})
     assert (p.quantize.calibration_images, p.quantize.per_channel, p.quantize.calibration_method) == (256, True, "minmax")

@@ -3,11 +3,14 @@ runtime."""
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
 from .base import ModelName, Strict
+
+# decoding processes of a streamed source: a count, or "auto" (sources.open_source resolves it on the machine)
+Workers = Union[Annotated[int, Field(ge=0)], Literal["auto"]]
 
 
 class Optim(Strict):
@@ -60,7 +63,8 @@ class Runtime(CpuPin):
     channels_last: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA and a native-ISA CPU, off under cpu_isa avx2
     compile: bool = False
     sync_bn: bool = False  # under torchrun: SyncBatchNorm instead of per-rank BN statistics (CUDA only)
-    workers: int = Field(2, ge=0, description="data: source stream: decoding processes (results do not depend on it)")
+    workers: Workers = Field(2, description="data: source stream: decoding processes, or auto: the cores this "
+                                           "process may use (results do not depend on it)")
 
     @field_validator("device")
     @classmethod
@@ -111,4 +115,5 @@ class Train(Strict):
 class Evaluate(CpuPin):
     batch_size: int = Field(1000, ge=1)
     device: str = "auto"
-    workers: int = Field(2, ge=0, description="data: source stream: decoding processes")
+    workers: Workers = Field(2, description="data: source stream: decoding processes, or auto (the cores this "
+                                           "process may use)")
