@@ -103,17 +103,23 @@ def deployment_section(measured: dict, machine: dict) -> str:
     for name, r in measured.items():
         fp = measured.get(name.removesuffix(".int8")) if name.endswith(".int8") else None
         speedup = f"{fp['latency_ms_p50'] / r['latency_ms_p50']:.2f}×" if fp else ""
-        lines.append(f"| {name} | {r['precision']} | {r['top1']:.2f} | {r['latency_ms_p50']:.2f} | "
-                     f"{r['latency_ms_p95']:.2f} | {r['images_per_s']:.0f} | {r['size_mb']:.2f} | {r['params_m']:.2f} | "
-                     f"{r['macs_g']:.3f} | {speedup} |")
-    where = (f"{machine.get('cpu', '?')}, onnxruntime {machine.get('onnxruntime', '?')}, "
-             f"{machine.get('threads', '?')} thread(s)") if machine else "see metrics/measure.json"
-    return ("\n## Deployment\n\n`kdpipe measure` on the CPU (" + where + "): batch-1 latency, images/s at batch "
-            f"{next(iter(measured.values()))['batch_size']}, file size; parameters and MACs of the PyTorch model. "
+        lines.append(f"| {name} | {r['precision']} | {r['top1']:.2f} | {r['latency_ms_p50']:.2f} "
+                     f"({r['latency_ms_iqr']:.2f}) | {r['latency_ms_p95']:.2f} | {r['images_per_s']:.0f} "
+                     f"({r['images_per_s_iqr']:.0f}) | {r['size_mb']:.2f} | {r['params_m']:.2f} | "
+                     f"{r['macs_g']:.3f} | {speedup} | {'✓' if r['pareto'] else ''} |")
+    where = (f"{machine.get('cpu', '?')} ({', '.join(machine.get('isa', [])) or 'no AVX2'}; "
+             f"{machine.get('cores_available', '?')} cores available), onnxruntime {machine.get('onnxruntime', '?')}, "
+             f"{machine.get('threads', '?')} thread(s), load average {machine.get('load_average_before', ['?'])[0]} "
+             "before timing") if machine else "see metrics/measure.json"
+    return ("\n## Deployment\n\n`kdpipe measure` on the CPU (" + where + "): the models timed interleaved over "
+            f"{machine.get('rounds', '?')} rounds; batch-1 latency p50 with its spread (the interquartile range of "
+            f"the rounds' p50s), p95, images/s at batch {next(iter(measured.values()))['batch_size']} (its IQR over "
+            "rounds), file size; parameters and MACs of the PyTorch model. "
             "Top1: the last epoch's (the exported weights) for fp32, the INT8 test for int8. Speed-up: the fp32 file's "
-            "p50 over the INT8 file's.\n\n"
-            "| model | precision | Top1 (%) | p50 (ms) | p95 (ms) | images/s | size (MB) | params (M) | MACs (G) | "
-            "speed-up |\n|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(lines)
+            "p50 over the INT8 file's. Front: on the Pareto front of Top-1 and latency, where a latency difference "
+            "counts only beyond the spread and files of one graph have one latency.\n\n"
+            "| model | precision | Top1 (%) | p50 (IQR) (ms) | p95 (ms) | images/s (IQR) | size (MB) | params (M) | "
+            "MACs (G) | speed-up | front |\n|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(lines)
             + "\n\n![Top-1 vs batch-1 latency](pareto.png)\n")
 
 

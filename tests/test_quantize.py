@@ -175,7 +175,7 @@ def test_bad_model_files_are_one_line_errors_and_write_nothing(project):
 def test_params_sections_are_strict():
     p = config.validate({})
     assert (p.quantize.calibration_images, p.quantize.per_channel, p.quantize.calibration_method) == (256, True, "minmax")
-    assert (p.measure.threads, p.measure.warmup, p.measure.runs, p.measure.batch_size) == (1, 10, 100, 32)
+    assert (p.measure.threads, p.measure.warmup, p.measure.runs, p.measure.rounds, p.measure.batch_size) == (1, 10, 20, 5, 32)
     for bad, msg in (({"quantize": {"calibration_images": 0}}, "quantize.calibration_images"),
                      ({"quantize": {"calibration_method": "kl"}}, "quantize.calibration_method"),
                      ({"quantize": {"per_chanel": True}}, "did you mean 'per_channel'"),
@@ -212,8 +212,64 @@ def test_measure(project):
         rows = list(csv.DictReader(f))
     assert [r["name"] for r in rows] == ["student", "student.int8"]
     points = [(doc[r["name"]]["latency_ms_p50"], doc[r["name"]]["top1"]) for r in rows]
-    assert [int(r["pareto"]) for r in rows] == [int(v) for v in measure.pareto_front(points)]
+    front = measure.pareto_front(points, [doc[r["name"]]["latency_ms_iqr"] for r in rows],
+                                 [doc[r["name"]]["graph"] for r in rows])
+    assert [int(r["pareto"]) for r in rows] == [int(v) for v in front]
+    m = doc["_machine"]
+    assert m["rounds"] == 5 and m["cores_available"] >= 1 and set(m["isa"]) <= set(measure.ISA_FLAGS)
+    assert len(m["load_average_before"]) == 3 and m["waited_for_another_measure_s"] >= 0
+    for r in (doc["student"], doc["student.int8"]):
+        assert r["rounds"] == 5 and r["latency_ms_iqr"] >= 0 and r["images_per_s_iqr"] >= 0
+    assert doc["student"]["graph"] != doc["student.int8"]["graph"]
     assert [(float(r["latency_ms"]), float(r["top1"])) for r in rows] == points
+
+
+def test_twins_of_one_graph_are_one_latency_class(project):
+    """Two files of the same graph: the same accuracy puts both on the front, whatever their timed latencies; a
+    less accurate twin is never on it, however its timing fell (a front ordered by noise otherwise)."""
+    for twin, top1_last in (("twin", None), ("worse", -5.0)):
+        shutil.copy(project / "models/student.onnx", project / f"models/{twin}.onnx")
+        shutil.copy(project / "models/student.pt", project / f"models/{twin}.pt")
+        m = json.loads((project / "metrics/student.json").read_text())
+        if top1_last is not None:
+            m["top1_last"] += top1_last
+        (project / f"metrics/{twin}.json").write_text(json.dumps(m))
+    invoke("measure", "student", "twin", "worse")
+    doc = json.loads((project / "metrics/measure.json").read_text())
+    assert doc["student"]["graph"] == doc["twin"]["graph"] == doc["worse"]["graph"]
+    assert [doc[n]["pareto"] for n in ("student", "twin", "worse")] == [True, True, False]
+
+
+def test_interleaved_rounds_rotate_the_order():
+    calls = []
+
+    class Fake:  # an onnxruntime session that records who ran
+        def __init__(self, name):
+            self.name = name
+
+        def run(self, outputs, feeds):
+            calls.append((self.name, len(feeds["image"])))
+
+    cfg = config.validate({"measure": {"warmup": 1, "runs": 2, "rounds": 3, "batch_size": 4}}).measure
+    one, batch = np.zeros((1, 3, 8, 8), np.float32), np.zeros((4, 3, 8, 8), np.float32)
+    out = measure.interleaved({n: Fake(n) for n in "abc"}, one, batch, cfg)
+    visits = [n for i, (n, size) in enumerate(calls[3:]) if size == 1 and (i == 0 or calls[3:][i - 1][1] == 4)]
+    assert visits == list("abc" "bca" "cab")  # each round starts one further
+    assert all(len(lat) == 3 * 2 and len(p50) == len(ips) == 3 for lat, p50, ips in out.values())
+
+
+def test_measurements_serialise_on_the_machine_lock(tmp_path):
+    """While one `kdpipe measure` holds the machine's lock, another process cannot take it."""
+    import subprocess
+    import sys
+
+    probe = ("import fcntl, tempfile, pathlib; f = open(pathlib.Path(tempfile.gettempdir()) / 'kdpipe-measure.lock', 'a')\n"
+             "try:\n    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB); print('free')\n"
+             "except BlockingIOError:\n    print('held')")
+    with measure.machine_lock() as waited:
+        assert waited >= 0
+        assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "held"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "free"
 
 
 def test_measure_needs_the_model_file_and_its_metrics(project):
@@ -246,6 +302,15 @@ def test_pareto_front_hand_worked():
               (4.0, 70.0 - 1e-9)]  # H: as slow as F, a hair worse
     assert measure.pareto_front(points) == [True, True, False, True, True, True, False, False]
     assert measure.pareto_front([]) == [] and measure.pareto_front([(3.0, 1.0)]) == [True]
+    # with each latency's spread: A 1.00 ± 0.10 and B 1.05 ± 0.08 are equal within noise, so the more accurate B
+    # dominates A; C at 0.80 is faster than both beyond their spreads: on the front
+    noisy = [(1.00, 50.0), (1.05, 60.0), (0.80, 40.0)]
+    assert measure.pareto_front(noisy) == [True, True, True]
+    assert measure.pareto_front(noisy, [0.10, 0.08, 0.01]) == [False, True, True]
+    assert measure.pareto_front(noisy, [0.30, 0.08, 0.01]) == [False, True, False]  # 0.25 apart: within A's 0.30
+    # one graph, one latency: the less accurate twin is off the front although it was timed faster
+    assert measure.pareto_front([(1.0, 60.0), (0.5, 55.0)], classes=["g", "g"]) == [True, False]
+    assert measure.pareto_front([(1.0, 60.0), (0.5, 55.0)], classes=["g", "h"]) == [True, True]
 
 
 def test_report_gains_int8_and_deployment_parts_only_when_their_files_exist(project):
@@ -262,10 +327,12 @@ def test_report_gains_int8_and_deployment_parts_only_when_their_files_exist(proj
     assert (f"| student (INT8) | {m['top1']:.2f} | {m['top5']:.2f} | {m['fp32_top1']:.2f} | {m['fp32_top5']:.2f} | "
             f"{-m['top1_drop']:+.2f} | 50 |") in after
     fp, i8 = d["student"], d["student.int8"]
-    assert f"| student | fp32 | {fp['top1']:.2f} | {fp['latency_ms_p50']:.2f} | {fp['latency_ms_p95']:.2f} |" in after
+    assert (f"| student | fp32 | {fp['top1']:.2f} | {fp['latency_ms_p50']:.2f} ({fp['latency_ms_iqr']:.2f}) | "
+            f"{fp['latency_ms_p95']:.2f} | {fp['images_per_s']:.0f} ({fp['images_per_s_iqr']:.0f}) |") in after
     speedup = fp["latency_ms_p50"] / i8["latency_ms_p50"]
-    assert f"| student.int8 | int8 | {i8['top1']:.2f} | {i8['latency_ms_p50']:.2f} |" in after
-    assert after.rstrip("\n").split("\n")[-3].endswith(f"| {speedup:.2f}× |")
+    assert f"| student.int8 | int8 | {i8['top1']:.2f} | {i8['latency_ms_p50']:.2f} ({i8['latency_ms_iqr']:.2f}) |" in after
+    assert after.rstrip("\n").split("\n")[-3].endswith(f"| {speedup:.2f}× | {'✓' if i8['pareto'] else ''} |")
+    assert f"timed interleaved over {d['_machine']['rounds']} rounds" in after
     assert "](pareto.png)" in after and (project / "r2/pareto.png").read_bytes()[:4] == b"\x89PNG"
     # a run not in the report brings none of its rows
     assert report.deployment(["teacher"], project / "metrics") == {} and report.int8_section(["teacher"], project / "metrics") == ""

@@ -26,5 +26,6 @@ class Measure(Strict):
 
     threads: int = Field(1, ge=1, description="onnxruntime intra-op threads (inter-op 1, sequential)")
     warmup: int = Field(10, ge=0, description="untimed batch-1 runs first")
-    runs: int = Field(100, ge=2, description="timed batch-1 runs: latency p50 and p95")
+    runs: int = Field(20, ge=2, description="timed batch-1 runs of each model in each round: latency p50 and p95")
+    rounds: int = Field(5, ge=1, description="rounds over the models, interleaved: the spread of latency over rounds")
     batch_size: int = Field(32, ge=1, description="the batch of the images/s figure")
