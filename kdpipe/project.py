@@ -28,8 +28,13 @@ CODE_FILE = "kdpipe-code.yaml"
 
 # The package files (relative to kdpipe/) each kind of stage imports or reads: tools/stage_deps.py checks them
 # against the files the stages of a project really imported (CI's `kdpipe init` run). models/*: the model registry
-# and every family file, torchvision's and timm's included (the params may name any of them).
-MODELS = ["config/*.py", "data.py", "models/*.py"]
+# and every family file, torchvision's and timm's included (the params may name any of them). config/deploy.py,
+# the schema of `quantize` and `measure`, is imported by every stage (each validates the whole params file) but
+# decides the results of those two alone (VALIDATION_ONLY).
+CONFIG = [f"config/{f}.py" for f in ("__init__", "base", "data", "distill", "errors", "load", "params", "train")]
+MODELS = [*CONFIG, "data.py", "models/*.py"]
+DEPLOY_SCHEMA = "config/deploy.py"
+VALIDATION_ONLY = {DEPLOY_SCHEMA}
 LOADING = ["checkpoint.py", "runtime.py", "augment.py", "sources.py"]
 LOOP = [*LOADING, "engine.py", "progress.py", "losses.py"]
 CODE = {
@@ -38,10 +43,16 @@ CODE = {
     "distill": [*MODELS, *LOOP, "runs.py", "distill/__init__.py", "distill/base.py", "distill/functional.py"],
     "evaluate": [*MODELS, *LOOP, "evaluate.py"],
     "export": [*MODELS, *LOADING, "export.py"],
-    "quantize": [*MODELS, *LOADING, "quantize.py"],
-    "measure": [*MODELS, *LOADING, "quantize.py", "measure.py"],
+    "quantize": [*MODELS, *LOADING, DEPLOY_SCHEMA, "quantize.py"],
+    "measure": [*MODELS, *LOADING, DEPLOY_SCHEMA, "quantize.py", "measure.py"],
     "report": [*MODELS, "report.py", "names.py", "plots.py", "published.py", "published.yaml"],
 }
+# The installed packages whose version can change a kind of stage's results (decoding, kernels, the exporter,
+# onnxruntime's quantizer and runtime): part of its hash, so an upgrade re-runs what it may change.
+VERSIONS = {"data": ["torch", "torchvision", "pillow"], "train": ["torch", "torchvision"],
+            "distill": ["torch", "torchvision"], "evaluate": ["torch", "torchvision"],
+            "export": ["torch", "torchvision", "onnx", "onnxscript"], "quantize": ["torch", "onnx", "onnxruntime"],
+            "measure": ["torch", "onnx", "onnxruntime"], "report": ["matplotlib"]}
 # the command each kind of stage runs (cli.py calls `check` with it)
 COMMAND_CODE = {"data": "data", "teacher": "train", "student": "train", "evaluate": "evaluate",
                 "export": "export", "quantize": "quantize", "measure": "measure", "report": "report"}
@@ -64,10 +75,42 @@ def code_files(kind: str, method: str | None = None) -> list[str]:
     return sorted(files)
 
 
+def code_text_of(path: Path) -> bytes:
+    """What of a file can change results: a Python file's syntax tree without its docstrings (comments are not in
+    it), so editing a comment or a docstring re-runs nothing; another file's bytes. (The tree's printed form is
+    Python's: another Python version may print it otherwise, and then re-runs the stages.)"""
+    if path.suffix != ".py":
+        return path.read_bytes()
+    import ast
+
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree, annotate_fields=False).encode()
+
+
+def package_versions(kind: str) -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for name in VERSIONS[kind]:
+        try:
+            out.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            out.append(f"{name} absent")
+    return out
+
+
 def code_hash(kind: str, method: str | None = None) -> str:
     h = hashlib.sha256()
     for rel in code_files(kind, method):
-        h.update(rel.encode() + b"\0" + (package_root() / rel).read_bytes() + b"\0")
+        h.update(rel.encode() + b"\0" + code_text_of(package_root() / rel) + b"\0")
+    for line in package_versions(kind):
+        h.update(line.encode() + b"\0")
     return h.hexdigest()[:16]
 
 

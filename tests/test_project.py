@@ -109,22 +109,52 @@ def flat(record: dict) -> dict:
             for m, h in (v.items() if isinstance(v, dict) else [(None, v)])}
 
 
+TRAINED = {"train", "evaluate"} | {f"distill.{m}" for m in config.METHODS}
+
+
 @pytest.mark.parametrize("edited, changed", [
     ("distill/dkd.py", {"distill.dkd"}),
     ("report.py", {"report"}),
     ("quantize.py", {"quantize", "measure"}),  # measure runs the files through quantize.py's session
     ("prepare.py", {"data"}),
     # the training loop decides every trained and evaluated result, never the data, export or report
-    ("engine.py", {"train", "evaluate"} | {f"distill.{m}" for m in config.METHODS}),
+    ("engine.py", TRAINED),
+    # the quantize/measure schema: every stage imports it to validate the params file, those two alone depend on it
+    ("config/deploy.py", {"quantize", "measure"}),
 ])
 def test_an_edit_of_the_installed_package_changes_its_stages_keys_alone(tmp_path, edited, changed):
     env = installed_copy(tmp_path)
     before = flat(record_of(env))
     path = tmp_path / "site" / "kdpipe" / edited
-    path.write_text(path.read_text() + "\n# edited\n")
+    path.write_text(path.read_text() + "\n# a comment changes nothing\n")
+    assert flat(record_of(env)) == before
+    path.write_text(path.read_text().replace('"""', '""" A docstring changes nothing.', 1))
+    assert flat(record_of(env)) == before
+    path.write_text(path.read_text() + "\nEDITED = 1  # code does\n")
     after = flat(record_of(env))
     assert {k for k in before if before[k] != after[k]} == changed
     assert flat(record_of(env)) == after  # deterministic
+
+
+@pytest.mark.parametrize("package, changed", [
+    ("onnxruntime", {"quantize", "measure"}),
+    ("torch", {"data", "export", "quantize", "measure"} | TRAINED),
+    ("matplotlib", {"report"}),
+])
+def test_an_upgrade_of_a_package_changes_the_keys_it_decides(monkeypatch, package, changed):
+    from importlib import metadata
+
+    before = flat(project.code_record())
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "99.0" if name == package else real(name))
+    after = flat(project.code_record())
+    assert {k for k in before if before[k] != after[k]} == changed
+
+
+def test_the_config_files_are_all_named():
+    # a new config file is in every stage's code (project.CONFIG) or says which stages it decides
+    files = {f"config/{f.name}" for f in (project.package_root() / "config").glob("*.py")}
+    assert files == set(project.CONFIG) | {project.DEPLOY_SCHEMA}
 
 
 def test_examples_compress_is_what_init_writes():
@@ -153,7 +183,7 @@ def test_a_package_change_reruns_its_stage_alone(tmp_path):
     assert json.loads(sh(DVC, "status", "--json", *stages, cwd=proj, env=env)) == {}
 
     dkd = tmp_path / "site" / "kdpipe" / "distill" / "dkd.py"
-    dkd.write_text(dkd.read_text() + "\n# a new release\n")
+    dkd.write_text(dkd.read_text() + "\nNEW_RELEASE = 1\n")
     r = kdpipe("distill", "-m", "dkd", cwd=proj, env=env)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "distill.dkd" in r.stderr and "kdpipe sync" in r.stderr
     record = (proj / project.CODE_FILE).read_bytes()
