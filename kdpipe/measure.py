@@ -36,7 +36,7 @@ from torch import nn
 
 from .checkpoint import atomic_write, load_checkpoint, model_path, restore_model
 from .config import Error
-from .quantize import _need_ort, load_export, onnx_path, session
+from .quantize import _need_ort, cpu_flags, load_export, onnx_path, session
 from .runtime import Numerics
 from .sources import open_source
 
@@ -121,11 +121,7 @@ def machine(threads: int) -> dict:
     process may use (its affinity, which a container or taskset limits, not the machine's count), onnxruntime."""
     import onnxruntime
 
-    try:
-        words = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("flags")), [])
-    except OSError:
-        words = []
+    words = cpu_flags()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"cpu": cpu_name(), "isa": [f for f in ISA_FLAGS if f in words], "cores_available": cores,
             "cores_machine": os.cpu_count(), "onnxruntime": onnxruntime.__version__, "threads": threads,

@@ -76,6 +76,18 @@ def calibration_indices(train_size: int, n: int, seed: int) -> list[int]:
     return sorted(perm[:min(n, train_size)].tolist())
 
 
+# graph nodes the guard never weighs: the input normalisation (before the first QuantizeLinear) and shape plumbing
+NOT_CANDIDATES = {"Sub", "Div", "Flatten", "Reshape", "Shape", "Gather", "Unsqueeze", "Concat", "Identity"}
+
+
+def held_out_batches(source, idx: list[int]):
+    """(uint8 pixels, labels) batches of the training images `idx` (evaluation view), read a batch at a time."""
+    labels = torch.as_tensor(source.train_labels).cpu()
+    for i in range(0, len(idx), EVAL_BATCH):
+        chunk = idx[i:i + EVAL_BATCH]
+        yield source.train_pixels(chunk), labels[chunk]
+
+
 def top_k(session_, batches) -> dict:
     """Top-1 and Top-5 (%) of an onnxruntime session over uint8 (x, y) batches (fed as pixels / 255), counted as
     the engine's evaluate counts them (`topk`: the first of equal logits wins)."""
@@ -88,26 +100,69 @@ def top_k(session_, batches) -> dict:
     return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "classes": classes}
 
 
-def _reader(x: np.ndarray):
+def _reader(source, idx: list[int]):
+    """The calibration images, read a batch at a time from the source (never the whole set in memory)."""
     from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.batches = iter([x[i:i + CALIBRATION_BATCH] for i in range(0, len(x), CALIBRATION_BATCH)])
+            self.chunks = iter([idx[i:i + CALIBRATION_BATCH] for i in range(0, len(idx), CALIBRATION_BATCH)])
 
         def get_next(self):
-            batch = next(self.batches, None)
-            return None if batch is None else {"image": batch}
+            chunk = next(self.chunks, None)
+            return None if chunk is None else {"image": (source.train_pixels(chunk).float() / 255).numpy()}
 
     return Reader()
 
 
-def settings_of(cfg) -> dict:
+def cpu_flags() -> set[str]:
+    """The CPU's feature words (/proc/cpuinfo's `flags`; empty where there is none)."""
+    try:
+        return set(next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("flags")), []))
+    except OSError:
+        return set()
+
+
+def reduce_range_for(cfg) -> bool:
+    """`quantize.reduce_range`; auto: on where the CPU has no VNNI (AVX-512 VNNI or AVX-VNNI), whose u8 x s8 dot
+    products are exact; without it onnxruntime's AVX2 kernels add pairs of products in int16, which can saturate."""
+    if cfg.reduce_range != "auto":
+        return cfg.reduce_range
+    return not ({"avx512_vnni", "avx_vnni"} & cpu_flags())
+
+
+def settings_of(cfg, reduce_range: bool) -> dict:
     import onnxruntime
 
     return {"format": "QDQ", "activations": "uint8", "weights": "int8", "per_channel": cfg.per_channel,
-            "reduce_range": cfg.reduce_range, "calibration_method": cfg.calibration_method,
-            "calibration_images": cfg.calibration_images, "seed": cfg.seed, "onnxruntime": onnxruntime.__version__}
+            "reduce_range": reduce_range, "calibration_method": cfg.calibration_method,
+            "calibration_images": cfg.calibration_images, "seed": cfg.seed, "max_drop": cfg.max_drop,
+            "onnxruntime": onnxruntime.__version__}
+
+
+GUARD_IMAGES = 512  # held-out training images (not calibrated on) the accuracy guard measures the drop on
+
+
+def guarded(quantize_with, fp32_top1: float, top1_of, candidates: list[str], max_drop: float):
+    """The accuracy guard: quantize (`quantize_with(excluded) -> path`), and while the INT8 model's Top-1
+    (`top1_of(path)`) is more than `max_drop` points below the fp32 one's, keep more layers in fp32: each
+    candidate's sensitivity is the Top-1 with it alone excluded, and the layers are excluded in that order (the
+    most accuracy restored first) until the drop holds. Returns (path, excluded layers, drop), or raises."""
+    path = quantize_with([])
+    drop = fp32_top1 - top1_of(path)
+    if drop <= max_drop:
+        return path, [], drop
+    sensitivity = {c: top1_of(quantize_with([c])) for c in candidates}
+    excluded = []
+    for c in sorted(candidates, key=lambda c: -sensitivity[c]):  # stable: the graph's order breaks ties
+        excluded.append(c)
+        path = quantize_with(excluded)
+        drop = fp32_top1 - top1_of(path)
+        if drop <= max_drop:
+            return path, excluded, drop
+    raise QuantizeError(f"INT8 loses {drop:.2f} points of Top-1 on the held-out images even with every layer in "
+                        f"fp32 (quantize.max_drop {max_drop})")
 
 
 def quantize(fp32: Path, out: Path, metrics_path: Path, data_dir: Path, cfg) -> dict:
@@ -134,20 +189,35 @@ def quantize(fp32: Path, out: Path, metrics_path: Path, data_dir: Path, cfg) -> 
     idx = calibration_indices(source.train_size, cfg.calibration_images, cfg.seed)
     if not idx:
         raise QuantizeError(f"{data_dir}: no training images to calibrate the INT8 ranges on")
-    calib = (source.train_pixels(idx).float() / 255).numpy()
+    # the guard's images: training images the ranges were not calibrated on (the calibration ones where none is
+    # left), never the test set, which then measures the result
+    perm = torch.randperm(source.train_size, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    held_out = sorted(perm[len(idx):len(idx) + GUARD_IMAGES]) or idx
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[cfg.calibration_method]
-    settings = settings_of(cfg)
+    reduce_range = reduce_range_for(cfg)
+    settings = settings_of(cfg, reduce_range)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
         with tempfile.TemporaryDirectory(prefix="kdpipe-quantize-") as work:
             pre = Path(work) / "pre.onnx"
             quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=False)
-            quantize_static(str(pre), str(Path(work) / "q.onnx"), _reader(calib), quant_format=QuantFormat.QDQ,
-                            per_channel=cfg.per_channel, reduce_range=cfg.reduce_range,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method)
-            q = onnx.load(str(Path(work) / "q.onnx"))
+
+            def quantize_with(excluded: list[str]) -> Path:
+                q_path = Path(work) / f"q{len(excluded)}-{abs(hash(tuple(excluded)))}.onnx"
+                quantize_static(str(pre), str(q_path), _reader(source, idx), quant_format=QuantFormat.QDQ,
+                                per_channel=cfg.per_channel, reduce_range=reduce_range,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method,
+                                nodes_to_exclude=list(excluded))
+                return q_path
+
+            def top1_of(path: Path) -> float:
+                return top_k(session(path, cfg.threads), held_out_batches(source, held_out))["top1"]
+
+            candidates = [n.name for n in onnx.load(str(pre)).graph.node if n.op_type not in NOT_CANDIDATES]
+            q_path, excluded, guard_drop = guarded(quantize_with, top1_of(pre), top1_of, candidates, cfg.max_drop)
+            q = onnx.load(str(q_path))
         del q.metadata_props[:]
         for p in proto.metadata_props:
             q.metadata_props.add(key=p.key, value=p.value)
@@ -157,7 +227,10 @@ def quantize(fp32: Path, out: Path, metrics_path: Path, data_dir: Path, cfg) -> 
         i8 = top_k(session(tmp, cfg.threads), source.test_pixels(EVAL_BATCH))
         metrics = {"top1": round(i8["top1"], 2), "top5": round(i8["top5"], 2), "fp32_top1": round(fp["top1"], 2),
                    "fp32_top5": round(fp["top5"], 2), "top1_drop": round(fp["top1"] - i8["top1"], 2),
-                   "calibration_images": len(idx)}
+                   "calibration_images": len(idx), "reduce_range": reduce_range,
+                   # the guard: the drop on held-out training images, and the layers it kept in fp32 to hold it
+                   "guard": {"max_drop": cfg.max_drop, "held_out_images": len(held_out),
+                             "top1_drop_held_out": round(guard_drop, 2), "fp32_layers": excluded}}
         if i8["classes"] <= 5:  # Top-5 of 5 classes or fewer is always 100 %
             for k in ("top5", "fp32_top5"):
                 del metrics[k]

@@ -19,7 +19,9 @@ from kdpipe.cli import app
 
 from .conftest import tiny_params
 
-FAST = {"quantize": {"calibration_images": 50, "seed": 0}, "measure": {"warmup": 1, "runs": 5, "batch_size": 8}}
+# max_drop 100: the guard never falls back here (its own tests below set it); 46 held-out images, 2.2 points each
+FAST = {"quantize": {"calibration_images": 50, "seed": 0, "max_drop": 100.0},
+        "measure": {"warmup": 1, "runs": 5, "batch_size": 8}}
 
 
 def invoke(*args, code=0):
@@ -96,7 +98,8 @@ def test_quantize_writes_an_int8_model_with_the_same_contract_and_true_metrics(p
     x, y = np.load(project / "data/prepared/test_x.npy"), np.load(project / "data/prepared/test_y.npy")
     assert len(y) == 40
     m = json.loads((project / "metrics/student.int8.json").read_text())
-    assert set(m) == {"top1", "top5", "fp32_top1", "fp32_top5", "top1_drop", "calibration_images"}
+    assert set(m) == {"top1", "top5", "fp32_top1", "fp32_top5", "top1_drop", "calibration_images",
+                      "reduce_range", "guard"}
     top1, top5 = ort_accuracy(project / "models/student.int8.onnx", x, y)
     fp_top1, fp_top5 = ort_accuracy(project / "models/student.onnx", x, y)
     assert (m["top1"], m["top5"], m["fp32_top1"], m["fp32_top5"]) == \
@@ -222,6 +225,76 @@ def test_measure(project):
         assert r["rounds"] == 5 and r["latency_ms_iqr"] >= 0 and r["images_per_s_iqr"] >= 0
     assert doc["student"]["graph"] != doc["student.int8"]["graph"]
     assert [(float(r["latency_ms"]), float(r["top1"])) for r in rows] == points
+
+
+def broken_copy(project, name="broken"):
+    """The student's ONNX file with 10^4 added to every logit: the same argmax in fp32, but the INT8 logits share one
+    uint8 range of [0, 10^4 + x], about 40 per level, so they collapse and the INT8 model guesses."""
+    import onnx.numpy_helper as nh
+
+    proto = onnx.load(project / "models/student.onnx")
+    gemm = next(n for n in proto.graph.node if n.op_type == "Gemm")
+    bias = next(t for t in proto.graph.initializer if t.name == gemm.input[2])
+    bias.CopyFrom(nh.from_array(nh.to_array(bias) + np.float32(1e4), bias.name))
+    onnx.save(proto, str(project / f"models/{name}.onnx"))
+    return gemm.name
+
+
+def set_quantize(project, **keys):
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["quantize"].update(keys)
+    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+
+
+def test_the_accuracy_guard_keeps_the_culprit_layer_in_fp32(project):
+    gemm = broken_copy(project)
+    set_quantize(project, max_drop=100.0)
+    invoke("quantize", "broken")
+    unguarded = json.loads((project / "metrics/broken.int8.json").read_text())
+    assert unguarded["guard"]["top1_drop_held_out"] > 5 and unguarded["guard"]["fp32_layers"] == []
+    set_quantize(project, max_drop=1.0)
+    invoke("quantize", "broken")
+    m = json.loads((project / "metrics/broken.int8.json").read_text())
+    assert m["guard"]["fp32_layers"] == [gemm] and m["guard"]["top1_drop_held_out"] <= 1.0
+    assert m["guard"]["held_out_images"] == 96 - 50 and m["top1_drop"] < unguarded["top1_drop"]
+    proto = onnx.load(project / "models/broken.int8.onnx")
+    settings = json.loads(next(p.value for p in proto.metadata_props if p.key == "kdpipe.quantization"))
+    assert settings["max_drop"] == 1.0 and isinstance(settings["reduce_range"], bool)
+    assert any(n.op_type == "QuantizeLinear" for n in proto.graph.node)  # the other layers stay INT8
+
+
+def test_the_guard_that_cannot_hold_fails_in_one_line_and_writes_nothing(project, monkeypatch):
+    from kdpipe import quantize as q
+
+    broken_copy(project)
+    monkeypatch.setattr(q, "NOT_CANDIDATES", q.NOT_CANDIDATES | {"Gemm"})  # the culprit out of reach
+    set_quantize(project, max_drop=1.0)
+    result = CliRunner().invoke(app, ["quantize", "broken"])
+    assert result.exit_code == 1 and result.output.startswith("error: INT8 loses ") and result.output.count("\n") == 1
+    assert "even with every layer in fp32 (quantize.max_drop 1.0)" in result.output
+    assert not (project / "models/broken.int8.onnx").exists() and not (project / "metrics/broken.int8.json").exists()
+
+
+def test_guard_order_hand_worked():
+    from kdpipe.quantize import guarded
+
+    # Top-1 by the set of layers kept in fp32: c alone restores most, then b; a does nothing
+    table = {(): 50.0, ("a",): 50.0, ("b",): 60.0, ("c",): 70.0, ("c", "b"): 79.5}
+    path, excluded, drop = guarded(lambda ex: tuple(ex), 80.0, lambda key: table[key], ["a", "b", "c"], 1.0)
+    assert (path, excluded, drop) == (("c", "b"), ["c", "b"], 0.5)
+    assert guarded(lambda ex: tuple(ex), 50.5, lambda key: table[key], ["a", "b", "c"], 1.0)[1] == []
+
+
+def test_reduce_range_auto_follows_vnni(monkeypatch):
+    from kdpipe import quantize as q
+
+    cfg = config.validate({}).quantize
+    assert cfg.reduce_range == "auto" and cfg.max_drop == 1.0
+    monkeypatch.setattr(q, "cpu_flags", lambda: {"avx2", "avx512_vnni"})
+    assert q.reduce_range_for(cfg) is False
+    monkeypatch.setattr(q, "cpu_flags", lambda: {"avx2"})
+    assert q.reduce_range_for(cfg) is True
+    assert q.reduce_range_for(cfg.model_copy(update={"reduce_range": False})) is False
 
 
 def test_twins_of_one_graph_are_one_latency_class(project):
@@ -355,7 +428,7 @@ def test_top5_is_left_out_for_five_classes_or_fewer(workdir):
     for args in (("data",), ("student",), ("export", "student"), ("quantize", "student")):
         invoke(*args)
     m = json.loads((workdir / "metrics/student.int8.json").read_text())
-    assert set(m) == {"top1", "fp32_top1", "top1_drop", "calibration_images"}
+    assert set(m) == {"top1", "fp32_top1", "top1_drop", "calibration_images", "reduce_range", "guard"}
     x, y = np.load(workdir / "data/prepared/test_x.npy"), np.load(workdir / "data/prepared/test_y.npy")
     assert m["top1"] == round(ort_accuracy(workdir / "models/student.int8.onnx", x, y)[0], 2)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Union
 
 from pydantic import Field
 
@@ -15,7 +15,10 @@ class Quantize(Strict):
     calibration_images: int = Field(256, ge=1, description="training images (evaluation view) the activation "
                                                           "ranges are calibrated on; all of them where fewer")
     per_channel: bool = True  # one weight scale per output channel (false: one per tensor)
-    reduce_range: bool = False  # 7-bit weights: for CPUs without VNNI, where 8-bit products can saturate
+    # 7-bit weights, for CPUs without VNNI, where u8 x s8 products can saturate; auto: on where the CPU has no VNNI
+    reduce_range: Union[bool, Literal["auto"]] = "auto"
+    max_drop: float = Field(1.0, ge=0, description="the most Top-1 (points) INT8 may lose on held-out training "
+                                                   "images; beyond, layers fall back to fp32 until it holds")
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"  # how activation ranges are chosen
     seed: int = Field(0, ge=0, description="draws the calibration images")
     threads: int = Field(1, ge=1, description="onnxruntime intra-op threads of the fp32/INT8 test runs")
