@@ -76,8 +76,9 @@ def calibration_indices(train_size: int, n: int, seed: int) -> list[int]:
     return sorted(perm[:min(n, train_size)].tolist())
 
 
-# graph nodes the guard never weighs: the input normalisation (before the first QuantizeLinear) and shape plumbing
-NOT_CANDIDATES = {"Sub", "Div", "Flatten", "Reshape", "Shape", "Gather", "Unsqueeze", "Concat", "Identity"}
+# the nodes the guard may keep in fp32: those with weights (a network has a few dozen; each costs a quantization to
+# weigh), whose fp32 fallback also keeps their inputs unquantized
+CANDIDATE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 
 
 def held_out_batches(source, idx: list[int]):
@@ -215,7 +216,7 @@ def quantize(fp32: Path, out: Path, metrics_path: Path, data_dir: Path, cfg) -> 
             def top1_of(path: Path) -> float:
                 return top_k(session(path, cfg.threads), held_out_batches(source, held_out))["top1"]
 
-            candidates = [n.name for n in onnx.load(str(pre)).graph.node if n.op_type not in NOT_CANDIDATES]
+            candidates = [n.name for n in onnx.load(str(pre)).graph.node if n.op_type in CANDIDATE_OPS]
             q_path, excluded, guard_drop = guarded(quantize_with, top1_of(pre), top1_of, candidates, cfg.max_drop)
             q = onnx.load(str(q_path))
         del q.metadata_props[:]

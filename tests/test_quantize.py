@@ -267,7 +267,7 @@ def test_the_guard_that_cannot_hold_fails_in_one_line_and_writes_nothing(project
     from kdpipe import quantize as q
 
     broken_copy(project)
-    monkeypatch.setattr(q, "NOT_CANDIDATES", q.NOT_CANDIDATES | {"Gemm"})  # the culprit out of reach
+    monkeypatch.setattr(q, "CANDIDATE_OPS", q.CANDIDATE_OPS - {"Gemm"})  # the culprit out of reach
     set_quantize(project, max_drop=1.0)
     result = CliRunner().invoke(app, ["quantize", "broken"])
     assert result.exit_code == 1 and result.output.startswith("error: INT8 loses ") and result.output.count("\n") == 1
