@@ -264,7 +264,7 @@ def test_unspelled_finds_a_default():
     del raw["distill"]["ab"]["margin"], raw["evaluate"]["cpu_threads"]
     assert unspelled(raw, config.Params, skip=frozenset({"recipes", "table", "table_models", "models", "published",
                                                          "seeds", "launch", "methods", "pairs", "variants",
-                                                         "quantize", "measure"})) == \
+                                                         "group_students", "quantize", "measure"})) == \
         ["distill.ab.margin", "evaluate.cpu_threads"]
 
 

@@ -218,8 +218,7 @@ def test_timm_offline_and_errors(tmp_path, monkeypatch):
     ("timm/mobilenetv3_small_100", lambda: timm.create_model("mobilenetv3_small_100")),
 ])
 def test_parameter_counts_and_keys_are_the_librarys(name, library):
-    if name.startswith("timm/"):
-        ours, theirs = create(name, 1000), library()
+    ours, theirs = create(name, 1000), library()
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
     assert list(ours.state_dict()) == list(theirs.state_dict())
     assert isinstance(ours, type(theirs))
@@ -264,8 +263,7 @@ FEATURE_MODELS = {
 
 @pytest.mark.parametrize("name", FEATURE_MODELS)
 def test_feature_taps(name):
-    if name.startswith("timm/"):
-        model = create(name, 10).eval()
+    model = create(name, 10).eval()
     with torch.no_grad():
         out = model(X, features=True)
         assert torch.equal(out.logits, model(X))
