@@ -12,6 +12,7 @@ what the file says refuses to start (`check`), so a result never comes from code
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -79,6 +80,12 @@ def code_text_of(path: Path) -> bytes:
     """What of a file can change results: a Python file's syntax tree without its docstrings (comments are not in
     it), so editing a comment or a docstring re-runs nothing; another file's bytes. (The tree's printed form is
     Python's: another Python version may print it otherwise, and then re-runs the stages.)"""
+    stat = path.stat()
+    return _code_text(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _code_text(path: Path, mtime_ns: int, size: int) -> bytes:  # once per file version: every kind shares files
     if path.suffix != ".py":
         return path.read_bytes()
     import ast

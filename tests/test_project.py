@@ -126,10 +126,10 @@ def test_an_edit_of_the_installed_package_changes_its_stages_keys_alone(tmp_path
     env = installed_copy(tmp_path)
     before = flat(record_of(env))
     path = tmp_path / "site" / "kdpipe" / edited
-    path.write_text(path.read_text() + "\n# a comment changes nothing\n")
-    assert flat(record_of(env)) == before
-    path.write_text(path.read_text().replace('"""', '""" A docstring changes nothing.', 1))
-    assert flat(record_of(env)) == before
+    if edited == "engine.py":  # one file shows what never counts: a comment, a docstring
+        path.write_text(path.read_text().replace('"""', '""" A docstring changes nothing.', 1)
+                        + "\n# a comment changes nothing\n")
+        assert flat(record_of(env)) == before
     path.write_text(path.read_text() + "\nEDITED = 1  # code does\n")
     after = flat(record_of(env))
     assert {k for k in before if before[k] != after[k]} == changed
