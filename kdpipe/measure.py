@@ -202,21 +202,17 @@ def measure(names: list[str], data_dir: Path, metrics_dir: Path, out: Path, pare
     points = {name: accuracy(name, metrics_dir) for name in names}
     source = open_source(data_dir, Numerics(torch.device("cpu"), bf16=False, channels_last=False), workers=0)
     size = source.manifest.image_size
-    for name in names:  # each file kdpipe's export contract at this data's size, before timing any
-        shape = [d.dim_value for d in load_export(onnx_path(name), MeasureError).graph.input[0].type.tensor_type.shape.dim]
-        if shape[1:] != [3, size, size]:
-            raise MeasureError(f"{onnx_path(name)}: takes {'x'.join(map(str, shape[1:]))} images, but {data_dir} "
-                               f"holds 3x{size}x{size}")
+    # each file kdpipe's export contract at this data's size, before timing any; its graph's class (weights aside)
+    classes = {name: graph_class(load_export(onnx_path(name), data_dir, size, MeasureError)) for name in names}
     pixels = next(iter(source.test_pixels(cfg.batch_size)))[0]
     batch = (pixels.float() / 255).numpy()
     batch = np.ascontiguousarray(np.resize(batch, (cfg.batch_size,) + batch.shape[1:]))  # repeated where fewer
     one = np.ascontiguousarray(batch[:1])
-    results, classes = {}, {}
+    results = {}
     for name in names:
         base = name.removesuffix(INT8)
         model = restore_model(load_checkpoint(model_path(base)))
         n_params, n_macs = sum(p.numel() for p in model.parameters()), macs(model, size)
-        classes[name] = graph_class(load_export(onnx_path(name), MeasureError))
         size_bytes = os.path.getsize(onnx_path(name))
         results[name] = {
             "precision": "int8" if name.endswith(INT8) else "fp32",

@@ -44,9 +44,10 @@ def _need_ort():
         raise QuantizeError("quantize and measure need the export extra: pip install -e '.[export]'") from None
 
 
-def load_export(path: Path, error=QuantizeError):
+def load_export(path: Path, data_dir: Path, size: int, error=QuantizeError):
     """The ONNX file `kdpipe export` wrote at `path` (its proto), or `error` in one line: a file that is not ONNX,
-    or whose contract is not kdpipe's (one input `image`, float32, N x 3 x S x S; one output `logits`)."""
+    or whose contract is not kdpipe's (one input `image`, float32, N x 3 x S x S; one output `logits`), or whose S
+    is not the image size `size` of the data in `data_dir`."""
     import onnx
 
     try:
@@ -56,6 +57,9 @@ def load_export(path: Path, error=QuantizeError):
     inputs = [(i.name, i.type.tensor_type.elem_type, len(i.type.tensor_type.shape.dim)) for i in proto.graph.input]
     if inputs != [("image", onnx.TensorProto.FLOAT, 4)] or [o.name for o in proto.graph.output] != ["logits"]:
         raise error(f"{path}: not a kdpipe export (one input `image`, float32 N x 3 x S x S; one output `logits`)")
+    shape = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim[1:]]
+    if shape != [3, size, size]:
+        raise error(f"{path}: takes {'x'.join(map(str, shape))} images, but {data_dir} holds 3x{size}x{size}")
     return proto
 
 
@@ -176,14 +180,10 @@ def quantize(fp32: Path, out: Path, metrics_path: Path, data_dir: Path, cfg) -> 
     if not fp32.is_file():
         raise QuantizeError(f"{fp32}: no exported model (run `kdpipe export {fp32.stem}` first)")
     source = open_source(data_dir, Numerics(torch.device("cpu"), bf16=False, channels_last=False), workers=0)
-    proto = load_export(fp32)
+    proto = load_export(fp32, data_dir, source.manifest.image_size)
     if any(p.key == "kdpipe.quantization" for p in proto.metadata_props):
         raise QuantizeError(f"{fp32}: already an INT8 model (quantize the fp32 export: "
                             f"`kdpipe quantize {fp32.name.removesuffix('.onnx').removesuffix('.int8')}`)")
-    size = source.manifest.image_size
-    shape = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim[1:]]
-    if shape != [3, size, size]:
-        raise QuantizeError(f"{fp32}: takes {'x'.join(map(str, shape))} images, but {data_dir} holds 3x{size}x{size}")
     out_dims = proto.graph.output[0].type.tensor_type.shape.dim
     if len(out_dims) == 2 and out_dims[1].dim_value and out_dims[1].dim_value != source.num_classes:
         raise QuantizeError(f"{fp32}: {out_dims[1].dim_value} classes, but {data_dir} has {source.num_classes}")
