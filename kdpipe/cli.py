@@ -318,6 +318,22 @@ def quantize(name: str = typer.Argument(..., help="run name: quantizes models/NA
 
 @app.command()
 @guarded
+def qat(name: str = typer.Argument(..., help="a distilled student: models/NAME.pt, exported as models/NAME.onnx"),
+        params: Path = ParamsOpt, data_dir: Path = DataOpt,
+        teacher: Path = typer.Option(Path("models/teacher.pt"), help="teacher checkpoint (output of `kdpipe teacher`)")):
+    """Quantization-aware fine-tuning against the teacher (params `qat`, `distill.kd`), INT8 as `quantize` makes it:
+    models/NAME.qat.onnx, metrics/NAME.qat.json, logs/NAME.qat.json."""
+    from .qat import qat as qat_run
+
+    p = load(params, "student")
+    code_check("qat")
+    m = qat_run(name, p, teacher, data_dir)
+    typer.echo(f"{name} -> models/{name}.qat.onnx: top1 {m['top1']:.2f}% (fp32 ONNX {m['fp32_top1']:.2f}%, "
+               f"drop {m['top1_drop']:+.2f}) after {p.qat.epochs} epochs of quantization-aware training")
+
+
+@app.command()
+@guarded
 def measure(names: list[str] = typer.Argument(..., help="model files models/NAME.onnx, e.g. student kd kd.int8"),
             params: Path = ParamsOpt, data_dir: Path = DataOpt,
             out: Path = typer.Option(Path("metrics/measure.json"), help="output file (plots/pareto.csv is written "

@@ -93,6 +93,14 @@ def last_top1(names: list[str], metrics_dir: Path) -> dict[str, float]:
     return found
 
 
+def export_metadata(ckpt: dict, ckpt_path: Path, classes: list[str], norm: dict, size: int) -> dict:
+    """The ONNX file's description of what it holds and takes (its `metadata_props`)."""
+    return {"kdpipe.model": ckpt["model"], "kdpipe.input": "float32 RGB in [0, 1] (uint8 / 255), NCHW, "
+            f"{size}x{size}; normalisation is folded into the graph", "kdpipe.mean": json.dumps(norm["mean"]),
+            "kdpipe.std": json.dumps(norm["std"]), "kdpipe.classes": json.dumps(classes),
+            "kdpipe.checkpoint": str(ckpt_path), "kdpipe.epoch": str(weights_epoch(ckpt))}
+
+
 def export(ckpt_path: Path, out: Path, data_dir: Path, fmt: str = "onnx", opset: int | None = None,
            tolerance: float | None = None, n_check: int = 256, top1: float | None = None) -> dict:
     tolerance = TOLERANCE if tolerance is None else tolerance
@@ -104,15 +112,18 @@ def export(ckpt_path: Path, out: Path, data_dir: Path, fmt: str = "onnx", opset:
     norm = ckpt.get("normalization") or manifest.normalization
     module = Normalized(restore_model(ckpt), norm["mean"], norm["std"]).eval()
     x = next(iter(source.test_pixels(n_check)))[0].float() / 255
-    with torch.inference_mode():
-        expected = module(x)
-    metadata = {"kdpipe.model": ckpt["model"], "kdpipe.input": "float32 RGB in [0, 1] (uint8 / 255), NCHW, "
-                f"{size}x{size}; "
-                "normalisation is folded into the graph", "kdpipe.mean": json.dumps(norm["mean"]),
-                "kdpipe.std": json.dumps(norm["std"]), "kdpipe.classes": json.dumps(manifest.classes),
-                "kdpipe.checkpoint": str(ckpt_path), "kdpipe.epoch": str(weights_epoch(ckpt))}
+    metadata = export_metadata(ckpt, ckpt_path, manifest.classes, norm, size)
     if top1 is not None:
         metadata["kdpipe.top1"] = f"{top1:.2f}"
+    return {**save_checked(module, out, x, fmt, opset, metadata, size, tolerance), "images": len(x)}
+
+
+def save_checked(module: nn.Module, out: Path, x: torch.Tensor, fmt: str, opset: int | None, metadata: dict,
+                 size: int, tolerance: float = TOLERANCE) -> dict:
+    """Write `module` (eval mode, taking [0, 1] images) to `out`, run the file on `x` and compare it with PyTorch:
+    beyond `tolerance` (max |logit difference|) an error, and no file."""
+    with torch.inference_mode():
+        expected = module(x)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
@@ -133,4 +144,4 @@ def export(ckpt_path: Path, out: Path, data_dir: Path, fmt: str = "onnx", opset:
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return {"path": str(out), "format": fmt, "max_abs_diff": diff, "top1_agreement": agree, "images": len(x)}
+    return {"path": str(out), "format": fmt, "max_abs_diff": diff, "top1_agreement": agree}

@@ -1,15 +1,16 @@
 """`kdpipe measure`: what a shipped model costs on this machine's CPU, beside what it scores.
 
-For each models/NAME.onnx (NAME a run, or NAME.int8 from `kdpipe quantize`): onnxruntime's CPU provider with
+For each models/NAME.onnx (NAME a run, or an INT8 file of one: NAME.int8 from `kdpipe quantize`, NAME.qat from
+`kdpipe qat`): onnxruntime's CPU provider with
 `measure.threads` intra-op threads (one inter-op thread, sequential). The models are timed interleaved, so that a
 slow spell of the machine falls on all of them: `measure.rounds` rounds, each visiting every model (in an order
 rotated from round to round) for `measure.runs` batch-1 runs and a few batches of `measure.batch_size`. Per
 model: batch-1 latency p50/p95 (ms) over all its runs, the median of its rounds' p50s and their interquartile
 range (the spread the Pareto front takes as noise), images/s (median and IQR over rounds); the file's size, and the
-parameters and MACs of the PyTorch model models/BASE.pt (BASE = NAME without `.int8`; MACs counted by
+parameters and MACs of the PyTorch model models/BASE.pt (BASE = NAME without `.int8`/`.qat`; MACs counted by
 `torch.utils.flop_counter.FlopCounterMode` at the data's image size: convolutions and matrix products, MACs =
 FLOPs / 2). The accuracy of each point: fp32, metrics/NAME.json `top1_last` (the last epoch: the exported
-weights) and `top5`; int8, metrics/NAME.int8.json. Writes metrics/measure.json ({name: {...}, "_machine": {...}})
+weights) and `top5`; int8, metrics/NAME.int8.json (.qat.json). Writes metrics/measure.json ({name: {...}, "_machine": {...}})
 and plots/pareto.csv (name, precision, latency_ms, top1, pareto: 1 on the front of lower latency / higher Top-1,
 counting a latency difference only where it exceeds the measured spread, and files of one graph as one latency).
 Timings depend on the machine and its load: measure.json is not a deterministic output. It records the machine
@@ -36,12 +37,10 @@ from torch import nn
 
 from .checkpoint import atomic_write, load_checkpoint, model_path, restore_model
 from .config import Error
+from .names import INT8_FILES, model_file
 from .quantize import _need_ort, cpu_flags, load_export, onnx_path, session
 from .runtime import Numerics
 from .sources import open_source
-
-INT8 = ".int8"
-
 
 class MeasureError(Error):
     pass
@@ -178,13 +177,14 @@ def interleaved(sessions: dict, one: np.ndarray, batch: np.ndarray, cfg) -> dict
 
 
 def accuracy(name: str, metrics_dir: Path) -> dict:
-    """The Top-1/Top-5 of the model file NAME: its run's last epoch (fp32), or its INT8 test (NAME.int8)."""
+    """The Top-1/Top-5 of the model file NAME: its run's last epoch (fp32), or its INT8 test (NAME.int8, NAME.qat)."""
     f = metrics_dir / f"{name}.json"
+    base, int8 = model_file(name)
     if not f.is_file():
-        how = f"kdpipe quantize {name.removesuffix(INT8)}" if name.endswith(INT8) else f"kdpipe evaluate {name}"
+        how = f"{INT8_FILES[int8]} {base}" if int8 else f"kdpipe evaluate {name}"
         raise MeasureError(f"{f}: no metrics for {name} (run `{how}` first)")
     m = json.loads(f.read_text())
-    top1 = m["top1"] if name.endswith(INT8) else m.get("top1_last")
+    top1 = m["top1"] if int8 else m.get("top1_last")
     if top1 is None:
         raise MeasureError(f"{f}: holds no Top-1 ({', '.join(m) or 'empty'})")
     return {"top1": top1, "top5": m.get("top5")}
@@ -196,8 +196,8 @@ def measure(names: list[str], data_dir: Path, metrics_dir: Path, out: Path, pare
         raise MeasureError(f"a model named twice: {' '.join(names)}")
     for name in names:
         if not onnx_path(name).is_file():
-            base = name.removesuffix(INT8)
-            how = f"kdpipe quantize {base}" if name.endswith(INT8) else f"kdpipe export {name}"
+            base, int8 = model_file(name)
+            how = f"{INT8_FILES[int8]} {base}" if int8 else f"kdpipe export {name}"
             raise MeasureError(f"{onnx_path(name)}: not found (run `{how}` first)")
     points = {name: accuracy(name, metrics_dir) for name in names}
     source = open_source(data_dir, Numerics(torch.device("cpu"), bf16=False, channels_last=False), workers=0)
@@ -210,12 +210,12 @@ def measure(names: list[str], data_dir: Path, metrics_dir: Path, out: Path, pare
     one = np.ascontiguousarray(batch[:1])
     results = {}
     for name in names:
-        base = name.removesuffix(INT8)
+        base, int8 = model_file(name)
         model = restore_model(load_checkpoint(model_path(base)))
         n_params, n_macs = sum(p.numel() for p in model.parameters()), macs(model, size)
         size_bytes = os.path.getsize(onnx_path(name))
         results[name] = {
-            "precision": "int8" if name.endswith(INT8) else "fp32",
+            "precision": "int8" if int8 else "fp32",
             "top1": points[name]["top1"], "top5": points[name]["top5"],
             "batch_size": cfg.batch_size, "size_bytes": size_bytes, "size_mb": round(size_bytes / 1e6, 4),
             "params": n_params, "params_m": round(n_params / 1e6, 4), "macs": n_macs, "macs_g": round(n_macs / 1e9, 4),
@@ -235,7 +235,8 @@ def measure(names: list[str], data_dir: Path, metrics_dir: Path, out: Path, pare
             "latency_ms_rounds_median": round(median, 3), "latency_ms_iqr": round(q3 - q1, 3),
             "images_per_s": round(ips, 1), "images_per_s_iqr": round(i3 - i1, 1), "rounds": cfg.rounds})
     for name, r in results.items():  # INT8 vs its fp32 file, where both were measured
-        fp = results.get(name.removesuffix(INT8)) if name.endswith(INT8) else None
+        base, int8 = model_file(name)
+        fp = results.get(base) if int8 else None
         if fp:
             r["speedup_vs_fp32"] = round(fp["latency_ms_p50"] / r["latency_ms_p50"], 2)
     front = pareto_front([(r["latency_ms_p50"], r["top1"]) for r in results.values()],

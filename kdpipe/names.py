@@ -25,3 +25,14 @@ def trained_run(recipe: str, model: str, seed: int) -> str:
 def distill_run(method: str, teacher: str, student: str, seed: int) -> str:
     return f"{method}-{teacher}-{student}-s{seed}"
 
+
+
+# the INT8 files of a run NAME beside its fp32 export models/NAME.onnx: models/NAME<suffix>.onnx and
+# metrics/NAME<suffix>.json, suffix -> the command that writes them
+INT8_FILES = {".int8": "kdpipe quantize", ".qat": "kdpipe qat"}
+
+
+def model_file(name: str) -> tuple[str, str | None]:
+    """(the run, its INT8 suffix or None) of a model file's name: kd.int8 -> (kd, .int8), kd -> (kd, None)."""
+    suffix = next((s for s in INT8_FILES if name.endswith(s)), None)
+    return (name.removesuffix(suffix), suffix) if suffix else (name, None)

@@ -30,8 +30,8 @@ CODE_FILE = "kdpipe-code.yaml"
 # The package files (relative to kdpipe/) each kind of stage imports or reads: tools/stage_deps.py checks them
 # against the files the stages of a project really imported (CI's `kdpipe init` run). models/*: the model registry
 # and every family file, torchvision's and timm's included (the params may name any of them). config/deploy.py,
-# the schema of `quantize` and `measure`, is imported by every stage (each validates the whole params file) but
-# decides the results of those two alone (VALIDATION_ONLY).
+# the schema of `quantize`, `qat` and `measure`, is imported by every stage (each validates the whole params file)
+# but decides the results of those three alone (VALIDATION_ONLY).
 CONFIG = [f"config/{f}.py" for f in ("__init__", "base", "data", "distill", "errors", "load", "params", "train")]
 MODELS = [*CONFIG, "data.py", "models/*.py"]
 DEPLOY_SCHEMA = "config/deploy.py"
@@ -45,7 +45,9 @@ CODE = {
     "evaluate": [*MODELS, *LOOP, "evaluate.py"],
     "export": [*MODELS, *LOADING, "export.py"],
     "quantize": [*MODELS, *LOADING, DEPLOY_SCHEMA, "quantize.py"],
-    "measure": [*MODELS, *LOADING, DEPLOY_SCHEMA, "quantize.py", "measure.py"],
+    "qat": [*MODELS, *LOOP, "runs.py", "distill/__init__.py", "distill/base.py", "distill/functional.py", "distill/kd.py",
+            DEPLOY_SCHEMA, "export.py", "quantize.py", "qat.py"],
+    "measure": [*MODELS, *LOADING, DEPLOY_SCHEMA, "quantize.py", "names.py", "measure.py"],
     "report": [*MODELS, "report.py", "names.py", "plots.py", "published.py", "published.yaml"],
 }
 # The installed packages whose version can change a kind of stage's results (decoding, kernels, the exporter,
@@ -53,10 +55,11 @@ CODE = {
 VERSIONS = {"data": ["torch", "torchvision", "pillow"], "train": ["torch", "torchvision"],
             "distill": ["torch", "torchvision"], "evaluate": ["torch", "torchvision"],
             "export": ["torch", "torchvision", "onnx", "onnxscript"], "quantize": ["torch", "onnx", "onnxruntime"],
+            "qat": ["torch", "torchvision", "onnx", "onnxscript", "onnxruntime"],
             "measure": ["torch", "onnx", "onnxruntime"], "report": ["matplotlib"]}
 # the command each kind of stage runs (cli.py calls `check` with it)
 COMMAND_CODE = {"data": "data", "teacher": "train", "student": "train", "evaluate": "evaluate",
-                "export": "export", "quantize": "quantize", "measure": "measure", "report": "report"}
+                "export": "export", "quantize": "quantize", "qat": "qat", "measure": "measure", "report": "report"}
 
 
 class ProjectError(config.Error):

@@ -170,8 +170,10 @@ def guarded(quantize_with, fp32_top1: float, top1_of, candidates: list[str], max
                         f"fp32 (quantize.max_drop {max_drop})")
 
 
-def quantize(fp32: Path, out: Path, metrics_path: Path, data_dir: Path, cfg) -> dict:
-    """Quantize `fp32` into `out`, test both on the whole test set, write `metrics_path`; return the metrics."""
+def quantize(fp32: Path, out: Path, metrics_path: Path, data_dir: Path, cfg, reference: Path | None = None,
+             extra: dict | None = None) -> dict:
+    """Quantize `fp32` into `out`, test it and the fp32 file `reference` (default: `fp32`; the guard measures the
+    drop from it too) on the whole test set, write `metrics_path` (with `extra`); return the metrics."""
     _need_ort()
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -217,21 +219,22 @@ def quantize(fp32: Path, out: Path, metrics_path: Path, data_dir: Path, cfg) -> 
                 return top_k(session(path, cfg.threads), held_out_batches(source, held_out))["top1"]
 
             candidates = [n.name for n in onnx.load(str(pre)).graph.node if n.op_type in CANDIDATE_OPS]
-            q_path, excluded, guard_drop = guarded(quantize_with, top1_of(pre), top1_of, candidates, cfg.max_drop)
+            fp32_top1 = top1_of(pre if reference is None else reference)
+            q_path, excluded, guard_drop = guarded(quantize_with, fp32_top1, top1_of, candidates, cfg.max_drop)
             q = onnx.load(str(q_path))
         del q.metadata_props[:]
         for p in proto.metadata_props:
             q.metadata_props.add(key=p.key, value=p.value)
         q.metadata_props.add(key="kdpipe.quantization", value=json.dumps(settings))
         onnx.save(q, str(tmp))
-        fp = top_k(session(fp32, cfg.threads), source.test_pixels(EVAL_BATCH))
+        fp = top_k(session(reference or fp32, cfg.threads), source.test_pixels(EVAL_BATCH))
         i8 = top_k(session(tmp, cfg.threads), source.test_pixels(EVAL_BATCH))
         metrics = {"top1": round(i8["top1"], 2), "top5": round(i8["top5"], 2), "fp32_top1": round(fp["top1"], 2),
                    "fp32_top5": round(fp["top5"], 2), "top1_drop": round(fp["top1"] - i8["top1"], 2),
                    "calibration_images": len(idx), "reduce_range": reduce_range,
                    # the guard: the drop on held-out training images, and the layers it kept in fp32 to hold it
                    "guard": {"max_drop": cfg.max_drop, "held_out_images": len(held_out),
-                             "top1_drop_held_out": round(guard_drop, 2), "fp32_layers": excluded}}
+                             "top1_drop_held_out": round(guard_drop, 2), "fp32_layers": excluded}, **(extra or {})}
         if i8["classes"] <= 5:  # Top-5 of 5 classes or fewer is always 100 %
             for k in ("top5", "fp32_top5"):
                 del metrics[k]

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from .config import METHODS, Manifest, parse_run
-from .names import distill_run, pretty, trained_run
+from .names import INT8_FILES, distill_run, model_file, pretty, trained_run
 from .plots import curves_by_pair, heatmap, pareto_plot, plot
 from .published import (CRD, CRD_MODELS, DISTILL_METRIC, IMAGENET, IMAGENET_CONVENTION, IMAGENET_MODELS,
                         METHOD_FIGURES, METHOD_TABLES, RESNET_TABLE_METRIC, published)
@@ -69,31 +69,36 @@ def loss_terms(rows: list[dict]) -> str:
 
 
 def int8_section(names: list[str], metrics_dir: Path) -> str:
-    """A row per run quantized by `kdpipe quantize` (metrics/NAME.int8.json): INT8 Top-1/Top-5 and the drop from
-    its fp32 ONNX file, both tested with onnxruntime on the whole test set; "" where none was."""
+    """A row per INT8 file of these runs (metrics/NAME.int8.json from `kdpipe quantize`, NAME.qat.json from
+    `kdpipe qat`): its Top-1/Top-5 and the drop from the run's fp32 ONNX file, both tested with onnxruntime on the
+    whole test set; "" where there is none."""
     lines = []
     for name in names:
-        f = metrics_dir / f"{name}.int8.json"
-        if f.is_file():
-            m = json.loads(f.read_text())
-            t5 = lambda k: f"{m[k]:.2f}" if k in m else "–"  # noqa: E731
-            lines.append(f"| {name} (INT8) | {m['top1']:.2f} | {t5('top5')} | {m['fp32_top1']:.2f} | {t5('fp32_top5')} "
-                         f"| {-m['top1_drop']:+.2f} | {m['calibration_images']} |")
+        for suffix, how in INT8_FILES.items():
+            f = metrics_dir / f"{name}{suffix}.json"
+            if f.is_file():
+                m = json.loads(f.read_text())
+                t5 = lambda k: f"{m[k]:.2f}" if k in m else "–"  # noqa: E731
+                kind = f"QAT, {m['qat']['epochs']} epochs" if "qat" in m else "PTQ"
+                lines.append(f"| {name}{suffix} ({kind}) | {m['top1']:.2f} | {t5('top5')} | {m['fp32_top1']:.2f} | "
+                             f"{t5('fp32_top5')} | {-m['top1_drop']:+.2f} | {m['calibration_images']} |")
     if not lines:
         return ""
-    return ("\n## INT8\n\nPost-training static INT8 (`kdpipe quantize`: onnxruntime, QDQ) of each exported student, "
-            "and its fp32 ONNX file (the last epoch's weights), both tested with onnxruntime on the whole test set.\n\n"
+    return ("\n## INT8\n\nStatic INT8 (onnxruntime, QDQ) of each exported student: post-training (PTQ, `kdpipe "
+            "quantize`) and, where it ran, after quantization-aware fine-tuning against the teacher (QAT, `kdpipe qat`); "
+            "beside the student's fp32 ONNX file (the last epoch's weights), all tested with onnxruntime on the whole "
+            "test set.\n\n"
             "| model | Top1 (%) | Top5 (%) | fp32 ONNX Top1 (%) | fp32 ONNX Top5 (%) | Δ Top1 vs fp32 | calibration images |\n"
             "|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
 
 
 def deployment(names: list[str], metrics_dir: Path) -> dict:
-    """The entries of metrics/measure.json (`kdpipe measure`) of these runs' model files (NAME, NAME.int8)."""
+    """The entries of metrics/measure.json (`kdpipe measure`) of these runs' model files (NAME, NAME.int8, ...)."""
     f = metrics_dir / "measure.json"
     if not f.is_file():
         return {}
     measured = json.loads(f.read_text())
-    return {k: v for k, v in measured.items() if not k.startswith("_") and k.removesuffix(".int8") in names}
+    return {k: v for k, v in measured.items() if not k.startswith("_") and model_file(k)[0] in names}
 
 
 def deployment_section(measured: dict, machine: dict) -> str:
@@ -101,7 +106,8 @@ def deployment_section(measured: dict, machine: dict) -> str:
         return ""
     lines = []
     for name, r in measured.items():
-        fp = measured.get(name.removesuffix(".int8")) if name.endswith(".int8") else None
+        base, int8 = model_file(name)
+        fp = measured.get(base) if int8 else None
         speedup = f"{fp['latency_ms_p50'] / r['latency_ms_p50']:.2f}×" if fp else ""
         lines.append(f"| {name} | {r['precision']} | {r['top1']:.2f} | {r['latency_ms_p50']:.2f} "
                      f"({r['latency_ms_iqr']:.2f}) | {r['latency_ms_p95']:.2f} | {r['images_per_s']:.0f} "

@@ -89,15 +89,11 @@ def _method(name: str):
     return distill_mod.get(name)
 
 
-def _distill_group(group: list[Student], params: config.Params, teacher: Path, data_dir: Path,
-                   na_ok: bool) -> dict[str, str]:
-    from .distill import Distiller, TeacherPass, TrainData, feature_shapes
-
-    cfg = group[0].cfg
-    ctx = runtime.context(cfg.runtime)
-    numerics = ctx.numerics
-    source = sources.open_source(data_dir, numerics, cfg.runtime.workers)
-    manifest, size = source.manifest, source.manifest.image_size
+def load_teacher(teacher: Path, source, data_dir: Path, numerics: runtime.Numerics):
+    """The teacher checkpoint for the data of `source`: (checkpoint, model on the device, the re-normalisation of
+    its input (None: the data's own), the file's sha256). It must have been trained on the data in `data_dir`, or be an
+    imported published teacher of the same dataset (checked by name and class count)."""
+    manifest = source.manifest
     ckpt = ckpt_io.load_checkpoint(teacher, num_classes=source.num_classes)
     imported = ckpt["meta"].get("imported")
     if imported:  # a published teacher: kdpipe never saw its training arrays
@@ -109,9 +105,22 @@ def _distill_group(group: list[Student], params: config.Params, teacher: Path, d
               "not the prepared arrays; it sees its own input normalisation", file=sys.stderr)
     elif ckpt["data_sha256"] != manifest.sha256:
         raise ckpt_io.CheckpointError(f"{teacher}: the teacher was trained on other data than {data_dir}")
-    teacher_model = numerics.prepare_model(ckpt_io.restore_model(ckpt))
+    model = numerics.prepare_model(ckpt_io.restore_model(ckpt))
     teacher_input = sources.renormalisation(manifest.normalization, ckpt.get("normalization"), numerics.device)
     teacher_sha256 = hashlib.sha256(teacher.read_bytes()).hexdigest()
+    return ckpt, model, teacher_input, teacher_sha256
+
+
+def _distill_group(group: list[Student], params: config.Params, teacher: Path, data_dir: Path,
+                   na_ok: bool) -> dict[str, str]:
+    from .distill import Distiller, TeacherPass, TrainData, feature_shapes
+
+    cfg = group[0].cfg
+    ctx = runtime.context(cfg.runtime)
+    numerics = ctx.numerics
+    source = sources.open_source(data_dir, numerics, cfg.runtime.workers)
+    manifest, size = source.manifest, source.manifest.image_size
+    ckpt, teacher_model, teacher_input, teacher_sha256 = load_teacher(teacher, source, data_dir, numerics)
     teacher_pass = TeacherPass()
     built, skipped = [], {}
     for st in group:  # each built right after seeding, as alone; the streams it leaves are its own

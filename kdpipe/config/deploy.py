@@ -1,4 +1,4 @@
-"""The deployment sections: `quantize` (`kdpipe quantize`) and `measure` (`kdpipe measure`)."""
+"""The deployment sections: `quantize` (`kdpipe quantize`), `qat` (`kdpipe qat`) and `measure` (`kdpipe measure`)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,14 @@ class Quantize(Strict):
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"  # how activation ranges are chosen
     seed: int = Field(0, ge=0, description="draws the calibration images")
     threads: int = Field(1, ge=1, description="onnxruntime intra-op threads of the fp32/INT8 test runs")
+
+
+class Qat(Strict):
+    """`kdpipe qat NAME`: quantization-aware fine-tuning of a distilled student against the teacher (KD's loss,
+    `distill.kd`'s settings; the student's recipe otherwise), INT8 as `quantize` makes it."""
+
+    epochs: int = Field(2, ge=1, description="fine-tuning epochs under simulated INT8")
+    lr: float = Field(0.001, gt=0, description="their learning rate (constant): a fine-tuning's, small")
 
 
 class Measure(Strict):

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ValidationError, field_validator, model_validato
 
 from .base import ModelName, Strict, deep_merge, flat, nest, pair_key
 from .data import Data
-from .deploy import Measure, Quantize
+from .deploy import Measure, Qat, Quantize
 from .distill import METHODS, Distill
 from .errors import ParamsError, describe
 from .train import Evaluate, Recipe, Train
@@ -33,6 +33,7 @@ class Params(Strict):
     distill: Distill = Distill()
     evaluate: Evaluate = Evaluate()
     quantize: Quantize = Quantize()  # `kdpipe quantize` (optional: these defaults)
+    qat: Qat = Qat()  # `kdpipe qat` (optional: these defaults)
     measure: Measure = Measure()  # `kdpipe measure` (optional: these defaults)
     # the grid of the full pipelines (pipelines/cifar10, cifar100, imagenet)
     # the command their training stages run: kdpipe, or kdpipe under torchrun for DDP on several GPUs
