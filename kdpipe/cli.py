@@ -393,6 +393,8 @@ def init(folder: Path = typer.Argument(..., help="the project's folder (created 
          methods: str = typer.Option("kd,dkd", help="distillation methods, comma-separated: "
                                                     + ", ".join(config.METHODS)),
          epochs: int = typer.Option(10, min=1, help="training epochs of each run"),
+         qat: str = typer.Option("", "--qat", help="students also made INT8 by quantization-aware fine-tuning against "
+                                 "the teacher (`kdpipe qat`), comma-separated: student and/or --methods, e.g. kd"),
          force: bool = typer.Option(False, "--force", help="overwrite the files of an existing project")):
     """Write a DVC project of your own: data, teacher, student, distillation, evaluation, export, INT8, measure, report."""
     from . import project
@@ -404,6 +406,10 @@ def init(folder: Path = typer.Argument(..., help="the project's folder (created 
                  f"{m.replace('+', ',')}); train the combination in the project with `kdpipe distill -m {m}`", 2)
     if not chosen or len(set(chosen)) != len(chosen):
         fail(f"--methods: {methods!r}: name each method once", 2)
+    quantized = [s for s in qat.split(",") if s]
+    unknown = [s for s in quantized if s not in ("student", *chosen)]
+    if unknown or len(set(quantized)) != len(quantized):
+        fail(f"--qat: {qat!r}: name each student once, among: student, {', '.join(chosen)}", 2)
     if data is not None:
         from .prepare import list_folder
 
@@ -411,7 +417,8 @@ def init(folder: Path = typer.Argument(..., help="the project's folder (created 
             fail(f"--data: {data} is not a folder", 2)
         list_folder(data, ("train", "test"))  # the layout, before anything is written (a val/ folder: a hint)
     size = image_size if data is not None else 32  # the synthetic set's images are 32 px
-    done = project.init(folder, project.data_path(data, folder), teacher, student, size, chosen, epochs, force)
+    done = project.init(folder, project.data_path(data, folder), teacher, student, size, chosen, epochs, force,
+                        quantized)
     typer.echo(f"{folder}: params.yaml, dvc.yaml, kdpipe-code.yaml, README.md written"
                + (f" ({', '.join(done)})" if done else "") + f"; next: cd {folder} && dvc repro")
 

@@ -227,8 +227,9 @@ def _train_section(model: str, weights: str | None, epochs: int) -> list[str]:
 
 
 def params_text(data: str | None, teacher: str, student: str, image_size: int, methods: list[str],
-                epochs: int = 10) -> str:
+                epochs: int = 10, qat: list[str] = ()) -> str:
     folder = data is not None
+    distilled = [*methods, *(["kd"] if qat and "kd" not in methods else [])]  # QAT's loss is KD's
     lines = [
         "# Every key kdpipe reads, validated when a stage starts (docs/params.md says what each means). Change one and",
         "# `dvc repro` re-runs only the stages that read it; `dvc exp run -S student.seed=1` runs a variation.",
@@ -254,7 +255,8 @@ def params_text(data: str | None, teacher: str, student: str, image_size: int, m
         *_train_section(student, _default_weights(student), epochs),
         "",
         f"distill:                   # each method's weights and settings (docs/methods.md); epoch counts for {epochs} epochs",
-        *[f"  {m}: {_flow(_method_params(m, epochs))}" for m in methods],
+        *[f"  {m}: {_flow(_method_params(m, epochs))}" + ("   # the qat@ stages' loss" if m not in methods else "")
+          for m in distilled],
         "",
         "evaluate: " + _flow({k: v for k, v in sorted(config.Evaluate(batch_size=256, workers="auto").model_dump().items(),
                                                       key=lambda kv: kv[0] in ("cpu_isa", "cpu_threads", "workers"))}),
@@ -262,16 +264,46 @@ def params_text(data: str | None, teacher: str, student: str, image_size: int, m
         "",
         "# INT8: post-training static quantization of each student's ONNX file (docs/export.md)",
         "quantize: " + _flow(config.Quantize().model_dump()),
+        "# quantization-aware fine-tuning against the teacher (`kdpipe qat`, the qat@ stages: `kdpipe init --qat`)",
+        "qat: " + _flow(config.Qat().model_dump()),
         "# latency and throughput of every ONNX file on this machine's CPU (docs/export.md)",
         "measure: " + _flow(config.Measure().model_dump()),
     ]
     return "\n".join(lines) + "\n"
 
 
-def dvc_text(methods: list[str], folder: bool = True) -> str:
+QAT_STAGE = """
+  qat:  # quantization-aware fine-tuning against the teacher, INT8 as quantize makes it (docs/export.md)
+    matrix:
+      name: {names}
+    cmd: kdpipe qat ${{item.name}}
+    deps:
+      - data/prepared
+      - models/teacher.pt
+      - models/${{item.name}}.pt
+      - models/${{item.name}}.onnx
+    params:
+      - student
+      - distill.kd
+      - quantize
+      - qat
+      - kdpipe-code.yaml:
+          - qat
+    outs:
+      - models/${{item.name}}.qat.onnx
+      - logs/${{item.name}}.qat.json
+    metrics:
+      - metrics/${{item.name}}.qat.json:
+          cache: false
+"""
+
+
+def dvc_text(methods: list[str], folder: bool = True, qat: list[str] = ()) -> str:
+    """dvc.yaml of a project distilling with `methods`; the students in `qat` also fine-tuned for INT8 (qat@)."""
     runs = ["teacher", "student", *methods]
     students = ["student", *methods]
-    measured = [*runs, *(f"{s}.int8" for s in students)]
+    int8 = [f"{s}.int8" for s in students] + [f"{s}.qat" for s in qat]
+    measured = [*runs, *int8]
     # named .in, not dvc.yaml: DVC reads every dvc.yaml inside a repository as a pipeline
     text = (resources.files("kdpipe") / "templates" / "dvc.yaml.in").read_text()
     indent = " " * 6
@@ -287,9 +319,10 @@ def dvc_text(methods: list[str], folder: bool = True) -> str:
         "@REPORTED@": " ".join(runs),
         "@REPORT_DEPS@": "\n".join(f"{indent}- {f}" for n in runs
                                    for f in (f"metrics/{n}.json", f"logs/{n}.json", f"plots/{n}.csv"))
-                         + "\n" + "\n".join(f"{indent}- metrics/{s}.int8.json" for s in students)
+                         + "\n" + "\n".join(f"{indent}- metrics/{n}.json" for n in int8)
                          + f"\n{indent}- metrics/measure.json",
         "@PLOT_FILES@": "\n".join(f"{' ' * 8}plots/{n}.csv: test_top1" for n in runs),
+        "@QAT@": QAT_STAGE.format(names=_flow(list(qat))) if qat else "",
     }
     for key, value in fills.items():
         text = text.replace(key, value)
@@ -328,11 +361,11 @@ GITIGNORE = """# what the pipeline writes that DVC caches (it adds its own entri
 
 
 def project_files(data: str | None, teacher: str, student: str, image_size: int, methods: list[str],
-                  epochs: int = 10) -> dict[str, str]:
+                  epochs: int = 10, qat: list[str] = ()) -> dict[str, str]:
     """The files `kdpipe init` writes (relative path -> text), kdpipe-code.yaml included."""
     return {
-        "params.yaml": params_text(data, teacher, student, image_size, methods, epochs),
-        "dvc.yaml": dvc_text(methods, data is not None),
+        "params.yaml": params_text(data, teacher, student, image_size, methods, epochs, qat),
+        "dvc.yaml": dvc_text(methods, data is not None, qat),
         "README.md": readme_text(methods),
         ".gitignore": GITIGNORE,
         CODE_FILE: code_text(),
@@ -354,10 +387,10 @@ def data_path(data: Path | None, folder: Path) -> str | None:
 
 
 def init(folder: Path, data: str | None, teacher: str, student: str, image_size: int, methods: list[str],
-         epochs: int = 10, force: bool = False) -> list[str]:
+         epochs: int = 10, force: bool = False, qat: list[str] = ()) -> list[str]:
     """Write the project into `folder` (created if absent); git and DVC initialised where they are not. Validated
     before anything is written: the params must load, and no existing file is overwritten without `force`."""
-    files = project_files(data, teacher, student, image_size, methods, epochs)
+    files = project_files(data, teacher, student, image_size, methods, epochs, qat)
     config.validate(yaml.safe_load(files["params.yaml"]))  # a typo in a model name fails here, with nothing written
     clash = sorted(n for n in files if (folder / n).exists())
     if clash and not force:

@@ -397,7 +397,7 @@ def test_report_gains_int8_and_deployment_parts_only_when_their_files_exist(proj
     assert after.startswith(before) and (project / "r2/results.md").read_text() == after
     m = json.loads((project / "metrics/student.int8.json").read_text())
     d = json.loads((project / "metrics/measure.json").read_text())
-    assert (f"| student (INT8) | {m['top1']:.2f} | {m['top5']:.2f} | {m['fp32_top1']:.2f} | {m['fp32_top5']:.2f} | "
+    assert (f"| student.int8 (PTQ) | {m['top1']:.2f} | {m['top5']:.2f} | {m['fp32_top1']:.2f} | {m['fp32_top5']:.2f} | "
             f"{-m['top1_drop']:+.2f} | 50 |") in after
     fp, i8 = d["student"], d["student.int8"]
     assert (f"| student | fp32 | {fp['top1']:.2f} | {fp['latency_ms_p50']:.2f} ({fp['latency_ms_iqr']:.2f}) | "

@@ -33,7 +33,7 @@ def project(size: int) -> None:
         m = metrics(n)
         assert 0 <= m["top1"] <= 100 and m["epochs"] == 1, (n, m)
     measured = metrics("measure")
-    for n in (*RUNS, *(f"{s}.int8" for s in STUDENTS)):
+    for n in (*RUNS, *(f"{s}.int8" for s in STUDENTS), "kd.qat"):
         dims = onnx.load(f"models/{n}.onnx").graph.input[0].type.tensor_type.shape.dim[1:]
         shape = [d.dim_value for d in dims]
         assert shape == [3, size, size], f"models/{n}.onnx takes {shape}, not 3x{size}x{size}"
@@ -42,8 +42,12 @@ def project(size: int) -> None:
         q = metrics(f"{s}.int8")
         print(f"{s}: fp32 {q['fp32_top1']:.2f} -> INT8 {q['top1']:.2f}; batch-1 latency "
               f"{measured[s]['latency_ms_p50']:.2f} -> {measured[s + '.int8']['latency_ms_p50']:.2f} ms")
+    q = metrics("kd.qat")
+    assert q["qat"]["epochs"] == 1 and q["fp32_top1"] == metrics("kd.int8")["fp32_top1"], q
+    print(f"kd: QAT ({q['qat']['epochs']} epoch) -> INT8 {q['top1']:.2f}; batch-1 latency "
+          f"{measured['kd.qat']['latency_ms_p50']:.2f} ms")
     print(f"project: teacher, student, KD, DKD evaluated, exported at 3x{size}x{size}, the students quantized, "
-          "every file measured")
+          "KD by QAT too, every file measured")
 
 
 def exp_show() -> None:
