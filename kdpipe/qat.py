@@ -6,8 +6,8 @@ augmentation, weight decay), while its forward simulates the INT8 model onnxrunt
 QDQ scheme and formulas (`onnxruntime.quantization.quant_utils.compute_scale_zp`):
 - BatchNorm folded into the convolution before it, as the export folds it (the fine-tuning then trains the folded
   weights; Dropout still trains);
-- each convolution's and linear layer's weight fake-quantised per output channel, symmetric int8 (scale
-  max|w| / 127, zero point 0; with `reduce_range`, / 64);
+- each convolution's and linear layer's weight fake-quantised per output channel (per tensor where
+  `quantize.per_channel` is false), symmetric int8 (scale max|w| / 127, zero point 0; with `reduce_range`, / 64);
 - each convolution's and linear layer's input fake-quantised per tensor, asymmetric uint8 (the range widened to
   hold 0, scale (max - min) / 255, zero point round(-min / scale)), its min and max
   calibrated as onnxruntime's MinMax calibration takes them: over the `quantize` section's calibration images,
@@ -56,10 +56,13 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     return dequantized + (x - x.detach())  # its value exactly the dequantized one, its gradient 1
 
 
-def weight_scale(w: torch.Tensor, reduce_range: bool) -> torch.Tensor:
-    """Per output channel (dim 0): max|w| / qmax in float64, stored as float32 (1 where it underflows)."""
+def weight_scale(w: torch.Tensor, reduce_range: bool, per_channel: bool = True) -> torch.Tensor:
+    """Per output channel (dim 0; else one for the tensor): max|w| / qmax in float64, stored as float32 (1 where it
+    underflows)."""
     qmin, qmax = WEIGHT_RANGE[reduce_range]
     absmax = w.detach().abs().flatten(1).amax(1).double()
+    if not per_channel:
+        absmax = absmax.amax().expand_as(absmax)
     scale = (2 * absmax / (qmax - qmin)).float()
     return torch.where(scale < torch.finfo(torch.float32).tiny, torch.ones_like(scale), scale)
 
@@ -75,16 +78,16 @@ def activation_qparams(lo: float, hi: float) -> tuple[float, float]:
 
 
 class WeightQuant(nn.Module):
-    """A parametrization: the weight as INT8 stores it (per output channel, symmetric)."""
+    """A parametrization: the weight as INT8 stores it (symmetric, per output channel or per tensor)."""
 
-    def __init__(self, reduce_range: bool):
+    def __init__(self, reduce_range: bool, per_channel: bool = True):
         super().__init__()
-        self.reduce_range, self.calibrating = reduce_range, False
+        self.reduce_range, self.per_channel, self.calibrating = reduce_range, per_channel, False
 
     def forward(self, w):
         if self.calibrating:  # the float weights, as the calibration of the exported (float) model sees them
             return w
-        scale = weight_scale(w, self.reduce_range).view(-1, *[1] * (w.dim() - 1))
+        scale = weight_scale(w, self.reduce_range, self.per_channel).view(-1, *[1] * (w.dim() - 1))
         return fake_quantize(w, scale, torch.zeros_like(scale), *WEIGHT_RANGE[self.reduce_range])
 
 
@@ -147,11 +150,11 @@ def fold_batch_norms(model: nn.Module, image_size: int) -> int:
     return len(pairs)
 
 
-def simulate_int8(model: nn.Module, reduce_range: bool) -> list:
+def simulate_int8(model: nn.Module, reduce_range: bool, per_channel: bool = True) -> list:
     """Fake-quantise every Conv2d/Linear weight and input of `model` in place; returns what `strip` undoes."""
     handles = []
     for m in [m for m in model.modules() if isinstance(m, QUANTIZED)]:
-        parametrize.register_parametrization(m, "weight", WeightQuant(reduce_range))
+        parametrize.register_parametrization(m, "weight", WeightQuant(reduce_range, per_channel))
         m.input_quant = InputQuant()
         handles.append((m, m.register_forward_pre_hook(lambda mod, args: (mod.input_quant(args[0]), *args[1:]))))
     return handles
@@ -218,7 +221,7 @@ def qat(name: str, params: config.Params, teacher: Path, data_dir: Path) -> dict
     model = ckpt_io.restore_model(ckpt)
     folded = fold_batch_norms(model, size)
     s_shapes = feature_shapes(model, image_size=size)
-    handles = simulate_int8(model, reduce_range)
+    handles = simulate_int8(model, reduce_range, params.quantize.per_channel)
     idx = q.calibration_indices(source.train_size, params.quantize.calibration_images, params.quantize.seed)
     norm = ckpt.get("normalization") or manifest.normalization
     mean, std = (torch.tensor(norm[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
@@ -227,7 +230,8 @@ def qat(name: str, params: config.Params, teacher: Path, data_dir: Path) -> dict
     objective = Distiller(teacher_model, ["kd"], params.distill, s_shapes,
                           feature_shapes(teacher_model, numerics.device, size), TrainData(source.train_labels),
                           teacher_input)
-    settings = {"epochs": cfg.epochs, "lr": cfg.optim.lr, "reduce_range": reduce_range, "folded_batch_norms": folded,
+    settings = {"epochs": cfg.epochs, "lr": cfg.optim.lr, "reduce_range": reduce_range,
+                "per_channel": params.quantize.per_channel, "folded_batch_norms": folded,
                 "calibration_images": len(idx), "kd": params.distill.kd.model_dump()}
     meta = {"role": "qat", "student": name, "student_sha256": hashlib.sha256(student_path.read_bytes()).hexdigest(),
             "teacher_sha256": teacher_sha256, "qat": settings}

@@ -60,6 +60,22 @@ def test_init_writes_a_project_whose_params_validate(tmp_path):
     assert ignored == 1
 
 
+def test_init_qat_adds_a_qat_stage_per_named_student(tmp_path):
+    """`--qat dist,student`: qat@dist and qat@student, their files measured and reported, and `distill.kd` (QAT's
+    loss) spelled out although KD is not among the methods."""
+    r = kdpipe("init", "proj", "--methods", "dist", "--qat", "dist,student", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    proj = tmp_path / "proj"
+    stages = sh(DVC, "stage", "list", "--names-only", cwd=proj).split()
+    assert [s for s in stages if s.startswith("qat@")] == ["qat@dist", "qat@student"]
+    assert stages.index("qat@student") < stages.index("measure")
+    dvc = yaml.safe_load((proj / "dvc.yaml").read_text())["stages"]
+    assert dvc["measure"]["cmd"].endswith("student.int8 dist.int8 dist.qat student.qat")
+    assert {"metrics/dist.qat.json", "metrics/student.qat.json"} <= set(dvc["report"]["deps"])
+    p = yaml.safe_load((proj / "params.yaml").read_text())
+    assert set(p["distill"]) == {"dist", "kd"} and p["qat"] == config.Qat().model_dump()
+
+
 def test_init_scales_the_methods_epoch_counts():
     # DKD warms up for 20 of CIFAR's 240 epochs: 1 of 10; FSP's init stage 30 of 240: 4 of 30
     text = project.params_text(None, "resnet56", "resnet20", 32, ["dkd", "fsp"], epochs=30)
@@ -76,6 +92,7 @@ def test_init_scales_the_methods_epoch_counts():
     (["--data", "no/such/folder"], "no/such/folder"),
     (["--methods", "kd,kd"], "once"),
     (["--methods", "kd+at"], "a project's rows are single methods (comma-separated: kd,at)"),
+    (["--methods", "dkd", "--qat", "kd"], "--qat: 'kd': name each student once, among: student, dkd"),
     (["--data", "photos_with_val"], "photos_with_val/test: [Errno 2] No such file or directory: "),
     (["--data", "photos_with_val"], "found val/: rename it to test/"),
 ])

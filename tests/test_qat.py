@@ -139,20 +139,20 @@ def weights_and_input_ranges(proto):
     return out
 
 
-@pytest.mark.parametrize("reduce_range", [False, True])
-def test_simulated_int8_is_what_onnxruntime_quantizes(built, tmp_path, reduce_range):
+@pytest.mark.parametrize("reduce_range, per_channel", [(False, True), (True, True), (False, False)])
+def test_simulated_int8_is_what_onnxruntime_quantizes(built, tmp_path, reduce_range, per_channel):
     """A distilled student folded and fake-quantised, calibrated on the calibration images: each layer's weight
     equals the one onnxruntime's quantizer writes for the folded model's export (per channel, to the bit), and
     each layer's input scale and zero point the ones its MinMax calibration gives (the scale to the rounding of
     torch's and onnxruntime's float convolutions)."""
     p = config.validate(tiny_params(**FAST))
-    cfg = p.quantize.model_copy(update={"reduce_range": reduce_range})
+    cfg = p.quantize.model_copy(update={"reduce_range": reduce_range, "per_channel": per_channel})
     source = sources.open_source(built / "data/prepared", Numerics(torch.device("cpu"), False, False), 0)
     ckpt = checkpoint.load_checkpoint(built / "models/kd.pt")
     model = checkpoint.restore_model(ckpt).eval()
     qat.fold_batch_norms(model, 32)
     plain = copy.deepcopy(model)
-    qat.simulate_int8(model, reduce_range)
+    qat.simulate_int8(model, reduce_range, per_channel)
     norm = source.manifest.normalization
     mean, std = (torch.tensor(norm[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
     idx = quantize.calibration_indices(source.train_size, cfg.calibration_images, cfg.seed)
