@@ -232,8 +232,8 @@ def unspelled(raw: dict, schema, path: str = "", skip: frozenset = frozenset()) 
 
 
 MATRIX_KEYS = frozenset(f"{s}.{k}" for s in config.TRAIN_SECTIONS for k in ("model", "seed"))
-# the full pipelines read every section but the deployment ones (`kdpipe quantize`, `kdpipe measure`: no stage)
-PIPELINE_SECTIONS = tuple(s for s in config.Params.model_fields if s not in ("quantize", "measure"))
+# the full pipelines read every section but the deployment ones (`kdpipe quantize`, `qat`, `measure`: no stage)
+PIPELINE_SECTIONS = tuple(s for s in config.Params.model_fields if s not in config.DEPLOY_SECTIONS)
 
 
 @pytest.mark.parametrize("path, sections, skip", [
@@ -264,7 +264,7 @@ def test_unspelled_finds_a_default():
     del raw["distill"]["ab"]["margin"], raw["evaluate"]["cpu_threads"]
     assert unspelled(raw, config.Params, skip=frozenset({"recipes", "table", "table_models", "models", "published",
                                                          "seeds", "launch", "methods", "pairs", "variants",
-                                                         "group_students", "quantize", "measure"})) == \
+                                                         "group_students", *config.DEPLOY_SECTIONS})) == \
         ["distill.ab.margin", "evaluate.cpu_threads"]
 
 

@@ -132,12 +132,13 @@ TRAINED = {"train", "evaluate"} | {f"distill.{m}" for m in config.METHODS}
 @pytest.mark.parametrize("edited, changed", [
     ("distill/dkd.py", {"distill.dkd"}),
     ("report.py", {"report"}),
-    ("quantize.py", {"quantize", "measure"}),  # measure runs the files through quantize.py's session
+    ("quantize.py", {"quantize", "qat", "measure"}),  # measure runs the files through quantize.py's session
     ("prepare.py", {"data"}),
-    # the training loop decides every trained and evaluated result, never the data, export or report
-    ("engine.py", TRAINED),
-    # the quantize/measure schema: every stage imports it to validate the params file, those two alone depend on it
-    ("config/deploy.py", {"quantize", "measure"}),
+    # the training loop decides every trained and evaluated result (QAT's fine-tuning too), never the data, export
+    # or report
+    ("engine.py", TRAINED | {"qat"}),
+    # the deployment schema: every stage imports it to validate the params file, those three alone depend on it
+    ("config/deploy.py", {"quantize", "qat", "measure"}),
 ])
 def test_an_edit_of_the_installed_package_changes_its_stages_keys_alone(tmp_path, edited, changed):
     env = installed_copy(tmp_path)
@@ -154,8 +155,8 @@ def test_an_edit_of_the_installed_package_changes_its_stages_keys_alone(tmp_path
 
 
 @pytest.mark.parametrize("package, changed", [
-    ("onnxruntime", {"quantize", "measure"}),
-    ("torch", {"data", "export", "quantize", "measure"} | TRAINED),
+    ("onnxruntime", {"quantize", "qat", "measure"}),
+    ("torch", {"data", "export", "quantize", "qat", "measure"} | TRAINED),
     ("matplotlib", {"report"}),
 ])
 def test_an_upgrade_of_a_package_changes_the_keys_it_decides(monkeypatch, package, changed):

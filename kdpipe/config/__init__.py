@@ -11,12 +11,12 @@ from .deploy import Measure, Qat, Quantize
 from .distill import METHODS, RECIPE_KEYS, Distill, MethodParams, parse_methods, parse_run
 from .errors import Error, ParamsError, UsageError
 from .load import load_params, validate
-from .params import TRAIN_SECTIONS, Pair, Params
+from .params import DEPLOY_SECTIONS, TRAIN_SECTIONS, Pair, Params
 from .train import CpuPin, Evaluate, Optim, Recipe, Runtime, Schedule, Train
 
 __all__ = [
     "ModelName", "Strict", "FOLDER_DATASETS", "Data", "Manifest", "Synthetic", "Measure", "Qat", "Quantize", "METHODS",
     "RECIPE_KEYS", "Distill", "MethodParams", "parse_methods", "parse_run", "Error", "ParamsError",
-    "UsageError", "load_params", "validate", "TRAIN_SECTIONS", "Pair", "Params", "CpuPin", "Evaluate", "Optim",
+    "UsageError", "load_params", "validate", "DEPLOY_SECTIONS", "TRAIN_SECTIONS", "Pair", "Params", "CpuPin", "Evaluate", "Optim",
     "Recipe", "Runtime", "Schedule", "Train",
 ]

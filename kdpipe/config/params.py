@@ -22,6 +22,7 @@ class Pair(Strict):
 
 
 TRAIN_SECTIONS = ("teacher", "student", "table")  # the sections that train a model (a recipe each)
+DEPLOY_SECTIONS = ("quantize", "qat", "measure")  # read by `kdpipe quantize`, `qat`, `measure` alone (init projects)
 
 
 class Params(Strict):
