@@ -2,7 +2,12 @@
 and teacher mode, each student's checkpoint and log equal to its solo run's, byte for byte, through interruptions."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -91,6 +96,33 @@ def test_grouped_run_resumes_bit_identical(solo, tmp_path, monkeypatch):
     # killed between two students' epoch checkpoints: one of them a whole epoch behind the others
     (tmp_path / "models/ofd.pt.resume").unlink()
     out = invoke("distill", *args)
+    assert outputs(tmp_path, names) == {n: alone[n] for n in names}
+    assert not any((tmp_path / "models").glob("*.resume"))
+
+
+def test_grouped_process_killed_with_sigkill_resumes_bit_identical(solo, tmp_path):
+    """A real process training three students (CRD: a sampler and a memory bank; OFD: another teacher mode), killed
+    with SIGKILL between two students' checkpoints of its first epoch (each checkpoint write is followed by a 0.3 s
+    pause, so the kill lands there), then run again: each student's files equal its solo run's."""
+    alone = grouped_copy(solo, tmp_path)
+    names = ["kd", "crd", "ofd"]
+    args = [a for m in names for a in ("-m", m)]
+    paused = ("import sys, time; from kdpipe import checkpoint as c; save = c.atomic_save; "
+              "c.atomic_save = lambda *a: (save(*a), time.sleep(0.3))[0]; from kdpipe.cli import main; main()")
+    proc = subprocess.Popen([sys.executable, "-c", paused, "distill", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    first, deadline = tmp_path / "models/kd.pt.resume", time.monotonic() + 300
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert [n for n in names if (tmp_path / f"models/{n}.pt.resume").exists()] == ["kd"]  # the others: no epoch yet
+    assert not any((tmp_path / f"models/{n}.pt").exists() for n in names)
+    again = subprocess.run([sys.executable, "-m", "kdpipe", "distill", *args], cwd=tmp_path, capture_output=True,
+                           text=True)
+    assert again.returncode == 0, again.stderr
+    assert "kd: resuming after epoch 1/2" in again.stderr
     assert outputs(tmp_path, names) == {n: alone[n] for n in names}
     assert not any((tmp_path / "models").glob("*.resume"))
 
