@@ -127,7 +127,7 @@ def _distill_group(group: list[Student], params: config.Params, teacher: Path, d
         torch.manual_seed(cfg.seed)
         student_model = models.create(cfg.model, source.num_classes, cfg.weights)
         pair = (ckpt["model"], cfg.model)
-        distill_params = params.varied(st.variant, st.methods, pair).distill.for_pair(*pair)
+        distill_params = params.varied(st.variant, st.methods).distill.for_pair(*pair)
         meta = {"role": "distill", "method": "+".join(st.methods), **({"variant": st.variant} if st.variant else {}),
                 "teacher": ckpt["model"], "teacher_sha256": teacher_sha256,
                 "distill": {m: getattr(distill_params, m).model_dump() for m in st.methods}}

@@ -145,17 +145,17 @@ def test_a_combination_whose_recipes_disagree_is_an_error():
 
 def test_variants_set_a_methods_keys_per_row_and_pair():
     raw = {"variants": {"ls": {"kd": {"alpha": 9.0, "by_pair": {"vgg13->vgg8": {"temperature": 3.0}}},
-                               "dkd": {"beta_by_pair": {}}}},
-           "distill": {"dkd": {"beta_by_pair": {"resnet56->resnet20": 2.0}}}}
+                               "dkd": {"by_pair": {}}}},
+           "distill": {"dkd": {"by_pair": {"resnet56->resnet20": {"beta": 2.0}}}}}
     p = config.validate(raw)
     assert p.rows()[-2:] == ["kd+ls", "dkd+ls"]
     assert config.parse_run("kd+ls", p.variants) == (["kd"], "ls")
     assert config.parse_run("dkd+kd+ls", p.variants) == (["dkd", "kd"], "ls")
     assert config.parse_run("kd+at", p.variants) == (["kd", "at"], None)
-    q = p.varied("ls", ["kd", "at"], ("vgg13", "vgg8"))
-    assert (q.distill.kd.alpha, q.distill.kd.temperature, q.distill.kd.gamma) == (9.0, 3.0, 0.1)
-    assert q.distill.at == p.distill.at  # a method the variant does not name keeps its keys
-    assert p.varied("ls", ["kd"], ("resnet56", "resnet20")).distill.kd.temperature == 4.0
+    q = p.varied("ls", ["kd", "at"]).distill.for_pair("vgg13", "vgg8")
+    assert (q.kd.alpha, q.kd.temperature, q.kd.gamma) == (9.0, 3.0, 0.1)
+    assert q.at == p.distill.at  # a method the variant does not name keeps its keys
+    assert p.varied("ls", ["kd"]).distill.for_pair("resnet56", "resnet20").kd.temperature == 4.0
     # a variant's mapping replaces the method's: DKD's per-pair beta is gone
     assert p.varied("ls", ["dkd"]).distill.for_pair("resnet56", "resnet20").dkd.beta == 8.0
     assert p.distill.for_pair("resnet56", "resnet20").dkd.beta == 2.0
@@ -169,7 +169,7 @@ def test_variants_set_a_methods_keys_per_row_and_pair():
     ({"ls": {"kd": {"alpah": 9.0}}}, "variants.ls.kd: alpah: unknown key"),
     ({"ls": {"kd": {"temperature": -1.0}}}, "variants.ls.kd: temperature: Input should be greater than 0"),
     ({"ls": {"kd": {"by_pair": {"vgg13": {"alpha": 1.0}}}}}, "key 'vgg13' is not 'teacher->student'"),
-    ({"ls": {"kd": {"by_pair": {"vgg13->vgg8": {"train": {"epochs": 1}}}}}}, "not train"),
+    ({"ls": {"kd": {"by_pair": {"vgg13->vgg8": {"train": {"epochs": 1}}}}}}, "train: not a key this method sets per pair"),
 ])
 def test_a_bad_variant_is_one_line_naming_it(variants, expected):
     with pytest.raises(config.ParamsError) as e:

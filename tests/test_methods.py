@@ -242,13 +242,29 @@ def test_every_method_runs_on_every_crd_pair(teacher_name, student_name):
             Distiller(teacher, ["fsp"], p.distill, s_shapes, t_shapes)
 
 
-def test_dkd_beta_per_pair():
-    p = config.validate(tiny_params(distill={"dkd": {"beta": 8.0, "beta_by_pair": {"resnet56->resnet20": 2.0}}}))
+def test_by_pair_sets_any_key_of_a_method_per_pair():
+    p = config.validate(tiny_params(distill={"dkd": {"beta": 8.0, "by_pair": {"resnet56->resnet20": {"beta": 2.0}}},
+                                             "sdd": {"by_pair": {"vgg13->vgg8": {"levels": [1, 2], "beta": 6}}}}))
     assert p.distill.for_pair("resnet56", "resnet20").dkd.beta == 2.0
     assert p.distill.for_pair("resnet110", "resnet20").dkd.beta == 8.0
     assert p.distill.for_pair("resnet56", "resnet20").kd == p.distill.kd
-    with pytest.raises(config.ParamsError, match="beta_by_pair.*'resnet56-resnet20' is not 'teacher->student'"):
-        config.validate(tiny_params(distill={"dkd": {"beta_by_pair": {"resnet56-resnet20": 2.0}}}))
+    sdd = p.distill.for_pair("vgg13", "vgg8").sdd
+    assert (sdd.levels, sdd.beta, sdd.by_pair) == ([1, 2], 6.0, {})  # what the run records is what it used
+    assert p.distill.for_pair("vgg13", "mobilenetv2").sdd.levels == [1, 2, 4]
+
+
+@pytest.mark.parametrize("by_pair, message", [
+    ({"resnet56-resnet20": {"beta": 2.0}}, "distill.dkd: by_pair: key 'resnet56-resnet20' is not 'teacher->student'"),
+    ({"resnet56->resnet20": {"betta": 2.0}}, "by_pair.resnet56->resnet20: betta: not a key this method sets per pair"),
+    ({"resnet56->resnet20": {"train": {}}}, "by_pair.resnet56->resnet20: train: not a key this method sets per pair"),
+    ({"resnet56->resnet20": {"temperature": -1}}, "by_pair.resnet56->resnet20: temperature: Input should be greater "
+                                                  "than 0"),
+    ({"resnet56->resnet20": 2.0}, "distill.dkd.by_pair.resnet56->resnet20: Input should be a valid dictionary"),
+])
+def test_a_bad_by_pair_is_one_line_naming_it(by_pair, message):
+    with pytest.raises(config.ParamsError) as e:
+        config.validate(tiny_params(distill={"dkd": {"by_pair": by_pair}}))
+    assert len(e.value.lines) == 1 and message in e.value.lines[0], e.value.lines
 
 
 def test_lr_by_model_applies_to_the_model_trained():

@@ -22,6 +22,10 @@ class MethodParams(Strict):
     # (e.g. Nesterov, no decay on norm weights and biases, batch, lr): keys of a training section
     # (epochs, batch_size, optim, schedule) merged over the `student` section's; {}: the student's recipe
     train: dict = {}
+    # keys of this method set per pair where its references tune them (mdistiller's DKD configs, WKD's, SDD's):
+    # "teacher->student": {key: value}, any key but train (the recipe, chosen before the pair is known) and by_pair;
+    # `for_pair` applies them, and they are validated as the method's own
+    by_pair: dict[str, dict] = {}
 
     @field_validator("train")
     @classmethod
@@ -34,6 +38,31 @@ class MethodParams(Strict):
         except ValidationError as e:
             raise ValueError("; ".join(describe(err, Train) for err in e.errors())) from None
         return v
+
+    @model_validator(mode="after")
+    def _by_pair(self):
+        for key, keys in self.by_pair.items():
+            try:
+                pair_key(key)
+            except ValueError as e:
+                raise ValueError(f"by_pair: {e}") from None
+            wrong = sorted(k for k in keys if k in ("train", "by_pair") or k not in type(self).model_fields)
+            if wrong:
+                raise ValueError(f"by_pair.{key}: {', '.join(map(str, wrong))}: not a key this method sets per pair "
+                                 f"(any of its keys but train and by_pair)")
+            self._with(keys, f"by_pair.{key}")
+        return self
+
+    def _with(self, keys: dict, where: str):
+        try:
+            return type(self).model_validate({**self.model_dump(exclude={"by_pair"}), **keys})
+        except ValidationError as e:
+            raise ValueError("; ".join(f"{where}: {describe(err, type(self))}" for err in e.errors())) from None
+
+    def for_pair(self, teacher: str, student: str):
+        """This method's params for `teacher -> student`: its `by_pair` keys of that pair set, `by_pair` emptied
+        (what the run records is what it used)."""
+        return self._with(self.by_pair.get(f"{teacher}->{student}", {}), f"by_pair.{teacher}->{student}")
 
 
 def logit_std_field():
@@ -126,27 +155,11 @@ class CRDParams(FeatureParams):
     nce_m: float = Field(0.5, ge=0, lt=1, description="momentum of the memory-bank update")
 
 
-def beta_by_pair_field():
-    """A weight per pair where a method's references tune it: "teacher->student": beta, used instead of `beta`
-    when distilling that pair (mdistiller's DKD configs, ReviewKD's script); `Distill.for_pair` applies it."""
-    return Field({}, description='"teacher->student": beta for that pair')
-
-
-def check_pairs(v: dict[str, float]) -> dict[str, float]:
-    for key, beta in v.items():
-        pair_key(key)
-        if beta < 0:
-            raise ValueError(f"{key}: beta must be >= 0")
-    return v
-
-
 class DKDParams(FeatureParams):
     beta: float = Field(8.0, ge=0, description="weight of NCKD (mdistiller's BETA; per pair in its configs)")
     tckd: float = Field(1.0, ge=0, description="weight of TCKD (mdistiller's ALPHA)")
     warmup_epochs: int = Field(20, ge=0, description="DKD's weight ramps up linearly over these epochs")
-    beta_by_pair: dict[str, float] = beta_by_pair_field()
     logit_std: bool = logit_std_field()
-    _pairs = field_validator("beta_by_pair")(check_pairs)
 
 
 class DISTParams(FeatureParams):
@@ -174,8 +187,6 @@ class ReviewKDParams(FeatureParams):
     warmup_epochs: int = Field(20, ge=0, description="the weight ramps up linearly over these epochs")
     stu_preact: bool = Field(False, description="the student's taps before their last ReLU (mdistiller's "
                                                 "ImageNet STU_PREACT); false: after it")
-    beta_by_pair: dict[str, float] = beta_by_pair_field()
-    _pairs = field_validator("beta_by_pair")(check_pairs)
 
 
 class KDSVDParams(FeatureParams):
@@ -215,7 +226,7 @@ class SDDParams(FeatureParams):
     (mdistiller/engine/cfg.py:163-166) and train_origin.py:198's warm-up. Its per-pair configs
     (configs/cifar100/sdd_dkd/<pair>.yaml) set DKD.BETA 2.0 for resnet56->resnet20 and resnet110->resnet32, 6.0 for
     resnet32x4->mobilenetv2, vgg13->vgg8, vgg13->mobilenetv2, vgg13->shufflev1, wrn_40_2->wrn_16_2,
-    wrn_40_2->wrn_40_1, wrn_40_2->mobilenetv2 (`beta_by_pair`), and its scripts run M [1,2] for
+    wrn_40_2->wrn_40_1, wrn_40_2->mobilenetv2 (`by_pair`), and its scripts run M [1,2] for
     resnet32x4->resnet8x4 and vgg13->vgg8 (teacher_resnet32x4.sh, teacher_vgg.sh). SD-KD (`base: kd`):
     mdistiller's KD, CE 0.1 and KD 0.9 at T 4 (cfg.py:61-64): `gamma: 0.1, beta: 0.9`, no warm-up (KD.py:142)."""
 
@@ -231,8 +242,6 @@ class SDDParams(FeatureParams):
     levels: list[int] = Field([1, 2, 4], description="the scales M: [1, 2, 4], [1, 2] or [1] (README.md:41 --M)")
     complementary_weight: float = Field(2.0, ge=0, description="the weight of the complementary regions' losses "
                                                                "(SDD_DKD.py:114-115, KD.py:89-90), consistent: 1")
-    beta_by_pair: dict[str, float] = beta_by_pair_field()
-    _pairs = field_validator("beta_by_pair")(check_pairs)
 
     @field_validator("levels")
     @classmethod
@@ -253,9 +262,7 @@ class RLDParams(FeatureParams):
     scd_temperature: Optional[float] = Field(None, gt=0, description="SCD's temperature (RLD.ALPHA_T); null: "
                                              "`temperature`, the README's `--same-t` (tools/train.py:191-192)")
     warmup_epochs: int = Field(20, ge=0, description="the loss ramps up linearly over these epochs (cfg.py:185)")
-    beta_by_pair: dict[str, float] = beta_by_pair_field()
     logit_std: bool = logit_std_field()
-    _pairs = field_validator("beta_by_pair")(check_pairs)
 
 
 class WKDParams(FeatureParams):
@@ -284,8 +291,6 @@ class WKDParams(FeatureParams):
     mean_cov_ratio: float = Field(4.0, ge=0, description="WKD-F: weight of the means' term (wkd_f/res32x4_res8x4.yaml:28)")
     grid: int = Field(1, ge=1, description="WKD-F: the maps split into grid x grid cells (SPATIAL_GRID, yaml:30)")
     eps: float = Field(1e-5, gt=0, description="WKD-F: sigma = sqrt(var + eps) (EPS, yaml:26)")
-    beta_by_pair: dict[str, float] = beta_by_pair_field()
-    _pairs = field_validator("beta_by_pair")(check_pairs)
 
     @model_validator(mode="after")
     def _decay(self):
@@ -333,13 +338,8 @@ class Distill(Strict):
     rld: RLDParams = RLDParams()
 
     def for_pair(self, teacher: str, student: str) -> "Distill":
-        """These params with the per-pair weights of `teacher -> student` applied (DKD's, ReviewKD's beta)."""
-        pair, update = f"{teacher}->{student}", {}
-        for name in type(self).model_fields:
-            cfg = getattr(self, name)
-            if pair in getattr(cfg, "beta_by_pair", {}):
-                update[name] = cfg.model_copy(update={"beta": cfg.beta_by_pair[pair]})
-        return self.model_copy(update=update) if update else self
+        """These params with each method's `by_pair` keys of `teacher -> student` applied."""
+        return self.model_copy(update={m: getattr(self, m).for_pair(teacher, student) for m in type(self).model_fields})
 
 
 # the methods: one params schema each above, one file each in kdpipe/distill/ (a test ties the two)

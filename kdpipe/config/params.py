@@ -98,37 +98,25 @@ class Params(Strict):
             for m, over in entries.items():
                 if m not in METHODS:
                     raise ValueError(f"variants.{tag}.{m}: unknown method (valid: {', '.join(METHODS)})")
-                by_pair = over.get("by_pair", {})
-                if not isinstance(by_pair, dict) or any(not isinstance(v, dict) or "train" in v for v in by_pair.values()):
-                    raise ValueError(f"variants.{tag}.{m}.by_pair: a mapping of 'teacher->student' to keys of "
-                                     f"distill.{m} (not train: the recipe is the pair's for every pair)")
                 self._method_params(tag, m)
-                for key in by_pair:
-                    try:
-                        pair = pair_key(key)
-                    except ValueError as e:
-                        raise ValueError(f"variants.{tag}.{m}.by_pair: {e}") from None
-                    self._method_params(tag, m, pair)
         return self
 
-    def _method_params(self, tag: str, method: str, pair: Optional[tuple[str, str]] = None) -> BaseModel:
-        """distill.<method> with variant `tag`'s keys set (and its `by_pair` keys of `pair`): keys replace the
-        method's own, mappings included (DKD+LS's `beta_by_pair: {}` drops DKD's per-pair betas)."""
+    def _method_params(self, tag: str, method: str) -> BaseModel:
+        """distill.<method> with variant `tag`'s keys set: keys replace the method's own, mappings included (a
+        variant's `by_pair` replaces the method's: DKD+LS's `by_pair: {}` drops DKD's per-pair betas)."""
         base = getattr(self.distill, method)
-        over = dict(self.variants[tag][method])
-        by_pair = over.pop("by_pair", {})
-        over.update(by_pair.get(f"{pair[0]}->{pair[1]}", {}) if pair else {})
+        over = self.variants[tag][method]
         try:
             return type(base).model_validate({**base.model_dump(), **over})
         except ValidationError as e:
             raise ValueError("; ".join(f"variants.{tag}.{method}: {describe(err, type(base))}" for err in e.errors())) from None
 
-    def varied(self, tag: Optional[str], methods: list[str], pair: Optional[tuple[str, str]] = None) -> "Params":
-        """These params with variant `tag` applied to the sections of `methods` it names (for `pair`, its
-        per-pair keys too); `tag` None: these params."""
+    def varied(self, tag: Optional[str], methods: list[str]) -> "Params":
+        """These params with variant `tag` applied to the sections of `methods` it names (its `by_pair`, where it
+        sets one, replacing the method's); `tag` None: these params."""
         if tag is None:
             return self
-        update = {m: self._method_params(tag, m, pair) for m in methods if m in self.variants[tag]}
+        update = {m: self._method_params(tag, m) for m in methods if m in self.variants[tag]}
         return self.model_copy(update={"distill": self.distill.model_copy(update=update)})
 
     def rows(self) -> list[str]:
