@@ -22,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 
 import yaml
+from pydantic import ValidationError
 
 from . import config
 
@@ -199,13 +200,19 @@ def _default_weights(model: str) -> str | None:
 
 
 def _method_params(method: str, epochs: int) -> dict:
-    """A method's keys with its defaults, its epoch counts scaled from the CIFAR recipe's 240 epochs to `epochs`
-    (DKD's 20-epoch warm-up is 1 epoch of 10)."""
-    values = getattr(config.Distill(), method).model_dump()
+    """A method's keys with its defaults, its epoch counts (`config.epoch_keys`: warm-ups, init stages, decays)
+    scaled from the CIFAR recipe's 240 epochs to `epochs` (DKD's 20-epoch warm-up is 1 epoch of 10)."""
+    cfg = getattr(config.Distill(), method)
+    values = cfg.model_dump()
     values["train"] = values.pop("train")  # last, after the method's own keys (a recipe override, rarely set)
-    for key in ("warmup_epochs", "init_epochs"):
-        if values.get(key):
+    for key in config.epoch_keys(type(cfg)):
+        if values[key]:
             values[key] = max(1, round(values[key] * epochs / CIFAR_EPOCHS))
+    try:
+        type(cfg).model_validate(values)
+    except ValidationError as e:
+        raise ProjectError(f"--epochs {epochs}: {method}'s epoch counts do not scale to it "
+                           f"({e.errors()[0]['msg']}); choose more epochs") from None
     return values
 
 

@@ -86,6 +86,33 @@ def test_init_scales_the_methods_epoch_counts():
         "distill"]["dkd"]["warmup_epochs"] == 1
 
 
+@pytest.mark.parametrize("path", ["params.yaml", "examples/compress/params.yaml"])
+def test_no_epoch_count_exceeds_the_run(path):
+    """Every key counted in epochs (warm-ups, init stages, decays: `config.epoch_keys`) fits the run it is for: the
+    quickstart's 8-epoch students never stay in a 240-epoch warm-up."""
+    p = config.load_params(ROOT / path)
+    for m in config.METHODS:
+        if m in yaml.safe_load((ROOT / path).read_text())["distill"]:
+            cfg, epochs = getattr(p.distill, m), p.student_for([m]).epochs
+            keys = config.epoch_keys(type(cfg))
+            assert all(getattr(cfg, k) <= epochs for k in keys), (m, {k: getattr(cfg, k) for k in keys}, epochs)
+    assert {m: config.epoch_keys(type(getattr(p.distill, m))) for m in ("sdd", "wkd", "ctkd", "ft")} == {
+        "sdd": ["warmup_epochs"], "wkd": ["decay_start", "decay_end"], "ctkd": ["decay_loops"], "ft": ["init_epochs"]}
+
+
+@pytest.mark.parametrize("epochs, decay", [(2, (1, 2)), (10, (6, 10)), (480, (300, 480))])
+def test_init_scales_every_methods_epoch_counts(epochs, decay):
+    raw = yaml.safe_load(project.params_text(None, "resnet56", "resnet20", 32, list(config.METHODS), epochs=epochs))
+    p = config.validate(raw)
+    for m in config.METHODS:
+        cfg = getattr(p.distill, m)
+        assert all(getattr(cfg, k) <= epochs for k in config.epoch_keys(type(cfg))), m
+    assert (p.distill.wkd.decay_start, p.distill.wkd.decay_end) == decay
+    # one epoch cannot hold WKD's decay (it starts after its first epoch and ends at its last): one line
+    with pytest.raises(project.ProjectError, match="--epochs 1: wkd's epoch counts do not scale to it"):
+        project.params_text(None, "resnet56", "resnet20", 32, ["wkd"], epochs=1)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--methods", "kd,dkdd"], "dkdd"),
     (["--student", "tv/mobilenet_v9"], "mobilenet_v9"),

@@ -65,6 +65,17 @@ class MethodParams(Strict):
         return self._with(self.by_pair.get(f"{teacher}->{student}", {}), f"by_pair.{teacher}->{student}")
 
 
+def epoch_count(default: int, **kw):
+    """A key counted in epochs of the run (a warm-up, an init stage, a decay's epochs): set for the published
+    recipe's 240 CIFAR epochs, scaled with the run where `kdpipe init` writes it (`epoch_keys`)."""
+    return Field(default, json_schema_extra={"epoch_count": True}, **kw)
+
+
+def epoch_keys(params: type[MethodParams]) -> list[str]:
+    """The keys of a method's params counted in epochs."""
+    return [n for n, f in params.model_fields.items() if (f.json_schema_extra or {}).get("epoch_count")]
+
+
 def logit_std_field():
     return Field(False, description="Sun et al. 2024: standardise both logits, (z - mean) / (1e-7 + std) per row, "
                                     "before this method's loss")
@@ -95,7 +106,7 @@ class NSTParams(FeatureParams):
 
 class FSPParams(FeatureParams):
     beta: float = Field(1.0, ge=0, description="weight of the FSP term in single-stage mode (init_epochs: 0)")
-    init_epochs: int = Field(30, ge=0, description="RepDistiller: 30 epochs of FSP pre-training, then CE alone; "
+    init_epochs: int = epoch_count(30, ge=0, description="RepDistiller: 30 epochs of FSP pre-training, then CE alone; "
                                                    "0: kdpipe's single-stage variant, gamma*CE + beta*FSP")
 
 
@@ -104,7 +115,7 @@ class FitNetsParams(FeatureParams):
     hint_layer: int = Field(2, ge=0, le=4, description="stage tap index (f0..f3; f0..f4 for VGG, ResNet-50, "
                                                         "MobileNetV2) of the hint (and guided) layer")
     regressor_kernel: Literal[1, 3] = Field(1, description="1: RepDistiller's ConvReg (1x1 for equal sizes); 3: 3x3")
-    init_epochs: int = Field(0, ge=0, description="> 0: the paper's two-stage procedure (hint training first)")
+    init_epochs: int = epoch_count(0, ge=0, description="> 0: the paper's two-stage procedure (hint training first)")
 
 
 # The methods RepDistiller benchmarks (defaults: its scripts/run_cifar_distill.sh) and DKD (mdistiller).
@@ -134,7 +145,7 @@ class PKTParams(FeatureParams):
 class ABParams(FeatureParams):
     beta: float = Field(1.0, ge=0, description="weight of the AB term in single-stage mode (init_epochs: 0)")
     margin: float = Field(1.0, gt=0, description="the activation-boundary margin")
-    init_epochs: int = Field(30, ge=0, description="RepDistiller: 30 epochs of AB pre-training (connectors and "
+    init_epochs: int = epoch_count(30, ge=0, description="RepDistiller: 30 epochs of AB pre-training (connectors and "
                                                    "the student's features), then CE alone; 0: single-stage variant")
 
 
@@ -143,7 +154,7 @@ class FTParams(FeatureParams):
     rate: float = Field(0.5, gt=0, le=1, description="factor channels = rate x the teacher's last-stage channels")
     p1: float = Field(2.0, gt=0, description="factor: channel mean of |f|^p1")
     p2: Literal[1, 2] = Field(1, description="1: mean absolute factor difference (the paper's L1); 2: squared")
-    init_epochs: int = Field(30, ge=1, description="epochs training the paraphraser on the teacher "
+    init_epochs: int = epoch_count(30, ge=1, description="epochs training the paraphraser on the teacher "
                                                    "(RepDistiller: 30) before the student's main phase")
 
 
@@ -158,7 +169,7 @@ class CRDParams(FeatureParams):
 class DKDParams(FeatureParams):
     beta: float = Field(8.0, ge=0, description="weight of NCKD (mdistiller's BETA; per pair in its configs)")
     tckd: float = Field(1.0, ge=0, description="weight of TCKD (mdistiller's ALPHA)")
-    warmup_epochs: int = Field(20, ge=0, description="DKD's weight ramps up linearly over these epochs")
+    warmup_epochs: int = epoch_count(20, ge=0, description="DKD's weight ramps up linearly over these epochs")
     logit_std: bool = logit_std_field()
 
 
@@ -177,14 +188,14 @@ class CTKDParams(FeatureParams):
     t_end: float = Field(20.0, gt=0)
     decay_max: float = Field(0.0, description="the gradient reversal's lambda: cosine from decay_max ...")
     decay_min: float = Field(-1.0, description="... to decay_min over the first decay_loops epochs, then flat")
-    decay_loops: int = Field(10, ge=0)
+    decay_loops: int = epoch_count(10, ge=0)
     logit_std: bool = logit_std_field()
 
 
 class ReviewKDParams(FeatureParams):
     beta: float = Field(5.0, ge=0, description="weight of the HCL term (mdistiller's REVIEWKD_WEIGHT for "
                                                "resnet32x4 -> resnet8x4; the authors' script per pair)")
-    warmup_epochs: int = Field(20, ge=0, description="the weight ramps up linearly over these epochs")
+    warmup_epochs: int = epoch_count(20, ge=0, description="the weight ramps up linearly over these epochs")
     stu_preact: bool = Field(False, description="the student's taps before their last ReLU (mdistiller's "
                                                 "ImageNet STU_PREACT); false: after it")
 
@@ -237,7 +248,7 @@ class SDDParams(FeatureParams):
     beta: float = Field(8.0, ge=0, description="base dkd: NCKD's weight (cfg.py:165 DKD.BETA); base kd: the "
                                                "SD-KD term's weight (cfg.py:64 KD_WEIGHT 0.9)")
     tckd: float = Field(1.0, ge=0, description="base dkd: TCKD's weight (cfg.py:164 DKD.ALPHA)")
-    warmup_epochs: int = Field(20, ge=0, description="base dkd: the loss ramps up linearly over these epochs "
+    warmup_epochs: int = epoch_count(20, ge=0, description="base dkd: the loss ramps up linearly over these epochs "
                                                      "(train_origin.py:198 --warmup 20)")
     levels: list[int] = Field([1, 2, 4], description="the scales M: [1, 2, 4], [1, 2] or [1] (README.md:41 --M)")
     complementary_weight: float = Field(2.0, ge=0, description="the weight of the complementary regions' losses "
@@ -261,7 +272,7 @@ class RLDParams(FeatureParams):
     temperature: float = Field(4.0, gt=0, description="MCD's temperature (cfg.py:184 RLD.T)")
     scd_temperature: Optional[float] = Field(None, gt=0, description="SCD's temperature (RLD.ALPHA_T); null: "
                                              "`temperature`, the README's `--same-t` (tools/train.py:191-192)")
-    warmup_epochs: int = Field(20, ge=0, description="the loss ramps up linearly over these epochs (cfg.py:185)")
+    warmup_epochs: int = epoch_count(20, ge=0, description="the loss ramps up linearly over these epochs (cfg.py:185)")
     logit_std: bool = logit_std_field()
 
 
@@ -280,9 +291,9 @@ class WKDParams(FeatureParams):
     sinkhorn_lambda: float = Field(0.05, gt=0, description="Sinkhorn's entropic regularisation (yaml:27)")
     sinkhorn_iters: int = Field(10, ge=1, description="Sinkhorn's iterations (yaml:28)")
     cost_sharpen: float = Field(1.0, ge=0, description="cost = 1 - exp(-s * (1 - cos)); 0: 1 - cos (yaml:31)")
-    decay_start: int = Field(150, ge=0, description="the weights decay along a cosine after this epoch "
+    decay_start: int = epoch_count(150, ge=0, description="the weights decay along a cosine after this epoch "
                                                     "(COSINE_DECAY_EPOCH, yaml:25; the code's default 0) ...")
-    decay_end: int = Field(240, ge=1, description="... to 0 at this one (the run's SOLVER.EPOCHS, yaml:12)")
+    decay_end: int = epoch_count(240, ge=1, description="... to 0 at this one (the run's SOLVER.EPOCHS, yaml:12)")
     feat_weight: float = Field(0.0, ge=0, description="weight of WKD-F (WKD_FEAT_WEIGHT: 0 in wkd_l/, 0.08 in "
                                                       "wkd_f/res32x4_res8x4.yaml:24); 0: no WKD-F")
     hint_layer: int = Field(-1, ge=-5, le=4, description="WKD-F's stage tap (HINT_LAYER -1: the last)")
