@@ -146,3 +146,30 @@ def test_crd_memory_rows_are_unit_vectors_and_only_the_batch_rows_move(momentum)
     moved = (term.memory_s != before).any(1)
     assert moved.nonzero().flatten().sort().values.tolist() == index.sort().values.tolist()
     torch.testing.assert_close(term.memory_s[index].norm(dim=1), torch.ones(len(index)), rtol=0, atol=1e-6)
+
+
+def test_negatives_are_drawn_as_repdistillers_choice():
+    """`np.random.choice(cls_negative[target], k, replace=k > len(cls_negative[target]))`: other classes only; a
+    row's k negatives distinct where its class has at least k, uniform over them (each candidate's share within 10 %
+    of k / candidates over 600 draws), and with replacement where it has fewer."""
+    from kdpipe.distill.crd import NegativeSampler
+
+    labels = torch.tensor([0] * 30 + [1] * 50 + [2] * 20)  # 70, 50 and 80 negatives
+    sampler = NegativeSampler(labels, seed=3)
+    index = torch.tensor([0, 35, 90, 5, 60])
+    counts = torch.zeros(len(index), len(labels))
+    for _ in range(600):
+        neg = sampler(index, 40)
+        assert (labels[neg] != labels[index][:, None]).all()
+        assert all(len(set(row.tolist())) == 40 for row in neg)  # without replacement: 40 <= every class's negatives
+        counts.scatter_add_(1, neg, torch.ones_like(neg, dtype=torch.float))
+    for row, i in enumerate(index):
+        candidates = labels != labels[i]
+        share = counts[row, candidates] / 600
+        expected = 40 / int(candidates.sum())
+        assert (share - expected).abs().max() < 0.1 * expected + 0.05, (row, share.min(), share.max(), expected)
+        assert counts[row, ~candidates].sum() == 0
+    # 60 negatives: class 1 (50 negatives) draws with replacement, the others without
+    neg = sampler(index, 60)
+    assert [len(set(row.tolist())) == 60 for row in neg] == [True, False, True, True, False]
+    assert (labels[neg] != labels[index][:, None]).all()

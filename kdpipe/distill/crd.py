@@ -8,8 +8,9 @@ memory) add up. After each step the anchors' memory rows move to momentum * old 
 re-normalised. Memory, normalisation constants Z and the sampling counter are buffers, so they are
 checkpointed with the resume state and a resumed run ends bit-identical.
 
-Differences from RepDistiller: negatives are drawn with replacement (RepDistiller: without, unless
-nce_k exceeds a class's negatives), from a counter-seeded generator so sampling is reproducible.
+Negatives are drawn as RepDistiller's `dataset/cifar100.py` draws them, `np.random.choice(cls_negative[target],
+nce_k, replace=nce_k > len(cls_negative[target]))`: without replacement unless nce_k exceeds the class's negatives,
+batched on the device, from a counter-seeded generator so sampling is reproducible.
 """
 
 import math
@@ -55,7 +56,9 @@ class Embed(nn.Module):
 
 class NegativeSampler(nn.Module):
     """Indices of samples of other classes, uniformly, vectorised: with the training set sorted by class
-    (class c at positions [start_c, start_c + n_c)), draw r in [0, N - n_c) and skip the class's block."""
+    (class c at positions [start_c, start_c + n_c)), draw positions r in [0, N - n_c) and skip the class's block.
+    A row's k positions are distinct (the k smallest of uniform keys over its N - n_c candidates: a uniform
+    k-subset), or drawn with replacement where k exceeds N - n_c."""
 
     def __init__(self, labels: torch.Tensor, seed: int):
         super().__init__()
@@ -74,7 +77,19 @@ class NegativeSampler(nn.Module):
         self.step += 1
         c = self.labels[index]
         n_other = (len(self.labels) - self.count[c])[:, None]
-        r = (torch.rand(len(index), k, generator=g, device=dev) * n_other).long().clamp_max(n_other - 1)
+        replace = k > n_other  # (B, 1): the rows RepDistiller draws with replacement
+
+        def with_replacement():
+            return (torch.rand(len(index), k, generator=g, device=dev) * n_other).long().clamp_max(n_other - 1)
+
+        if bool(replace.all()):
+            r = with_replacement()
+        else:  # k <= the largest N - n_c of the batch
+            keys = torch.rand(len(index), int(n_other.max()), generator=g, device=dev)
+            keys.masked_fill_(torch.arange(keys.shape[1], device=dev) >= n_other, 2.0)  # beyond a row's candidates
+            r = keys.topk(k, dim=1, largest=False).indices
+            if bool(replace.any()):
+                r = torch.where(replace, with_replacement(), r)
         r = r + (r >= self.start[c][:, None]) * self.count[c][:, None]
         return self.order[r]
 
