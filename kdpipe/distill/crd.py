@@ -87,7 +87,7 @@ class NegativeSampler(nn.Module):
         else:  # k <= the largest N - n_c of the batch
             keys = torch.rand(len(index), int(n_other.max()), generator=g, device=dev)
             keys.masked_fill_(torch.arange(keys.shape[1], device=dev) >= n_other, 2.0)  # beyond a row's candidates
-            r = keys.topk(k, dim=1, largest=False).indices
+            r = keys.topk(k, dim=1, largest=False, sorted=False).indices  # unsorted: half the cost, same set
             if bool(replace.any()):
                 r = torch.where(replace, with_replacement(), r)
         r = r + (r >= self.start[c][:, None]) * self.count[c][:, None]
