@@ -8,10 +8,12 @@ QDQ scheme and formulas (`onnxruntime.quantization.quant_utils.compute_scale_zp`
   weights; Dropout still trains);
 - each convolution's and linear layer's weight fake-quantised per output channel (per tensor where
   `quantize.per_channel` is false), symmetric int8 (scale max|w| / 127, zero point 0; with `reduce_range`, / 64);
-- each convolution's and linear layer's input fake-quantised per tensor, asymmetric uint8 (the range widened to
-  hold 0, scale (max - min) / 255, zero point round(-min / scale)), its min and max
-  calibrated as onnxruntime's MinMax calibration takes them: over the `quantize` section's calibration images,
-  evaluation view, before the fine-tuning (held fixed while it trains).
+- each convolution's and linear layer's input, and its output where no ReLU follows (onnxruntime folds a ReLU
+  into the quantized output's range, which is then the next layer's input), fake-quantised per tensor,
+  asymmetric uint8 (the range widened to hold 0, scale (max - min) / 255, zero point round(-min / scale)), its
+  min and max calibrated as onnxruntime's MinMax calibration takes them: over the `quantize` section's
+  calibration images, evaluation view, the float model, before the fine-tuning (held fixed while it trains).
+  Not simulated: the residual additions' and other element-wise outputs onnxruntime also quantizes.
 Gradients pass the rounding straight through. Then the fine-tuned (folded, float) model is exported and quantized
 exactly as `kdpipe quantize` quantizes an export (onnxruntime's `quantize_static`, QDQ, the same calibration
 images and accuracy guard, its MinMax ranges taken again on the fine-tuned weights): models/NAME.qat.onnx, an INT8
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -91,8 +94,9 @@ class WeightQuant(nn.Module):
         return fake_quantize(w, scale, torch.zeros_like(scale), *WEIGHT_RANGE[self.reduce_range])
 
 
-class InputQuant(nn.Module):
-    """A layer's input as INT8 stores it (per tensor, asymmetric uint8); while `calibrating`, records its range."""
+class ActivationQuant(nn.Module):
+    """A layer's input or output as INT8 stores it (per tensor, asymmetric uint8); while `calibrating`, records its
+    range."""
 
     def __init__(self):
         super().__init__()
@@ -150,28 +154,66 @@ def fold_batch_norms(model: nn.Module, image_size: int) -> int:
     return len(pairs)
 
 
-def simulate_int8(model: nn.Module, reduce_range: bool, per_channel: bool = True) -> list:
-    """Fake-quantise every Conv2d/Linear weight and input of `model` in place; returns what `strip` undoes."""
+# what onnxruntime's QDQ quantizer folds into the range of the quantized output before it (a removable activation)
+RELUS = (torch.relu, torch.relu_, F.relu, F.relu6, torch.Tensor.relu, torch.Tensor.relu_)
+
+
+def followed_by_relu(model: nn.Module, layers: list[nn.Module], image_size: int) -> set[int]:
+    """The ids of `layers` whose output goes straight into a ReLU (a module's or a function's: seen by one
+    forward under a torch function mode)."""
+    from torch.overrides import TorchFunctionMode
+
+    made, fed = {}, set()
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            x = args[0] if args else None
+            if func in RELUS and id(x) in made and made[id(x)][1] is x:
+                fed.add(id(made[id(x)][0]))
+            return func(*args, **(kwargs or {}))
+
+    hooks = [m.register_forward_hook(lambda mod, a, out: made.__setitem__(id(out), (mod, out))) for m in layers]
+    model.eval()
+    with torch.no_grad(), Watch():
+        model(torch.zeros(1, 3, image_size, image_size))
+    for h in hooks:
+        h.remove()
+    return fed
+
+
+def simulate_int8(model: nn.Module, reduce_range: bool, per_channel: bool, image_size: int) -> list:
+    """Fake-quantise every Conv2d/Linear of `model` in place as onnxruntime's QDQ graph quantizes it: its weight,
+    its input, and its output where no ReLU follows (a ReLU's output is the next layer's quantized input: onnxruntime
+    removes the ReLU and quantizes with its range). Returns what `strip` undoes."""
+    layers = [m for m in model.modules() if isinstance(m, QUANTIZED)]
+    relu_after = followed_by_relu(model, layers, image_size)
     handles = []
-    for m in [m for m in model.modules() if isinstance(m, QUANTIZED)]:
+    for m in layers:
         parametrize.register_parametrization(m, "weight", WeightQuant(reduce_range, per_channel))
-        m.input_quant = InputQuant()
-        handles.append((m, m.register_forward_pre_hook(lambda mod, args: (mod.input_quant(args[0]), *args[1:]))))
+        m.input_quant = ActivationQuant()
+        hooks = [m.register_forward_pre_hook(lambda mod, args: (mod.input_quant(args[0]), *args[1:]))]
+        if id(m) not in relu_after:
+            m.output_quant = ActivationQuant()
+            hooks.append(m.register_forward_hook(lambda mod, args, out: mod.output_quant(out)))
+        handles.append((m, hooks))
     return handles
 
 
 def strip(handles: list) -> None:
     """The plain float model again: the trained weights kept, the fake quantisation removed."""
-    for m, h in handles:
-        h.remove()
+    for m, hooks in handles:
+        for h in hooks:
+            h.remove()
         del m.input_quant
+        if hasattr(m, "output_quant"):
+            del m.output_quant
         parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
 
 
 def calibrate(model: nn.Module, batches) -> None:
     """Each layer's input range over the (normalised) calibration batches, run as onnxruntime's calibration runs
     the float model: in eval mode, nothing quantized."""
-    quants = [m for m in model.modules() if isinstance(m, (InputQuant, WeightQuant))]
+    quants = [m for m in model.modules() if isinstance(m, (ActivationQuant, WeightQuant))]
     for q in quants:
         q.calibrating = True
     model.eval()
@@ -221,7 +263,7 @@ def qat(name: str, params: config.Params, teacher: Path, data_dir: Path) -> dict
     model = ckpt_io.restore_model(ckpt)
     folded = fold_batch_norms(model, size)
     s_shapes = feature_shapes(model, image_size=size)
-    handles = simulate_int8(model, reduce_range, params.quantize.per_channel)
+    handles = simulate_int8(model, reduce_range, params.quantize.per_channel, size)
     idx = q.calibration_indices(source.train_size, params.quantize.calibration_images, params.quantize.seed)
     norm = ckpt.get("normalization") or manifest.normalization
     mean, std = (torch.tensor(norm[k]).view(1, 3, 1, 1) for k in ("mean", "std"))

@@ -78,25 +78,64 @@ def test_fake_quantize_is_onnxruntimes_quantize_dequantize():
 
 
 def test_a_simulated_layer_computes_with_its_quantized_input_and_weight():
-    """A convolution under `simulate_int8`, calibrated on one batch and run on another, against numpy: its weight
-    rounded per output channel to max|w| / 127 steps, its input to (max - min) / 255 steps about the zero point
-    and saturated to [0, 255]."""
+    """A convolution and ReLU under `simulate_int8`, calibrated on one batch and run on another, against numpy: its
+    weight rounded per output channel to max|w| / 127 steps, its input to (max - min) / 255 steps about the zero
+    point and saturated to [0, 255]; its output, which a ReLU reads, left to the next layer (onnxruntime folds the
+    ReLU into that range)."""
     torch.manual_seed(0)
-    layer = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
+    layer = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
     w, b = layer[0].weight.detach().numpy().copy(), layer[0].bias.detach().numpy()
-    qat.simulate_int8(layer, False)
+    qat.simulate_int8(layer, False, True, 8)
+    assert not hasattr(layer[0], "output_quant")
     calib, x = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8) * 1.5  # beyond the calibrated range: saturates
     qat.calibrate(layer, [calib])
     got = layer(x)
     s_w = (np.abs(w).reshape(4, -1).max(1) * 2 / 254).astype(np.float32).reshape(4, 1, 1, 1)
     w_q = np.round(w / s_w) * s_w
-    lo, hi = min(calib.min().item(), 0), max(calib.max().item(), 0)
-    s_x = np.float32((hi - lo) / 255)
-    zp = np.round(-lo / s_x)
-    x_q = (np.clip(np.round(x.numpy() / s_x) + zp, 0, 255) - zp) * s_x
-    expected = torch.nn.functional.conv2d(torch.from_numpy(x_q), torch.from_numpy(w_q), torch.from_numpy(b))
+    x_q = quantized(x.numpy(), calib.min().item(), calib.max().item())
+    expected = torch.relu(torch.nn.functional.conv2d(torch.from_numpy(x_q), torch.from_numpy(w_q), torch.from_numpy(b)))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(got, torch.nn.functional.conv2d(x, torch.from_numpy(w), torch.from_numpy(b)), atol=1e-3)
+    float_out = torch.relu(torch.nn.functional.conv2d(x, torch.from_numpy(w), torch.from_numpy(b)))
+    assert not torch.allclose(got, float_out, atol=1e-3)
+
+
+def quantized(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """v through uint8 with the calibrated range [lo, hi] (widened to hold 0), in numpy."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = np.float32((hi - lo) / 255)
+    zp = np.round(-lo / scale)
+    return ((np.clip(np.round(v / scale) + zp, 0, 255) - zp) * scale).astype(np.float32)
+
+
+def test_an_output_no_relu_reads_is_quantized_too():
+    """A convolution followed by an addition (a residual branch) and a linear layer (the classifier): their
+    outputs are quantized with their own calibrated ranges, as onnxruntime quantizes them."""
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.relu_conv, self.fc = torch.nn.Conv2d(3, 3, 1), torch.nn.Conv2d(3, 3, 1), torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            y = torch.nn.functional.relu(self.relu_conv(x))
+            return self.fc((self.conv(x) + y).mean((2, 3)))
+
+    net = Net()
+    qat.simulate_int8(net, False, True, 4)
+    assert [hasattr(m, "output_quant") for m in (net.conv, net.relu_conv, net.fc)] == [True, False, True]
+    calib = torch.randn(4, 3, 4, 4)
+    qat.calibrate(net, [calib])
+    with torch.no_grad():
+        raw = net.conv.weight  # the simulated (quantized) weight
+        inner = torch.nn.functional.conv2d(torch.from_numpy(quantized(calib.numpy(), calib.min().item(),
+                                                                      calib.max().item())), raw, net.conv.bias)
+    lo, hi = net.conv.output_quant.lo.item(), net.conv.output_quant.hi.item()
+    out = {}
+    net.conv.register_forward_hook(lambda m, a, o: out.setdefault("conv", o))
+    with torch.no_grad():
+        net(calib)
+    torch.testing.assert_close(out["conv"], torch.from_numpy(quantized(inner.numpy(), lo, hi)), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["resnet8", "wrn_16_2", "vgg8", "mobilenetv2", "shufflev1", "tv/mobilenet_v3_small",
@@ -119,11 +158,12 @@ def test_batch_norms_fold_into_the_convolutions_before_them(name):
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4 * before.abs().max().item())
 
 
-def weights_and_input_ranges(proto):
+def weights_and_ranges(proto):
     """Of each Conv/Gemm/MatMul of an onnxruntime QDQ file: (its dequantized weight, its input's (scale, zero
-    point)), computed from the file's integers with numpy."""
+    point), its output's), computed from the file's integers with numpy."""
     init = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     made = {o: n for n in proto.graph.node for o in n.output}
+    read = {i: n for n in proto.graph.node for i in n.input}
     out = []
     for node in proto.graph.node:
         if node.op_type not in ("Conv", "Gemm", "MatMul"):
@@ -134,8 +174,10 @@ def weights_and_input_ranges(proto):
         axis = next((a.i for a in w_dq.attribute if a.name == "axis"), 1)
         shape = [-1 if d == axis else 1 for d in range(q.ndim)]
         w = (q.astype(np.float32) - z.astype(np.float32).reshape(shape)) * s.reshape(shape)
+        y_q = read[node.output[0]]
+        assert y_q.op_type == "QuantizeLinear"
         out.append((w if node.op_type == "Conv" else w.reshape(q.shape).T if node.op_type == "MatMul" else w,
-                    (init[x_dq.input[1]].item(), int(init[x_dq.input[2]].item()))))
+                    *((init[n.input[1]].item(), int(init[n.input[2]].item())) for n in (x_dq, y_q))))
     return out
 
 
@@ -152,7 +194,7 @@ def test_simulated_int8_is_what_onnxruntime_quantizes(built, tmp_path, reduce_ra
     model = checkpoint.restore_model(ckpt).eval()
     qat.fold_batch_norms(model, 32)
     plain = copy.deepcopy(model)
-    qat.simulate_int8(model, reduce_range, per_channel)
+    qat.simulate_int8(model, reduce_range, per_channel, 32)
     norm = source.manifest.normalization
     mean, std = (torch.tensor(norm[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
     idx = quantize.calibration_indices(source.train_size, cfg.calibration_images, cfg.seed)
@@ -160,16 +202,29 @@ def test_simulated_int8_is_what_onnxruntime_quantizes(built, tmp_path, reduce_ra
     x = next(iter(source.test_pixels(16)))[0].float() / 255
     save_checked(Normalized(plain, norm["mean"], norm["std"]).eval(), tmp_path / "f.onnx", x, "onnx", None, {}, 32)
     quantize.quantize(tmp_path / "f.onnx", tmp_path / "q.onnx", tmp_path / "q.json", built / "data/prepared", cfg)
-    written = weights_and_input_ranges(onnx.load(str(tmp_path / "q.onnx")))
+    written = weights_and_ranges(onnx.load(str(tmp_path / "q.onnx")))
     layers = [m for m in model.modules() if isinstance(m, qat.QUANTIZED)]
     assert len(written) == len(layers) == 10  # resnet8: 9 convolutions (2 of them shortcuts), the classifier
-    for w, (scale, zero_point) in written:
+    for w, x_q, y_q in written:
         m = next(m for m in layers if tuple(m.weight.shape) == w.shape and np.array_equal(m.weight.detach().numpy(), w))
         # the ranges of two runtimes' float convolutions: equal to their rounding
-        mine = qat.activation_qparams(m.input_quant.lo.item(), m.input_quant.hi.item())
-        assert mine[0] == pytest.approx(scale, rel=1e-5) and mine[1] == zero_point
+        for quant, (scale, zero_point) in ((m.input_quant, x_q), (getattr(m, "output_quant", None), y_q)):
+            if quant is None:  # a ReLU follows: onnxruntime folded it, the output's range starts at 0
+                assert zero_point == 0
+                continue
+            mine = qat.activation_qparams(quant.lo.item(), quant.hi.item())
+            assert mine[0] == pytest.approx(scale, rel=1e-5) and mine[1] == zero_point
         layers.remove(m)
     assert not layers
+    # each block's second convolution, the two shortcuts and the classifier: no ReLU reads them
+    assert sum(hasattr(m, "output_quant") for m in model.modules()) == 6
+    # the simulated model's logits nearer onnxruntime's INT8 ones than the float model's are
+    x = next(iter(source.test_pixels(1000)))[0].float() / 255
+    with torch.no_grad():
+        sim, fp = model((x - mean) / std), plain((x - mean) / std)
+    int8 = torch.from_numpy(ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(
+        ["logits"], {"image": x.numpy()})[0])
+    assert (sim - int8).abs().mean() < 0.75 * (fp - int8).abs().mean()
 
 
 def test_qat_ships_an_int8_file_with_true_metrics_and_the_same_bits_twice(project, tmp_path):
