@@ -76,6 +76,38 @@ def tiny_params(**updates) -> dict:
     return deep_update(copy.deepcopy(TINY), updates)
 
 
+def invoke(*args, env=None, code=0) -> str:
+    """`kdpipe ARGS` run in this process (typer's test runner), its exit code `code`: its output."""
+    from typer.testing import CliRunner
+
+    from kdpipe.cli import app
+
+    result = CliRunner().invoke(app, list(args), env=env)
+    assert result.exit_code == code, result.output
+    return result.output
+
+
+def built_project(d: Path, params: dict, commands) -> Path:
+    """The folder `d` with `params` as its params.yaml, after each of `commands` (kdpipe's arguments) ran there."""
+    here = os.getcwd()
+    os.chdir(d)
+    try:
+        (d / "params.yaml").write_text(yaml.safe_dump(params))
+        for args in commands:
+            invoke(*args)
+    finally:
+        os.chdir(here)
+    return d
+
+
+def project_copy(built: Path, tmp_path: Path, monkeypatch) -> Path:
+    """A copy of the project `built` to change, as the current directory."""
+    d = tmp_path / "p"
+    shutil.copytree(built, d)
+    monkeypatch.chdir(d)
+    return d
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     """A scratch project folder with tiny params.yaml, as the current directory."""

@@ -14,46 +14,27 @@ import pytest
 import torch
 import yaml
 from onnx import helper, numpy_helper
-from typer.testing import CliRunner
 
 from kdpipe import checkpoint, config, models, qat, quantize, sources
-from kdpipe.cli import app
 from kdpipe.export import Normalized, save_checked
 from kdpipe.runtime import Numerics
 
-from .conftest import tiny_params
+from .conftest import built_project, invoke, project_copy, tiny_params
 
 FAST = {"quantize": {"calibration_images": 50, "seed": 0, "max_drop": 100.0}, "qat": {"epochs": 1},
         "measure": {"warmup": 1, "runs": 5, "rounds": 2, "batch_size": 8}}
 
 
-def invoke(*args, code=0):
-    result = CliRunner().invoke(app, list(args))
-    assert result.exit_code == code, result.output
-    return result.output
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """A teacher, a KD student, evaluated and exported (built once for the module)."""
-    d = tmp_path_factory.mktemp("qat")
-    here = os.getcwd()
-    os.chdir(d)
-    try:
-        (d / "params.yaml").write_text(yaml.safe_dump(tiny_params(**FAST)))
-        for args in (("data",), ("teacher",), ("distill", "-m", "kd"), ("evaluate", "kd"), ("export", "kd")):
-            invoke(*args)
-    finally:
-        os.chdir(here)
-    return d
+    return built_project(tmp_path_factory.mktemp("qat"), tiny_params(**FAST),
+                         [("data",), ("teacher",), ("distill", "-m", "kd"), ("evaluate", "kd"), ("export", "kd")])
 
 
 @pytest.fixture
 def project(built, tmp_path, monkeypatch):
-    d = tmp_path / "p"
-    shutil.copytree(built, d)
-    monkeypatch.chdir(d)
-    return d
+    return project_copy(built, tmp_path, monkeypatch)
 
 
 def test_fake_quantize_is_onnxruntimes_quantize_dequantize():

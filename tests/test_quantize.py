@@ -17,40 +17,23 @@ from typer.testing import CliRunner
 from kdpipe import checkpoint, config, data, measure, quantize, report
 from kdpipe.cli import app
 
-from .conftest import tiny_params
+from .conftest import built_project, invoke, project_copy, tiny_params
 
 # max_drop 100: the guard never falls back here (its own tests below set it); 46 held-out images, 2.2 points each
 FAST = {"quantize": {"calibration_images": 50, "seed": 0, "max_drop": 100.0},
         "measure": {"warmup": 1, "runs": 5, "batch_size": 8}}
 
 
-def invoke(*args, code=0):
-    result = CliRunner().invoke(app, list(args))
-    assert result.exit_code == code, result.output
-    return result.output
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """A project with a trained, evaluated and exported student (built once for the module)."""
-    d = tmp_path_factory.mktemp("exported")
-    here = os.getcwd()
-    os.chdir(d)
-    try:
-        (d / "params.yaml").write_text(yaml.safe_dump(tiny_params(**FAST)))
-        for args in (("data",), ("student",), ("evaluate", "student"), ("export", "student")):
-            invoke(*args)
-    finally:
-        os.chdir(here)
-    return d
+    return built_project(tmp_path_factory.mktemp("exported"), tiny_params(**FAST),
+                         [("data",), ("student",), ("evaluate", "student"), ("export", "student")])
 
 
 @pytest.fixture
 def project(built, tmp_path, monkeypatch):
-    d = tmp_path / "p"
-    shutil.copytree(built, d)
-    monkeypatch.chdir(d)
-    return d
+    return project_copy(built, tmp_path, monkeypatch)
 
 
 def io_contract(proto):
