@@ -24,6 +24,7 @@ accuracy is the fake-quantised model's).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import tempfile
@@ -96,25 +97,46 @@ class WeightQuant(nn.Module):
 
 class ActivationQuant(nn.Module):
     """A layer's input or output as INT8 stores it (per tensor, asymmetric uint8); while `calibrating`, records its
-    range."""
+    range, and `fix` sets its scale and zero point from it (buffers: a resumed run keeps them)."""
 
     def __init__(self):
         super().__init__()
         self.calibrating = False
-        self.register_buffer("lo", torch.tensor(float("inf")))
-        self.register_buffer("hi", torch.tensor(float("-inf")))
+        for name, value in (("lo", float("inf")), ("hi", float("-inf")), ("scale", 1.0), ("zero_point", 0.0)):
+            self.register_buffer(name, torch.tensor(value))
+
+    def fix(self) -> None:
+        scale, zero_point = activation_qparams(self.lo.item(), self.hi.item())
+        self.scale.fill_(scale), self.zero_point.fill_(zero_point)
 
     def forward(self, x):
         if self.calibrating:
             self.lo = torch.minimum(self.lo, x.detach().min().float())
             self.hi = torch.maximum(self.hi, x.detach().max().float())
             return x
-        scale, zero_point = activation_qparams(self.lo.item(), self.hi.item())
-        return fake_quantize(x, torch.tensor(scale, device=x.device), torch.tensor(zero_point, device=x.device),
-                             *ACTIVATION_RANGE)
+        return fake_quantize(x, self.scale, self.zero_point, *ACTIVATION_RANGE)
 
 
 QUANTIZED = (nn.Conv2d, nn.Linear)  # the layers onnxruntime runs in INT8 (Conv, and Gemm/MatMul)
+
+
+@contextlib.contextmanager
+def outputs_of(layers: list[nn.Module]):
+    """While the block runs: `made_by(x)`, the layer of `layers` whose output tensor `x` is (None: none's)."""
+    made = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out: made.__setitem__(id(out), (mod, out))) for m in layers]
+    try:
+        yield lambda x: made[id(x)][0] if id(x) in made and made[id(x)][1] is x else None
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def probe(model: nn.Module, image_size: int) -> None:
+    """One forward of a blank image in eval mode: what the structural lookups below watch."""
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, 3, image_size, image_size))
 
 
 def fold_batch_norms(model: nn.Module, image_size: int) -> int:
@@ -124,21 +146,18 @@ def fold_batch_norms(model: nn.Module, image_size: int) -> int:
     its statistics (torchvision's FrozenBatchNorm2d), as the export runs it. Returns how many were folded."""
     from torchvision.ops import FrozenBatchNorm2d
 
-    model.eval()
-    made, pairs, hooks = {}, [], []
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            hooks.append(m.register_forward_hook(lambda mod, args, out: made.__setitem__(id(out), (mod, out))))
-        elif isinstance(m, nn.BatchNorm2d):
-            hooks.append(m.register_forward_pre_hook(
-                lambda mod, args: pairs.append((made[id(args[0])][0], mod))
-                if id(args[0]) in made and made[id(args[0])][1] is args[0] else None))
-    with torch.no_grad():
-        model(torch.zeros(1, 3, image_size, image_size))
+    pairs = {}  # id(bn) -> (conv, bn)
+    with outputs_of([m for m in model.modules() if isinstance(m, nn.Conv2d)]) as made_by:
+        def pair(bn, args):
+            if made_by(args[0]) is not None:
+                pairs[id(bn)] = (made_by(args[0]), bn)
+
+        hooks = [m.register_forward_pre_hook(pair) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        probe(model, image_size)
     for h in hooks:
         h.remove()
     parents = {id(child): (parent, name) for parent in model.modules() for name, child in parent.named_children()}
-    for conv, bn in dict((id(bn), (conv, bn)) for conv, bn in pairs).values():
+    for conv, bn in pairs.values():
         with torch.no_grad():
             factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)
             bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
@@ -163,21 +182,16 @@ def followed_by_relu(model: nn.Module, layers: list[nn.Module], image_size: int)
     forward under a torch function mode)."""
     from torch.overrides import TorchFunctionMode
 
-    made, fed = {}, set()
+    fed = set()
+    with outputs_of(layers) as made_by:
+        class Watch(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if func in RELUS and args and made_by(args[0]) is not None:
+                    fed.add(id(made_by(args[0])))
+                return func(*args, **(kwargs or {}))
 
-    class Watch(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            x = args[0] if args else None
-            if func in RELUS and id(x) in made and made[id(x)][1] is x:
-                fed.add(id(made[id(x)][0]))
-            return func(*args, **(kwargs or {}))
-
-    hooks = [m.register_forward_hook(lambda mod, a, out: made.__setitem__(id(out), (mod, out))) for m in layers]
-    model.eval()
-    with torch.no_grad(), Watch():
-        model(torch.zeros(1, 3, image_size, image_size))
-    for h in hooks:
-        h.remove()
+        with Watch():
+            probe(model, image_size)
     return fed
 
 
@@ -222,6 +236,8 @@ def calibrate(model: nn.Module, batches) -> None:
             model(x)
     for q in quants:
         q.calibrating = False
+        if isinstance(q, ActivationQuant):
+            q.fix()
 
 
 def recipe(params: config.Params) -> config.Train:
@@ -267,8 +283,8 @@ def qat(name: str, params: config.Params, teacher: Path, data_dir: Path) -> dict
     idx = q.calibration_indices(source.train_size, params.quantize.calibration_images, params.quantize.seed)
     norm = ckpt.get("normalization") or manifest.normalization
     mean, std = (torch.tensor(norm[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
-    calibrate(model, ((source.train_pixels(idx[i:i + q.CALIBRATION_BATCH]).float() / 255 - mean) / std
-                      for i in range(0, len(idx), q.CALIBRATION_BATCH)))
+    calibrate(model, ((source.train_pixels(idx[i:i + q.CALIBRATION_BATCH]).cpu().float() / 255 - mean) / std
+                      for i in range(0, len(idx), q.CALIBRATION_BATCH)))  # the model is still on the CPU
     objective = Distiller(teacher_model, ["kd"], params.distill, s_shapes,
                           feature_shapes(teacher_model, numerics.device, size), TrainData(source.train_labels),
                           teacher_input)
@@ -285,8 +301,7 @@ def qat(name: str, params: config.Params, teacher: Path, data_dir: Path) -> dict
         ckpt_io.model_path(run_name).unlink(missing_ok=True)  # the fine-tuned weights ship as the INT8 file
     strip(handles)
     module = Normalized(model.cpu().eval(), norm["mean"], norm["std"]).eval()
-    test = sources.open_source(data_dir, runtime.Numerics(torch.device("cpu"), bf16=False, channels_last=False), 0)
-    x = next(iter(test.test_pixels(256)))[0].float() / 255
+    x = next(iter(source.test_pixels(256)))[0].cpu().float() / 255
     metadata = {**export_metadata(ckpt, student_path, manifest.classes, norm, size), "kdpipe.qat": json.dumps(settings)}
     with tempfile.TemporaryDirectory(prefix="kdpipe-qat-") as work:
         fp32 = Path(work) / f"{name}.qat.fp32.onnx"
