@@ -279,30 +279,9 @@ def params_text(data: str | None, teacher: str, student: str, image_size: int, m
     return "\n".join(lines) + "\n"
 
 
-QAT_STAGE = """
-  qat:  # quantization-aware fine-tuning against the teacher, INT8 as quantize makes it (docs/export.md)
-    matrix:
-      name: {names}
-    cmd: kdpipe qat ${{item.name}}
-    deps:
-      - data/prepared
-      - models/teacher.pt
-      - models/${{item.name}}.pt
-      - models/${{item.name}}.onnx
-    params:
-      - student
-      - distill.kd
-      - quantize
-      - qat
-      - kdpipe-code.yaml:
-          - qat
-    outs:
-      - models/${{item.name}}.qat.onnx
-      - logs/${{item.name}}.qat.json
-    metrics:
-      - metrics/${{item.name}}.qat.json:
-          cache: false
-"""
+def _template(name: str) -> str:
+    # named .in, not dvc.yaml: DVC reads every dvc.yaml inside a repository as a pipeline
+    return (resources.files("kdpipe") / "templates" / name).read_text()
 
 
 def dvc_text(methods: list[str], folder: bool = True, qat: list[str] = ()) -> str:
@@ -311,8 +290,7 @@ def dvc_text(methods: list[str], folder: bool = True, qat: list[str] = ()) -> st
     students = ["student", *methods]
     int8 = [f"{s}.int8" for s in students] + [f"{s}.qat" for s in qat]
     measured = [*runs, *int8]
-    # named .in, not dvc.yaml: DVC reads every dvc.yaml inside a repository as a pipeline
-    text = (resources.files("kdpipe") / "templates" / "dvc.yaml.in").read_text()
+    text = _template("dvc.yaml.in")
     indent = " " * 6
     fills = {
         "@DATA_DEPS@": "    deps:\n      - ${data.path}\n" if folder else "",  # the synthetic set is drawn, not read
@@ -329,7 +307,8 @@ def dvc_text(methods: list[str], folder: bool = True, qat: list[str] = ()) -> st
                          + "\n" + "\n".join(f"{indent}- metrics/{n}.json" for n in int8)
                          + f"\n{indent}- metrics/measure.json",
         "@PLOT_FILES@": "\n".join(f"{' ' * 8}plots/{n}.csv: test_top1" for n in runs),
-        "@QAT@": QAT_STAGE.format(names=_flow(list(qat))) if qat else "",
+        # the qat@ stages, where `--qat` names students (the stage's own template, filled the same way)
+        "@QAT@": _template("qat-stage.yaml.in").replace("@QAT_STUDENTS@", _flow(list(qat))) if qat else "",
     }
     for key, value in fills.items():
         text = text.replace(key, value)
