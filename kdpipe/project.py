@@ -30,23 +30,25 @@ CODE_FILE = "kdpipe-code.yaml"
 
 # The package files (relative to kdpipe/) each kind of stage imports or reads: tools/stage_deps.py checks them
 # against the files the stages of a project really imported (CI's `kdpipe init` run). models/*: the model registry
-# and every family file, torchvision's and timm's included (the params may name any of them). config/deploy.py,
-# the schema of `quantize`, `qat` and `measure`, is imported by every stage (each validates the whole params file)
-# but decides the results of those three alone (VALIDATION_ONLY).
+# and every family file, torchvision's and timm's included (the params may name any of them). Every stage validates
+# the whole params file, so it imports every schema: config/deploy.py (`quantize`, `qat` and `measure`) and each
+# method's file (its schema sits beside its loss) with the shared method files; its results depend on those of its
+# own kind and methods alone (VALIDATION_ONLY: tests/test_project.py checks it is what validation imports).
 CONFIG = [f"config/{f}.py" for f in ("__init__", "base", "data", "distill", "errors", "load", "params", "train")]
 MODELS = [*CONFIG, "data.py", "models/*.py"]
 DEPLOY_SCHEMA = "config/deploy.py"
-VALIDATION_ONLY = {DEPLOY_SCHEMA}
+METHODS_SHARED = ["losses.py", "distill/__init__.py", "distill/base.py", "distill/functional.py"]
+VALIDATION_ONLY = {DEPLOY_SCHEMA, *METHODS_SHARED, *(f"distill/{m}.py" for m in config.METHODS)}
 LOADING = ["checkpoint.py", "runtime.py", "augment.py", "sources.py"]
 LOOP = [*LOADING, "engine.py", "progress.py", "losses.py"]
 CODE = {
     "data": [*MODELS, "prepare.py", "synthetic.py"],
     "train": [*MODELS, *LOOP, "runs.py"],
-    "distill": [*MODELS, *LOOP, "runs.py", "distill/__init__.py", "distill/base.py", "distill/functional.py"],
+    "distill": [*MODELS, *LOOP, "runs.py", *METHODS_SHARED],
     "evaluate": [*MODELS, *LOOP, "evaluate.py"],
     "export": [*MODELS, *LOADING, "export.py"],
     "quantize": [*MODELS, *LOADING, DEPLOY_SCHEMA, "quantize.py"],
-    "qat": [*MODELS, *LOOP, "runs.py", "distill/__init__.py", "distill/base.py", "distill/functional.py", "distill/kd.py",
+    "qat": [*MODELS, *LOOP, "runs.py", *METHODS_SHARED, "distill/kd.py",
             DEPLOY_SCHEMA, "export.py", "quantize.py", "qat.py"],
     "measure": [*MODELS, *LOADING, DEPLOY_SCHEMA, "quantize.py", "names.py", "measure.py"],
     "report": [*MODELS, "report.py", "names.py", "plots.py", "published.py", "published.yaml"],

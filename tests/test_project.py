@@ -202,6 +202,20 @@ def test_the_config_files_are_all_named():
     assert files == set(project.CONFIG) | {project.DEPLOY_SCHEMA}
 
 
+def test_validation_only_is_what_validating_the_params_imports():
+    # every stage validates the whole params file: what that imports beyond the config and model files every stage
+    # depends on is VALIDATION_ONLY (the deploy schema, every method's file and what they share), no more, no less
+    import subprocess
+    import sys
+
+    code = ("import os, sys, kdpipe, kdpipe.config\nroot = os.path.dirname(kdpipe.__file__)\n"
+            "print('\\n'.join(os.path.relpath(m.__file__, root) for m in list(sys.modules.values())"
+            " if (getattr(m, '__name__', None) or '').startswith('kdpipe.') and getattr(m, '__file__', None)))")
+    imported = set(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split())
+    common = set(project.code_files("data"))  # the config and model files (and the data stage's own two)
+    assert imported - common == project.VALIDATION_ONLY
+
+
 def test_examples_compress_is_what_init_writes():
     # one template: the example is `kdpipe init`'s output (`make examples` rewrites it after a template or code change)
     files = project.project_files(**EXAMPLE)

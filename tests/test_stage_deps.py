@@ -26,10 +26,15 @@ def test_full_pipeline_stage_deps_are_the_code_each_stage_imports(smoke_pipeline
 
 
 @pytest.mark.parametrize("method", ["kd", "crd"])
-def test_a_distillation_imports_its_own_method_file_alone(repo, method):
-    stages = {name: imported for name, imported, *_ in traced_stages(repo)}
-    method_files = {f for f in stages[f"distill@{method}"] if f.startswith("distill/")}
-    assert method_files == {"distill/__init__.py", "distill/base.py", "distill/functional.py", f"distill/{method}.py"}
+def test_a_distillation_depends_on_its_own_method_file_alone(repo, method):
+    # it imports every method's file to validate the params (each method's schema sits in its file), but depends on
+    # its own and the shared ones alone: the others are what the check lets it leave out, its own never
+    stages = {name: (imported, deps, validation) for name, imported, deps, _, validation in traced_stages(repo)}
+    imported, deps, validation = stages[f"distill@{method}"]
+    shared = {"distill/__init__.py", "distill/base.py", "distill/functional.py"}
+    assert {d for d in deps if d.startswith("distill/")} == shared | {f"distill/{method}.py"}
+    assert {f for f in imported if f.startswith("distill/")} - shared - {f"distill/{method}.py"} <= validation
+    assert f"distill/{method}.py" not in validation and f"distill/{method}.py" in stages["teacher"][2]
 
 
 def test_each_method_is_one_file_registering_its_own_name():
@@ -42,11 +47,11 @@ def test_each_method_is_one_file_registering_its_own_name():
         assert distill.get(m).method == m and distill.get(m).__module__ == f"kdpipe.distill.{m}"
 
 
-def defined_in(function: str) -> Path:
-    """The kdpipe file that defines `function` (at its top level)."""
+def defined_in(name: str) -> Path:
+    """The kdpipe file that defines the function or class `name` (at its top level)."""
     from .conftest import ROOT
 
-    files = [f for f in (ROOT / "kdpipe").rglob("*.py") if re.search(rf"^def {function}\(", f.read_text(), re.M)]
+    files = [f for f in (ROOT / "kdpipe").rglob("*.py") if re.search(rf"^(def|class) {name}\b", f.read_text(), re.M)]
     assert len(files) == 1, files
     return files[0]
 
@@ -78,10 +83,12 @@ def test_dkds_loss_and_the_download_are_deps_of_their_stages_alone(project):
     assert listed_by(ROOT / project, defined_in("download"))[1] == {"data"}
 
 
-def test_dvc_status_after_editing_dkds_loss_or_the_download(repo):
-    # the same on the reproduced quickstart, as DVC sees it: each edit makes its own stage stale, undone after
+def test_dvc_status_after_editing_dkds_loss_or_schema_or_the_download(repo):
+    # the same on the reproduced quickstart, as DVC sees it: each edit makes its own stage stale, undone after; DKD's
+    # params schema sits in its file, so changing its defaults or validation re-runs DKD alone
     from .conftest import DVC, ROOT, sh
 
+    assert defined_in("DKDParams") == defined_in("dkd")
     for function, stale in (("dkd", {"distill@dkd"}), ("download", {"data"})):
         path = repo / defined_in(function).relative_to(ROOT)
         text = path.read_text()
@@ -96,11 +103,12 @@ def test_dvc_status_after_editing_dkds_loss_or_the_download(repo):
 def test_check_reports_a_missing_and_an_unused_dep(repo, monkeypatch):
     # the check itself fails when a stage's deps drift from its imports
     stages = traced_stages(repo)
-    name, imported, deps, by_key = next(s for s in stages if s[0] == "distill@kd")
-    fake = [(name, imported, [d for d in deps if d != "runs.py"] + ["distill/crd.py"], by_key)]
+    name, imported, deps, by_key, validation = next(s for s in stages if s[0] == "distill@kd")
+    fake = [(name, imported, [d for d in deps if d != "runs.py" and d != "distill/kd.py"] + ["report.py"], by_key,
+             validation)]
     monkeypatch.setattr(stage_deps, "traced_stages", lambda project, traces=None: fake)
-    with pytest.raises(AssertionError, match=r"distill@kd: imports but does not depend on \['runs.py'\]; "
-                                             r"depends on but never imports \['distill/crd.py'\]"):
+    with pytest.raises(AssertionError, match=r"distill@kd: imports but does not depend on \['distill/kd.py', 'runs.py'\]; "
+                                             r"depends on but never imports \['report.py'\]"):
         check(repo)
 
 

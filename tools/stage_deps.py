@@ -50,8 +50,20 @@ def root_of(project: Path) -> Path | None:
     return next((p for p in [project, *project.parents] if (p / "kdpipe").is_dir()), None)
 
 
-def traced_stages(project: Path, traces: list[Path] | None = None) -> list[tuple[str, set[str], list[str], bool]]:
-    """(stage name, kdpipe files its command imported, its kdpipe deps, whether they are kdpipe-code.yaml keys)
+def validation_only(argv: list[str]) -> set[str]:
+    """What a stage running `kdpipe argv` imports only to validate the params file (kdpipe.project.VALIDATION_ONLY),
+    less the files of the methods it runs (`--method`/`-m`, methods combined with +), whose results it is."""
+    from kdpipe import config
+    from kdpipe.project import VALIDATION_ONLY
+
+    specs = [v for flag, v in zip(argv, argv[1:]) if flag in ("--method", "-m")]
+    own = {f"distill/{m}.py" for spec in specs for m in spec.split("+") if m in config.METHODS}
+    return VALIDATION_ONLY - own
+
+
+def traced_stages(project: Path, traces: list[Path] | None = None) -> list[tuple[str, set[str], list[str], bool, set[str]]]:
+    """(stage name, kdpipe files its command imported, its kdpipe deps, whether they are kdpipe-code.yaml keys, the
+    imported files it need not depend on)
     for every stage of `project`, from the
     records in `traces` (default: the repository's `<repo>-traces`; several folders: clones of one repository
     that ran disjoint slices of the stages, matched by the stage's folder within its clone)."""
@@ -68,23 +80,21 @@ def traced_stages(project: Path, traces: list[Path] | None = None) -> list[tuple
             runs = [r for r in records if r["argv"] == argv and Path(r["cwd"]).parts[len(Path(r["cwd"]).parts) - len(where):] == where]
             assert runs, f"{stage.name}: its command never ran under the tracer"
             by_key = any(Path(getattr(d, "def_path", "")).name == "kdpipe-code.yaml" for d in stage.deps)
-            out.append((stage.name, set(runs[0]["files"]) - EXEMPT, code_deps(stage, root and root / "kdpipe"), by_key))
+            out.append((stage.name, set(runs[0]["files"]) - EXEMPT, code_deps(stage, root and root / "kdpipe"), by_key,
+                        validation_only(argv)))
     return out
 
 
 def check(project: Path, traces: list[Path] | None = None) -> int:
     """The number of `project`'s stages; AssertionError naming each stage whose deps differ from its imports."""
-    from kdpipe.project import VALIDATION_ONLY
-
     problems = []
     stages = traced_stages(project, traces)
-    for name, imported, deps, by_key in stages:
+    for name, imported, deps, by_key, validation in stages:
         def covers(dep, f):
             return f == dep or f.startswith(dep.rstrip("/") + "/")
-        # a kdpipe-code.yaml key leaves out what every stage imports to validate params but only some stages' results
-        # depend on (kdpipe.project.VALIDATION_ONLY: the quantize/measure schema)
-        missing = sorted(f for f in imported if not any(covers(d, f) for d in deps)
-                         and not (by_key and f in VALIDATION_ONLY))
+        # what a stage imports only to validate the params file (the schemas of other stages' kinds and methods)
+        # need not be among its deps
+        missing = sorted(f for f in imported if not any(covers(d, f) for d in deps) and f not in validation)
         # a kdpipe-code.yaml key covers every model family file: the params may name any model library
         unused = sorted(d for d in deps if not any(covers(d, f) for f in imported)
                         and not (by_key and d.startswith("models/")))

@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import config  # noqa: F401  (first: it imports every method's file for its schema, before any of them runs)
 from ..models import Features, classifier
 from . import functional as Fd
 from .base import Batch, KDTerm, Shapes, TrainData, batch_statistics, feature_shapes, get  # noqa: F401  (the package's public names)

@@ -4,8 +4,10 @@ for equal channels and size, else `ConvReg` without ReLU) learn the teacher's ac
 alternative L2 loss (margin 1). RepDistiller trains this in a 30-epoch init stage (connectors and the
 student's feature layers), then the student with CE alone; the connectors are not used after it."""
 
+from pydantic import Field
 from torch import Tensor, nn
 
+from ..config.distill import FeatureParams, epoch_count
 from ..losses import fp32
 from .base import Term, check_paired_stages, register, regressor
 
@@ -27,7 +29,14 @@ def ab(gs: list[Tensor], gt: list[Tensor], margin: float = 1.0) -> Tensor:
     return total
 
 
-@register("ab")
+class ABParams(FeatureParams):
+    beta: float = Field(1.0, ge=0, description="weight of the AB term in single-stage mode (init_epochs: 0)")
+    margin: float = Field(1.0, gt=0, description="the activation-boundary margin")
+    init_epochs: int = epoch_count(30, ge=0, description="RepDistiller: 30 epochs of AB pre-training (connectors and "
+                                                   "the student's features), then CE alone; 0: single-stage variant")
+
+
+@register("ab", ABParams)
 class ActivationBoundaries(Term):
     uses_preact = True
 

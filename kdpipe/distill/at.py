@@ -2,8 +2,10 @@
 as RepDistiller's `feat[1:-1]`: f1, f2, f3 for the CIFAR ResNets)."""
 
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
+from ..config.distill import FeatureParams
 from ..losses import fp32
 from .base import Term, check_paired_stages, register
 from .functional import match_spatial
@@ -23,7 +25,12 @@ def attention(fs: Tensor, ft: Tensor, p: float = 2) -> Tensor:
     return (attention_map(fs, p) - attention_map(ft, p)).pow(2).mean()
 
 
-@register("at")
+class ATParams(FeatureParams):
+    beta: float = Field(1000.0, ge=0)
+    p: float = Field(2.0, gt=0)
+
+
+@register("at", ATParams)
 class AttentionTransfer(Term):
     def __init__(self, cfg, s_shapes, t_shapes, data):
         super().__init__()

@@ -1,7 +1,9 @@
 """What every method term builds on: the registry, `Term`, `Batch`, feature shapes and shared parts.
 
-The registry fills lazily: `get(name)` imports `kdpipe/distill/<name>.py` alone, so a run of one method
-imports (and its DVC stage depends on) that method's file and the shared ones, never the other methods'.
+The registry is the list of methods (`METHODS`, one file each, kdpipe/distill/<name>.py, which registers its term
+and its params schema). `get(name)` imports a method's file on first use; validating a params file imports them
+all (kdpipe/config/distill.py builds the `distill` section from their schemas), while a run's results depend on its
+own methods' files alone (a DVC stage depends on those and the shared ones, never on the other methods').
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from torch import nn
 from . import functional as Fd
 
 
+# the methods, in the order of tables, params files and `--help` (a test ties it to the files)
+METHODS = ("kd", "at", "nst", "fsp", "fitnets", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "crd", "dkd", "dist", "ctkd",
+           "reviewkd", "mlkd", "ofd", "kdsvd", "dot", "wttm", "sdd", "wkd", "rld")
 REGISTRY: dict[str, type["Term"]] = {}
 
 
@@ -27,12 +32,13 @@ def get(name: str) -> type["Term"]:
     return REGISTRY[name]
 
 
-def register(name: str):
-    """Register a term class as method `name` (its file must be kdpipe/distill/<name>.py: the pipelines'
-    distill stages depend on that file alone among the methods)."""
+def register(name: str, params):
+    """Register a term class as method `name` with its params schema (a `config.MethodParams`, the `distill.<name>`
+    section); its file must be kdpipe/distill/<name>.py: the pipelines' distill stages depend on that file alone
+    among the methods."""
     def wrap(cls):
         REGISTRY[name] = cls
-        cls.method = name
+        cls.method, cls.params = name, params
         cls.label = cls.label or name.upper()
         return cls
     return wrap
@@ -43,6 +49,7 @@ class Term(nn.Module):
     declarations (see kdpipe/distill/__init__.py)."""
 
     label = ""  # its name in tables and plots (default: the method's name upper-cased)
+    params: type  # its params schema, the `distill.<method>` section (set by `register`)
     supports_ddp = True  # False: refuses to run under torchrun
     init_trains_student = True
     loss_after_init = False

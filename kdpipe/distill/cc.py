@@ -1,8 +1,10 @@
 """CC: Peng et al. 2019, correlation congruence of linearly embedded vectors (RepDistiller's LinearEmbed,
 feat_dim 128, one for the student and one for the teacher; both trained with the student)."""
 
+from pydantic import Field
 from torch import Tensor, nn
 
+from ..config.distill import FeatureParams
 from ..losses import fp32
 from .base import Term, register
 
@@ -16,7 +18,12 @@ def cc(es: Tensor, et: Tensor) -> Tensor:
     return (d[:-1] * d[1:]).sum(1).mean()
 
 
-@register("cc")
+class CCParams(FeatureParams):
+    beta: float = Field(0.02, ge=0)
+    feat_dim: int = Field(128, ge=1, description="size of the linear embeddings")
+
+
+@register("cc", CCParams)
 class CorrelationCongruence(Term):
     def __init__(self, cfg, s_shapes, t_shapes, data):
         super().__init__()

@@ -17,8 +17,10 @@ import math
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
+from ..config.distill import FeatureParams
 from ..losses import fp32
 from ..models.base import Features
 from .base import Batch, Term, register
@@ -94,7 +96,15 @@ class NegativeSampler(nn.Module):
         return self.order[r]
 
 
-@register("crd")
+class CRDParams(FeatureParams):
+    beta: float = Field(0.8, ge=0)
+    feat_dim: int = Field(128, ge=1, description="size of the L2-normalised embeddings")
+    nce_k: int = Field(16384, ge=1, description="negatives per sample")
+    nce_t: float = Field(0.07, gt=0, description="temperature")
+    nce_m: float = Field(0.5, ge=0, lt=1, description="momentum of the memory-bank update")
+
+
+@register("crd", CRDParams)
 class ContrastiveRepresentation(Term):
     supports_ddp = False  # each process would update its own memory bank
 

@@ -7,8 +7,10 @@ decay_max (0) to decay_min (-1) over the first decay_loops epochs, then stays. W
 import math
 
 import torch
+from pydantic import Field
 from torch import nn
 
+from ..config.distill import FeatureParams, epoch_count, logit_std_field
 from . import functional as Fd
 from .base import Term, logits, register
 
@@ -32,7 +34,18 @@ def cosine_lambda(epoch: int, max_value: float, min_value: float, loops: int) ->
     return (math.cos(i * math.pi / loops) + 1.0) * 0.5 * (max_value - min_value) + min_value if loops else min_value
 
 
-@register("ctkd")
+class CTKDParams(FeatureParams):
+    gamma: float = Field(0.1, ge=0)
+    beta: float = Field(0.9, ge=0, description="weight of KD at the curriculum temperature (CTKD's -a 0.9)")
+    t_start: float = Field(1.0, gt=0, description="tau = t_start + t_end * sigmoid(T)")
+    t_end: float = Field(20.0, gt=0)
+    decay_max: float = Field(0.0, description="the gradient reversal's lambda: cosine from decay_max ...")
+    decay_min: float = Field(-1.0, description="... to decay_min over the first decay_loops epochs, then flat")
+    decay_loops: int = epoch_count(10, ge=0)
+    logit_std: bool = logit_std_field()
+
+
+@register("ctkd", CTKDParams)
 class CTKD(Term):
     def __init__(self, cfg, s_shapes=None, t_shapes=None, data=None):
         super().__init__()

@@ -3,8 +3,10 @@
 probabilities (hunto/DIST_KD). Weight `beta` (the authors' kd_loss_weight 2), tau = `temperature`."""
 
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
+from ..config.distill import FeatureParams, logit_std_field
 from ..losses import fp32
 from .base import Term, logits, register
 
@@ -28,7 +30,15 @@ def dist(student_logits: Tensor, teacher_logits: Tensor, beta: float = 1.0, gamm
     return tau ** 2 * (beta * inter + gamma * intra)
 
 
-@register("dist")
+class DISTParams(FeatureParams):
+    beta: float = Field(2.0, ge=0, description="weight of the DIST term (the authors' kd_loss_weight)")
+    temperature: float = Field(4.0, gt=0, description="DIST's tau (CIFAR 4, ImageNet 1)")
+    inter: float = Field(1.0, ge=0, description="DIST's beta: weight of the inter-class relation")
+    intra: float = Field(1.0, ge=0, description="DIST's gamma: weight of the intra-class relation")
+    logit_std: bool = logit_std_field()
+
+
+@register("dist", DISTParams)
 class DIST(Term):
     def __init__(self, cfg, s_shapes=None, t_shapes=None, data=None):
         super().__init__()

@@ -4,8 +4,10 @@ linear warm-up min(epoch / warmup_epochs, 1) with epochs counted from 1, as mdis
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
+from ..config.distill import FeatureParams, epoch_count, logit_std_field
 from ..losses import fp32
 from .base import Term, logits, register, warmup
 
@@ -30,7 +32,14 @@ def dkd(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alpha: f
     return (alpha * tckd + beta * nckd) * t * t
 
 
-@register("dkd")
+class DKDParams(FeatureParams):
+    beta: float = Field(8.0, ge=0, description="weight of NCKD (mdistiller's BETA; per pair in its configs)")
+    tckd: float = Field(1.0, ge=0, description="weight of TCKD (mdistiller's ALPHA)")
+    warmup_epochs: int = epoch_count(20, ge=0, description="DKD's weight ramps up linearly over these epochs")
+    logit_std: bool = logit_std_field()
+
+
+@register("dkd", DKDParams)
 class DecoupledKD(Term):
     weight_param = None  # alpha (tckd) and beta weigh the two parts inside the loss
 

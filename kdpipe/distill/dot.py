@@ -6,8 +6,10 @@ and temperature); combined (`kd+dot`, `dkd+dot`, ...) it trains the other method
 init stage keeps SGD); plain SGD's options it lacks (nesterov) are refused."""
 
 import torch
+from pydantic import Field
 
-from ..config import ParamsError
+from ..config.distill import MethodParams, logit_std_field
+from ..config.errors import ParamsError
 from .base import Term, register
 
 
@@ -68,7 +70,18 @@ class DistillationOrientedTrainer(torch.optim.Optimizer):
         self._distill_grads = {}
 
 
-@register("dot")
+class DOTParams(MethodParams):
+    """KD+DOT on its own; with other methods only `delta` counts (gamma, alpha, T come from the first method)."""
+
+    gamma: float = Field(0.1, ge=0)
+    alpha: float = Field(0.9, ge=0)
+    temperature: float = Field(4.0, gt=0)
+    delta: float = Field(0.075, ge=0, description="task momentum = optim.momentum - delta, distillation "
+                                                  "momentum = optim.momentum + delta")
+    logit_std: bool = logit_std_field()
+
+
+@register("dot", DOTParams)
 class DOT(Term):
     label = "DOT"
     supports_ddp = False  # two backward passes per step; DDP reduces gradients once per forward

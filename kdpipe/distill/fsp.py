@@ -1,8 +1,10 @@
 """FSP: Yim et al. 2017, flow-of-solution-procedure matrices of consecutive taps (f0,f1), (f1,f2), (f2,f3)."""
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
+from ..config.distill import FeatureParams, epoch_count
 from ..losses import fp32
 from .base import Term, check_paired_stages, register
 from .functional import match_spatial
@@ -32,7 +34,13 @@ def check_channels(s_shapes, t_shapes) -> None:
         raise ValueError(f"fsp needs equal channel counts per tap (RepDistiller: N/A for such pairs); {'; '.join(bad)}")
 
 
-@register("fsp")
+class FSPParams(FeatureParams):
+    beta: float = Field(1.0, ge=0, description="weight of the FSP term in single-stage mode (init_epochs: 0)")
+    init_epochs: int = epoch_count(30, ge=0, description="RepDistiller: 30 epochs of FSP pre-training, then CE alone; "
+                                                   "0: kdpipe's single-stage variant, gamma*CE + beta*FSP")
+
+
+@register("fsp", FSPParams)
 class FSP(Term):
     def __init__(self, cfg, s_shapes, t_shapes, data):
         super().__init__()

@@ -5,10 +5,14 @@ then. Main phase: a translator (3x3 conv encoder with BN, student channels -> th
 student's last stage; loss = mean |F(translator(s)) - F(paraphraser code of t)| with F the normalised channel
 mean of the squared factor. The paraphraser is frozen after its stage, the translator trains with the student."""
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
+from ..config.distill import FeatureParams, epoch_count
 from ..losses import fp32
 from .base import Term, register
 from .functional import hint, match_spatial
@@ -50,7 +54,16 @@ class Paraphraser(nn.Module):
                                      lrelu(), nn.ConvTranspose2d(c_t, c_t, 3, 1, 1), lrelu())
 
 
-@register("ft")
+class FTParams(FeatureParams):
+    beta: float = Field(200.0, ge=0)
+    rate: float = Field(0.5, gt=0, le=1, description="factor channels = rate x the teacher's last-stage channels")
+    p1: float = Field(2.0, gt=0, description="factor: channel mean of |f|^p1")
+    p2: Literal[1, 2] = Field(1, description="1: mean absolute factor difference (the paper's L1); 2: squared")
+    init_epochs: int = epoch_count(30, ge=1, description="epochs training the paraphraser on the teacher "
+                                                   "(RepDistiller: 30) before the student's main phase")
+
+
+@register("ft", FTParams)
 class FactorTransfer(Term):
     init_trains_student = False  # the init stage trains the paraphraser on the teacher alone
     loss_after_init = True

@@ -5,8 +5,10 @@ matches. No trainable parts. Needs the paired taps to have equal widths (mdistil
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
+from ..config.distill import FeatureParams
 from ..losses import fp32
 from .base import Term, register
 
@@ -48,7 +50,12 @@ def kdsvd(s_feats: list[Tensor], t_feats: list[Tensor], k: int = 1) -> Tensor:
     return total
 
 
-@register("kdsvd")
+class KDSVDParams(FeatureParams):
+    beta: float = Field(1.0, ge=0)
+    k: int = Field(1, ge=1, description="the teacher's singular vectors kept (the student's: k + 3)")
+
+
+@register("kdsvd", KDSVDParams)
 class KDSVD(Term):
     label = "KD-SVD"
 

@@ -6,8 +6,10 @@ KD_WEIGHT). With `logit_std`, its KD terms on standardised logits (Sun et al. 20
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
+from ..config.distill import FeatureParams, logit_std_field
 from ..losses import fp32
 from .base import Term, register
 from .functional import cross_entropy, kd, standardize
@@ -53,7 +55,14 @@ def mlkd(s_weak: Tensor, t_weak: Tensor, s_strong: Tensor, t_strong: Tensor, tem
     return kd_weak + kd_strong + cc + bc
 
 
-@register("mlkd")
+class MLKDParams(FeatureParams):
+    gamma: float = Field(0.1, ge=0, description="weight of CE on each of the two views (MLKD's CE_WEIGHT)")
+    temperature: float = Field(4.0, gt=0, description="the first of MLKD's temperatures (T, 3, 5, 2, 6)")
+    beta: float = Field(0.9, ge=0, description="weight of every alignment term (MLKD's KD_WEIGHT)")
+    logit_std: bool = logit_std_field()
+
+
+@register("mlkd", MLKDParams)
 class MLKD(Term):
     label = "MLKD"
     views = ("strong",)

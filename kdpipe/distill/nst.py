@@ -3,8 +3,10 @@ stem's, as RepDistiller's `feat[1:-1]`)."""
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
+from ..config.distill import FeatureParams
 from ..losses import fp32
 from .base import Term, check_paired_stages, register
 from .functional import match_spatial
@@ -26,7 +28,11 @@ def nst(fs: Tensor, ft: Tensor) -> Tensor:
     return _poly_kernel_mean(t, t) + _poly_kernel_mean(s, s) - 2 * _poly_kernel_mean(s, t)
 
 
-@register("nst")
+class NSTParams(FeatureParams):
+    beta: float = Field(50.0, ge=0)
+
+
+@register("nst", NSTParams)
 class NeuralSelectivityTransfer(Term):
     def __init__(self, cfg, s_shapes, t_shapes, data):
         super().__init__()

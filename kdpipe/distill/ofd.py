@@ -10,8 +10,10 @@ import math
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
+from ..config.distill import FeatureParams
 from ..losses import fp32
 from .base import Term, register
 
@@ -49,7 +51,12 @@ def connector(c_s: int, c_t: int) -> nn.Sequential:
     return nn.Sequential(conv, nn.BatchNorm2d(c_t))
 
 
-@register("ofd")
+class OFDParams(FeatureParams):
+    beta: float = Field(0.001, ge=0, description="weight of the OFD term (mdistiller's FEAT_WEIGHT; OFD's loss / 1000 "
+                                                 "on CIFAR, / 10000 on ImageNet)")
+
+
+@register("ofd", OFDParams)
 class OFD(Term):
     label = "OFD"
     uses_preact = True

@@ -1,8 +1,10 @@
 """PKT: Passalis & Tefas 2018, probabilistic knowledge transfer on the pooled embedding."""
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
+from ..config.distill import FeatureParams
 from ..losses import fp32
 from .base import Term, register
 
@@ -22,7 +24,11 @@ def pkt(es: Tensor, et: Tensor, eps: float = 1e-7) -> Tensor:
     return (pt * torch.log((pt + eps) / (ps + eps))).mean()
 
 
-@register("pkt")
+class PKTParams(FeatureParams):
+    beta: float = Field(30000.0, ge=0)
+
+
+@register("pkt", PKTParams)
 class ProbabilisticTransfer(Term):
     def __init__(self, cfg, s_shapes, t_shapes, data):
         super().__init__()

@@ -12,8 +12,10 @@ The student's taps are paired with the teacher's from the deepest (the stem's is
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
+from ..config.distill import FeatureParams, epoch_count
 from ..losses import fp32
 from .base import Term, register, warmup
 
@@ -60,7 +62,15 @@ class ABF(nn.Module):
         return self.conv2(x), x
 
 
-@register("reviewkd")
+class ReviewKDParams(FeatureParams):
+    beta: float = Field(5.0, ge=0, description="weight of the HCL term (mdistiller's REVIEWKD_WEIGHT for "
+                                               "resnet32x4 -> resnet8x4; the authors' script per pair)")
+    warmup_epochs: int = epoch_count(20, ge=0, description="the weight ramps up linearly over these epochs")
+    stu_preact: bool = Field(False, description="the student's taps before their last ReLU (mdistiller's "
+                                                "ImageNet STU_PREACT); false: after it")
+
+
+@register("reviewkd", ReviewKDParams)
 class ReviewKD(Term):
     label = "ReviewKD"
     uses_preact = True  # the teacher's taps are always pre-ReLU

@@ -2,8 +2,10 @@
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
+from ..config.distill import FeatureParams
 from ..losses import fp32
 from .base import Term, register
 
@@ -32,7 +34,13 @@ def rkd(es: Tensor, et: Tensor, w_dist: float = 25.0, w_angle: float = 50.0) -> 
     return w_dist * F.smooth_l1_loss(ds, dt) + w_angle * F.smooth_l1_loss(_angles(es), _angles(et))
 
 
-@register("rkd")
+class RKDParams(FeatureParams):
+    beta: float = Field(1.0, ge=0)
+    w_dist: float = Field(25.0, ge=0)
+    w_angle: float = Field(50.0, ge=0)
+
+
+@register("rkd", RKDParams)
 class RelationalKD(Term):
     def __init__(self, cfg, s_shapes, t_shapes, data):
         super().__init__()

@@ -9,10 +9,14 @@ teacher that ranks a wrong class first never pulls the student away from the lab
 Each KL times its temperature squared; the sum ramps up linearly over `warmup_epochs` (mdistiller's min(epoch /
 warmup, 1), epochs counted from 1). With `logit_std`, on standardised logits (the authors' `--logit-stand`)."""
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
+from ..config.distill import FeatureParams, epoch_count, logit_std_field
 from ..losses import fp32
 from .base import Term, logits, register, warmup
 
@@ -41,7 +45,21 @@ def rld(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, scd: flo
     return scd * scd_loss + beta * mcd_loss
 
 
-@register("rld")
+class RLDParams(FeatureParams):
+    """zju-SWJ/RLD: its mdistiller/engine/cfg.py:180-185 (its configs/cifar100/rld/*.yaml set none of these) and the
+    README's RLD command (README.md:22: `--same-t RLD.ALPHA 1. RLD.BETA 8. RLD.T 4.`). Its ImageNet configs
+    (configs/imagenet/*/rld.yaml) use T 1, warm-up 1 and BETA 0.5 (ResNet-34 -> 18) or 2.0 (ResNet-50 -> MobileNetV1)."""
+
+    beta: float = Field(8.0, ge=0, description="weight of MCD, the masked correlation KL (cfg.py:182 RLD.BETA)")
+    scd: float = Field(1.0, ge=0, description="weight of SCD, the sample confidence KL (cfg.py:181 RLD.ALPHA)")
+    temperature: float = Field(4.0, gt=0, description="MCD's temperature (cfg.py:184 RLD.T)")
+    scd_temperature: Optional[float] = Field(None, gt=0, description="SCD's temperature (RLD.ALPHA_T); null: "
+                                             "`temperature`, the README's `--same-t` (tools/train.py:191-192)")
+    warmup_epochs: int = epoch_count(20, ge=0, description="the loss ramps up linearly over these epochs (cfg.py:185)")
+    logit_std: bool = logit_std_field()
+
+
+@register("rld", RLDParams)
 class RLD(Term):
     weight_param = None  # scd and beta weigh the two parts inside the loss
 

@@ -9,10 +9,14 @@ while the global one is right (complementary), weighs `complementary_weight` (2 
 the sum is divided by regions x batch. SD-KD is weighted by `beta` (the code's KD_WEIGHT); SD-DKD by its own weights,
 ramped up over `warmup_epochs` like DKD. With `levels: [1]`, the models' logits themselves (the code's M '[1]')."""
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator
 from torch import Tensor
 
+from ..config.distill import FeatureParams, epoch_count
 from ..losses import fp32
 from .base import Term, register, warmup
 
@@ -65,7 +69,38 @@ def sdd(student_regions: Tensor, teacher_regions: Tensor, target: Tensor, base: 
     return (weights * rows).sum() / (n * b)
 
 
-@register("sdd")
+class SDDParams(FeatureParams):
+    """shicaiwei123/SDD-CVPR2024: the README's command (README.md:41: `train_origin.py --cfg
+    configs/cifar100/sdd_dkd/res32x4_shuv1.yaml --M [1,2,4]`), SD-DKD with mdistiller's DKD defaults
+    (mdistiller/engine/cfg.py:163-166) and train_origin.py:198's warm-up. Its per-pair configs
+    (configs/cifar100/sdd_dkd/<pair>.yaml) set DKD.BETA 2.0 for resnet56->resnet20 and resnet110->resnet32, 6.0 for
+    resnet32x4->mobilenetv2, vgg13->vgg8, vgg13->mobilenetv2, vgg13->shufflev1, wrn_40_2->wrn_16_2,
+    wrn_40_2->wrn_40_1, wrn_40_2->mobilenetv2 (`by_pair`), and its scripts run M [1,2] for
+    resnet32x4->resnet8x4 and vgg13->vgg8 (teacher_resnet32x4.sh, teacher_vgg.sh). SD-KD (`base: kd`):
+    mdistiller's KD, CE 0.1 and KD 0.9 at T 4 (cfg.py:61-64): `gamma: 0.1, beta: 0.9`, no warm-up (KD.py:142)."""
+
+    base: Literal["kd", "dkd"] = Field("dkd", description="the loss per region: KD (SD-KD) or DKD (SD-DKD, the "
+                                                          "README's command)")
+    gamma: float = Field(1.0, ge=0, description="CE's weight (cfg.py:163 DKD.CE_WEIGHT; SD-KD's: 0.1)")
+    temperature: float = Field(4.0, gt=0, description="cfg.py:166 DKD.T (and :61 KD.TEMPERATURE)")
+    beta: float = Field(8.0, ge=0, description="base dkd: NCKD's weight (cfg.py:165 DKD.BETA); base kd: the "
+                                               "SD-KD term's weight (cfg.py:64 KD_WEIGHT 0.9)")
+    tckd: float = Field(1.0, ge=0, description="base dkd: TCKD's weight (cfg.py:164 DKD.ALPHA)")
+    warmup_epochs: int = epoch_count(20, ge=0, description="base dkd: the loss ramps up linearly over these epochs "
+                                                     "(train_origin.py:198 --warmup 20)")
+    levels: list[int] = Field([1, 2, 4], description="the scales M: [1, 2, 4], [1, 2] or [1] (README.md:41 --M)")
+    complementary_weight: float = Field(2.0, ge=0, description="the weight of the complementary regions' losses "
+                                                               "(SDD_DKD.py:114-115, KD.py:89-90), consistent: 1")
+
+    @field_validator("levels")
+    @classmethod
+    def _levels(cls, v: list[int]) -> list[int]:
+        if v not in ([1, 2, 4], [1, 2], [1]):
+            raise ValueError("must be [1, 2, 4], [1, 2] or [1] (SDD's M: the global region first)")
+        return v
+
+
+@register("sdd", SDDParams)
 class SDD(Term):
     weight_param = None  # beta (SD-KD's weight; SD-DKD's NCKD weight) and tckd weigh the loss inside
     uses_classifier = True  # the regions go through both models' classifiers

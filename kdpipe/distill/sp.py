@@ -1,8 +1,10 @@
 """SP: Tung & Mori 2019, similarity-preserving KD on the last stage's feature map."""
 
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
+from ..config.distill import FeatureParams
 from ..losses import fp32
 from .base import Term, register
 
@@ -18,7 +20,11 @@ def sp(fs: Tensor, ft: Tensor) -> Tensor:
     return (gt - gs).pow(2).sum() / (b * b)
 
 
-@register("sp")
+class SPParams(FeatureParams):
+    beta: float = Field(3000.0, ge=0)
+
+
+@register("sp", SPParams)
 class SimilarityPreserving(Term):
     def __init__(self, cfg, s_shapes, t_shapes, data):
         super().__init__()

@@ -7,8 +7,10 @@ import math
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
+from ..config.distill import FeatureParams
 from ..losses import fp32
 from .base import Term, check_paired_stages, register
 from .functional import match_spatial
@@ -38,7 +40,11 @@ class VIDTap(nn.Module):
         return vid(self.regressor(fs), ft, self.log_scale, self.eps)
 
 
-@register("vid")
+class VIDParams(FeatureParams):
+    beta: float = Field(1.0, ge=0)
+
+
+@register("vid", VIDParams)
 class VariationalInformation(Term):
     def __init__(self, cfg, s_shapes, t_shapes, data):
         super().__init__()

@@ -13,11 +13,14 @@ and SOLVER.EPOCHS); `loss_t` keeps weight 1. The authors' published runs use a c
 teacher's per-class features over the training set (tools/generate_cost_matrix.py), not computed here."""
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from ..config.distill import FeatureParams, epoch_count
 from ..losses import fp32
 from ..models import classifier
 from .base import Term, register, regressor
@@ -92,7 +95,41 @@ class _Bottleneck(nn.Sequential):
                          nn.BatchNorm2d(c_t), nn.ReLU(inplace=True))
 
 
-@register("wkd")
+class WKDParams(FeatureParams):
+    """JiamingLv/WKD, its CIFAR-100 configs for ResNet-32x4 -> ResNet-8x4 (line numbers of configs/cifar100/...):
+    WKD-L from wkd_l/res32x4_res8x4.yaml, WKD-F's shape from wkd_f/res32x4_res8x4.yaml (its weight 0.08 there;
+    WKD-L+F: wkd_lf/, logit weight 200, feature 0.08, MEAN_COV_RATIO 8). WRN-40-2 -> ShuffleNetV1: WKD-L weight 200 at
+    T 6 (wkd_l/wrn40_2_shuv1.yaml:23,32), WKD-F 0.3 with ratio 3 on a 4x4 grid (wkd_f/wrn40_2_shuv1.yaml:24,28,30).
+    The configs' cost is COST_MATRIX 'cka' (a file computed offline from the teacher's per-class features over the
+    training set, tools/generate_cost_matrix.py); kdpipe uses the code's other cost, COST_MATRIX 'fc' (WKD.py:142-148):
+    1 - cosine of the teacher's classifier rows."""
+
+    beta: float = Field(600.0, ge=0, description="weight of WKD-L's Wasserstein distance (WKD_LOGIT_WEIGHT, "
+                                                 "wkd_l/res32x4_res8x4.yaml:23); 0: no WKD-L")
+    temperature: float = Field(8.0, gt=0, description="WKD-L's temperature (res32x4_res8x4.yaml:32)")
+    sinkhorn_lambda: float = Field(0.05, gt=0, description="Sinkhorn's entropic regularisation (yaml:27)")
+    sinkhorn_iters: int = Field(10, ge=1, description="Sinkhorn's iterations (yaml:28)")
+    cost_sharpen: float = Field(1.0, ge=0, description="cost = 1 - exp(-s * (1 - cos)); 0: 1 - cos (yaml:31)")
+    decay_start: int = epoch_count(150, ge=0, description="the weights decay along a cosine after this epoch "
+                                                    "(COSINE_DECAY_EPOCH, yaml:25; the code's default 0) ...")
+    decay_end: int = epoch_count(240, ge=1, description="... to 0 at this one (the run's SOLVER.EPOCHS, yaml:12)")
+    feat_weight: float = Field(0.0, ge=0, description="weight of WKD-F (WKD_FEAT_WEIGHT: 0 in wkd_l/, 0.08 in "
+                                                      "wkd_f/res32x4_res8x4.yaml:24); 0: no WKD-F")
+    hint_layer: int = Field(-1, ge=-5, le=4, description="WKD-F's stage tap (HINT_LAYER -1: the last)")
+    projector: Literal["conv1x1", "bottleneck"] = Field("conv1x1", description="WKD-F's regressor: RepDistiller's "
+                                                        "ConvReg (CIFAR's PROJECTOR) or the code's bottleneck (its default)")
+    mean_cov_ratio: float = Field(4.0, ge=0, description="WKD-F: weight of the means' term (wkd_f/res32x4_res8x4.yaml:28)")
+    grid: int = Field(1, ge=1, description="WKD-F: the maps split into grid x grid cells (SPATIAL_GRID, yaml:30)")
+    eps: float = Field(1e-5, gt=0, description="WKD-F: sigma = sqrt(var + eps) (EPS, yaml:26)")
+
+    @model_validator(mode="after")
+    def _decay(self):
+        if self.decay_end <= self.decay_start:
+            raise ValueError("decay_end must be after decay_start")
+        return self
+
+
+@register("wkd", WKDParams)
 class WKD(Term):
     weight_param = None  # beta and feat_weight weigh the parts inside
 
