@@ -171,6 +171,25 @@ def distill(method: list[str] = typer.Option(..., "--method", "-m", help="one of
         typer.echo(f"{student_name}: not applicable: {reason}", err=True)
 
 
+@app.command("wkd-cost")
+@guarded
+def wkd_cost(teacher: Path = typer.Option(Path("models/teacher.pt"), help="teacher checkpoint"),
+             params: Path = ParamsOpt, data_dir: Path = DataOpt,
+             imported: Optional[Path] = typer.Option(None, "--import", help="the authors' file for this (published) "
+                                                    "teacher instead, e.g. WKD's wkd_cost_matrix/cifar100/resnet32x4/"
+                                                    "linear_cka.pth")):
+    """WKD's CKA class cost of a teacher on the training data (params `distill.wkd.cka_features`, `evaluate`'s
+    device and batch): writes models/NAME.wkd-cost.pt beside the teacher, which `distill.wkd.cost: cka` reads."""
+    from . import runtime
+    from .distill import wkd
+
+    p = load(params, "evaluate")
+    code_check("wkd-cost")
+    runtime.pin_cpu(p.evaluate)
+    out = wkd.write_cost(teacher, data_dir, p.evaluate, p.distill.wkd.cka_features, imported)
+    typer.echo(f"{out}: WKD's class cost of {teacher}")
+
+
 @app.command("evaluate")
 @guarded
 def evaluate_cmd(name: str = typer.Argument(..., help="run name: evaluates models/NAME.pt"),

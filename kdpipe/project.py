@@ -46,6 +46,7 @@ CODE = {
     "train": [*MODELS, *LOOP, "runs.py"],
     "distill": [*MODELS, *LOOP, "runs.py", *METHODS_SHARED],
     "evaluate": [*MODELS, *LOOP, "evaluate.py"],
+    "wkd-cost": [*MODELS, *LOOP, "runs.py", *METHODS_SHARED, "distill/wkd.py"],
     "export": [*MODELS, *LOADING, "export.py"],
     "quantize": [*MODELS, *LOADING, DEPLOY_SCHEMA, "quantize.py"],
     "qat": [*MODELS, *LOOP, "runs.py", *METHODS_SHARED, "distill/kd.py",
@@ -56,7 +57,7 @@ CODE = {
 # The installed packages whose version can change a kind of stage's results (decoding, kernels, the exporter,
 # onnxruntime's quantizer and runtime): part of its hash, so an upgrade re-runs what it may change.
 VERSIONS = {"data": ["torch", "torchvision", "pillow"], "train": ["torch", "torchvision"],
-            "distill": ["torch", "torchvision"], "evaluate": ["torch", "torchvision"],
+            "distill": ["torch", "torchvision"], "evaluate": ["torch", "torchvision"], "wkd-cost": ["torch", "torchvision"],
             "export": ["torch", "torchvision", "onnx", "onnxscript"], "quantize": ["torch", "onnx", "onnxruntime"],
             "qat": ["torch", "torchvision", "onnx", "onnxscript", "onnxruntime"],
             "measure": ["torch", "onnx", "onnxruntime"], "report": ["matplotlib"]}

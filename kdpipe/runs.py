@@ -135,7 +135,7 @@ def _distill_group(group: list[Student], params: config.Params, teacher: Path, d
             objective = Distiller(teacher_model, st.methods, distill_params,
                                   feature_shapes(student_model, image_size=size),
                                   feature_shapes(teacher_model, numerics.device, size), TrainData(source.train_labels),
-                                  teacher_input, teacher_pass)
+                                  teacher_input, teacher_pass, teacher)
         except ValueError as e:  # an impossible teacher/student combination for this method
             if not na_ok:
                 raise ParamsError([f"{st.name}: {e}" if len(group) > 1 else str(e)]) from None

@@ -50,7 +50,42 @@ def render_params(params: dict) -> str:
                       for s in variant_stages("\n".join(lines), tag, params.get("group_students", False))]
         lines.append(line)
     text = "\n".join(lines) + "\n"
-    return grouped(text, params) if params.get("group_students", False) else text
+    text = grouped(text, params) if params.get("group_students", False) else text
+    wkd = (params.get("distill") or {}).get("wkd") or {}
+    return wkd_cka(text, params) if "wkd" in params["methods"] and wkd.get("cost") == "cka" else text
+
+
+def wkd_cka(text: str, params: dict) -> str:
+    """`distill.wkd.cost: cka`: WKD's class cost, once per teacher of `wkd_teachers` (the pairs' teachers) and seed, a
+    stage of its own (wkd-cost@<teacher>-<seed>: `kdpipe wkd-cost`, the file beside the teacher's) that WKD's
+    distillations depend on: they leave the distill matrix (written out without wkd) for a stage of their own,
+    distill-cka@wkd-pair<i>-<seed>; grouped, the pair's one stage depends on its teacher's cost."""
+    if any("wkd" in ms for ms in (params.get("variants") or {}).values()):
+        raise SystemExit("render: a variant of wkd with distill.wkd.cost cka: its stage would miss the cost file")
+    teacher = "models/${teacher.recipe}-${item.pair.teacher}-s${item.seed}"
+    cost_dep = f"      - {teacher}.wkd-cost.pt\n"
+    block = stage_block(text, "distill")
+    if params.get("group_students", False):
+        text = text.replace(block, block.replace(f"      - {teacher}.pt\n", f"      - {teacher}.pt\n{cost_dep}"), 1)
+    else:
+        others = [m for m in params["methods"] if m != "wkd"]
+        alone = (block.replace("  distill:", "  distill-cka:", 1)
+                 .replace("      method: ${methods}\n", "      method: [wkd]\n")
+                 .replace(f"      - {teacher}.pt\n", f"      - {teacher}.pt\n{cost_dep}"))
+        text = text.replace(block, block.replace("      method: ${methods}\n", f"      method: [{', '.join(others)}]\n")
+                            + "\n" + alone, 1)
+    kdpipe = [line for line in block.splitlines() if line.startswith("      - ../../kdpipe/") and "${" not in line]
+    cost = "\n".join([
+        "  wkd-cost:",
+        "    matrix:",
+        "      teacher: ${wkd_teachers}",
+        "      seed: ${seeds}",
+        "    cmd: kdpipe wkd-cost --teacher models/${teacher.recipe}-${item.teacher}-s${item.seed}.pt",
+        "    deps:", *kdpipe, "      - ../../kdpipe/distill/wkd.py", "      - data/prepared",
+        "      - models/${teacher.recipe}-${item.teacher}-s${item.seed}.pt",
+        "    params:", "      - evaluate", "      - distill.wkd.cka_features",
+        "    outs:", "      - models/${teacher.recipe}-${item.teacher}-s${item.seed}.wkd-cost.pt", "", ""])
+    return text.replace("\n  distill:\n", "\n" + cost + "  distill:\n", 1)
 
 
 def stage_block(text: str, stage: str) -> str:

@@ -185,7 +185,7 @@ def smoke_params(raw: dict) -> dict:
     for recipe in p["recipes"].values():
         recipe.update(epochs=1, batch_size=32)
     p.update(table_models=["resnet8"], models=["resnet8"], published=["resnet14"], seeds=[0],
-             pairs=[{"teacher": "resnet14", "student": "resnet8"}])
+             pairs=[{"teacher": "resnet14", "student": "resnet8"}], wkd_teachers=["resnet14"])
     deep_update(p["distill"], {"fsp": {"init_epochs": 1}, "ab": {"init_epochs": 1}, "ft": {"init_epochs": 1},
                                "crd": {"nce_k": 16}, "dkd": {"warmup_epochs": 1}})
     return p

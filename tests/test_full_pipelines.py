@@ -114,6 +114,15 @@ def test_one_definition_for_every_pipeline():
         named = set(p.methods).union(*p.variants.values())
         methods = "".join(f"      - ../../kdpipe/distill/{m}.py\n" for m in sorted(named))  # the report's
         marker = "      # the files of params.yaml's `methods`: written here by pipelines/render.py\n"
+        # WKD with its CKA cost: a cost stage per teacher, and WKD's distillations apart, depending on their teacher's
+        if "wkd" in p.methods and p.distill.wkd.cost == "cka":
+            cost, alone = (re.search(rf"\n  {s}:\n.*?\n\n", body, re.S).group(0) for s in ("wkd-cost", "distill-cka"))
+            body = body.replace(cost, "\n").replace(alone, "\n").replace(
+                f"      method: [{', '.join(m for m in p.methods if m != 'wkd')}]\n", "      method: ${methods}\n")
+            assert "cmd: kdpipe wkd-cost --teacher" in cost and "teacher: ${wkd_teachers}" in cost
+            dep = "      - models/${teacher.recipe}-${item.pair.teacher}-s${item.seed}.wkd-cost.pt\n"
+            assert dep in alone and alone.replace("  distill-cka:", "  distill:").replace(dep, "").replace(
+                "method: [wkd]", "method: ${methods}") in body
         # a variant's stages: the distill and evaluate-distill stages over its methods, named for it
         for tag in p.variants:
             for stage, variant in (("distill", f"distill-{tag}"), ("evaluate-distill", f"evaluate-{tag}")):
@@ -143,14 +152,19 @@ def test_report_deps_follow_the_methods_list(tmp_path):
 def test_stage_graph_cifar100_published_teachers():
     folder = ROOT / "pipelines" / "cifar100"
     stages = [line.split()[0] for line in sh(DVC, "stage", "list", cwd=folder).splitlines()]
-    # + the "+LS" variants of KD, DKD and MLKD (stages distill-ls@..., evaluate-ls@...)
+    # + the "+LS" variants of KD, DKD and MLKD (stages distill-ls@..., evaluate-ls@...), + WKD's CKA cost per teacher
     n_table, n_models, n_published, n_dist = 5 * 3, 9 * 3, 6 * 3, (len(config.METHODS) + 3) * 13 * 3
-    assert len(stages) == 1 + 2 * n_table + 2 * n_models + 2 * n_published + 2 * n_dist + 1
+    assert len(stages) == 1 + 2 * n_table + 2 * n_models + 2 * n_published + 2 * n_dist + 1 + 6 * 3
     assert {"import-teacher@resnet32x4-0", "evaluate-published@resnet50-2", "teacher@shufflev2-1",
             "distill@crd-pair12-2", "evaluate-distill@dkd-pair7-0", "table@resnet44-2", "evaluate-table@resnet110-0",
             "distill-ls@mlkd-pair5-0", "evaluate-ls@kd-pair8-2"} <= set(stages)
     edges = dag_edges(folder)
     assert {a for a, b in edges if b == "distill@kd-pair11-1"} == {"data", "import-teacher@resnet32x4-1"}
+    # WKD's distillation reads its teacher's CKA cost, computed once per teacher and seed (wkd_l/*.yaml's 'cka')
+    assert {a for a, b in edges if b == "distill-cka@wkd-pair11-1"} == \
+        {"data", "import-teacher@resnet32x4-1", "wkd-cost@resnet32x4-1"}
+    assert {a for a, b in edges if b == "wkd-cost@resnet32x4-1"} == {"data", "import-teacher@resnet32x4-1"}
+    assert len({b for a, b in edges if a == "wkd-cost@wrn_40_2-0"}) == 3  # its three pairs' WKD students
     assert ("import-teacher@resnet56-0", "evaluate-published@resnet56-0") in edges
     # ResNet-20 twice, under two recipes: the ResNet table (he2016) and CRD's baseline (repdistiller)
     assert "table@resnet20-0" in stages and "teacher@resnet20-0" in stages
@@ -162,7 +176,7 @@ def test_stage_graph(name):
     folder = ROOT / "pipelines" / name
     stages = [line.split()[0] for line in sh(DVC, "stage", "list", cwd=folder).splitlines()]
     n_table, n_dist = 5 * 3, len(config.METHODS) * 3 * 3  # table models x seeds, methods x pairs x seeds
-    assert len(stages) == 1 + 2 * n_table + 2 * n_dist + 1
+    assert len(stages) == 1 + 2 * n_table + 2 * n_dist + 1 + 2 * 3  # + WKD's cost: 2 teachers x seeds
     assert {"data", "table@resnet110-2", "distill@fitnets-pair2-1", "evaluate-distill@kd-pair0-0", "report"} <= set(stages)
     edges = dag_edges(folder)
     for edge in [("data", "table@resnet20-0"), ("table@resnet56-1", "distill@kd-pair0-1"),
@@ -288,7 +302,7 @@ def test_unspelled_finds_a_default():
     del raw["distill"]["ab"]["margin"], raw["evaluate"]["cpu_threads"]
     assert unspelled(raw, config.Params, skip=frozenset({"recipes", "table", "table_models", "models", "published",
                                                          "seeds", "launch", "methods", "pairs", "variants",
-                                                         "group_students", *config.DEPLOY_SECTIONS})) == \
+                                                         "group_students", "wkd_teachers", *config.DEPLOY_SECTIONS})) == \
         ["distill.ab.margin", "evaluate.cpu_threads"]
 
 
@@ -310,7 +324,7 @@ def test_imagenet_pipeline_is_mdistillers_recipe():
     # every method but WTTM, whose authors publish no ImageNet setting (its params line says so)
     assert p.methods == [m for m in config.METHODS if m != "wttm"] and p.launch == "kdpipe"
     stages = [line.split()[0] for line in sh(DVC, "stage", "list", cwd=ROOT / "pipelines/imagenet").splitlines()]
-    assert len(stages) == 1 + 2 * 2 + 2 * 2 + 2 * len(p.methods) * 2 + 1
+    assert len(stages) == 1 + 2 * 2 + 2 * 2 + 2 * len(p.methods) * 2 + 1 + 2  # + WKD's cost per teacher
     assert {"import-teacher@tv/resnet34-0", "evaluate-teacher@mobilenetv1-0", "distill@dkd-pair1-0"} <= set(stages)
 
 

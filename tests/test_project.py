@@ -52,7 +52,7 @@ def test_init_writes_a_project_whose_params_validate(tmp_path):
 
     raw = yaml.safe_load((proj / "params.yaml").read_text())
     grid = {"recipes", "table", "table_models", "models", "published", "seeds", "launch", "methods", "pairs",
-            "variants", "group_students"}
+            "variants", "group_students", "wkd_teachers"}
     assert unspelled(raw, config.Params, skip=frozenset(grid | {f"distill.{m}" for m in config.METHODS
                                                                 if m not in ("kd", "dist")})) == []
     # metrics and curves are committed (dvc exp show and metrics diff read them from git revisions)
@@ -153,7 +153,7 @@ def flat(record: dict) -> dict:
             for m, h in (v.items() if isinstance(v, dict) else [(None, v)])}
 
 
-TRAINED = {"train", "evaluate"} | {f"distill.{m}" for m in config.METHODS}
+TRAINED = {"train", "evaluate", "wkd-cost"} | {f"distill.{m}" for m in config.METHODS}
 
 
 @pytest.mark.parametrize("edited, changed", [

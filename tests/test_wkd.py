@@ -12,6 +12,7 @@ from kdpipe import config
 from kdpipe.distill import functional as Fd
 from kdpipe.distill.wkd import cosine_decay, wkd_feature, wkd_logit
 
+from .conftest import tiny_params
 from .reference import build, np_softmax, rand_logits
 
 
@@ -156,3 +157,127 @@ def test_wkd_feature_alone_and_its_bottleneck():
         build("resnet14", "vgg8", ["wkd"], wkd={"feat_weight": 0.3, "projector": "bottleneck"})  # 4x4 vs 8x8
     obj, *_ = build("resnet14", "vgg8", ["wkd"], wkd={"feat_weight": 0.3})  # ConvReg: a transposed conv, as WKD's
     assert isinstance(obj.terms["wkd"].regressor[0], torch.nn.ConvTranspose2d)
+
+
+# WKD's CKA class cost (COST_MATRIX 'cka'): tools/generate_class_proto.py, then tools/generate_cost_matrix.py
+def np_linear_cka(x, y):
+    """generate_cost_matrix.py:24-50's kernel form (linear_CKA): HSIC of the centred Gram matrices H X X^T H and
+    H Y Y^T H, over the square roots of each one's HSIC with itself, in float64."""
+    n = len(x)
+    h = np.eye(n) - np.ones((n, n)) / n
+    kx, ky = h @ x @ x.T @ h, h @ y @ y.T @ h
+    return (kx * ky).sum() / math.sqrt((kx * kx).sum()) / math.sqrt((ky * ky).sum())
+
+
+def np_cka_cost(classes):
+    return np.array([[1 - np_linear_cka(a, b) for b in classes] for a in classes])
+
+
+def test_cka_cost_is_one_minus_the_linear_cka_of_each_two_classes():
+    from kdpipe.distill.wkd import cka_cost
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(12, 5, generator=g)
+    classes = [base + s * torch.randn(12, 5, generator=g) for s in (0.1, 0.5, 1.0, 3.0)]  # nearer to base, lower cost
+    got = cka_cost(classes)
+    want = np_cka_cost([c.double().numpy() for c in classes])
+    assert torch.allclose(got.double(), torch.from_numpy(want), atol=1e-6)
+    assert torch.equal(got, got.t()) and got.diagonal().abs().max() < 1e-6
+    assert got[0, 1] < got[0, 2] < got[0, 3]  # the more alike two classes' features, the cheaper
+
+
+@pytest.fixture(scope="module")
+def trained_teacher(tmp_path_factory):
+    from .conftest import built_project
+
+    return built_project(tmp_path_factory.mktemp("wkd"), tiny_params(), [("data",), ("teacher",)])
+
+
+def independent_class_features(project, features):
+    """The teacher's last stage map (or logits) of every training image in the prepared arrays' order, normalised as
+    the manifest says, grouped by class, each image's positions as rows (C columns), cut to the smallest class."""
+    import json
+
+    import kdpipe
+    from kdpipe import data
+
+    prepared = data.load(project / "data/prepared")
+    manifest = json.loads((project / "data/prepared/manifest.json").read_text())
+    mean, std = (torch.tensor(manifest[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    model = kdpipe.load_model(project / "models/teacher.pt")
+    with torch.no_grad():
+        out = model((prepared.train.x.float() / 255 - mean) / std, features=True)
+    f = out.stages[-1] if features == "stage" else out.logits
+    rows = f.double().numpy()
+    rows = rows.transpose(0, 2, 3, 1).reshape(len(rows), -1, rows.shape[1]) if rows.ndim == 4 else rows[:, None]
+    y = prepared.train.y.numpy()
+    m = min((y == c).sum() for c in range(10))
+    return [rows[y == c][:m].reshape(-1, rows.shape[-1]) for c in range(10)]
+
+
+@pytest.mark.parametrize("features", ["stage", "logits"])
+def test_kdpipe_wkd_cost_is_the_cka_of_the_teachers_class_features(trained_teacher, tmp_path, monkeypatch, features):
+    import hashlib
+
+    from kdpipe.checkpoint import read_weights
+
+    from .conftest import invoke, project_copy, tiny_params, write_params
+
+    d = project_copy(trained_teacher, tmp_path, monkeypatch)
+    write_params(d / "params.yaml", tiny_params(distill={"wkd": {"cka_features": features}}))
+    invoke("wkd-cost")
+    saved = read_weights(d / "models/teacher.wkd-cost.pt")
+    want = np_cka_cost(independent_class_features(d, features))
+    assert saved["cost"].shape == (10, 10) and saved["features"] == features
+    assert np.allclose(saved["cost"].double().numpy(), want, atol=1e-5)
+    assert saved["teacher_sha256"] == hashlib.sha256((d / "models/teacher.pt").read_bytes()).hexdigest()
+
+
+def test_wkd_with_the_cka_cost_trains_on_the_file_and_refuses_a_wrong_one(trained_teacher, tmp_path, monkeypatch):
+    import hashlib
+
+    from kdpipe.checkpoint import atomic_save, load_checkpoint
+    from kdpipe.distill.wkd import WKD, WKDParams
+
+    from .conftest import invoke, project_copy, tiny_params, write_params
+
+    d = project_copy(trained_teacher, tmp_path, monkeypatch)
+    write_params(d / "params.yaml", tiny_params(distill={"wkd": {"cost": "cka", "decay_start": 1, "decay_end": 2}}))
+    out = invoke("distill", "-m", "wkd", code=1)
+    assert "models/teacher.wkd-cost.pt: not found" in out and "kdpipe wkd-cost" in out and "Traceback" not in out
+    assert not (d / "models/wkd.pt").exists()
+    invoke("wkd-cost")
+    invoke("distill", "-m", "wkd")
+    assert load_checkpoint(d / "models/wkd.pt")["meta"]["distill"]["wkd"]["cost"] == "cka"
+
+    # the term reads the file sharpened (WKD.py:154-157), and only the file of its own teacher and features
+    cost = torch.rand(10, 10)
+    teacher = d / "models/teacher.pt"
+    sha = hashlib.sha256(teacher.read_bytes()).hexdigest()
+    for saved, error in (({"teacher_sha256": sha, "features": "stage"}, None),
+                         ({"teacher_sha256": "0" * 64, "features": "stage"}, "computed for another teacher"),
+                         ({"teacher_sha256": sha, "features": "logits"}, "distill.wkd.cka_features is stage")):
+        atomic_save({"cost": cost, "computed": "test", **saved}, d / "models/teacher.wkd-cost.pt")
+        term = WKD(WKDParams(cost="cka", cost_sharpen=2.0), None, None)
+        if error is None:
+            term.from_teacher(None, teacher)
+            assert torch.allclose(term.cost, 1 - torch.exp(-2.0 * cost))
+        else:
+            with pytest.raises(Exception, match=error):
+                term.from_teacher(None, teacher)
+
+
+def test_wkd_cost_imports_the_authors_file_or_says_why_not(trained_teacher, tmp_path, monkeypatch):
+    from kdpipe.checkpoint import read_weights
+
+    from .conftest import invoke, project_copy
+
+    d = project_copy(trained_teacher, tmp_path, monkeypatch)
+    torch.save(torch.rand(9, 9), d / "linear_cka.pth")
+    out = invoke("wkd-cost", "--import", "linear_cka.pth", code=1)
+    assert "linear_cka.pth: not a 10 x 10 cost matrix" in out and not (d / "models/teacher.wkd-cost.pt").exists()
+    authors = torch.rand(10, 10)
+    torch.save(authors, d / "linear_cka.pth")
+    invoke("wkd-cost", "--import", "linear_cka.pth")
+    saved = read_weights(d / "models/teacher.wkd-cost.pt")
+    assert torch.equal(saved["cost"], authors) and saved["imported"] == "linear_cka.pth"

@@ -50,13 +50,18 @@ def root_of(project: Path) -> Path | None:
     return next((p for p in [project, *project.parents] if (p / "kdpipe").is_dir()), None)
 
 
+# the commands that run a method of their own (`kdpipe qat` fine-tunes with KD's loss)
+COMMAND_METHODS = {"qat": ["kd"], "wkd-cost": ["wkd"]}
+
+
 def validation_only(argv: list[str]) -> set[str]:
     """What a stage running `kdpipe argv` imports only to validate the params file (kdpipe.project.VALIDATION_ONLY),
-    less the files of the methods it runs (`--method`/`-m`, methods combined with +), whose results it is."""
+    less the files of the methods it runs (`--method`/`-m`, methods combined with +; COMMAND_METHODS), whose results
+    they decide."""
     from kdpipe import config
     from kdpipe.project import VALIDATION_ONLY
 
-    specs = [v for flag, v in zip(argv, argv[1:]) if flag in ("--method", "-m")]
+    specs = [v for flag, v in zip(argv, argv[1:]) if flag in ("--method", "-m")] + COMMAND_METHODS.get(argv[0], [])
     own = {f"distill/{m}.py" for spec in specs for m in spec.split("+") if m in config.METHODS}
     return VALIDATION_ONLY - own
 

@@ -46,6 +46,9 @@ class Params(Strict):
     seeds: list[int] = [0]
     methods: list[Literal[METHODS]] = list(METHODS)  # type: ignore[valid-type]
     pairs: list[Pair] = []
+    # the pairs' teachers, each named once, where the grid's WKD takes its CKA cost (`distill.wkd.cost: cka`): its
+    # stage wkd-cost computes each one's once (DVC's matrix cannot derive the list from `pairs`)
+    wkd_teachers: list[ModelName] = []
     # named variants of methods, each a row `<method>+<tag>` of its own in the grid (`--method kd+ls`):
     # tag -> method -> keys of distill.<method> it sets, and `by_pair: {"teacher->student": {key: value}}`
     # where the variant's references tune a key per pair (logit-standardization-KD's "+LS" rows)
@@ -122,6 +125,15 @@ class Params(Strict):
     def rows(self) -> list[str]:
         """The grid's distillation rows: each of `methods`, then each variant `<method>+<tag>`."""
         return list(self.methods) + [f"{m}+{tag}" for tag, entries in self.variants.items() for m in entries]
+
+    @model_validator(mode="after")
+    def _check_wkd_teachers(self):
+        teachers = list(dict.fromkeys(p.teacher for p in self.pairs))
+        if (self.pairs and "wkd" in self.methods and self.distill.wkd.cost == "cka"
+                and sorted(self.wkd_teachers) != sorted(teachers)):
+            raise ValueError(f"wkd_teachers: {self.wkd_teachers}, but the pairs' teachers are {teachers} (distill.wkd.cost "
+                             "cka: the stage wkd-cost computes each one's class cost once; name each once)")
+        return self
 
     @field_validator("launch")
     @classmethod

@@ -19,7 +19,8 @@ declaration, not a special case in the engine:
 - `trainable_parts(phase)` (default: all its parameters): its own parameters the optimiser updates in that
   phase (AB's connectors train in the init stage only; FT's paraphraser there, its translator after).
 A term that reads the pre-ReLU taps sets `uses_preact = True` (AB, ReviewKD, OFD); one that reads the teacher's
-weights once has `from_teacher(teacher)` (OFD's margins, WKD's class costs); `teacher_batch_stats = True` runs the
+weights or a file written for it once has `from_teacher(teacher, teacher_file)` (OFD's margins, WKD's class costs);
+`teacher_batch_stats = True` runs the
 teacher's BN on each batch's statistics (OFD); `uses_classifier = True` brings into the batch both models' final
 maps (`Features.final`) and their classifier layers (`models.classifier`; the student's trains through the term's
 loss as through CE), to classify other pooled features than the global one (SDD's regions). A term may bring the main phase's
@@ -68,7 +69,7 @@ class Distiller(nn.Module):
 
     def __init__(self, teacher: nn.Module, methods: list[str], params, s_shapes, t_shapes,
                  data: TrainData | None = None, teacher_input: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 teacher_pass: TeacherPass | None = None):
+                 teacher_pass: TeacherPass | None = None, teacher_file=None):
         super().__init__()
         self._teacher_pass = teacher_pass or TeacherPass()  # shared by a group's students: one teacher forward
         # (scale, shift) re-normalising the batch for a teacher trained with other input statistics
@@ -91,7 +92,7 @@ class Distiller(nn.Module):
             if name == "kd" and weight == 0:  # alpha 0: no KD term
                 continue
             term = self.terms[name] = cls(cfg, s_shapes, t_shapes, data)
-            term.from_teacher(teacher)
+            term.from_teacher(teacher, teacher_file)
             if term.has_loss:
                 self.weights[name] = weight
             if name in methods and getattr(cfg, "init_epochs", 0) > 0:

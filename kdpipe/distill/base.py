@@ -69,8 +69,9 @@ class Term(nn.Module):
         `sample_index()` draws a batch of dataset indices."""
         return {}
 
-    def from_teacher(self, teacher: nn.Module) -> None:
-        """What the term reads from the teacher's weights once, before training (OFD's margins)."""
+    def from_teacher(self, teacher: nn.Module, teacher_file=None) -> None:
+        """What the term reads from the teacher once, before training: its weights (OFD's margins) or a file written
+        for it (WKD's CKA cost beside `teacher_file`, the checkpoint's path where the run has one)."""
 
     def init_loss(self, b):
         return self(b)

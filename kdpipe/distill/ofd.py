@@ -72,7 +72,7 @@ class OFD(Term):
         pairs = list(zip(s_shapes.stages[len(s_shapes.stages) - self.levels:], t_shapes.stages[len(t_shapes.stages) - self.levels:]))
         self.connectors = nn.ModuleList(connector(s[0], t[0]) for s, t in pairs)
 
-    def from_teacher(self, teacher: nn.Module) -> None:
+    def from_teacher(self, teacher: nn.Module, teacher_file=None) -> None:
         try:
             bns = teacher.bn_before_relu()
             bns = bns[len(bns) - self.levels:]

@@ -9,10 +9,15 @@
   code's bottleneck), then the Wasserstein distance between diagonal Gaussians of the teacher's and the
   student's channels, per cell of a `grid` x `grid` split: mean_cov_ratio * |mu_s - mu_t|^2 + |sigma_s - sigma_t|^2.
 Both weights decay along a cosine after `decay_start` epochs, to 0 at `decay_end` (the code's COSINE_DECAY_EPOCH
-and SOLVER.EPOCHS); `loss_t` keeps weight 1. The authors' published runs use a cost from the linear CKA of the
-teacher's per-class features over the training set (tools/generate_cost_matrix.py), not computed here."""
+and SOLVER.EPOCHS); `loss_t` keeps weight 1.
+WKD-L's class cost (`cost`): the code's COST_MATRIX "fc" above, read from the teacher, or "cka", which every published
+figure used: 1 - linear CKA between the teacher's per-class features over the training set (the code's
+tools/generate_class_proto.py and tools/generate_cost_matrix.py), a file per teacher that `kdpipe wkd-cost` writes
+once (`write_cost`, its own DVC stage in the pipelines) and every WKD run of that teacher reads (`cost_file`)."""
 
+import hashlib
 import math
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -21,6 +26,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from ..config.distill import FeatureParams, epoch_count
+from ..config.errors import Error
 from ..losses import fp32
 from ..models import classifier
 from .base import Term, register, regressor
@@ -86,6 +92,85 @@ def cosine_decay(epoch: int, start: int, end: int) -> float:
     return 0.5 * (1 + math.cos((e - start) / (end - start) * math.pi)) if e > start else 1.0
 
 
+# the class cost from the teacher's features (COST_MATRIX 'cka'), as the authors' tools compute it offline
+def linear_cka(x: Tensor, y: Tensor) -> Tensor:
+    """tools/generate_cost_matrix.py:52-67 (linear_CKA_precenter): `x`, `y` (n, d), each centred over its rows;
+    ||y^T x||_F^2 / (||x^T x||_F ||y^T y||_F)."""
+    x = x - x.mean(0, keepdim=True)
+    y = y - y.mean(0, keepdim=True)
+    return torch.norm(y.t() @ x, p="fro") ** 2 / (torch.norm(x.t() @ x, p="fro") * torch.norm(y.t() @ y, p="fro"))
+
+
+def cka_cost(classes: list[Tensor]) -> Tensor:
+    """generate_cost_matrix.py:133-141: 1 - linear CKA of each two classes' feature matrices (rows paired by their
+    order), computed for i <= j and mirrored."""
+    k = len(classes)
+    cost = torch.zeros(k, k, device=classes[0].device)
+    for i in range(k):
+        for j in range(i, k):
+            cost[i, j] = cost[j, i] = 1 - linear_cka(classes[i], classes[j])
+    return cost
+
+
+@torch.no_grad()
+def class_features(teacher: nn.Module, batches, num_classes: int, features: str) -> list[Tensor]:
+    """tools/generate_class_proto.py:33-68: per class, the teacher's last stage map (`features` "stage": the code's
+    feats["feats"][-1], CIFAR's --feature_type feature) or its logits ("logits": the code's default, ImageNet's) of
+    the training images of `batches` ((x, y) in the data's order), a map (m, C, H, W) as (m H W, C), each image's
+    positions in row-major order. Every class cut to the smallest one's count (the code cuts the logits so; its maps
+    need equal counts, as CIFAR's are)."""
+    per_class: list[list[Tensor]] = [[] for _ in range(num_classes)]
+    for x, y in batches:
+        out = teacher(x, features=True)
+        f = (out.stages[-1] if features == "stage" else out.logits).float()
+        f = f.flatten(2).transpose(1, 2) if f.dim() == 4 else f  # (B, H W, C) or (B, classes)
+        for i, c in enumerate(y.tolist()):
+            per_class[c].append(f[i])
+    m = min(len(p) for p in per_class)
+    if m == 0:
+        raise Error(f"wkd-cost: class {next(c for c, p in enumerate(per_class) if not p)} has no training image")
+    return [torch.stack(p[:m]).reshape(-1, p[0].shape[-1]) for p in per_class]
+
+
+def cost_file(teacher: Path) -> Path:
+    """Where the CKA cost of the teacher checkpoint `teacher` lies: beside it, models/NAME.wkd-cost.pt."""
+    return teacher.with_name(teacher.name.removesuffix(".pt") + ".wkd-cost.pt")
+
+
+def write_cost(teacher: Path, data_dir: Path, cfg, features: str, imported: Path | None = None) -> Path:
+    """`kdpipe wkd-cost`: the CKA cost of `teacher` on the training data of `data_dir`, with the evaluation's settings
+    `cfg` (exact fp32 on its device, its batch size and workers), written to `cost_file(teacher)` with the teacher's
+    sha256 and `features`; or, `imported`, the authors' file for a published teacher (wkd_cost_matrix/...pth)."""
+    from .. import checkpoint, runs, sources
+    from ..runtime import Numerics, resolve_device
+
+    numerics = Numerics(resolve_device(cfg.device), bf16=False, channels_last=False)
+    source = sources.open_source(data_dir, numerics, cfg.workers)
+    ckpt, model, teacher_input, sha256 = runs.load_teacher(teacher, source, data_dir, numerics)
+    k = ckpt["num_classes"]
+    if imported is not None:
+        cost = checkpoint.read_weights(imported)
+        if not isinstance(cost, Tensor) or tuple(cost.shape) != (k, k):
+            raise checkpoint.CheckpointError(f"{imported}: not a {k} x {k} cost matrix (the authors' linear_cka.pth for "
+                                             f"a {k}-class teacher)")
+        origin = {"imported": imported.name, "sha256": hashlib.sha256(imported.read_bytes()).hexdigest()}
+    else:
+        model.eval()
+
+        def batches():
+            labels = source.train_labels
+            for start in range(0, source.train_size, cfg.batch_size):
+                idx = list(range(start, min(start + cfg.batch_size, source.train_size)))
+                x = source.normalise(source.train_pixels(idx).to(numerics.device))
+                yield (x if teacher_input is None else x * teacher_input[0] + teacher_input[1]), labels[start:start + len(idx)]
+
+        cost = cka_cost(class_features(model, batches(), k, features))
+        origin = {"computed": "linear CKA of the teacher's class features on the training data"}
+    out = cost_file(teacher)
+    checkpoint.atomic_save({"cost": cost.float().cpu(), "teacher_sha256": sha256, "features": features, **origin}, out)
+    return out
+
+
 class _Bottleneck(nn.Sequential):
     """WKD's ConvRegBottleNeck for maps of equal size (_common.py): 1x1 to `hidden`, 3x3, 1x1 to the teacher's
     channels (convolutions with bias), BN, ReLU."""
@@ -100,16 +185,22 @@ class WKDParams(FeatureParams):
     WKD-L from wkd_l/res32x4_res8x4.yaml, WKD-F's shape from wkd_f/res32x4_res8x4.yaml (its weight 0.08 there;
     WKD-L+F: wkd_lf/, logit weight 200, feature 0.08, MEAN_COV_RATIO 8). WRN-40-2 -> ShuffleNetV1: WKD-L weight 200 at
     T 6 (wkd_l/wrn40_2_shuv1.yaml:23,32), WKD-F 0.3 with ratio 3 on a 4x4 grid (wkd_f/wrn40_2_shuv1.yaml:24,28,30).
-    The configs' cost is COST_MATRIX 'cka' (a file computed offline from the teacher's per-class features over the
-    training set, tools/generate_cost_matrix.py); kdpipe uses the code's other cost, COST_MATRIX 'fc' (WKD.py:142-148):
-    1 - cosine of the teacher's classifier rows."""
+    The configs' cost is COST_MATRIX 'cka' (`cost: cka`, what the pipelines set); the default here is the code's
+    other one, 'fc', which needs no file."""
 
     beta: float = Field(600.0, ge=0, description="weight of WKD-L's Wasserstein distance (WKD_LOGIT_WEIGHT, "
                                                  "wkd_l/res32x4_res8x4.yaml:23); 0: no WKD-L")
     temperature: float = Field(8.0, gt=0, description="WKD-L's temperature (res32x4_res8x4.yaml:32)")
     sinkhorn_lambda: float = Field(0.05, gt=0, description="Sinkhorn's entropic regularisation (yaml:27)")
     sinkhorn_iters: int = Field(10, ge=1, description="Sinkhorn's iterations (yaml:28)")
-    cost_sharpen: float = Field(1.0, ge=0, description="cost = 1 - exp(-s * (1 - cos)); 0: 1 - cos (yaml:31)")
+    cost: Literal["classifier", "cka"] = Field("classifier", description="WKD-L's class cost: 1 - cos of the teacher's "
+                                              "classifier rows (COST_MATRIX 'fc', WKD.py:142-148), or 1 - linear CKA "
+                                              "of its class features (COST_MATRIX 'cka', every published config's, "
+                                              "e.g. wkd_l/res32x4_res8x4.yaml:29): `kdpipe wkd-cost` writes it")
+    cka_features: Literal["stage", "logits"] = Field("stage", description="cka: the teacher's last stage map (CIFAR's, "
+                                                     "generate_cost_matrix.sh:11) or its logits (ImageNet's, :4)")
+    cost_sharpen: float = Field(1.0, ge=0, description="cost = 1 - exp(-s * d), d the cost above; 0: d (yaml:31, "
+                                                       "WKD.py:154-157)")
     decay_start: int = epoch_count(150, ge=0, description="the weights decay along a cosine after this epoch "
                                                     "(COSINE_DECAY_EPOCH, yaml:25; the code's default 0) ...")
     decay_end: int = epoch_count(240, ge=1, description="... to 0 at this one (the run's SOLVER.EPOCHS, yaml:12)")
@@ -149,9 +240,13 @@ class WKD(Term):
                 except ValueError as e:
                     raise ValueError(f"wkd: {str(e).removeprefix('fitnets: ')}") from None
 
-    def from_teacher(self, teacher: nn.Module) -> None:
-        """The class cost of WKD-L: 1 - cos of the teacher's classifier rows (WKD.py:142-148), sharpened (:154-157)."""
+    def from_teacher(self, teacher: nn.Module, teacher_file: Path | None = None) -> None:
+        """The class cost of WKD-L: 1 - cos of the teacher's classifier rows (WKD.py:142-148) or the CKA cost file of
+        `teacher_file` (:150-152), sharpened (:154-157)."""
         if self.cfg.beta <= 0:
+            return
+        if self.cfg.cost == "cka":
+            self.register_buffer("cost", self._sharpen(self._cka_cost(teacher_file)), persistent=False)
             return
         head = classifier(teacher)
         if head is None:
@@ -160,9 +255,28 @@ class WKD(Term):
         with torch.no_grad():
             w = F.normalize(head.weight.float(), dim=1)
             cost = 1 - w @ w.t()
-            if self.cfg.cost_sharpen:
-                cost = 1 - torch.exp(-self.cfg.cost_sharpen * cost)
-        self.register_buffer("cost", cost, persistent=False)
+        self.register_buffer("cost", self._sharpen(cost), persistent=False)
+
+    def _sharpen(self, cost: Tensor) -> Tensor:
+        return 1 - torch.exp(-self.cfg.cost_sharpen * cost) if self.cfg.cost_sharpen else cost
+
+    def _cka_cost(self, teacher_file: Path | None) -> Tensor:
+        """The cost `kdpipe wkd-cost` wrote for this teacher, checked to be of this teacher and these features."""
+        from ..checkpoint import CheckpointError, read_weights
+
+        if teacher_file is None:
+            raise ValueError("wkd: cost cka reads the teacher's cost file, and this run names no teacher file")
+        path = cost_file(Path(teacher_file))
+        if not path.is_file():
+            raise CheckpointError(f"{path}: not found; WKD's cost cka needs it: run `kdpipe wkd-cost --teacher "
+                                  f"{teacher_file}` first")
+        saved = read_weights(path)
+        if saved.get("teacher_sha256") != hashlib.sha256(Path(teacher_file).read_bytes()).hexdigest():
+            raise CheckpointError(f"{path}: computed for another teacher than {teacher_file}: run `kdpipe wkd-cost` again")
+        if "computed" in saved and saved.get("features") != self.cfg.cka_features:
+            raise CheckpointError(f"{path}: CKA of the teacher's {saved.get('features')}, but distill.wkd.cka_features is "
+                                  f"{self.cfg.cka_features}: run `kdpipe wkd-cost` again")
+        return saved["cost"]
 
     def forward(self, b):
         c = self.cfg
