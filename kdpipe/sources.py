@@ -127,11 +127,15 @@ class MemorySource:
         calibration images."""
         return TF.center_crop(self.data.train.x[torch.tensor(indices, dtype=torch.int64)], [self.image_size] * 2)
 
+    def pixels(self, split: str, batch_size: int = 1000) -> Iterator:
+        """The images of `split` ("train", "test") as uint8 (x, y) batches in their order at image_size (the evaluation
+        view, no augmentation), not normalised."""
+        s = getattr(self.data, split)
+        for i in range(0, len(s.y), batch_size):
+            yield TF.center_crop(s.x[i:i + batch_size], [self.image_size] * 2), s.y[i:i + batch_size]
+
     def test_pixels(self, batch_size: int = 1000) -> Iterator:
-        """The test images as uint8 (x, y) batches at image_size (the evaluation view), not normalised."""
-        test = self.data.test
-        for i in range(0, len(test.y), batch_size):
-            yield TF.center_crop(test.x[i:i + batch_size], [self.image_size] * 2), test.y[i:i + batch_size]
+        return self.pixels("test", batch_size)
 
     def test(self, batch_size: int = 1000) -> Iterator:
         for x, y in self.test_pixels(batch_size):
@@ -191,6 +195,9 @@ class StreamSource:
         size, augment = self.manifest.image_size, self.manifest.augment
         self.splits = {name: Images(paths, sizes, labels, size, augment, train=name == "train")
                        for name, (paths, sizes, labels) in splits.items()}
+        # every split at the evaluation view (no augmentation), what `pixels` reads
+        self.plain = {name: Images(paths, sizes, labels, size, augment, train=False)
+                      for name, (paths, sizes, labels) in splits.items()}
 
     @property
     def num_classes(self) -> int:
@@ -207,10 +214,11 @@ class StreamSource:
     def steps(self, batch_size: int) -> int:
         return math.ceil(self.train_size / batch_size)
 
-    def _load(self, split: str, item_batches: list, seed: int = 0) -> Iterator:
+    def _load(self, split: str, item_batches: list, seed: int = 0, augmented: bool = True) -> Iterator:
         # its own generator: the workers' seeds come from `seed`, not from the process's default generator
         # (which Dropout draws from), so loading draws nothing a run's results depend on
-        loader = torch.utils.data.DataLoader(self.splits[split], batch_sampler=item_batches, num_workers=self.workers,
+        dataset = self.splits[split] if augmented else self.plain[split]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=item_batches, num_workers=self.workers,
                                              worker_init_fn=_one_thread if self.workers else None,
                                              generator=torch.Generator().manual_seed(seed),
                                              pin_memory=self.numerics.device.type == "cuda")
@@ -252,12 +260,15 @@ class StreamSource:
         return torch.stack([data_mod.test_view(data_mod.read_image(train.paths[i]), train.image_size, train.augment)
                             for i in indices])
 
-    def test_pixels(self, batch_size: int = 1000) -> Iterator:
-        n = len(self.splits["test"])
+    def pixels(self, split: str, batch_size: int = 1000) -> Iterator:
+        n = len(self.splits[split])
         items = [[(i, 0) for i in range(s, min(s + batch_size, n))] for s in range(0, n, batch_size)]
-        labels = self.splits["test"].labels.to(self.numerics.device)
-        for (first, x) in zip(range(0, n, batch_size), self._load("test", items)):
+        labels = self.splits[split].labels.to(self.numerics.device)
+        for (first, x) in zip(range(0, n, batch_size), self._load(split, items, augmented=False)):
             yield x, labels[first:first + len(x)]
+
+    def test_pixels(self, batch_size: int = 1000) -> Iterator:
+        return self.pixels("test", batch_size)
 
     def test(self, batch_size: int = 1000) -> Iterator:
         for x, y in self.test_pixels(batch_size):

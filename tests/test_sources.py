@@ -58,13 +58,19 @@ def test_stream_source_is_independent_of_workers_and_resumes(tmp_path, photos):
 
 
 @pytest.mark.parametrize("augment", ["cifar", "imagenet"])
-def test_stream_and_memory_see_the_same_test_images(tmp_path, photos, augment):
+def test_stream_and_memory_see_the_same_images_at_the_evaluation_view(tmp_path, photos, augment):
+    # each split in its order, unaugmented (evaluation; WKD's cost over the training set), decoded by 2 workers
     prepare(folder_data(photos, image_size=40, augment=augment), tmp_path / "m")
     prepare(folder_data(photos, image_size=40, augment=augment, source="stream"), tmp_path / "s")
-    mem, stream = (sources.open_source(tmp_path / d, CPU, 0) for d in ("m", "s"))
+    mem, stream = sources.open_source(tmp_path / "m", CPU, 0), sources.open_source(tmp_path / "s", CPU, 2)
     assert mem.manifest.mean == pytest.approx(stream.manifest.mean, abs=1e-3)  # all 18 train images seen
-    for (a, y), (b, z) in zip(mem.test_pixels(4), stream.test_pixels(4)):
-        assert torch.equal(a, b) and torch.equal(y, z)
+    for split, n in (("train", 18), ("test", len(stream.splits["test"]))):
+        seen = 0
+        for (a, y), (b, z) in zip(mem.pixels(split, 4), stream.pixels(split, 4)):
+            assert a.dtype == torch.uint8 and torch.equal(a, b) and torch.equal(y, z)
+            seen += len(y)
+        assert seen == n
+    assert torch.equal(next(stream.pixels("train", 4))[0], mem.train_pixels([0, 1, 2, 3]))
 
 
 @pytest.mark.parametrize("augment", ["cifar", "imagenet"])

@@ -157,12 +157,10 @@ def write_cost(teacher: Path, data_dir: Path, cfg, features: str, imported: Path
     else:
         model.eval()
 
-        def batches():
-            labels = source.train_labels
-            for start in range(0, source.train_size, cfg.batch_size):
-                idx = list(range(start, min(start + cfg.batch_size, source.train_size)))
-                x = source.normalise(source.train_pixels(idx).to(numerics.device))
-                yield (x if teacher_input is None else x * teacher_input[0] + teacher_input[1]), labels[start:start + len(idx)]
+        def batches():  # the training images in their order, at the evaluation view, as the teacher sees its input
+            for x, y in source.pixels("train", cfg.batch_size):
+                x = source.normalise(x.to(numerics.device))
+                yield (x if teacher_input is None else x * teacher_input[0] + teacher_input[1]), y
 
         cost = cka_cost(class_features(model, batches(), k, features))
         origin = {"computed": "linear CKA of the teacher's class features on the training data"}
