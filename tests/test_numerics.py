@@ -24,8 +24,9 @@ from .conftest import tiny_params
 
 # the shared losses and each method's own, at the top of its file
 MODULES = [Fd] + [importlib.import_module(f"kdpipe.distill.{m}") for m in config.METHODS]
-# their public functions that are not losses
-HELPERS = {"match_spatial", "ofd_margin", "cosine_lambda", "cosine_decay", "check_channels", "lrelu", "encoder", "connector"}
+# their public functions that are not losses (WKD's CKA cost: computed once, in exact fp32, by `kdpipe wkd-cost`)
+HELPERS = {"match_spatial", "ofd_margin", "cosine_lambda", "cosine_decay", "check_channels", "lrelu", "encoder", "connector",
+           "linear_cka", "cka_cost", "class_features", "cost_file", "write_cost"}
 
 
 def near_equal(shape, seed=0):

@@ -4,7 +4,7 @@ method of `METHODS`), and `--method` parsing."""
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Optional
 
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 

@@ -8,7 +8,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ValidationError, field_validator, model_validator
 
-from .base import ModelName, Strict, deep_merge, flat, nest, pair_key
+from .base import ModelName, Strict, deep_merge, flat, nest
 from .data import Data
 from .deploy import Measure, Qat, Quantize
 from .distill import METHODS, Distill
