@@ -3,7 +3,9 @@
 Baseline (RepDistiller/torchdistill style): a torchvision Dataset of PIL images with RandomCrop(32, 4),
 RandomHorizontalFlip, ToTensor, Normalize, a DataLoader with worker processes, fp32, default memory
 format. kdpipe: uint8 data on the device, batched on-device augmentation, the device's defaults
-(fp32 + channels_last on a native-ISA CPU; bf16 + channels_last on CUDA). Same model, data, batch size and step count; warm-up
+(fp32 + channels_last on a native-ISA CPU; bf16 + channels_last on CUDA), and `torch.compile` where
+`runtime.compile` asks (the engine's `runtime.wrap`; compilation happens in the warm-up steps and is reported
+apart). Same model, data, batch size and step count; warm-up
 steps excluded; repeats interleaved (baseline, kdpipe, baseline, ...) and the median reported.
 """
 
@@ -20,7 +22,7 @@ from .config import METHODS, Distill, Manifest, Runtime
 from .distill import Distiller, TrainData, feature_shapes
 from .engine import CrossEntropy, make_optimizer, train_step
 from .data import Prepared, Split
-from .runtime import context
+from .runtime import Ranks, context, wrap
 from .sources import MemorySource
 
 
@@ -98,8 +100,9 @@ def run(model: str = "resnet20", teacher: str = "resnet56", batch_size: int = 12
     results, timings = [], {}
 
     def measure(label, step, baseline_step=None):
+        warmup_s = 0.0  # kdpipe's warm-up steps (torch.compile's compilation, where on)
         for _ in range(warmup):
-            step()
+            warmup_s += _timed(step, 1, dev)
             if baseline_step:
                 baseline_step()
         ours, base = [], []
@@ -107,7 +110,7 @@ def run(model: str = "resnet20", teacher: str = "resnet56", batch_size: int = 12
             if baseline_step:
                 base.append(batch_size * steps / _timed(baseline_step, steps, dev))
             ours.append(batch_size * steps / _timed(step, steps, dev))
-        row = {"case": label, "images_per_s": round(statistics.median(ours), 1)}
+        row = {"case": label, "images_per_s": round(statistics.median(ours), 1), "warmup_seconds": round(warmup_s, 1)}
         if base:
             row["baseline_images_per_s"] = round(statistics.median(base), 1)
             row["speedup"] = round(row["images_per_s"] / row["baseline_images_per_s"], 2)
@@ -137,14 +140,14 @@ def run(model: str = "resnet20", teacher: str = "resnet56", batch_size: int = 12
         return step
 
     def kdpipe_trainer(name, objective=None):
-        m = numerics.prepare_model(make(name))
+        m, forward_model = wrap(make(name), Ranks(), numerics, runtime.compile, False, False)
         objective = (objective or CrossEntropy()).to(dev)
         opt = make_optimizer(list(m.parameters()) + list(objective.parameters()), _train_cfg(name, batch_size, runtime), dev,
                              objective.optimizer("main"))
 
         def step():
             xb, yb, idx = kdpipe_batch(objective.views)
-            train_step(objective, m, opt, xb, yb, "main", numerics, 0.1, index=idx, epoch=100)
+            train_step(objective, forward_model, opt, xb, yb, "main", numerics, 0.1, index=idx, epoch=100)
         return step, m
 
     # teacher training, plain student training: baseline vs kdpipe
@@ -179,6 +182,7 @@ def run(model: str = "resnet20", teacher: str = "resnet56", batch_size: int = 12
     cpu = f"cpu ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
     return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu,
             "torch": torch.__version__, "bf16": numerics.bf16, "channels_last": numerics.channels_last,
+            "compile": runtime.compile,
             "batch_size": batch_size, "images": len(y), "steps": steps, "warmup": warmup, "repeats": repeats, "workers": workers,
             "results": results}
 

@@ -28,8 +28,8 @@ from . import checkpoint as ckpt_io
 from .config import Train
 from .losses import cross_entropy
 from .progress import Reporter
-from .runtime import Context, Ranks, Numerics, TrainingError, all_sum, barrier, context, wrap
-from .sources import MemorySource
+from .runtime import Context, Ranks, Numerics, TrainingError, all_sum, barrier, compiled_graphs, context, wrap
+from .sources import MemorySource, shard_sizes
 
 
 def learning_rate(cfg: Train, epoch: int, step: int, steps_per_epoch: int) -> float:
@@ -253,8 +253,9 @@ def train_group(runs: list[Run], source, ctx: Optional[Context] = None) -> list[
     for s in students:
         with s.own_streams():
             compile_seconds[s.run.name] = (_compile_warmup(s.objective, s.forward_model, s.model, source, cfg,
-                                                           s.init_epochs > s.start)
+                                                           s.init_epochs > s.start, ddp)
                                            if cfg.runtime.compile and s.start < s.total else 0.0)
+    graphs = compiled_graphs()  # the warm-up compiled every graph: any later one is a recompilation, logged
     reporters = {s.run.name: Reporter(s.run.name, s.total, steps, s.run.progress and ddp.main and len(runs) == 1)
                  for s in students}
     try:
@@ -333,6 +334,7 @@ def train_group(runs: list[Run], source, ctx: Optional[Context] = None) -> list[
             timing = {"seconds": round(s.seconds, 3),
                       "images_per_s": round(source.train_size * s.total / max(s.seconds, 1e-9), 1),
                       "compile_seconds": round(compile_seconds[run.name], 3),
+                      **({"recompilations": compiled_graphs() - graphs} if cfg.runtime.compile else {}),
                       **({"group": [r.name for r in runs]} if len(runs) > 1 else {})}
             ckpt_io.atomic_write(run.log, json.dumps(log, indent=2) + "\n")
             ckpt_io.atomic_write(ckpt_io.timing_path(run.log), json.dumps(timing, indent=2) + "\n")
@@ -342,22 +344,25 @@ def train_group(runs: list[Run], source, ctx: Optional[Context] = None) -> list[
     return finals
 
 
-def _compile_warmup(objective, forward_model, model, source, cfg, init_phase: bool) -> float:
+def _compile_warmup(objective, forward_model, model, source, cfg, init_phase: bool, ddp: Ranks) -> float:
     """Trigger torch.compile's compilation before the timed epochs, without changing the run: one
-    forward/backward on a batch drawn from a separate generator, then weights, BN statistics, gradients and
-    the process's random streams (Dropout's) are put back exactly as they were."""
+    forward/backward per phase and per batch size an epoch trains on (the full batch and the last, smaller one:
+    each a graph of its own, so no epoch recompiles) on a batch drawn from a separate generator, then weights, BN
+    statistics, gradients and the process's random streams (Dropout's) are put back exactly as they were."""
     t0 = time.perf_counter()
     streams = ckpt_io.random_streams(source.numerics.device)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     saved_obj = {k: v.clone() for k, v in objective.state_dict().items()}
     g = torch.Generator(device=source.numerics.device).manual_seed(0)
-    _, x, y, idx = next(iter(source.epoch(g, cfg.batch_size, views=objective.views)))
+    _, x, y, idx = next(iter(source.epoch(g, cfg.batch_size, ddp, views=objective.views)))
     model.train()
     objective.train()
     for phase in (("init", "main") if init_phase else ("main",)):
-        with source.numerics.autocast():
-            loss, _, _ = objective(forward_model, x, y, phase, index=idx)
-        loss.backward()
+        for n in shard_sizes(source.train_size, cfg.batch_size, ddp):
+            xs = tuple(v[:n] for v in x) if isinstance(x, tuple) else x[:n]
+            with source.numerics.autocast():
+                loss, _, _ = objective(forward_model, xs, y[:n], phase, index=idx[:n])
+            loss.backward()
     model.load_state_dict(saved)
     objective.load_state_dict(saved_obj)
     for p in list(model.parameters()) + list(objective.parameters()):

@@ -167,6 +167,13 @@ def wrap(model: nn.Module, ddp: Ranks, numerics: Numerics, compile: bool, sync_b
         dev = numerics.device
         forward_model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
                                                 find_unused_parameters=unused_params)
-    if compile:
-        forward_model = torch.compile(forward_model)
+    if compile:  # static shapes: a graph per batch size (the engine compiles them all before its epochs)
+        forward_model = torch.compile(forward_model, dynamic=False)
     return model, forward_model
+
+
+def compiled_graphs() -> int:
+    """How many graphs torch.compile has compiled in this process (a recompilation adds one)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]

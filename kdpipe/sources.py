@@ -74,6 +74,14 @@ def batches(n: int, batch_size: int, g: torch.Generator, ddp: Ranks) -> Iterator
             yield step, idx
 
 
+def shard_sizes(n: int, batch_size: int, ddp: Ranks) -> list[int]:
+    """The batch sizes one rank trains on in an epoch of `batches`: the full one, then the last one where it differs
+    (what torch.compile must compile before the timed epochs)."""
+    last = n % batch_size
+    last -= last % ddp.world
+    return [batch_size // ddp.world] + ([last // ddp.world] if last >= 2 * ddp.world else [])
+
+
 class MemorySource:
     def __init__(self, prepared: Prepared, numerics: Numerics, normalization: Optional[dict] = None):
         self.data = prepared.to(numerics.device)

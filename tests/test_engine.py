@@ -124,7 +124,7 @@ def test_checkpoint_of_other_architecture_is_rejected(tmp_path, prepared):
 def test_compile_warmup_leaves_the_run_unchanged(tmp_path, prepared, monkeypatch):
     # torch.compile itself is slow to build on CPU; an identity stand-in checks the warm-up's bookkeeping:
     # the compiled run must end exactly where the plain run ends, and its warm-up is timed separately.
-    monkeypatch.setattr(torch, "compile", lambda m: m)
+    monkeypatch.setattr(torch, "compile", lambda m, **options: m)
     plain = engine.train(make_run(tmp_path / "a"), prepared)
     compiled = engine.train(make_run(tmp_path / "b", runtime={"compile": True}), prepared)
     for k, v in plain["state_dict"].items():
