@@ -3,10 +3,10 @@
 Baseline (RepDistiller/torchdistill style): a torchvision Dataset of PIL images with RandomCrop(32, 4),
 RandomHorizontalFlip, ToTensor, Normalize, a DataLoader with worker processes, fp32, default memory
 format. kdpipe: uint8 data on the device, batched on-device augmentation, the device's defaults
-(fp32 + channels_last on a native-ISA CPU; bf16 + channels_last on CUDA), and `torch.compile` where
-`runtime.compile` asks (the engine's `runtime.wrap`; compilation happens in the warm-up steps and is reported
-apart). Same model, data, batch size and step count; warm-up
-steps excluded; repeats interleaved (baseline, kdpipe, baseline, ...) and the median reported.
+(fp32 + channels_last on a native-ISA CPU; bf16 + channels_last on CUDA); where `runtime.compile` asks, the training
+cases also time kdpipe's step compiled (the engine's `runtime.wrap`; compiled in the warm-up steps, whose time is
+reported). Same model, data, batch size and step count; warm-up
+steps excluded; repeats interleaved (baseline, kdpipe[, compiled], baseline, ...) and the median reported.
 """
 
 from __future__ import annotations
@@ -99,21 +99,26 @@ def run(model: str = "resnet20", teacher: str = "resnet56", batch_size: int = 12
 
     results, timings = [], {}
 
-    def measure(label, step, baseline_step=None):
-        warmup_s = 0.0  # kdpipe's warm-up steps (torch.compile's compilation, where on)
+    def measure(label, step, baseline_step=None, compiled_step=None):
+        """Median images/s of kdpipe's `step`, and side by side, interleaved, the baseline's and kdpipe's compiled one."""
+        sides = {k: f for k, f in (("baseline", baseline_step), ("kdpipe", step), ("compiled", compiled_step)) if f}
+        warmup_s = dict.fromkeys(sides, 0.0)  # torch.compile's compilation happens here
         for _ in range(warmup):
-            warmup_s += _timed(step, 1, dev)
-            if baseline_step:
-                baseline_step()
-        ours, base = [], []
+            for k, f in sides.items():
+                warmup_s[k] += _timed(f, 1, dev)
+        rates = {k: [] for k in sides}
         for _ in range(repeats):
-            if baseline_step:
-                base.append(batch_size * steps / _timed(baseline_step, steps, dev))
-            ours.append(batch_size * steps / _timed(step, steps, dev))
-        row = {"case": label, "images_per_s": round(statistics.median(ours), 1), "warmup_seconds": round(warmup_s, 1)}
-        if base:
-            row["baseline_images_per_s"] = round(statistics.median(base), 1)
-            row["speedup"] = round(row["images_per_s"] / row["baseline_images_per_s"], 2)
+            for k, f in sides.items():
+                rates[k].append(batch_size * steps / _timed(f, steps, dev))
+        rate = {k: round(statistics.median(v), 1) for k, v in rates.items()}
+        row = {"case": label, "images_per_s": rate["kdpipe"]}
+        if baseline_step:
+            row["baseline_images_per_s"] = rate["baseline"]
+            row["speedup"] = round(rate["kdpipe"] / rate["baseline"], 2)
+        if compiled_step:
+            row["compiled_images_per_s"] = rate["compiled"]
+            row["compiled_speedup"] = round(rate["compiled"] / rate["baseline"], 2)
+            row["compile_seconds"] = round(warmup_s["compiled"], 1)
         timings[label] = batch_size / row["images_per_s"]  # seconds per step
         results.append(row)
 
@@ -139,8 +144,8 @@ def run(model: str = "resnet20", teacher: str = "resnet56", batch_size: int = 12
             opt.step()
         return step
 
-    def kdpipe_trainer(name, objective=None):
-        m, forward_model = wrap(make(name), Ranks(), numerics, runtime.compile, False, False)
+    def kdpipe_trainer(name, objective=None, compile=False):
+        m, forward_model = wrap(make(name), Ranks(), numerics, compile, False, False)
         objective = (objective or CrossEntropy()).to(dev)
         opt = make_optimizer(list(m.parameters()) + list(objective.parameters()), _train_cfg(name, batch_size, runtime), dev,
                              objective.optimizer("main"))
@@ -150,10 +155,13 @@ def run(model: str = "resnet20", teacher: str = "resnet56", batch_size: int = 12
             train_step(objective, forward_model, opt, xb, yb, "main", numerics, 0.1, index=idx, epoch=100)
         return step, m
 
-    # teacher training, plain student training: baseline vs kdpipe
-    measure(f"train {teacher} (teacher)", kdpipe_trainer(teacher)[0], baseline_trainer(teacher))
+    def compiled_trainer(name):
+        return kdpipe_trainer(name, compile=runtime.compile)[0] if runtime.compile else None
+
+    # teacher training, plain student training: baseline vs kdpipe (and kdpipe compiled, where runtime.compile asks)
+    measure(f"train {teacher} (teacher)", kdpipe_trainer(teacher)[0], baseline_trainer(teacher), compiled_trainer(teacher))
     student_step, student = kdpipe_trainer(model)
-    measure(f"train {model} (student)", student_step, baseline_trainer(model))
+    measure(f"train {model} (student)", student_step, baseline_trainer(model), compiled_trainer(model))
 
     # the teacher's inference forward alone: the only extra work a distillation step should have
     t_model = numerics.prepare_model(make(teacher)).eval().requires_grad_(False)
@@ -194,15 +202,20 @@ def print_table(out: dict, batch_size: int, repeats: int, steps: int) -> None:
 
     table = Table(title=f"kdpipe bench — {out['device']}, torch {out['torch']}, batch {batch_size}, {out['images']} images, "
                         f"median of {repeats} x {steps} steps")
-    for col in ("case", "kdpipe img/s", "baseline img/s", "speed-up", "÷ (student step + teacher fwd)"):
-        table.add_column(col, justify="left" if col == "case" else "right")
+    columns = {"kdpipe img/s": ("images_per_s", "{:.0f}"), "baseline img/s": ("baseline_images_per_s", "{:.0f}"),
+               "speed-up": ("speedup", "{:.2f}x")}
+    if out["compile"]:
+        columns.update({"compiled img/s": ("compiled_images_per_s", "{:.0f}"),
+                        "compiled speed-up": ("compiled_speedup", "{:.2f}x"), "compile s": ("compile_seconds", "{:.0f}")})
+    columns["÷ (student step + teacher fwd)"] = ("vs_student_plus_teacher_forward", "{:.2f}")
+    table.add_column("case")
+    for col in columns:
+        table.add_column(col, justify="right")
     for r in out["results"]:
         if "not_applicable" in r:
-            table.add_row(r["case"], "N/A", "", "", "")
+            table.add_row(r["case"], "N/A", *[""] * (len(columns) - 1))
             continue
-        table.add_row(r["case"], f"{r['images_per_s']:.0f}", f"{r.get('baseline_images_per_s', 0):.0f}" if "speedup" in r else "",
-                      f"{r['speedup']:.2f}x" if "speedup" in r else "",
-                      f"{r['vs_student_plus_teacher_forward']:.2f}" if "vs_student_plus_teacher_forward" in r else "")
+        table.add_row(r["case"], *(fmt.format(r[key]) if key in r else "" for key, fmt in columns.values()))
     Console().print(table)
     for r in out["results"]:
         if "not_applicable" in r:

@@ -377,7 +377,8 @@ def bench(model: str = typer.Option("resnet20", help="student model"),
           device: str = typer.Option("auto"), methods: str = typer.Option(",".join(config.METHODS)),
           channels_last: str = typer.Option("auto", help="kdpipe's memory format: auto | on | off (runtime.channels_last)"),
           cpu_isa: str = typer.Option("native", help="native | avx2: pin the CPU kernels as runtime.cpu_isa does"),
-          compile: bool = typer.Option(False, "--compile", help="torch.compile kdpipe's models (runtime.compile)"),
+          compile: str = typer.Option("off", help="torch.compile kdpipe's models: off | on | reduce-overhead (CUDA "
+                                                  "graphs on CUDA), as runtime.compile"),
           images: int = typer.Option(4096, min=2, help="training images (CRD's memory bank has a row per image: "
                                                        "50000 for CIFAR)"),
           as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")):
@@ -395,7 +396,7 @@ def bench(model: str = typer.Option("resnet20", help="student model"),
     chosen = tuple(m for m in methods.split(",") if m)
     config.parse_methods("+".join(chosen)) if chosen else None
     runtime = config.validate({"device": device, "channels_last": channels_last, "cpu_isa": cpu_isa,
-                                "compile": compile}, config.Runtime)
+                                "compile": {"off": False, "on": True}.get(compile, compile)}, config.Runtime)
     out = bench_mod.run(model, teacher, batch_size, steps, warmup, repeats, workers, runtime, chosen, images)
     if as_json:
         typer.echo(json.dumps(out, indent=2))

@@ -63,6 +63,8 @@ def train_step(objective: nn.Module, model: nn.Module, optimizer, x, y, phase: s
     loss's named terms; `step()` follows either way."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+    if numerics.device.type == "cuda":  # a new step for CUDA graphs (runtime.compile: reduce-overhead): the last
+        torch.compiler.cudagraph_mark_step_begin()  # step's graphed outputs are not read again
     with numerics.autocast():
         loss, logits, terms = objective(model, x, y, phase, index=index, epoch=epoch)
     optimizer.zero_grad(set_to_none=True)

@@ -153,10 +153,11 @@ def barrier(ddp: Ranks) -> None:
         dist.barrier()
 
 
-def wrap(model: nn.Module, ddp: Ranks, numerics: Numerics, compile: bool, sync_bn: bool, unused_params: bool):
+def wrap(model: nn.Module, ddp: Ranks, numerics: Numerics, compile: bool | str, sync_bn: bool, unused_params: bool):
     """(model, forward_model): the model on its device and layout (SyncBatchNorm under DDP where asked), and
     what the loop calls forward on — the same model, or it wrapped by DistributedDataParallel and/or
-    torch.compile. Checkpoints always hold `model`'s own state dict."""
+    torch.compile (`compile`: runtime.compile; "reduce-overhead" is torch.compile's mode of that name, CUDA graphs on
+    CUDA and plain inductor on the CPU). Checkpoints always hold `model`'s own state dict."""
     if ddp.world > 1 and sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = numerics.prepare_model(model)
@@ -168,7 +169,8 @@ def wrap(model: nn.Module, ddp: Ranks, numerics: Numerics, compile: bool, sync_b
         forward_model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
                                                 find_unused_parameters=unused_params)
     if compile:  # static shapes: a graph per batch size (the engine compiles them all before its epochs)
-        forward_model = torch.compile(forward_model, dynamic=False)
+        mode = compile if isinstance(compile, str) else None
+        forward_model = torch.compile(forward_model, dynamic=False, mode=mode)
     return model, forward_model
 
 

@@ -105,6 +105,25 @@ def test_bench_says_which_methods_a_pair_does_not_admit(workdir):
     assert "N/A: distill fsp: wrn_16_2 -> resnet8: fsp needs equal channel counts" in out and "N/A: distill kd" not in out
 
 
+def test_bench_times_the_compiled_step_beside_the_eager_one(workdir, monkeypatch):
+    import torch
+
+    seen = []  # torch.compile itself is slow to build on CPU (tests/test_gpu_paths.py runs it): the call is what counts
+    monkeypatch.setattr(torch, "compile", lambda m, **options: seen.append(options) or m)
+    args = ["bench", "--model", "resnet8", "--teacher", "resnet8", "--methods", "kd", "--batch-size", "8", "--steps", "1",
+            "--warmup", "1", "--repeats", "1", "--workers", "0", "--device", "cpu", "--compile", "reduce-overhead"]
+    report = json.loads(invoke(*args, "--json"))
+    teacher, student, forward, kd = report["results"]
+    for row in (teacher, student):  # the training cases: baseline, kdpipe and kdpipe compiled, side by side
+        assert row["compiled_images_per_s"] > 0 and row["compile_seconds"] >= 0
+        assert row["compiled_speedup"] == round(row["compiled_images_per_s"] / row["baseline_images_per_s"], 2)
+    assert "compiled_images_per_s" not in forward and "compiled_images_per_s" not in kd
+    assert report["compile"] == "reduce-overhead" and seen == [{"dynamic": False, "mode": "reduce-overhead"}] * 2
+    assert invoke(*args).strip().splitlines()[-1].count("┴") == 7  # the table: its 3 columns beside the 5
+    result = CliRunner().invoke(app, args[:-1] + ["fast"])
+    assert result.exit_code == 2 and "compile" in result.output and len(result.output.strip().splitlines()) == 1
+
+
 def test_timings_stay_out_of_tracked_outputs(workdir):
     # a hand re-run of a stage must reproduce its DVC outputs byte for byte: wall-clock time lives in
     # logs/NAME.timing.json (not a DVC output), the checkpoint and logs/NAME.json are deterministic

@@ -33,10 +33,12 @@ def fp32_by_hand(ckpt_path, x_uint8: torch.Tensor, y: torch.Tensor) -> tuple[flo
     return F.cross_entropy(logits, y).item(), 100 * int((logits.argmax(1) == y).sum()) / len(y)
 
 
-def run_all(workdir, runtime: dict, epochs: int, check_identical: bool, batch_size: int = 16):
+def run_all(workdir, runtime: dict, epochs: int, check_identical: bool, batch_size: int = 16, student_runtime=None):
     runtime = {"device": "cpu", "bf16": "off", "channels_last": "off", "compile": False, "sync_bn": False, **runtime}
-    section = {"runtime": runtime, "epochs": epochs, "batch_size": batch_size}
-    write_params(workdir / "params.yaml", tiny_params(teacher=section, student=section))
+    runtimes = {"teacher": runtime, "nst": {**runtime, **(student_runtime or {})}}
+    write_params(workdir / "params.yaml", tiny_params(
+        teacher={"runtime": runtimes["teacher"], "epochs": epochs, "batch_size": batch_size},
+        student={"runtime": runtimes["nst"], "epochs": epochs, "batch_size": batch_size}))
     invoke("data")
     invoke("teacher")
     # a distillation with a feature method (NST: bmm-based, the one bf16 would hurt most), interrupted and resumed
@@ -49,7 +51,7 @@ def run_all(workdir, runtime: dict, epochs: int, check_identical: bool, batch_si
         assert (workdir / "models/nst.pt").read_bytes() == (workdir / "models/nst_full.pt").read_bytes()
     x = torch.from_numpy(np.load(workdir / "data/prepared/test_x.npy"))
     y = torch.from_numpy(np.load(workdir / "data/prepared/test_y.npy"))
-    for name in ("teacher", "nst"):
+    for name, runtime in runtimes.items():
         invoke("evaluate", name)
         m = json.loads((workdir / f"metrics/{name}.json").read_text())
         history = torch.load(workdir / f"models/{name}.pt", weights_only=True)["history"]
@@ -65,7 +67,7 @@ def run_all(workdir, runtime: dict, epochs: int, check_identical: bool, batch_si
         log = json.loads((workdir / f"logs/{name}.json").read_text())
         assert {k: log[k] for k in ("bf16", "channels_last")} == {k: runtime[k] == "on" for k in ("bf16", "channels_last")}
         timing = json.loads((workdir / f"logs/{name}.timing.json").read_text())
-        assert (timing["compile_seconds"] > 0) == runtime["compile"]
+        assert (timing["compile_seconds"] > 0) == bool(runtime["compile"])
         # the warm-up compiled the full batch's graph and the last, smaller batch's: no epoch recompiled
         assert timing.get("recompilations", 0) == 0
 
@@ -76,5 +78,19 @@ def test_bf16_and_channels_last_on_cpu(workdir):
 
 @pytest.mark.compile
 def test_torch_compile_on_cpu(workdir):
-    # 96 training images in batches of 20: each epoch ends with a batch of 16, a second graph
-    run_all(workdir, {"compile": True}, epochs=2, check_identical=False, batch_size=20)
+    # 96 training images in batches of 20: each epoch ends with a batch of 16, a second graph; the student in
+    # torch.compile's reduce-overhead mode (CUDA graphs on CUDA; on the CPU the same inductor code)
+    run_all(workdir, {"compile": True}, epochs=2, check_identical=False, batch_size=20,
+            student_runtime={"compile": "reduce-overhead"})
+
+
+def test_compile_modes_reach_torch_compile(monkeypatch):
+    from kdpipe import config
+    from kdpipe import runtime as rt
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda m, **options: seen.append(options) or m)
+    numerics = rt.Numerics.from_runtime(config.validate({"device": "cpu"}, config.Runtime))
+    for value in (True, "reduce-overhead"):
+        rt.wrap(torch.nn.Linear(2, 2), rt.Ranks(), numerics, value, False, False)
+    assert seen == [{"dynamic": False, "mode": None}, {"dynamic": False, "mode": "reduce-overhead"}]
