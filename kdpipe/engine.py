@@ -182,6 +182,7 @@ class _Student:
         self.history, self.start, self.seconds, self.opt_phase, self.optimizer = [], 0, 0.0, None, None
         self.generator_state = None  # the shared data generator's state at this run's resume point
         self.streams = None  # its random streams while another run of the group works (None: alone)
+        self.recompilations = 0  # graphs torch.compile built during its epochs (the warm-up builds them all: 0)
 
     def params(self, phase: str) -> list[nn.Parameter]:  # what the objective says trains in this phase
         return [p for p in self.objective.trainable(self.model, phase) if p.requires_grad]
@@ -257,7 +258,6 @@ def train_group(runs: list[Run], source, ctx: Optional[Context] = None) -> list[
             compile_seconds[s.run.name] = (_compile_warmup(s.objective, s.forward_model, s.model, source, cfg,
                                                            s.init_epochs > s.start, ddp)
                                            if cfg.runtime.compile and s.start < s.total else 0.0)
-    graphs = compiled_graphs()  # the warm-up compiled every graph: any later one is a recompilation, logged
     reporters = {s.run.name: Reporter(s.run.name, s.total, steps, s.run.progress and ddp.main and len(runs) == 1)
                  for s in students}
     try:
@@ -279,9 +279,12 @@ def train_group(runs: list[Run], source, ctx: Optional[Context] = None) -> list[
                     t1, acc = time.perf_counter(), sums[s.run.name]
                     phase, e = s.opt_phase, epoch - s.init_epochs if s.opt_phase == "main" else epoch
                     acc["lr"] = lr = learning_rate(cfg, e, step, steps) if phase == "main" else cfg.lr
+                    graphs = compiled_graphs() if cfg.runtime.compile else 0
                     with s.own_streams():
                         loss, logits, terms = train_step(s.objective, s.forward_model, s.optimizer, x, y, phase,
                                                          numerics, lr, ddp, index=index, epoch=e)
+                    if cfg.runtime.compile:  # the warm-up compiled every graph: a later one is a recompilation, logged
+                        s.recompilations += compiled_graphs() - graphs
                     acc["loss"] += loss.detach().float() * len(y)
                     for n, v in terms.items():
                         acc["terms"][n] = acc["terms"].get(n, 0) + v.detach().float() * len(y)
@@ -336,7 +339,7 @@ def train_group(runs: list[Run], source, ctx: Optional[Context] = None) -> list[
             timing = {"seconds": round(s.seconds, 3),
                       "images_per_s": round(source.train_size * s.total / max(s.seconds, 1e-9), 1),
                       "compile_seconds": round(compile_seconds[run.name], 3),
-                      **({"recompilations": compiled_graphs() - graphs} if cfg.runtime.compile else {}),
+                      **({"recompilations": s.recompilations} if cfg.runtime.compile else {}),
                       **({"group": [r.name for r in runs]} if len(runs) > 1 else {})}
             ckpt_io.atomic_write(run.log, json.dumps(log, indent=2) + "\n")
             ckpt_io.atomic_write(ckpt_io.timing_path(run.log), json.dumps(timing, indent=2) + "\n")
@@ -349,7 +352,8 @@ def train_group(runs: list[Run], source, ctx: Optional[Context] = None) -> list[
 def _compile_warmup(objective, forward_model, model, source, cfg, init_phase: bool, ddp: Ranks) -> float:
     """Trigger torch.compile's compilation before the timed epochs, without changing the run: one
     forward/backward per phase and per batch size an epoch trains on (the full batch and the last, smaller one:
-    each a graph of its own, so no epoch recompiles) on a batch drawn from a separate generator, then weights, BN
+    each a graph of its own, so no epoch recompiles; two under reduce-overhead, which records CUDA graphs at the
+    second) on a batch drawn from a separate generator, then weights, BN
     statistics, gradients and the process's random streams (Dropout's) are put back exactly as they were."""
     t0 = time.perf_counter()
     streams = ckpt_io.random_streams(source.numerics.device)
@@ -359,12 +363,17 @@ def _compile_warmup(objective, forward_model, model, source, cfg, init_phase: bo
     _, x, y, idx = next(iter(source.epoch(g, cfg.batch_size, ddp, views=objective.views)))
     model.train()
     objective.train()
+    # CUDA graphs (reduce-overhead) run a graph's first call plainly and record it at its second, in a new step
+    calls = 2 if cfg.runtime.compile == "reduce-overhead" else 1
     for phase in (("init", "main") if init_phase else ("main",)):
         for n in shard_sizes(source.train_size, cfg.batch_size, ddp):
             xs = tuple(v[:n] for v in x) if isinstance(x, tuple) else x[:n]
-            with source.numerics.autocast():
-                loss, _, _ = objective(forward_model, xs, y[:n], phase, index=idx[:n])
-            loss.backward()
+            for _ in range(calls):
+                if source.numerics.device.type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()
+                with source.numerics.autocast():
+                    loss, _, _ = objective(forward_model, xs, y[:n], phase, index=idx[:n])
+                loss.backward()
     model.load_state_dict(saved)
     objective.load_state_dict(saved_obj)
     for p in list(model.parameters()) + list(objective.parameters()):

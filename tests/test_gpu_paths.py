@@ -69,7 +69,8 @@ def run_all(workdir, runtime: dict, epochs: int, check_identical: bool, batch_si
         timing = json.loads((workdir / f"logs/{name}.timing.json").read_text())
         assert (timing["compile_seconds"] > 0) == bool(runtime["compile"])
         # the warm-up compiled the full batch's graph and the last, smaller batch's: no epoch recompiled
-        assert timing.get("recompilations", 0) == 0
+        if runtime["compile"]:
+            assert timing["recompilations"] == 0
 
 
 def test_bf16_and_channels_last_on_cpu(workdir):
