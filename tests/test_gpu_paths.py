@@ -95,3 +95,45 @@ def test_compile_modes_reach_torch_compile(monkeypatch):
     for value in (True, "reduce-overhead"):
         rt.wrap(torch.nn.Linear(2, 2), rt.Ranks(), numerics, value, False, False)
     assert seen == [{"dynamic": False, "mode": None}, {"dynamic": False, "mode": "reduce-overhead"}]
+
+
+def compiled_student_project(workdir, **distill) -> dict:
+    """Data and an eager teacher, the student compiled (one graph per way it is called: 96 images in batches of 16;
+    test_torch_compile_on_cpu has a smaller last batch)."""
+    runtime = {"device": "cpu", "bf16": "off", "channels_last": "off", "sync_bn": False}
+    params = tiny_params(teacher={"runtime": {**runtime, "compile": False}, "epochs": 1},
+                         student={"runtime": {**runtime, "compile": True}, "epochs": 1},
+                         distill=distill)
+    write_params(workdir / "params.yaml", params)
+    invoke("data")
+    invoke("teacher")
+    return params
+
+
+@pytest.mark.compile
+def test_every_way_a_method_calls_the_student_is_compiled_before_the_epochs(workdir):
+    # an extra view per batch (MLKD: a forward without features), an init stage training the student (AB) and one
+    # running it in eval mode without gradients (FT): each a graph the warm-up builds, so no epoch recompiles
+    compiled_student_project(workdir, ab={"init_epochs": 1}, ft={"init_epochs": 1})
+    invoke("distill", "-m", "mlkd")
+    invoke("distill", "-m", "ab", "-m", "ft")
+    for name in ("mlkd", "ab", "ft"):
+        timing = json.loads((workdir / f"logs/{name}.timing.json").read_text())
+        assert timing["compile_seconds"] > 0 and timing["recompilations"] == 0, name
+
+
+@pytest.mark.compile
+def test_a_method_torch_compile_refuses_runs_eager_and_says_why(workdir):
+    # DOT's two backward passes through one forward: torch.compile's backward refuses retain_graph
+    params = compiled_student_project(workdir)
+    out = invoke("distill", "-m", "dot")
+    assert "dot: runs eager (runtime.compile: True not applied): dot runs two backward passes" in out
+    timing = json.loads((workdir / "logs/dot.timing.json").read_text())
+    assert timing["compile_seconds"] == 0 and "recompilations" not in timing
+    assert timing["runs_eager"].startswith("dot runs two backward passes")
+    params["student"]["runtime"]["compile"] = False
+    write_params(workdir / "params.yaml", params)
+    invoke("distill", "-m", "dot", "--name", "dot_eager")
+    asked, eager = (torch.load(workdir / f"models/{n}.pt", weights_only=True) for n in ("dot", "dot_eager"))
+    assert asked["history"] == eager["history"]  # the same eager training, bit for bit
+    assert all(torch.equal(v, eager["state_dict"][k]) for k, v in asked["state_dict"].items())

@@ -7,7 +7,8 @@ of the student's and the teacher's features) whose
 memory) are its submodules and buffers, optimised and checkpointed with the student's run, never
 exported with the student. Its weight is its params' `weight_param` (beta; KD's alpha; None: 1, DKD weighs its
 parts inside). KD is a term like the others; any method whose params say alpha > 0 brings one (with kd's params
-when `kd` is among the methods). A term with `runs_alone` (its reason) admits no other beside it (OFD).
+when `kd` is among the methods). A term with `runs_alone` (its reason) admits no other beside it (OFD); one with
+`runs_eager` (its reason) keeps its student out of torch.compile (`runtime.compile`), the reason logged (DOT).
 
 Init stage (RepDistiller's `init()`): a term whose params have `init_epochs > 0` first trains alone for that
 many epochs, unweighted, on `init_loss(b)` (default: `forward`). What trains there and after is the term's
@@ -105,6 +106,7 @@ class Distiller(nn.Module):
         if alone and len(self.terms) > 1:
             raise ValueError(f"{'+'.join(methods)}: {alone} {self.terms[alone].runs_alone}; run it alone (alpha 0)")
         self.views = tuple(sorted({v for t in self.terms.values() for v in t.views}))
+        self.runs_eager = next((f"{n} {t.runs_eager}" for n, t in self.terms.items() if t.runs_eager), "")
 
     @property
     def teacher(self) -> nn.Module:

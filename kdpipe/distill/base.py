@@ -57,6 +57,7 @@ class Term(nn.Module):
     has_loss = True  # False: a term that changes how the student trains, not what it minimises (DOT)
     teacher_batch_stats = False  # True: the teacher's BN normalises with each batch's statistics (OFD)
     runs_alone = ""  # why no other term may run beside this one (OFD), or "": any combination
+    runs_eager = ""  # why its student cannot run under runtime.compile (DOT): it runs eager, the reason logged
     weight_param: str | None = "beta"  # the params key weighing the term in the loss; None: 1 (it weighs its parts)
     views: tuple[str, ...] = ()  # extra views of each batch the source adds, e.g. ("strong",) (MLKD)
     uses_classifier = False  # True: the batch brings both models' final maps and classifiers (SDD)
