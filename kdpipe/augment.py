@@ -72,70 +72,117 @@ def random_resized_crop_flip(x: torch.Tensor, size: int, g: torch.Generator) -> 
 CUTOUT_FILL = (125, 123, 114)
 
 
-def pil_affine(img: torch.Tensor, a: float, b: float, c: float, d: float, e: float, f: float) -> torch.Tensor:
-    """PIL's `Image.transform(size, AFFINE, (a, b, c, d, e, f), NEAREST)` on a (3, H, W) uint8 tensor: the output
-    pixel (x, y) takes the input pixel at floor(a (x + .5) + b (y + .5) + c, d (x + .5) + e (y + .5) + f), or black."""
-    _, h, w = img.shape
-    y, x = torch.meshgrid(torch.arange(h, device=img.device, dtype=torch.float64) + 0.5,
-                          torch.arange(w, device=img.device, dtype=torch.float64) + 0.5, indexing="ij")
-    xs, ys = (a * x + b * y + c).floor().long(), (d * x + e * y + f).floor().long()
+def pil_affine(x: torch.Tensor, a, b, c, d, e, f) -> torch.Tensor:
+    """PIL's `Image.transform(size, AFFINE, (a, b, c, d, e, f), NEAREST)` on a uint8 batch (B, 3, H, W), each
+    coefficient a float or one per image (float64, (B,)): the output pixel (x, y) takes the input pixel at
+    floor(a (x + .5) + b (y + .5) + c, d (x + .5) + e (y + .5) + f), or black."""
+    n, ch, h, w = x.shape
+    a, b, c, d, e, f = (torch.as_tensor(k, dtype=torch.float64, device=x.device).reshape(-1, 1, 1)
+                        for k in (a, b, c, d, e, f))
+    y, xx = torch.meshgrid(torch.arange(h, device=x.device, dtype=torch.float64) + 0.5,
+                           torch.arange(w, device=x.device, dtype=torch.float64) + 0.5, indexing="ij")
+    xs, ys = (a * xx + b * y + c).floor().long(), (d * xx + e * y + f).floor().long()
     inside = (xs >= 0) & (xs < w) & (ys >= 0) & (ys < h)
-    out = img[:, ys.clamp(0, h - 1), xs.clamp(0, w - 1)]
-    return out * inside
+    source = (ys.clamp(0, h - 1) * w + xs.clamp(0, w - 1)).expand(n, h, w).reshape(n, 1, h * w)
+    return x.reshape(n, ch, h * w).gather(2, source.expand(n, ch, h * w)).reshape(n, ch, h, w) * inside[:, None]
 
 
-def rotate(img: torch.Tensor, degrees: float) -> torch.Tensor:
-    """PIL's `img.rotate(degrees)`: counter-clockwise about the centre, nearest pixel, black corners."""
-    _, h, w = img.shape
+def rotation(degrees: float, w: int, h: int) -> list[float]:
+    """PIL's `img.rotate(degrees)` as its affine coefficients: counter-clockwise about the centre."""
     t = -math.radians(degrees % 360)
     m = [round(math.cos(t), 15), round(math.sin(t), 15), 0.0, round(-math.sin(t), 15), round(math.cos(t), 15), 0.0]
     cx, cy = w / 2.0, h / 2.0
     m[2], m[5] = m[0] * -cx + m[1] * -cy + cx, m[3] * -cx + m[4] * -cy + cy
-    return pil_affine(img, *m)
+    return m
 
 
-# (operation, lowest, highest magnitude): FixMatch's list as MLKD uses it
+def rotate(x: torch.Tensor, degrees: list[float]) -> torch.Tensor:
+    """PIL's `img.rotate(degrees)` (nearest pixel, black corners) on a uint8 batch, one angle per image."""
+    return pil_affine(x, *zip(*(rotation(v, x.shape[-1], x.shape[-2]) for v in degrees)))
+
+
+def each_image(op):
+    """A per-image operation `op(img, v)` applied to a batch, one magnitude per image."""
+    return lambda x, v: torch.stack([op(img, m) for img, m in zip(x, v)])
+
+
+def per_image(v: list[float], x: torch.Tensor) -> torch.Tensor:
+    """Magnitudes, one per image, as a float64 column that broadcasts over a batch like `x` (B, 3, H, W)."""
+    return torch.tensor(v, dtype=torch.float64, device=x.device).view(-1, 1, 1, 1)
+
+
+def brightness(x: torch.Tensor, v: list[float]) -> torch.Tensor:
+    """torchvision's `adjust_brightness` (uint8 x factor in float32, clamped, truncated), a factor per image."""
+    return x.mul(per_image(v, x).float()).clamp_(0, 255).to(torch.uint8)
+
+
+def solarize(x: torch.Tensor, v: list[float]) -> torch.Tensor:
+    """PIL's `ImageOps.solarize`: pixels at or above the threshold inverted (compared in float32, as a uint8 tensor
+    against a Python float is), a threshold per image."""
+    return torch.where(x >= per_image(v, x).float(), 255 - x, x)
+
+
+def posterize(x: torch.Tensor, v: list[float]) -> torch.Tensor:
+    """torchvision's `posterize` to max(1, int(v)) bits, per image (one call per bit count drawn)."""
+    bits = torch.tensor([max(1, int(m)) for m in v], device=x.device)
+    out = x.clone()
+    for k in bits.unique().tolist():
+        rows = bits == k
+        out[rows] = TF.posterize(x[rows], k)
+    return out
+
+
+# (operation on a batch with a magnitude per image, lowest, highest magnitude): FixMatch's list as MLKD uses it.
+# torchvision's blends with the image's grey or blurred self (Color, Contrast, Sharpness) run image by image: their
+# factor enters an add with alpha, whose rounding (fused multiply-add or not) a per-image tensor would not keep
 OPERATIONS = [
-    (lambda x, v: TF.autocontrast(x), 0, 1),
-    (TF.adjust_brightness, 0.05, 0.95),
-    (TF.adjust_saturation, 0.05, 0.95),  # PIL's ImageEnhance.Color
-    (TF.adjust_contrast, 0.05, 0.95),
-    (lambda x, v: TF.equalize(x), 0, 1),
+    (lambda x, v: TF.autocontrast(x), 0, 1),  # per image and channel
+    (brightness, 0.05, 0.95),
+    (each_image(TF.adjust_saturation), 0.05, 0.95),  # PIL's ImageEnhance.Color
+    (each_image(TF.adjust_contrast), 0.05, 0.95),
+    (lambda x, v: TF.equalize(x), 0, 1),  # per image and channel
     (lambda x, v: x, 0, 1),  # identity
-    (lambda x, v: TF.posterize(x, max(1, int(v))), 4, 8),
+    (posterize, 4, 8),
     (rotate, -30, 30),
-    (TF.adjust_sharpness, 0.05, 0.95),
+    (each_image(TF.adjust_sharpness), 0.05, 0.95),
     (lambda x, v: pil_affine(x, 1, v, 0, 0, 1, 0), -0.3, 0.3),  # ShearX
     (lambda x, v: pil_affine(x, 1, 0, 0, v, 1, 0), -0.3, 0.3),  # ShearY
-    (lambda x, v: torch.where(x >= v, 255 - x, x), 0, 256),  # Solarize: PIL inverts pixels >= the threshold
-    (lambda x, v: pil_affine(x, 1, 0, v * x.shape[2], 0, 1, 0), -0.3, 0.3),  # TranslateX, a fraction of the width
-    (lambda x, v: pil_affine(x, 1, 0, 0, 0, 1, v * x.shape[1]), -0.3, 0.3),  # TranslateY
+    (solarize, 0, 256),
+    (lambda x, v: pil_affine(x, 1, 0, [m * x.shape[-1] for m in v], 0, 1, 0), -0.3, 0.3),  # TranslateX, of the width
+    (lambda x, v: pil_affine(x, 1, 0, 0, 0, 1, [m * x.shape[-2] for m in v]), -0.3, 0.3),  # TranslateY
 ]
 
 
-def cutout(img: torch.Tensor, side: float, cx: float, cy: float) -> torch.Tensor:
-    """FixMatch's CutoutAbs: the square from (int(max(0, c - side / 2))) to that + side, both corners included as
-    PIL's `ImageDraw.rectangle` draws them, clipped to the image, filled with CUTOUT_FILL."""
-    _, h, w = img.shape
-    x0, y0 = int(max(0.0, cx - side / 2.0)), int(max(0.0, cy - side / 2.0))
-    x1, y1 = int(min(w, x0 + side)), int(min(h, y0 + side))
-    img = img.clone()
-    img[:, y0:y1 + 1, x0:x1 + 1] = torch.tensor(CUTOUT_FILL, dtype=img.dtype, device=img.device)[:, None, None]
-    return img
+def cutout(x: torch.Tensor, squares: list[tuple[float, float, float]]) -> torch.Tensor:
+    """FixMatch's CutoutAbs on a uint8 batch, one (side, cx, cy) per image (side 0: none): the square from
+    (int(max(0, c - side / 2))) to that + side, both corners included as PIL's `ImageDraw.rectangle` draws them,
+    clipped to the image, filled with CUTOUT_FILL."""
+    h, w = x.shape[-2:]
+    boxes = []
+    for side, cx, cy in squares:
+        x0, y0 = int(max(0.0, cx - side / 2.0)), int(max(0.0, cy - side / 2.0))
+        boxes.append((x0, y0, int(min(w, x0 + side)), int(min(h, y0 + side))) if side > 0 else (0, 0, -1, -1))
+    x0, y0, x1, y1 = torch.tensor(boxes, device=x.device).T.reshape(4, -1, 1, 1)
+    rows = torch.arange(h, device=x.device)[:, None]
+    cols = torch.arange(w, device=x.device)
+    inside = (rows >= y0) & (rows <= y1) & (cols >= x0) & (cols <= x1)
+    fill = torch.tensor(CUTOUT_FILL, dtype=x.dtype, device=x.device)[:, None, None]
+    return torch.where(inside[:, None], fill, x)
 
 
 def rand_augment(x: torch.Tensor, g: torch.Generator, n: int = 2) -> torch.Tensor:
-    """RandAugment(n) + Cutout on a uint8 batch (B, 3, H, W), each image's draws from `g`."""
+    """RandAugment(n) + Cutout on a uint8 batch (B, 3, H, W), each image's draws from `g`; each operation runs once
+    on the images that drew it (the same pixels as image by image: tested)."""
     b, h, w = x.shape[0], x.shape[-2], x.shape[-1]
     ops = torch.randint(len(OPERATIONS), (b, n), generator=g, device=g.device).tolist()
     mags = torch.rand(b, n, generator=g, device=g.device, dtype=torch.float64).tolist()
     cut = torch.rand(b, 3, generator=g, device=g.device, dtype=torch.float64).tolist()
-    out = []
-    for img, op_ids, us, (s, u, v) in zip(x, ops, mags, cut):
-        for i, u_mag in zip(op_ids, us):
-            op, low, high = OPERATIONS[i]
-            img = op(img, low + (high - low) * u_mag)
-        if s > 0:  # Cutout(v): v = U(0, 0.5) of the width; its centre as np.random.uniform(w), i.e. in (1, w]
-            img = cutout(img, s * 0.5 * w, 1 + (w - 1) * u, 1 + (h - 1) * v)
-        out.append(img)
-    return torch.stack(out)
+    x = x.clone()
+    for j in range(n):
+        for i, (op, low, high) in enumerate(OPERATIONS):
+            rows = [r for r in range(b) if ops[r][j] == i]
+            if rows:
+                index = torch.tensor(rows, device=x.device)
+                x[index] = op(x[index], [low + (high - low) * mags[r][j] for r in rows])
+    # Cutout(v): v = U(0, 0.5) of the width; its centre as np.random.uniform(w), i.e. in (1, w]
+    return cutout(x, [(s * 0.5 * w, 1 + (w - 1) * u, 1 + (h - 1) * v) for s, u, v in cut])

@@ -34,10 +34,13 @@ def diff(ours: torch.Tensor, pil: Image.Image) -> int:
 @pytest.mark.parametrize("v", [0.3, -0.17])
 def test_geometric_operations_equal_pils(image, v):
     pil, t = image
-    assert diff(augment.pil_affine(t, 1, v, 0, 0, 1, 0), pil.transform(pil.size, Image.AFFINE, (1, v, 0, 0, 1, 0))) == 0
-    assert diff(augment.pil_affine(t, 1, 0, 0, v, 1, 0), pil.transform(pil.size, Image.AFFINE, (1, 0, 0, v, 1, 0))) == 0
-    assert diff(augment.pil_affine(t, 1, 0, v * 32, 0, 1, 0), pil.transform(pil.size, Image.AFFINE, (1, 0, v * 32, 0, 1, 0))) == 0
-    assert diff(augment.rotate(t, 100 * v), pil.rotate(100 * v)) == 0
+    def affine(*m):
+        return augment.pil_affine(t[None], *m)[0]
+
+    assert diff(affine(1, v, 0, 0, 1, 0), pil.transform(pil.size, Image.AFFINE, (1, v, 0, 0, 1, 0))) == 0
+    assert diff(affine(1, 0, 0, v, 1, 0), pil.transform(pil.size, Image.AFFINE, (1, 0, 0, v, 1, 0))) == 0
+    assert diff(affine(1, 0, v * 32, 0, 1, 0), pil.transform(pil.size, Image.AFFINE, (1, 0, v * 32, 0, 1, 0))) == 0
+    assert diff(augment.rotate(t[None], [100 * v])[0], pil.rotate(100 * v)) == 0
 
 
 # FixMatch's list as MLKD runs it: (PIL's operation at magnitude v, lowest, highest), in its order
@@ -68,7 +71,7 @@ def test_each_operation_is_fixmatchs_at_its_magnitude(u):
     for i, ((op, low, high), (ref, ref_low, ref_high)) in enumerate(zip(augment.OPERATIONS, PIL_OPERATIONS)):
         assert (low, high) == (ref_low, ref_high), i
         v = low + (high - low) * u
-        assert diff(op(t, v), ref(pil, v)) <= (1 if i in (0, 2, 3) else 0), i  # AutoContrast, Color, Contrast: rounding
+        assert diff(op(t[None], [v])[0], ref(pil, v)) <= (1 if i in (0, 2, 3) else 0), i  # AutoContrast, Color, Contrast: rounding
 
 
 def test_colour_operations_and_cutout_match_pils(image):
@@ -77,7 +80,7 @@ def test_colour_operations_and_cutout_match_pils(image):
     assert diff(TF.equalize(t), ImageOps.equalize(pil)) == 0
     assert diff(TF.posterize(t, 5), ImageOps.posterize(pil, 5)) == 0
     solarize = augment.OPERATIONS[11][0]
-    assert diff(solarize(t, 100.5), ImageOps.solarize(pil, 100.5)) == 0
+    assert diff(solarize(t[None], [100.5])[0], ImageOps.solarize(pil, 100.5)) == 0
     for v in (0.3, 0.8):
         assert diff(TF.adjust_brightness(t, v), ImageEnhance.Brightness(pil).enhance(v)) == 0
         assert diff(TF.adjust_sharpness(t, v), ImageEnhance.Sharpness(pil).enhance(v)) == 0
@@ -87,7 +90,7 @@ def test_colour_operations_and_cutout_match_pils(image):
     x0, y0 = int(max(0, cx - side / 2)), int(max(0, cy - side / 2))
     drawn = pil.copy()
     ImageDraw.Draw(drawn).rectangle((x0, y0, min(32, x0 + side), min(32, y0 + side)), augment.CUTOUT_FILL)
-    assert diff(augment.cutout(t, side, cx, cy), drawn) == 0
+    assert diff(augment.cutout(t[None], [(side, cx, cy)])[0], drawn) == 0
 
 
 def test_rand_augment_draws_two_operations_and_a_cutout_from_the_generator(image):
@@ -99,6 +102,23 @@ def test_rand_augment_draws_two_operations_and_a_cutout_from_the_generator(image
     assert not torch.equal(a[0], a[1])  # each image its own draws
     fill = torch.tensor(augment.CUTOUT_FILL)[:, None]
     assert all((img.flatten(1) == fill).all(0).any() for img in a)  # a Cutout square on every image (side > 0)
+
+
+def test_rand_augment_runs_each_operation_on_a_batch_as_image_by_image():
+    # 64 images of their own, 128 draws: every operation, several per batch, at magnitudes of their own
+    x = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (64, 3, 24, 32), dtype=np.uint8))
+    out = augment.rand_augment(x, torch.Generator().manual_seed(3))
+    replay = torch.Generator().manual_seed(3)  # the draws, replayed and applied one image at a time
+    ops = torch.randint(14, (64, 2), generator=replay).tolist()
+    mags = torch.rand(64, 2, generator=replay, dtype=torch.float64).tolist()
+    cut = torch.rand(64, 3, generator=replay, dtype=torch.float64).tolist()
+    assert {i for row in ops for i in row} == set(range(14))
+    for img, got, op_ids, us, (s, u, v) in zip(x, out, ops, mags, cut):
+        for i, m in zip(op_ids, us):
+            op, low, high = augment.OPERATIONS[i]
+            img = op(img[None], [low + (high - low) * m])[0]
+        img = augment.cutout(img[None], [(s * 0.5 * 32, 1 + 31 * u, 1 + 23 * v)])[0]
+        assert torch.equal(got, img)
 
 
 def test_memory_source_adds_the_strong_view(tmp_path):
