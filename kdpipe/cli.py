@@ -395,8 +395,11 @@ def bench(model: str = typer.Option("resnet20", help="student model"),
             fail(str(e), 2)
     chosen = tuple(m for m in methods.split(",") if m)
     config.parse_methods("+".join(chosen)) if chosen else None
+    modes = {"off": False, "on": True, "reduce-overhead": "reduce-overhead"}
+    if compile not in modes:
+        fail(f"--compile {compile!r}: must be one of {', '.join(modes)}", 2)
     runtime = config.validate({"device": device, "channels_last": channels_last, "cpu_isa": cpu_isa,
-                                "compile": {"off": False, "on": True}.get(compile, compile)}, config.Runtime)
+                                "compile": modes[compile]}, config.Runtime)
     out = bench_mod.run(model, teacher, batch_size, steps, warmup, repeats, workers, runtime, chosen, images)
     if as_json:
         typer.echo(json.dumps(out, indent=2))

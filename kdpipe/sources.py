@@ -63,23 +63,29 @@ def check_views(views) -> bool:
     return "strong" in views
 
 
+def kept(size: int, ddp: Ranks) -> int:
+    """How many images of a global batch of `size` the ranks train on: equal shards for every rank (the remainder
+    dropped), and none where a rank would get a single image (BatchNorm cannot train on it)."""
+    size -= size % ddp.world
+    return size if size >= 2 * ddp.world else 0
+
+
 def batches(n: int, batch_size: int, g: torch.Generator, ddp: Ranks) -> Iterator:
-    """One epoch's shuffled batches of sample indices, `(step, global batch)`: equal shards for every rank,
-    and no batch of a single image per rank (BatchNorm cannot train on it)."""
+    """One epoch's shuffled batches of sample indices, `(step, global batch)`, each cut to what the ranks keep."""
     perm = torch.randperm(n, generator=g, device=g.device)
     for step in range(math.ceil(n / batch_size)):
         idx = perm[step * batch_size:(step + 1) * batch_size]
-        idx = idx[:len(idx) - len(idx) % ddp.world]
-        if len(idx) >= 2 * ddp.world:
+        idx = idx[:kept(len(idx), ddp)]
+        if len(idx):
             yield step, idx
 
 
 def shard_sizes(n: int, batch_size: int, ddp: Ranks) -> list[int]:
-    """The batch sizes one rank trains on in an epoch of `batches`: the full one, then the last one where it differs
-    (what torch.compile must compile before the timed epochs)."""
-    last = n % batch_size
-    last -= last % ddp.world
-    return [batch_size // ddp.world] + ([last // ddp.world] if last >= 2 * ddp.world else [])
+    """The batch sizes one rank trains on in an epoch of `batches`: the first batch's, then the last one's where it
+    differs (what torch.compile must compile before the timed epochs)."""
+    last = n - (math.ceil(n / batch_size) - 1) * batch_size
+    sizes = dict.fromkeys(kept(k, ddp) // ddp.world for k in (min(n, batch_size), last))
+    return [k for k in sizes if k]
 
 
 class MemorySource:

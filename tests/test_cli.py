@@ -120,8 +120,10 @@ def test_bench_times_the_compiled_step_beside_the_eager_one(workdir, monkeypatch
     assert "compiled_images_per_s" not in forward and "compiled_images_per_s" not in kd
     assert report["compile"] == "reduce-overhead" and seen == [{"dynamic": False, "mode": "reduce-overhead"}] * 2
     assert invoke(*args).strip().splitlines()[-1].count("┴") == 7  # the table: its 3 columns beside the 5
-    result = CliRunner().invoke(app, args[:-1] + ["fast"])
-    assert result.exit_code == 2 and "compile" in result.output and len(result.output.strip().splitlines()) == 1
+    for wrong in ("fast", "true"):  # the option's own words (runtime.compile's `true` is `on` here)
+        result = CliRunner().invoke(app, args[:-1] + [wrong])
+        assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+        assert f"--compile '{wrong}': must be one of off, on, reduce-overhead" in result.output
 
 
 def test_timings_stay_out_of_tracked_outputs(workdir):

@@ -363,9 +363,22 @@ def _kdsvd_by_loops(s_feats, t_feats, k=1):
             v_s, v_t = v_s * s_t, v_t * s_t
             if prev is not None:
                 rbf = lambda a, b: torch.exp(-(a[:, None, :] - b[None, :, :]) ** 2 / 8)  # noqa: E731
-                total += ((rbf(v_s, prev[0]) - rbf(v_t, prev[1])) ** 2).sum().item()
+                total = total + ((rbf(v_s, prev[0]) - rbf(v_t, prev[1])) ** 2).sum()
             prev = v_s, v_t
     return total / s_feats[0].shape[0]
+
+
+def test_kdsvd_student_gradient_equals_the_per_sample_svds():
+    # the student's singular vectors come from eigenvectors of Gram matrices: the loss's gradient is the SVD's
+    obj, teacher, student, _ = build(["kdsvd"])
+    x, _, _ = batch()
+    with torch.no_grad():
+        tf = teacher(x, features=True).stages[1:]
+    sf = [f.detach().requires_grad_() for f in student(x, features=True).stages[1:]]
+    ours = torch.autograd.grad(kdsvd.kdsvd(sf, tf, 1), sf)
+    expected = torch.autograd.grad(_kdsvd_by_loops(sf, tf), sf)
+    for a, b in zip(ours, expected):
+        assert b.abs().max() > 0 and (a - b).abs().max() <= 1e-4 * b.abs().max()
 
 
 def test_kdsvd_against_per_sample_svd():
@@ -374,7 +387,7 @@ def test_kdsvd_against_per_sample_svd():
     student.eval()
     with torch.no_grad():
         sf, tf = student(x, features=True).stages, teacher(x, features=True).stages
-    expected = _kdsvd_by_loops(sf[1:], tf[1:])
+    expected = _kdsvd_by_loops(sf[1:], tf[1:]).item()
     assert kdsvd.kdsvd(sf[1:], tf[1:], 1).item() == pytest.approx(expected, rel=1e-4)
     loss, _, _ = obj(student, x, y)
     assert loss.item() == pytest.approx(Fd.cross_entropy(student(x), y).item() + expected, rel=1e-4)

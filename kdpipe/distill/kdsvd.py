@@ -28,6 +28,17 @@ def _right_singular(f: Tensor, n: int) -> tuple[Tensor, Tensor]:
     return F.normalize(s[:, :n], dim=1), F.normalize(v[:, :, :n], dim=1)
 
 
+def _leading_right_vectors(f: Tensor, n: int) -> Tensor:
+    """The first `n` right singular vectors of `f`'s (C*H, W) matrices (B, W, n), L2-normalised over dim 1,
+    non-finite entries zeroed, as the leading eigenvectors of their W x W Gram matrices: `_right_singular`'s up to
+    each vector's sign, from one batched eigensolver on small matrices instead of B SVDs of tall ones (and their
+    backward). Only where the sign does not count: the student's vectors, which `kdsvd` aligns to the teacher's."""
+    b, c, h, w = f.shape
+    a = f.reshape(b, c * h, w)
+    _, vectors = torch.linalg.eigh(a.mT @ a)  # eigenvalues ascending: the leading vectors last
+    return F.normalize(_finite(vectors[..., -n:].flip(-1)), dim=1)
+
+
 @fp32
 def kdsvd(s_feats: list[Tensor], t_feats: list[Tensor], k: int = 1) -> Tensor:
     """Lee et al. 2018 (KD-SVD), as mdistiller's `kdsvd_loss`: per tap, the teacher's first k right singular
@@ -38,7 +49,7 @@ def kdsvd(s_feats: list[Tensor], t_feats: list[Tensor], k: int = 1) -> Tensor:
     total, prev = 0.0, None
     for fs, ft in zip(s_feats, t_feats):
         s_t, v_t = _right_singular(ft, k)
-        _, v_s = _right_singular(fs, k + 3)
+        v_s = _leading_right_vectors(fs, k + 3)  # its sign aligned below: the SVD's would be the same
         cos = v_s.mT @ v_t  # (B, k + 3, k)
         best = cos.abs().amax(1, keepdim=True)
         v_s = v_s @ torch.where(best == cos.abs(), cos.sign(), torch.zeros_like(cos))
