@@ -175,12 +175,10 @@ class _Student:
         self.total = self.init_epochs + cfg.epochs
         # runtime.compile, unless the objective says why its model cannot run compiled (then eager, logged)
         self.runs_eager = self.objective.runs_eager if cfg.runtime.compile else ""
-        self.compile = False if self.runs_eager else cfg.runtime.compile
         if self.runs_eager and ddp.main:
-            print(f"{run.name}: runs eager (runtime.compile: {cfg.runtime.compile} not applied): {self.runs_eager}",
-                  file=sys.stderr)
-        self.model, self.forward_model = wrap(run.model, ddp, numerics, self.compile, cfg.runtime.sync_bn,
-                                              self.init_epochs > 0)
+            print(f"{run.name}: the model runs eager, not compiled: {self.runs_eager}", file=sys.stderr)
+        self.model, self.forward_model = wrap(run.model, ddp, numerics, not self.runs_eager and cfg.runtime.compile,
+                                              cfg.runtime.sync_bn, self.init_epochs > 0)
         if ddp.main:
             ckpt_io.check_writable(run.out.parent, run.log.parent, error=TrainingError)
         self.resume_path = ckpt_io.resume_path(run.out)
@@ -264,7 +262,7 @@ def train_group(runs: list[Run], source, ctx: Optional[Context] = None) -> list[
         with s.own_streams():
             compile_seconds[s.run.name] = (_compile_warmup(s.objective, s.forward_model, s.model, source, cfg,
                                                            s.init_epochs > s.start, ddp)
-                                           if s.compile and s.start < s.total else 0.0)
+                                           if cfg.runtime.compile and s.start < s.total else 0.0)
     reporters = {s.run.name: Reporter(s.run.name, s.total, steps, s.run.progress and ddp.main and len(runs) == 1)
                  for s in students}
     try:
@@ -286,11 +284,11 @@ def train_group(runs: list[Run], source, ctx: Optional[Context] = None) -> list[
                     t1, acc = time.perf_counter(), sums[s.run.name]
                     phase, e = s.opt_phase, epoch - s.init_epochs if s.opt_phase == "main" else epoch
                     acc["lr"] = lr = learning_rate(cfg, e, step, steps) if phase == "main" else cfg.lr
-                    graphs = compiled_graphs() if s.compile else 0
+                    graphs = compiled_graphs() if cfg.runtime.compile else 0
                     with s.own_streams():
                         loss, logits, terms = train_step(s.objective, s.forward_model, s.optimizer, x, y, phase,
                                                          numerics, lr, ddp, index=index, epoch=e)
-                    if s.compile:  # the warm-up compiled every graph: a later one is a recompilation, logged
+                    if cfg.runtime.compile:  # the warm-up compiled every graph: a later one is a recompilation, logged
                         s.recompilations += compiled_graphs() - graphs
                     acc["loss"] += loss.detach().float() * len(y)
                     for n, v in terms.items():
@@ -346,7 +344,7 @@ def train_group(runs: list[Run], source, ctx: Optional[Context] = None) -> list[
             timing = {"seconds": round(s.seconds, 3),
                       "images_per_s": round(source.train_size * s.total / max(s.seconds, 1e-9), 1),
                       "compile_seconds": round(compile_seconds[run.name], 3),
-                      **({"recompilations": s.recompilations} if s.compile else {}),
+                      **({"recompilations": s.recompilations} if cfg.runtime.compile else {}),
                       **({"runs_eager": s.runs_eager} if s.runs_eager else {}),
                       **({"group": [r.name for r in runs]} if len(runs) > 1 else {})}
             ckpt_io.atomic_write(run.log, json.dumps(log, indent=2) + "\n")
@@ -358,7 +356,8 @@ def train_group(runs: list[Run], source, ctx: Optional[Context] = None) -> list[
 
 
 def _compile_warmup(objective, forward_model, model, source, cfg, init_phase: bool, ddp: Ranks) -> float:
-    """Trigger torch.compile's compilation before the timed epochs, without changing the run: one
+    """Trigger torch.compile's compilation (the model's and, for a distilled student, the teacher's forward) before
+    the timed epochs, without changing the run: one
     forward/backward per phase and per batch size an epoch trains on (the full batch and the last, smaller one:
     each a graph of its own, so no epoch recompiles; two under reduce-overhead, which records CUDA graphs at the
     second) on a batch drawn from a separate generator, then weights, BN

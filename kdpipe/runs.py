@@ -121,7 +121,9 @@ def _distill_group(group: list[Student], params: config.Params, teacher: Path, d
     source = sources.open_source(data_dir, numerics, cfg.runtime.workers)
     manifest, size = source.manifest, source.manifest.image_size
     ckpt, teacher_model, teacher_input, teacher_sha256 = load_teacher(teacher, source, data_dir, numerics)
-    teacher_pass = TeacherPass()
+    teacher_pass = TeacherPass(owned=cfg.runtime.compile == "reduce-overhead")
+    # the teacher's forward compiled once for the group where runtime.compile asks (its graphs: the warm-up's)
+    teacher_forward = runtime.compiled(teacher_model, cfg.runtime.compile) if cfg.runtime.compile else None
     built, skipped = [], {}
     for st in group:  # each built right after seeding, as alone; the streams it leaves are its own
         torch.manual_seed(cfg.seed)
@@ -135,7 +137,7 @@ def _distill_group(group: list[Student], params: config.Params, teacher: Path, d
             objective = Distiller(teacher_model, st.methods, distill_params,
                                   feature_shapes(student_model, image_size=size),
                                   feature_shapes(teacher_model, numerics.device, size), TrainData(source.train_labels),
-                                  teacher_input, teacher_pass, teacher)
+                                  teacher_input, teacher_pass, teacher, teacher_forward)
         except ValueError as e:  # an impossible teacher/student combination for this method
             if not na_ok:
                 raise ParamsError([f"{st.name}: {e}" if len(group) > 1 else str(e)]) from None

@@ -168,10 +168,15 @@ def wrap(model: nn.Module, ddp: Ranks, numerics: Numerics, compile: bool | str, 
         dev = numerics.device
         forward_model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
                                                 find_unused_parameters=unused_params)
-    if compile:  # static shapes: a graph per batch size (the engine compiles them all before its epochs)
-        mode = compile if isinstance(compile, str) else None
-        forward_model = torch.compile(forward_model, dynamic=False, mode=mode)
+    if compile:
+        forward_model = compiled(forward_model, compile)
     return model, forward_model
+
+
+def compiled(model: nn.Module, compile: bool | str) -> nn.Module:
+    """`model` through torch.compile as runtime.compile asks (True, or "reduce-overhead": CUDA graphs on CUDA), with
+    static shapes: a graph per batch size (the engine builds them all before its epochs)."""
+    return torch.compile(model, dynamic=False, mode=compile if isinstance(compile, str) else None)
 
 
 def compiled_graphs() -> int:

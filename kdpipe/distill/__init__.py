@@ -44,18 +44,28 @@ from .base import Batch, KDTerm, Shapes, TrainData, batch_statistics, feature_sh
 class TeacherPass:
     """The teacher's outputs on the batch at hand, one forward per teacher mode (BN on batch statistics or not; the
     extra views or not), shared by the students that train on the same batches (engine.train_group). It keeps the
-    last batch's outputs only."""
+    last batch's outputs only; `owned`: copies of them, for a teacher replayed as a CUDA graph (runtime.compile:
+    reduce-overhead), whose outputs the next student's step may reclaim."""
 
-    def __init__(self):
-        self.batch, self.version, self.outputs = None, None, {}
+    def __init__(self, owned: bool = False):
+        self.batch, self.version, self.outputs, self.owned = None, None, {}, owned
 
     def __call__(self, x, mode, forward):
         # a new batch: another tensor (held here, so its identity cannot be reused meanwhile) or one written since
         if x is not self.batch or x._version != self.version:
             self.batch, self.version, self.outputs = x, x._version, {}
         if mode not in self.outputs:
-            self.outputs[mode] = forward()
+            t, views = forward()
+            self.outputs[mode] = (_copy(t), {k: v.clone() for k, v in views.items()}) if self.owned else (t, views)
         return self.outputs[mode]
+
+
+def _copy(t: Features) -> Features:
+    """The teacher's outputs in memory of their own (the same tensors shared where they were: stages and taps)."""
+    stages = [f.clone() for f in t.stages]
+    preact = None if t.preact is t.stages else [f.clone() for f in t.preact]
+    final = None if t.final is None else stages[-1] if t.final is t.stages[-1] else t.final.clone()
+    return Features(t.logits.clone(), stages, t.embedding.clone(), preact, final)
 
 
 class Distiller(nn.Module):
@@ -70,7 +80,7 @@ class Distiller(nn.Module):
 
     def __init__(self, teacher: nn.Module, methods: list[str], params, s_shapes, t_shapes,
                  data: TrainData | None = None, teacher_input: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 teacher_pass: TeacherPass | None = None, teacher_file=None):
+                 teacher_pass: TeacherPass | None = None, teacher_file=None, teacher_forward: nn.Module | None = None):
         super().__init__()
         self._teacher_pass = teacher_pass or TeacherPass()  # shared by a group's students: one teacher forward
         # (scale, shift) re-normalising the batch for a teacher trained with other input statistics
@@ -83,6 +93,8 @@ class Distiller(nn.Module):
         self.methods = methods
         self.gamma = first.gamma
         self._teacher = (teacher.eval().requires_grad_(False),)
+        # what runs the teacher's forward: `teacher`, or it compiled (runtime.compile), shared by a group's students
+        self._teacher_forward = (teacher if teacher_forward is None else teacher_forward,)
         self.terms = nn.ModuleDict()
         self.weights: dict[str, float] = {}
         self.init_stage: dict[str, int] = {}  # method -> its init epochs
@@ -139,9 +151,10 @@ class Distiller(nn.Module):
             return v if self._teacher_input is None else v * self._teacher_input[0] + self._teacher_input[1]
 
         def teacher_forward():
+            run = self._teacher_forward[0]
             with torch.inference_mode(), batch_statistics(self.teacher, self.teacher_batch_stats):
-                return (self.teacher(teacher_input(x), features=True),
-                        {k: self.teacher(teacher_input(v)) for k, v in views.items()} if phase == "main" else {})
+                return (run(teacher_input(x), features=True),
+                        {k: run(teacher_input(v)) for k, v in views.items()} if phase == "main" else {})
 
         mode = (self.teacher_batch_stats, tuple(views) if phase == "main" else ())
         t, t_views = self._teacher_pass(x, mode, teacher_forward)
