@@ -80,8 +80,9 @@ def test_bf16_and_channels_last_on_cpu(workdir):
 @pytest.mark.compile
 def test_torch_compile_on_cpu(workdir):
     # 96 training images in batches of 20: each epoch ends with a batch of 16, a second graph; the student in
-    # torch.compile's reduce-overhead mode (CUDA graphs on CUDA; on the CPU the same inductor code)
-    run_all(workdir, {"compile": True}, epochs=2, check_identical=False, batch_size=20,
+    # torch.compile's reduce-overhead mode (CUDA graphs on CUDA; on the CPU the same inductor code), the teacher's
+    # forward compiled with it; the teacher trained eager (its compiled training is the same code, CE's objective)
+    run_all(workdir, {"compile": False}, epochs=2, check_identical=False, batch_size=20,
             student_runtime={"compile": "reduce-overhead"})
 
 
