@@ -121,9 +121,12 @@ def _distill_group(group: list[Student], params: config.Params, teacher: Path, d
     source = sources.open_source(data_dir, numerics, cfg.runtime.workers)
     manifest, size = source.manifest, source.manifest.image_size
     ckpt, teacher_model, teacher_input, teacher_sha256 = load_teacher(teacher, source, data_dir, numerics)
-    teacher_pass = TeacherPass(owned=cfg.runtime.compile == "reduce-overhead")
-    # the teacher's forward compiled once for the group where runtime.compile asks (its graphs: the warm-up's)
-    teacher_forward = runtime.compiled(teacher_model, cfg.runtime.compile) if cfg.runtime.compile else None
+    teacher_pass = TeacherPass()
+    # the teacher's forward compiled once for the group where runtime.compile asks (its graphs: the warm-up's); as CUDA
+    # graphs (reduce-overhead) for a student alone only: in a group, the outputs the others read would be reclaimed
+    # at the next student's step, and a student's calls would not follow its warm-up's (the teacher's, then its own)
+    compile = cfg.runtime.compile if len(group) == 1 else bool(cfg.runtime.compile)
+    teacher_forward = runtime.compiled(teacher_model, compile) if compile else None
     built, skipped = [], {}
     for st in group:  # each built right after seeding, as alone; the streams it leaves are its own
         torch.manual_seed(cfg.seed)

@@ -83,7 +83,7 @@ def batches(n: int, batch_size: int, g: torch.Generator, ddp: Ranks) -> Iterator
 def shard_sizes(n: int, batch_size: int, ddp: Ranks) -> list[int]:
     """The batch sizes one rank trains on in an epoch of `batches`: the first batch's, then the last one's where it
     differs (what torch.compile must compile before the timed epochs)."""
-    last = n - (math.ceil(n / batch_size) - 1) * batch_size
+    last = n % batch_size or batch_size
     sizes = dict.fromkeys(kept(k, ddp) // ddp.world for k in (min(n, batch_size), last))
     return [k for k in sizes if k]
 

@@ -32,15 +32,22 @@ def diff(ours: torch.Tensor, pil: Image.Image) -> int:
 
 
 @pytest.mark.parametrize("v", [0.3, -0.17])
-def test_geometric_operations_equal_pils(image, v):
-    pil, t = image
+@pytest.mark.parametrize("shape", [(32, 32), (24, 32)])  # height, width: not square, the axes cannot be swapped
+def test_geometric_operations_equal_pils(v, shape):
+    a = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    pil, t = Image.fromarray(a), torch.from_numpy(a).permute(2, 0, 1).contiguous()
+    h, w = shape
     def affine(*m):
         return augment.pil_affine(t[None], *m)[0]
 
     assert diff(affine(1, v, 0, 0, 1, 0), pil.transform(pil.size, Image.AFFINE, (1, v, 0, 0, 1, 0))) == 0
     assert diff(affine(1, 0, 0, v, 1, 0), pil.transform(pil.size, Image.AFFINE, (1, 0, 0, v, 1, 0))) == 0
-    assert diff(affine(1, 0, v * 32, 0, 1, 0), pil.transform(pil.size, Image.AFFINE, (1, 0, v * 32, 0, 1, 0))) == 0
+    assert diff(affine(1, 0, v * w, 0, 1, 0), pil.transform(pil.size, Image.AFFINE, (1, 0, v * w, 0, 1, 0))) == 0
+    assert diff(affine(1, 0, 0, 0, 1, v * h), pil.transform(pil.size, Image.AFFINE, (1, 0, 0, 0, 1, v * h))) == 0
     assert diff(augment.rotate(t[None], [100 * v])[0], pil.rotate(100 * v)) == 0
+    for i in (12, 13):  # TranslateX and TranslateY: a fraction of the width and of the height
+        assert diff(augment.OPERATIONS[i][0](t[None], [v])[0], pil.transform(
+            pil.size, Image.AFFINE, (1, 0, v * w, 0, 1, 0) if i == 12 else (1, 0, 0, 0, 1, v * h))) == 0
 
 
 # FixMatch's list as MLKD runs it: (PIL's operation at magnitude v, lowest, highest), in its order
@@ -79,6 +86,9 @@ def test_colour_operations_and_cutout_match_pils(image):
     assert diff(TF.autocontrast(t), ImageOps.autocontrast(pil)) == 0
     assert diff(TF.equalize(t), ImageOps.equalize(pil)) == 0
     assert diff(TF.posterize(t, 5), ImageOps.posterize(pil, 5)) == 0
+    bits = [1, 2, 3, 4, 5, 6, 7, 8]  # a bit count per image, against torchvision's own, image by image
+    batch = torch.stack([t.roll(k, 1) for k in range(8)])
+    assert torch.equal(augment.posterize(batch, bits), torch.stack([TF.posterize(i, b) for i, b in zip(batch, bits)]))
     solarize = augment.OPERATIONS[11][0]
     assert diff(solarize(t[None], [100.5])[0], ImageOps.solarize(pil, 100.5)) == 0
     for v in (0.3, 0.8):

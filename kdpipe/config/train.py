@@ -61,7 +61,7 @@ class Runtime(CpuPin):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     bf16: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA, off for CPU (exact fp32)
     channels_last: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA and a native-ISA CPU, off under cpu_isa avx2
-    # true: torch.compile (inductor) of the model and a student's teacher forward; reduce-overhead: and, on CUDA,
+    # true: torch.compile (inductor) of the model and kdpipe distill's teacher forward; reduce-overhead: and, on CUDA,
     # replayed as CUDA graphs
     compile: Union[bool, Literal["reduce-overhead"]] = False
     sync_bn: bool = False  # under torchrun: SyncBatchNorm instead of per-rank BN statistics (CUDA only)

@@ -44,28 +44,18 @@ from .base import Batch, KDTerm, Shapes, TrainData, batch_statistics, feature_sh
 class TeacherPass:
     """The teacher's outputs on the batch at hand, one forward per teacher mode (BN on batch statistics or not; the
     extra views or not), shared by the students that train on the same batches (engine.train_group). It keeps the
-    last batch's outputs only; `owned`: copies of them, for a teacher replayed as a CUDA graph (runtime.compile:
-    reduce-overhead), whose outputs the next student's step may reclaim."""
+    last batch's outputs only."""
 
-    def __init__(self, owned: bool = False):
-        self.batch, self.version, self.outputs, self.owned = None, None, {}, owned
+    def __init__(self):
+        self.batch, self.version, self.outputs = None, None, {}
 
     def __call__(self, x, mode, forward):
         # a new batch: another tensor (held here, so its identity cannot be reused meanwhile) or one written since
         if x is not self.batch or x._version != self.version:
             self.batch, self.version, self.outputs = x, x._version, {}
         if mode not in self.outputs:
-            t, views = forward()
-            self.outputs[mode] = (_copy(t), {k: v.clone() for k, v in views.items()}) if self.owned else (t, views)
+            self.outputs[mode] = forward()
         return self.outputs[mode]
-
-
-def _copy(t: Features) -> Features:
-    """The teacher's outputs in memory of their own (the same tensors shared where they were: stages and taps)."""
-    stages = [f.clone() for f in t.stages]
-    preact = None if t.preact is t.stages else [f.clone() for f in t.preact]
-    final = None if t.final is None else stages[-1] if t.final is t.stages[-1] else t.final.clone()
-    return Features(t.logits.clone(), stages, t.embedding.clone(), preact, final)
 
 
 class Distiller(nn.Module):

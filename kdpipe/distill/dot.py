@@ -85,8 +85,10 @@ class DOTParams(MethodParams):
 class DOT(Term):
     label = "DOT"
     supports_ddp = False  # two backward passes per step; DDP reduces gradients once per forward
-    # measured: torch.compile's backward refuses retain_graph ("compiled with non-empty donated buffers")
-    runs_eager = "runs two backward passes through one forward (retain_graph), which torch.compile's backward refuses"
+    # measured: "This backward function was compiled with non-empty donated buffers which requires ...
+    # retain_graph=False"
+    runs_eager = ("runs two backward passes through one forward (retain_graph), which torch.compile's backward refuses "
+                  "(AOTAutograd's donated buffers, on by default)")
     has_loss = False
 
     def __init__(self, cfg, s_shapes=None, t_shapes=None, data=None):
