@@ -17,7 +17,15 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.v2 import functional as TF
+
+
+def tv(name: str):
+    """torchvision's functional transform `name`, imported on first use: importing torchvision costs a process ~2 s
+    (most of it torch._dynamo, which only training's optimiser imports too), which the stages of a CIFAR-style run
+    (pad-crop-flip, images stored at their size) never pay (tested)."""
+    from torchvision.transforms.v2 import functional
+
+    return getattr(functional, name)
 
 
 def pad_crop_flip(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
@@ -64,7 +72,7 @@ def random_resized_crop_flip(x: torch.Tensor, size: int, g: torch.Generator) -> 
     probability 1/2. One call per image (boxes differ in size), on the batch's device."""
     boxes = resized_crop_boxes(x.shape[0], x.shape[-2], x.shape[-1], g).long().tolist()
     flip = (torch.rand(x.shape[0], generator=g, device=x.device) < 0.5).tolist()
-    out = [TF.resized_crop(img, *box, [size, size], antialias=True) for img, box in zip(x, boxes)]
+    out = [tv("resized_crop")(img, *box, [size, size], antialias=True) for img, box in zip(x, boxes)]
     return torch.stack([img.flip(2) if f else img for img, f in zip(out, flip)])
 
 
@@ -101,9 +109,9 @@ def rotate(x: torch.Tensor, degrees: list[float]) -> torch.Tensor:
     return pil_affine(x, *zip(*(rotation(v, x.shape[-1], x.shape[-2]) for v in degrees)))
 
 
-def each_image(op):
-    """A per-image operation `op(img, v)` applied to a batch, one magnitude per image."""
-    return lambda x, v: torch.stack([op(img, m) for img, m in zip(x, v)])
+def each_image(name: str):
+    """torchvision's per-image operation `name(img, v)` applied to a batch, one magnitude per image."""
+    return lambda x, v: torch.stack([tv(name)(img, m) for img, m in zip(x, v)])
 
 
 def per_image(v: list[float], x: torch.Tensor) -> torch.Tensor:
@@ -133,15 +141,15 @@ def posterize(x: torch.Tensor, v: list[float]) -> torch.Tensor:
 # torchvision's blends with the image's grey or blurred self (Color, Contrast, Sharpness) run image by image: their
 # factor enters an add with alpha, whose rounding (fused multiply-add or not) a per-image tensor would not keep
 OPERATIONS = [
-    (lambda x, v: TF.autocontrast(x), 0, 1),  # per image and channel
+    (lambda x, v: tv("autocontrast")(x), 0, 1),  # per image and channel
     (brightness, 0.05, 0.95),
-    (each_image(TF.adjust_saturation), 0.05, 0.95),  # PIL's ImageEnhance.Color
-    (each_image(TF.adjust_contrast), 0.05, 0.95),
-    (lambda x, v: TF.equalize(x), 0, 1),  # per image and channel
+    (each_image("adjust_saturation"), 0.05, 0.95),  # PIL's ImageEnhance.Color
+    (each_image("adjust_contrast"), 0.05, 0.95),
+    (lambda x, v: tv("equalize")(x), 0, 1),  # per image and channel
     (lambda x, v: x, 0, 1),  # identity
     (posterize, 4, 8),
     (rotate, -30, 30),
-    (each_image(TF.adjust_sharpness), 0.05, 0.95),
+    (each_image("adjust_sharpness"), 0.05, 0.95),
     (lambda x, v: pil_affine(x, 1, v, 0, 0, 1, 0), -0.3, 0.3),  # ShearX
     (lambda x, v: pil_affine(x, 1, 0, 0, v, 1, 0), -0.3, 0.3),  # ShearY
     (solarize, 0, 256),

@@ -48,11 +48,13 @@ def fit(x: torch.Tensor, image_size: int, augment: str) -> torch.Tensor:
     (aspect not kept, like CIFAR's own 32 x 32; unchanged at that size); `imagenet`: the shorter side resized
     to round(image_size / 0.875) and the centre square kept, so training crops at random within it and the
     test takes its centre image_size crop (the reference evaluation). Bilinear, antialiased (torchvision)."""
+    s = stored_size(image_size, augment)
+    if augment == "cifar" and tuple(x.shape[-2:]) == (s, s):
+        return x  # torchvision (~2 s to import) is imported where it is used
     from torchvision.transforms.v2 import functional as TF
 
-    s = stored_size(image_size, augment)
     if augment == "cifar":
-        return x if tuple(x.shape[-2:]) == (s, s) else TF.resize(x, [s, s], antialias=True)
+        return TF.resize(x, [s, s], antialias=True)
     return TF.center_crop(TF.resize(x, s, antialias=True), [s, s])
 
 

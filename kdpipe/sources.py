@@ -31,10 +31,9 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
-from torchvision.transforms.v2 import functional as TF
 
 from . import data as data_mod
-from .augment import pad_crop_flip, rand_augment, random_resized_crop_flip
+from .augment import pad_crop_flip, rand_augment, random_resized_crop_flip, tv
 from .data import Prepared
 from .runtime import Ranks, Numerics
 
@@ -136,17 +135,23 @@ class MemorySource:
                 y, idx = y[ddp.rank::ddp.world], idx[ddp.rank::ddp.world]
             yield step, x, y, idx
 
+    def centre(self, x: torch.Tensor) -> torch.Tensor:
+        """The evaluation view of stored uint8 images: their centre image_size crop (torchvision's `center_crop`;
+        images stored at that size, as `cifar` stores them, are their own view and never import torchvision)."""
+        s = self.image_size
+        return x if tuple(x.shape[-2:]) == (s, s) else tv("center_crop")(x, [s, s])
+
     def train_pixels(self, indices: list[int]) -> torch.Tensor:
         """Training images `indices` as uint8 at the evaluation view (no augmentation): `kdpipe quantize`'s
         calibration images."""
-        return TF.center_crop(self.data.train.x[torch.tensor(indices, dtype=torch.int64)], [self.image_size] * 2)
+        return self.centre(self.data.train.x[torch.tensor(indices, dtype=torch.int64)])
 
     def pixels(self, split: str, batch_size: int = 1000) -> Iterator:
         """The images of `split` ("train", "test") as uint8 (x, y) batches in their order at image_size (the evaluation
         view, no augmentation), not normalised."""
         s = getattr(self.data, split)
         for i in range(0, len(s.y), batch_size):
-            yield TF.center_crop(s.x[i:i + batch_size], [self.image_size] * 2), s.y[i:i + batch_size]
+            yield self.centre(s.x[i:i + batch_size]), s.y[i:i + batch_size]
 
     def test_pixels(self, batch_size: int = 1000) -> Iterator:
         return self.pixels("test", batch_size)
