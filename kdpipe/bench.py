@@ -144,8 +144,8 @@ def run(model: str = "resnet20", teacher: str = "resnet56", batch_size: int = 12
             opt.step()
         return step
 
-    def kdpipe_trainer(name, objective=None, compile=False):
-        m, forward_model = wrap(make(name), Ranks(), numerics, compile, False, False)
+    def kdpipe_trainer(name, objective=None, mode=False):
+        m, forward_model = wrap(make(name), Ranks(), numerics, mode, False, False)
         objective = (objective or CrossEntropy()).to(dev)
         opt = make_optimizer(list(m.parameters()) + list(objective.parameters()), _train_cfg(name, batch_size, runtime), dev,
                              objective.optimizer("main"))
@@ -156,7 +156,7 @@ def run(model: str = "resnet20", teacher: str = "resnet56", batch_size: int = 12
         return step, m
 
     def compiled_trainer(name):
-        return kdpipe_trainer(name, compile=runtime.compile)[0] if runtime.compile else None
+        return kdpipe_trainer(name, mode=runtime.compile)[0] if runtime.compile else None
 
     # teacher training, plain student training: baseline vs kdpipe (and kdpipe compiled, where runtime.compile asks)
     measure(f"train {teacher} (teacher)", kdpipe_trainer(teacher)[0], baseline_trainer(teacher), compiled_trainer(teacher))

@@ -177,8 +177,8 @@ class _Student:
         self.runs_eager = self.objective.runs_eager if cfg.runtime.compile else ""
         if self.runs_eager and ddp.main:
             print(f"{run.name}: the model runs eager, not compiled: {self.runs_eager}", file=sys.stderr)
-        compile = False if self.runs_eager else cfg.runtime.compile
-        self.model, self.forward_model = wrap(run.model, ddp, numerics, compile, cfg.runtime.sync_bn,
+        mode = False if self.runs_eager else cfg.runtime.compile
+        self.model, self.forward_model = wrap(run.model, ddp, numerics, mode, cfg.runtime.sync_bn,
                                               self.init_epochs > 0)
         if ddp.main:
             ckpt_io.check_writable(run.out.parent, run.log.parent, error=TrainingError)
@@ -358,11 +358,10 @@ def train_group(runs: list[Run], source, ctx: Optional[Context] = None) -> list[
 
 def _compile_warmup(objective, forward_model, model, source, cfg, init_phase: bool, ddp: Ranks) -> float:
     """Trigger torch.compile's compilation (the model's and, for a distilled student, the teacher's forward) before
-    the timed epochs, without changing the run: one forward/backward per phase and per batch size an epoch trains
-    on (the full batch and the last, smaller one:
-    each a graph of its own, so no epoch recompiles; two under reduce-overhead, which records CUDA graphs at the
-    second) on a batch drawn from a separate generator, then weights, BN
-    statistics, gradients and the process's random streams (Dropout's) are put back exactly as they were."""
+    the timed epochs, without changing the run: one forward/backward per phase and per batch size an epoch trains on
+    (the full batch and the last, smaller one: each a graph of its own, so no epoch recompiles; two under
+    reduce-overhead, which records CUDA graphs at the second) on a batch drawn from a separate generator, then
+    weights, BN statistics, gradients and the process's random streams (Dropout's) are put back exactly as they were."""
     t0 = time.perf_counter()
     streams = ckpt_io.random_streams(source.numerics.device)
     saved = {k: v.clone() for k, v in model.state_dict().items()}

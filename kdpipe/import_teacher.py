@@ -23,7 +23,7 @@ import torch
 from . import models
 from .checkpoint import FORMAT, CheckpointError, atomic_save, read_weights
 from .config import UsageError
-from .data import read_manifest
+from .data import file_sha256, read_manifest
 
 # RepDistiller's dataset/cifar100.py and mdistiller's: transforms.Normalize(mean, std)
 REFERENCE_NORMALIZATION = {"cifar100": {"mean": [0.5071, 0.4867, 0.4408], "std": [0.2675, 0.2565, 0.2761]}}
@@ -119,7 +119,7 @@ def import_teacher(path: Path, name: str, num_classes: int, out: Path, dataset: 
         state = map_state_dict(source, name, num_classes, path)
         model = models.create(name, num_classes)
         model.load_state_dict(state)
-        imported = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), **info}
+        imported = {"file": path.name, "sha256": file_sha256(path), **info}
     elif path.is_file() or models.is_weights_file(str(path)):  # a tv/ or timm/ state dict in the library's layout
         from .models.library import read_state_dict as read_library_state_dict
 
@@ -130,7 +130,7 @@ def import_teacher(path: Path, name: str, num_classes: int, out: Path, dataset: 
         if wrong:  # a teacher is used as it is: never with a new, untrained classifier
             raise TeacherImportError(f"{path}: {wrong} has shape {tuple(source[wrong].shape)}, but {name} for "
                                f"{num_classes} classes has {tuple(state[wrong].shape)}")
-        imported = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        imported = {"file": path.name, "sha256": file_sha256(path)}
     else:  # a library's weights name (IMAGENET1K_V1, pretrained, ...): the published teachers of ImageNet tables
         classes = models.weights_classes(name, str(path))
         if classes != num_classes:

@@ -25,7 +25,6 @@ accuracy is the fake-quantised model's).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -39,6 +38,7 @@ from torch.nn.utils import parametrize
 from . import checkpoint as ckpt_io
 from . import config, engine, runtime, sources
 from .config import Error
+from .data import file_sha256
 
 
 class QatError(Error):
@@ -291,7 +291,7 @@ def qat(name: str, params: config.Params, teacher: Path, data_dir: Path) -> dict
     settings = {"epochs": cfg.epochs, "lr": cfg.optim.lr, "reduce_range": reduce_range,
                 "per_channel": params.quantize.per_channel, "folded_batch_norms": folded,
                 "calibration_images": len(idx), "kd": params.distill.kd.model_dump()}
-    meta = {"role": "qat", "student": name, "student_sha256": hashlib.sha256(student_path.read_bytes()).hexdigest(),
+    meta = {"role": "qat", "student": name, "student_sha256": file_sha256(student_path),
             "teacher_sha256": teacher_sha256, "qat": settings}
     run_name = f"{name}.qat"
     try:

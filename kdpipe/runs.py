@@ -7,7 +7,6 @@ A run called NAME writes checkpoint.model_path(NAME) and checkpoint.log_path(NAM
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from . import checkpoint as ckpt_io
 from . import config, engine, models, runtime, sources
 from .config import ParamsError
+from .data import file_sha256
 
 
 def with_overrides(cfg: config.Train, model: Optional[str], seed: Optional[int]) -> config.Train:
@@ -107,7 +107,7 @@ def load_teacher(teacher: Path, source, data_dir: Path, numerics: runtime.Numeri
         raise ckpt_io.CheckpointError(f"{teacher}: the teacher was trained on other data than {data_dir}")
     model = numerics.prepare_model(ckpt_io.restore_model(ckpt))
     teacher_input = sources.renormalisation(manifest.normalization, ckpt.get("normalization"), numerics.device)
-    teacher_sha256 = hashlib.sha256(teacher.read_bytes()).hexdigest()
+    teacher_sha256 = file_sha256(teacher)
     return ckpt, model, teacher_input, teacher_sha256
 
 
@@ -125,8 +125,8 @@ def _distill_group(group: list[Student], params: config.Params, teacher: Path, d
     # the teacher's forward compiled once for the group where runtime.compile asks (its graphs: the warm-up's); as CUDA
     # graphs (reduce-overhead) for a student alone only: in a group, the outputs the others read would be reclaimed
     # at the next student's step, and a student's calls would not follow its warm-up's (the teacher's, then its own)
-    compile = cfg.runtime.compile if len(group) == 1 else bool(cfg.runtime.compile)
-    teacher_forward = runtime.compiled(teacher_model, compile) if compile else None
+    mode = cfg.runtime.compile if len(group) == 1 else bool(cfg.runtime.compile)
+    teacher_forward = runtime.compiled(teacher_model, mode) if mode else None
     built, skipped = [], {}
     for st in group:  # each built right after seeding, as alone; the streams it leaves are its own
         torch.manual_seed(cfg.seed)

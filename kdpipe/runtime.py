@@ -153,10 +153,10 @@ def barrier(ddp: Ranks) -> None:
         dist.barrier()
 
 
-def wrap(model: nn.Module, ddp: Ranks, numerics: Numerics, compile: bool | str, sync_bn: bool, unused_params: bool):
+def wrap(model: nn.Module, ddp: Ranks, numerics: Numerics, mode: bool | str, sync_bn: bool, unused_params: bool):
     """(model, forward_model): the model on its device and layout (SyncBatchNorm under DDP where asked), and
     what the loop calls forward on — the same model, or it wrapped by DistributedDataParallel and/or
-    torch.compile (`compile`: runtime.compile; "reduce-overhead" is torch.compile's mode of that name, CUDA graphs on
+    torch.compile (`mode`: runtime.compile; "reduce-overhead" is torch.compile's mode of that name, CUDA graphs on
     CUDA and plain inductor on the CPU). Checkpoints always hold `model`'s own state dict."""
     if ddp.world > 1 and sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -168,15 +168,15 @@ def wrap(model: nn.Module, ddp: Ranks, numerics: Numerics, compile: bool | str, 
         dev = numerics.device
         forward_model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
                                                 find_unused_parameters=unused_params)
-    if compile:
-        forward_model = compiled(forward_model, compile)
+    if mode:
+        forward_model = compiled(forward_model, mode)
     return model, forward_model
 
 
-def compiled(model: nn.Module, compile: bool | str) -> nn.Module:
+def compiled(model: nn.Module, mode: bool | str) -> nn.Module:
     """`model` through torch.compile as runtime.compile asks (True, or "reduce-overhead": CUDA graphs on CUDA), with
     static shapes: a graph per batch size (the engine builds them all before its epochs)."""
-    return torch.compile(model, dynamic=False, mode=compile if isinstance(compile, str) else None)
+    return torch.compile(model, dynamic=False, mode=mode if isinstance(mode, str) else None)
 
 
 def compiled_graphs() -> int:

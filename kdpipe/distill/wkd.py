@@ -15,7 +15,6 @@ figure used: 1 - linear CKA between the teacher's per-class features over the tr
 tools/generate_class_proto.py and tools/generate_cost_matrix.py), a file per teacher that `kdpipe wkd-cost` writes
 once (`write_cost`, its own DVC stage in the pipelines) and every WKD run of that teacher reads (`cost_file`)."""
 
-import hashlib
 import math
 from pathlib import Path
 from typing import Literal
@@ -142,6 +141,7 @@ def write_cost(teacher: Path, data_dir: Path, cfg, features: str, imported: Path
     `cfg` (exact fp32 on its device, its batch size and workers), written to `cost_file(teacher)` with the teacher's
     sha256 and `features`; or, `imported`, the authors' file for a published teacher (wkd_cost_matrix/...pth)."""
     from .. import checkpoint, runs, sources
+    from ..data import file_sha256
     from ..runtime import Numerics, resolve_device
 
     numerics = Numerics(resolve_device(cfg.device), bf16=False, channels_last=False)
@@ -153,7 +153,7 @@ def write_cost(teacher: Path, data_dir: Path, cfg, features: str, imported: Path
         if not isinstance(cost, Tensor) or tuple(cost.shape) != (k, k):
             raise checkpoint.CheckpointError(f"{imported}: not a {k} x {k} cost matrix (the authors' linear_cka.pth for "
                                              f"a {k}-class teacher)")
-        origin = {"imported": imported.name, "sha256": hashlib.sha256(imported.read_bytes()).hexdigest()}
+        origin = {"imported": imported.name, "sha256": file_sha256(imported)}
     else:
         model.eval()
 
@@ -261,6 +261,7 @@ class WKD(Term):
     def _cka_cost(self, teacher_file: Path | None) -> Tensor:
         """The cost `kdpipe wkd-cost` wrote for this teacher, checked to be of this teacher and these features."""
         from ..checkpoint import CheckpointError, read_weights
+        from ..data import file_sha256
 
         if teacher_file is None:
             raise ValueError("wkd: cost cka reads the teacher's cost file, and this run names no teacher file")
@@ -269,7 +270,7 @@ class WKD(Term):
             raise CheckpointError(f"{path}: not found; WKD's cost cka needs it: run `kdpipe wkd-cost --teacher "
                                   f"{teacher_file}` first")
         saved = read_weights(path)
-        if saved.get("teacher_sha256") != hashlib.sha256(Path(teacher_file).read_bytes()).hexdigest():
+        if saved.get("teacher_sha256") != file_sha256(Path(teacher_file)):
             raise CheckpointError(f"{path}: computed for another teacher than {teacher_file}: run `kdpipe wkd-cost` again")
         if "computed" in saved and saved.get("features") != self.cfg.cka_features:
             raise CheckpointError(f"{path}: CKA of the teacher's {saved.get('features')}, but distill.wkd.cka_features is "
