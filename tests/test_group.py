@@ -162,4 +162,3 @@ def test_repeated_method_and_name_are_one_line_errors(workdir):
     assert "--method 'kd' is given more than once" in out
     out = invoke("distill", "-m", "kd", "-m", "dkd", "--name", "x", code=2)
     assert "--name 'x' names one student, but --method is given 2 times (a pattern with {method} names each)" in out
-
